@@ -1,0 +1,296 @@
+"""The ``leukodetect`` command: thin commands that parse, build a config, call the library, print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LeukoError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Detect acute lymphoblastic leukemia in blood-smear images.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data sets.")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+
+def _errors_to_exit(fn):
+    """Print a user error as one sentence and exit 2, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LeukoError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted: the last finished epoch is saved; rerun with --resume to continue.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _command_line() -> str:
+    return "leukodetect " + shlex.join(sys.argv[1:])
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _log(message: str) -> None:
+    err.print(message, highlight=False)
+
+
+# Options shared by train and cv; None means "keep the configuration's default".
+DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
+FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
+
+
+def _config(config: Optional[Path], **overrides):
+    from .config import RunConfig, load_config
+
+    cfg = load_config(config) if config else RunConfig()
+    sections = {
+        "data": ("path", "format", "image_size", "split_file", "protocol", "num_workers", "test_fraction", "val_fraction"),
+        "model": ("arch", "weights"),
+        "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "weight_decay"),
+    }
+    for section, keys in sections.items():
+        for key in keys:
+            value = overrides.get(key)
+            if value is not None:
+                setattr(getattr(cfg, section), key, str(value) if isinstance(value, Path) else value)
+    cfg.validate()
+    return cfg
+
+
+@app.command()
+@_errors_to_exit
+def train(
+    data: Path = DataOpt,
+    out_dir: Path = typer.Option(..., "--out", help="Run folder (must not hold a run unless --resume)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture (see 'leukodetect models'); default resnet50."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (paper: 100)."),
+    image_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default 224)."),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule)."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw or sgd."),
+    label_smoothing: Optional[float] = typer.Option(None),
+    weights: Optional[str] = typer.Option(None, help="None (from scratch, default), 'imagenet' or a weights file."),
+    protocol: Optional[str] = typer.Option(None, help="clean (split first, default) or paper (augment to 2470, then split)."),
+    split_file: Optional[Path] = typer.Option(None, help="A split.json fixing train/val/test."),
+    fmt: Optional[str] = FormatOpt,
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    config: Optional[Path] = typer.Option(None, help="YAML with defaults (a run's config.yaml works)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Train on a stratified, group- and duplicate-aware split and score the held-out test part."""
+    from .training.workflows import run_train
+
+    cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol,
+                  split_file=split_file, seed=seed, device=device, precision=precision, num_workers=workers)
+    result = run_train(cfg, out_dir, resume=resume, progress=_progress(), command=_command_line(), log=_log)
+    _print_result(result, as_json, result["test"], f"Test split of {out_dir}")
+
+
+@app.command()
+@_errors_to_exit
+def cv(
+    data: Path = DataOpt,
+    out_dir: Path = typer.Option(..., "--out", help="Output folder (one subfolder per fold)."),
+    folds: int = typer.Option(5, help="Number of folds."),
+    arch: Optional[str] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None),
+    label_smoothing: Optional[float] = typer.Option(None),
+    weights: Optional[str] = typer.Option(None),
+    protocol: Optional[str] = typer.Option(None, help="clean (default) or paper."),
+    fmt: Optional[str] = FormatOpt,
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    precision: Optional[str] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None),
+    config: Optional[Path] = typer.Option(None),
+    resume: bool = typer.Option(False, help="Keep finished folds and continue."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Stratified group k-fold cross-validation: every image predicted once, out of fold."""
+    from .training.workflows import run_cv
+
+    cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol,
+                  seed=seed, device=device, precision=precision, num_workers=workers)
+    result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), log=_log)
+    _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
+
+
+@app.command()
+@_errors_to_exit
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="A best.pt from train or cv."),
+    data: Path = DataOpt,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: beside the checkpoint)."),
+    fmt: Optional[str] = FormatOpt,
+    include_training: bool = typer.Option(False, help="Also score images the model was trained on (inflated)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Metrics with 95% intervals, ROC, confusion matrix and training curves for a checkpoint."""
+    from .evaluation.evaluate import evaluate_checkpoint
+    from .utils import fresh_dir
+
+    target = fresh_dir(out_dir or Path(checkpoint).parent / f"eval-{Path(data).name}")
+    report = evaluate_checkpoint(checkpoint, data, target, fmt=fmt or "auto", include_training=include_training,
+                                 command=_command_line(), progress=_progress(), log=_log)
+    _print_result({"out_dir": str(target), "metrics": report}, as_json, report, f"Evaluation written to {target}")
+
+
+@app.command()
+@_errors_to_exit
+def predict(
+    image_or_dir: Path = typer.Argument(..., help="An image or a folder of images."),
+    checkpoint: Path = typer.Option(..., help="A best.pt from train or cv."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout."),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout."),
+    batch_size: int = typer.Option(16),
+):
+    """Blast probability and call per image; unreadable files are reported and skipped."""
+    from .data.io import IMAGE_SUFFIXES
+    from .inference import Classifier
+
+    if not image_or_dir.exists():
+        raise LeukoError(f"{image_or_dir} does not exist: pass an image file or a folder of images.")
+    paths = [image_or_dir] if image_or_dir.is_file() else sorted(
+        p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise LeukoError(f"{image_or_dir} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    clf = Classifier.from_checkpoint(checkpoint)
+    preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress())
+    if as_json:
+        for p in preds:
+            print(json.dumps(p.to_dict()))
+    elif as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "label", "prob_blast", "error"])
+        for p in preds:
+            writer.writerow([p.path, p.label or "", "" if p.prob_blast is None else f"{p.prob_blast:.6f}", p.error or ""])
+    else:
+        table = Table("image", "call", "P(blast)", title=f"threshold {clf.threshold:.2f}")
+        for p in preds:
+            table.add_row(p.path, p.label or "[red]error[/]", f"{p.prob_blast:.4f}" if p.prob_blast is not None else p.error)
+        out.print(table)
+    for p in preds:
+        if p.error:
+            err.print(f"skipped: {p.error}", highlight=False)
+        for note in p.notes:
+            err.print(f"note: {note}", highlight=False)
+    if all(p.error for p in preds):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_errors_to_exit
+def augment(
+    src: Path = typer.Argument(..., help="Data folder or manifest to expand."),
+    dest: Path = typer.Argument(..., help="New output folder (must not exist or be empty)."),
+    total: int = typer.Option(2470, help="Images in the balanced result (half per class)."),
+    seed: int = typer.Option(0),
+    fmt: Optional[str] = FormatOpt,
+):
+    """The paper's offline expansion to a balanced set; every file records its source image."""
+    from .config import AugmentConfig
+    from .data.augment import expand_dataset
+    from .data.indexers import index_dataset
+
+    records = index_dataset(src, fmt or "auto")
+    written = expand_dataset(records, dest, total=total, augment=AugmentConfig(), seed=seed, progress=_progress(), log=_log)
+    out.print(f"Wrote {len(written)} images and {dest / 'manifest.csv'} (path,label,group,source).")
+
+
+@app.command()
+@_errors_to_exit
+def models():
+    """List the registered architectures."""
+    from .models import get_spec, list_models
+
+    table = Table("name", "description")
+    for name in list_models():
+        table.add_row(name, get_spec(name).description)
+    out.print(table)
+
+
+@data_app.command("check")
+@_errors_to_exit
+def data_check(
+    path: Path = typer.Argument(..., help="Data folder or CSV manifest."),
+    fmt: Optional[str] = FormatOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Counts, sizes, modes, duplicates and every unreadable file, with reasons."""
+    from .data.check import check_dataset, render_check
+
+    report = check_dataset(path, fmt or "auto", progress=_progress())
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        out.print(render_check(report), highlight=False)
+
+
+@app.command()
+@_errors_to_exit
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder (a new one is made if it exists)."),
+    epochs: int = typer.Option(6),
+    image_size: int = typer.Option(160),
+):
+    """Train ResNet-50 on the bundled C-NMC sample, evaluate it and predict a few images."""
+    from .demo import run_demo
+
+    run_demo(out_dir, epochs=epochs, image_size=image_size, command=_command_line(), log=_log, progress=_progress(), console=out)
+
+
+def _print_result(result: dict, as_json: bool, report: dict, title: str, folds: dict | None = None) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    out.print(metrics_table(report, title, folds))
+    out.print(f"Outputs in {result['out_dir']}")
+
+
+def metrics_table(report: dict, title: str, folds: dict | None = None) -> Table:
+    from .reporting.report import format_value
+
+    table = Table("metric", "value", "95% CI", *(["fold mean ± sd"] if folds else []), title=title)
+    for name, e in report["metrics"].items():
+        ci = f"{format_value(name, e['ci_low'])} – {format_value(name, e['ci_high'])}"
+        row = [name, format_value(name, e["value"]), ci]
+        if folds:
+            f = folds.get(name, {})
+            row.append(f"{format_value(name, f.get('mean'))} ± {format_value(name, f.get('sd'))}")
+        table.add_row(*row)
+    c = report["confusion"]
+    table.caption = f"n={report['n']}  TP={c['tp']} FN={c['fn']} FP={c['fp']} TN={c['tn']}  threshold {report['threshold']:.2f}"
+    return table
+
+
+def main() -> None:
+    app()

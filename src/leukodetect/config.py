@@ -1,0 +1,124 @@
+"""Run configuration: dataclasses the CLI fills, saved as YAML into every run folder.
+
+The resolved configuration travels with every checkpoint, so a run can be rebuilt, resumed or
+audited from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LeukoError
+
+PROTOCOLS = ("clean", "paper")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the images are and how they are split.
+
+    ``protocol="clean"`` splits first and augments only the training part; ``"paper"`` expands the
+    whole set to ``paper_total`` images first and then splits, as Shalini & Angel Viji (2022) did,
+    which lets copies of one cell sit on both sides of the split.
+    """
+
+    path: str = ""
+    format: str = "auto"
+    image_size: int = 224
+    test_fraction: float = 0.2
+    val_fraction: float = 0.15
+    split_file: str | None = None
+    protocol: str = "clean"
+    paper_total: int = 2470
+    num_workers: int = 0
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """On-the-fly training augmentation (the paper's list plus a vertical flip)."""
+
+    rotation: float = 20.0  # degrees, uniform in [-rotation, rotation]
+    shift: float = 0.1  # width and height shift, fraction of the image side
+    zoom: float = 0.1  # scale uniform in [1 - zoom, 1 + zoom]
+    shear: float = 10.0  # degrees
+    hflip: bool = True
+    vflip: bool = True
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    arch: str = "resnet50"
+    weights: str | None = None  # None (from scratch, as in the paper), "imagenet", or a file
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 16
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: str = "auto"  # auto, fp32, bf16, fp16
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build a config from a (possibly partial) nested dict; unknown keys are an error."""
+        parts = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory  # type: ignore[misc]
+            section = raw.get(f.name) or {}
+            known = {g.name for g in dataclasses.fields(section_cls)}
+            unknown = set(section) - known
+            if unknown:
+                raise LeukoError(
+                    f"Unknown setting(s) {sorted(unknown)} in section '{f.name}': "
+                    f"use one of {sorted(known)}."
+                )
+            parts[f.name] = section_cls(**section)
+        unknown_sections = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown_sections:
+            raise LeukoError(f"Unknown configuration section(s) {sorted(unknown_sections)}.")
+        cfg = cls(**parts)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.data.protocol not in PROTOCOLS:
+            raise LeukoError(f"Unknown protocol '{self.data.protocol}': use one of {PROTOCOLS}.")
+        if self.data.image_size < 16:
+            raise LeukoError(f"Image size {self.data.image_size} is too small: use 16 or more.")
+        if self.train.epochs < 1 or self.train.batch_size < 1:
+            raise LeukoError("Epochs and batch size must be at least 1.")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from .utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: Path) -> RunConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LeukoError(f"Cannot read the configuration {path}: {exc}.") from exc
+    return RunConfig.from_dict(raw)

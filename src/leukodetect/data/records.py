@@ -1,0 +1,32 @@
+"""The record: one labelled image, the unit every indexer produces and every split consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Class names in label order. Label 1 is the positive class: a blast (cell level) or an ALL
+#: photograph (whole-smear level).
+CLASS_NAMES: tuple[str, str] = ("normal", "blast")
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a data set.
+
+    Attributes:
+        path: the image file.
+        label: 0 (normal / healthy) or 1 (blast / ALL); None where the layout gives no label.
+        group: images sharing a group must stay on one side of every split (a patient, a source
+            photograph, or the image itself when nothing better is known).
+        blasts: ALL-IDB1 only: annotated blast centroids (x, y) in pixels.
+        others: ALL-IDB1 only: centroids of the other annotated objects, if that folder was given.
+    """
+
+    path: Path
+    label: int | None
+    group: str
+    blasts: tuple[Point, ...] | None = None
+    others: tuple[Point, ...] | None = None

@@ -1,0 +1,87 @@
+"""Preprocessing and augmentation presets (torchvision transforms v2).
+
+Evaluation: resize to a square of ``image_size`` and normalise with the mean/std stored in the
+checkpoint. Training adds the paper's random geometry (rotation, width/height shift, zoom, shear,
+flips). The affine step runs on a reflect-padded image and is cropped back, so corners show tissue
+rather than black wedges (the paper's Keras generator filled with nearest pixels for the same reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from ..config import AugmentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalPreset:
+    """PIL RGB image -> normalised float tensor (3, S, S)."""
+
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def resize(self) -> v2.Transform:
+        return v2.Compose([v2.ToImage(), v2.Resize((self.image_size, self.image_size), antialias=True)])
+
+    def finish(self) -> v2.Transform:
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))])
+
+    def __call__(self, image):
+        return self.finish()(self.resize()(image))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainPreset(EvalPreset):
+    """Evaluation preprocessing plus random geometry; draws from torch's global RNG."""
+
+    augment: AugmentConfig
+
+    def random(self) -> v2.Transform:
+        a, s = self.augment, self.image_size
+        pad = s // 4
+        steps: list[v2.Transform] = [
+            v2.Pad(pad, padding_mode="reflect"),
+            v2.RandomAffine(
+                degrees=a.rotation,
+                translate=(a.shift, a.shift) if a.shift else None,
+                scale=(1 - a.zoom, 1 + a.zoom) if a.zoom else None,
+                shear=a.shear or None,
+            ),
+            v2.CenterCrop(s),
+        ]
+        if a.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if a.vflip:
+            steps.append(v2.RandomVerticalFlip())
+        return v2.Compose(steps)
+
+    def __call__(self, image):
+        return self.finish()(self.random()(self.resize()(image)))
+
+
+def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 image tensors (3, H, W), as fractions of 255.
+
+    Computed on the training part only, so nothing about the test images leaks into preprocessing.
+    """
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for img in images:
+        x = img.reshape(3, -1).double() / 255.0
+        total += x.sum(1).numpy()
+        total_sq += (x * x).sum(1).numpy()
+        count += x.shape[1]
+    if count == 0:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)

@@ -1,0 +1,122 @@
+"""Score predictions and write the evaluation folder: metrics.json, predictions, figures, report."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..data.duplicates import hash_records
+from ..data.indexers import index_dataset
+from ..errors import LeukoError
+from ..inference import Classifier
+from ..reporting.plots import plot_confusion, plot_history, plot_roc, save_figure
+from ..reporting.report import write_report
+from ..utils import atomic_write_text, environment_facts, write_json
+from . import metrics as m
+from .intervals import binary_report
+
+
+def write_predictions_csv(path: Path, rows: Sequence[dict]) -> Path:
+    if not rows:
+        return atomic_write_text(path, "")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def write_evaluation(
+    out_dir: Path,
+    *,
+    title: str,
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    rows: Sequence[dict],
+    history: list[dict] | None = None,
+    facts: dict[str, str] | None = None,
+    extra: dict | None = None,
+    fold_summary: dict | None = None,
+) -> dict:
+    """Compute the metrics with 95% intervals and write everything a reader needs into ``out_dir``.
+
+    Returns the metrics dict that was written to ``metrics.json``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y_true = np.asarray(y_true, dtype=int)
+    prob = np.asarray(prob, dtype=float)
+    report = binary_report(y_true, prob, threshold=threshold)
+    report.update(extra or {})
+    if fold_summary is not None:
+        report["folds"] = fold_summary
+    write_json(out_dir / "metrics.json", report)
+    write_predictions_csv(out_dir / "predictions.csv", rows)
+
+    figures: dict[str, Path] = {}
+    if len(set(y_true.tolist())) == 2:
+        figures["ROC curve"] = save_figure(plot_roc(y_true, prob), out_dir / "roc.png")
+    conf = m.confusion(y_true, (prob >= threshold).astype(int))
+    figures["Confusion matrix"] = save_figure(plot_confusion(conf), out_dir / "confusion_matrix.png")
+    if history:
+        figures["Training curves"] = save_figure(plot_history(history), out_dir / "training_curves.png")
+    all_facts = dict(facts or {})
+    all_facts.update({k: v for k, v in environment_facts().items() if k not in all_facts})
+    write_report(out_dir, title=title, metrics=report, figures=figures, facts=all_facts, fold_summary=fold_summary)
+    return report
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: Path,
+    out_dir: Path,
+    *,
+    fmt: str = "auto",
+    include_training: bool = False,
+    command: str = "",
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Evaluate a checkpoint on a labelled data set.
+
+    Images the checkpoint was trained or validated on (recognised by pixel hash) are left out unless
+    ``include_training``: scoring a model on its own training images is what inflates published
+    figures.
+    """
+    clf = Classifier.from_checkpoint(checkpoint)
+    records = [r for r in index_dataset(data, fmt) if r.label is not None]
+    if not records:
+        raise LeukoError(f"{data} has no labelled images: evaluation needs labels (see 'leukodetect data check').")
+    hashes = hash_records(records)
+    trained_on = set(clf.bundle.get("trained_on", []))
+    seen = [r for r in records if hashes[r.path] in trained_on]
+    if seen and not include_training:
+        log(f"Leaving out {len(seen)} of {len(records)} images the model was trained or validated on "
+            "(pass --include-training to score them anyway).")
+        records = [r for r in records if hashes[r.path] not in trained_on]
+    if not records:
+        raise LeukoError(f"Every image in {data} was used to train this model: evaluate on held-out images.")
+    preds = clf.predict_paths([r.path for r in records], progress=progress)
+    bad = [p for p in preds if p.error]
+    for p in bad:
+        log(f"skipped: {p.error}")
+    good = [(r, p) for r, p in zip(records, preds) if p.error is None]
+    if not good:
+        raise LeukoError(f"No image in {data} could be read: run 'leukodetect data check {data}'.")
+    rows = [{"path": str(r.path), "label": r.label, "prob_blast": p.prob_blast, "predicted": int(p.prob_blast >= clf.threshold)} for r, p in good]
+    return write_evaluation(
+        out_dir,
+        title=f"Evaluation of {Path(checkpoint).name} on {Path(data).name}",
+        y_true=np.array([r.label for r, _ in good]),
+        prob=np.array([p.prob_blast for _, p in good]),
+        threshold=clf.threshold,
+        rows=rows,
+        history=clf.bundle.get("history"),
+        facts={"command": command, "checkpoint": str(checkpoint), "data": str(data), "architecture": clf.bundle["arch"]},
+        extra={"excluded_trained_on": len(seen) if not include_training else 0, "unreadable": len(bad)},
+    )

@@ -1,0 +1,92 @@
+"""Load a checkpoint once and classify images with the preprocessing it carries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data.io import open_rgb
+from .data.transforms import EvalPreset
+from .errors import BadImageError
+from .training.checkpoint import load_checkpoint, model_from_checkpoint
+from .training.device import autocast, autocast_dtype, channels_last, resolve_device
+
+
+@dataclass
+class Prediction:
+    """One image's result: a probability and call, or the reason it could not be read."""
+
+    path: str
+    prob_blast: float | None = None
+    label: str | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "prob_blast": self.prob_blast, "error": self.error, "notes": self.notes}
+
+
+class Classifier:
+    """A checkpoint ready for inference: model in eval mode plus its preprocessing and threshold."""
+
+    def __init__(self, bundle: dict, *, device: str = "auto", precision: str = "auto", source: str = "checkpoint") -> None:
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.channels_last = channels_last(self.device)
+        self.model = model_from_checkpoint(bundle, source).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.preset = EvalPreset(image_size=bundle["image_size"], mean=tuple(bundle["mean"]), std=tuple(bundle["std"]))
+        self.threshold = float(bundle["threshold"])
+        self.temperature = float(bundle["temperature"])
+        self.class_names = list(bundle["class_names"])
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, **kwargs) -> Classifier:
+        return cls(load_checkpoint(path), source=str(path), **kwargs)
+
+    @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
+        self.model.eval()
+        x = batch.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
+
+    def call(self, prob: float) -> str:
+        return self.class_names[1] if prob >= self.threshold else self.class_names[0]
+
+    def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False) -> list[Prediction]:
+        """Classify files; an unreadable file gets an error entry and the others go on."""
+        results = [Prediction(path=str(p)) for p in paths]
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            probs = self.probabilities(torch.stack([t for _, t in pending]))
+            for (i, _), p in zip(pending, probs):
+                results[i].prob_blast = float(p)
+                results[i].label = self.call(float(p))
+            pending.clear()
+
+        for i, path in enumerate(tqdm(paths, desc="predict", disable=not progress)):
+            try:
+                image = open_rgb(path, notes=results[i].notes)
+            except BadImageError as exc:
+                results[i].error = str(exc)
+                continue
+            pending.append((i, self.preset(image)))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        return results

@@ -1,0 +1,82 @@
+"""One training epoch and one inference pass, written to be read top to bottom."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .device import autocast
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    channels_last: bool,
+    desc: str = "train",
+    progress: bool = True,
+) -> tuple[float, float]:
+    """Returns mean loss and accuracy over the epoch's training images."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x, y = _to_device(x, device, channels_last), y.to(device)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # float16 on CUDA needs loss scaling; bfloat16 does not
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    desc: str = "predict",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 logits (N, C) and labels (N,) for every item of ``loader``, in order."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        with autocast(device, amp_dtype):
+            logits = model(_to_device(x, device, channels_last))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(y)
+    if not all_logits:
+        return np.zeros((0, 2), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
+def loss_and_accuracy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    t = torch.from_numpy(logits)
+    y = torch.from_numpy(labels)
+    return nn.functional.cross_entropy(t, y).item(), (t.argmax(1) == y).float().mean().item()

@@ -1,0 +1,173 @@
+"""``train_model``: fit one model on given training and validation records, resumably.
+
+The run folder holds ``last.pt`` (full training state, rewritten atomically after every epoch),
+``best.pt`` (the self-describing checkpoint with the lowest validation loss), ``history.json``
+and ``config.yaml``. Each epoch's shuffling and augmentation are seeded from ``(seed, epoch)``, so
+a resumed run continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig, save_config
+from ..data.dataset import ImageDataset
+from ..data.records import Record
+from ..data.transforms import EvalPreset, TrainPreset, channel_stats
+from ..errors import LeukoError
+from ..models import create_model
+from ..utils import write_json
+from .checkpoint import load_checkpoint, make_bundle, save_checkpoint
+from .device import autocast_dtype, channels_last, resolve_device
+from .engine import loss_and_accuracy, predict_logits, train_one_epoch
+
+OPTIMIZERS = {
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
+}
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_path: Path
+    history: list[dict]
+    best_epoch: int
+
+
+def _make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    try:
+        make = OPTIMIZERS[cfg.train.optimizer]
+    except KeyError:
+        raise LeukoError(f"Unknown optimizer '{cfg.train.optimizer}': use one of {sorted(OPTIMIZERS)}.") from None
+    return make(model.parameters(), cfg.train.lr, cfg.train.weight_decay)
+
+
+def _loader(ds, cfg: RunConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch)
+    return DataLoader(
+        ds,
+        batch_size=cfg.train.batch_size,
+        shuffle=shuffle,
+        generator=gen if shuffle else None,
+        # A last batch of one image breaks batch norm; with shuffling each image still gets used.
+        drop_last=shuffle and len(ds) % cfg.train.batch_size == 1,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=False,
+    )
+
+
+def train_model(
+    cfg: RunConfig,
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    out_dir: Path,
+    *,
+    trained_on: Sequence[str] = (),
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+) -> TrainResult:
+    """Train ``cfg.model.arch`` on ``train_records``, select the epoch by validation loss.
+
+    Args:
+        trained_on: pixel hashes of the training and validation images, stored in the checkpoint.
+        resume: continue from ``out_dir/last.pt``; without it an existing run is an error, so a
+            finished run is never overwritten by accident.
+    """
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if last_path.exists() and not resume:
+        raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+
+    device = resolve_device(cfg.train.device)
+    amp_dtype = autocast_dtype(device, cfg.train.precision)
+    use_cl = channels_last(device)
+    size = cfg.data.image_size
+
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    base = ImageDataset(train_records, EvalPreset(image_size=size))
+    if state is None:
+        mean, std = channel_stats(base.base_image(i) for i in range(len(base)))
+    else:
+        mean, std = tuple(state["mean"]), tuple(state["std"])
+    train_ds = ImageDataset(train_records, TrainPreset(image_size=size, mean=mean, std=std, augment=cfg.augment), seed=cfg.train.seed)
+    train_ds._cache = base._cache  # decoded once for the statistics, reused for training
+    val_ds = ImageDataset(val_records, EvalPreset(image_size=size, mean=mean, std=std))
+
+    model = create_model(cfg.model.arch, num_classes=2, weights=cfg.model.weights).to(device)
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+
+    history: list[dict] = []
+    best_loss, best_epoch, start = float("inf"), 0, 1
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best_loss, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
+        start = state["epoch"] + 1
+        if start <= cfg.train.epochs:
+            log(f"Resuming {out_dir} at epoch {start} of {cfg.train.epochs}.")
+    save_config(cfg, out_dir / "config.yaml")
+    bundle_for = partial(
+        make_bundle, arch=cfg.model.arch, image_size=size, mean=mean, std=std,
+        config=cfg.to_dict(), trained_on=list(trained_on),
+    )
+
+    for epoch in range(start, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        train_ds.set_epoch(epoch)
+        train_loss, train_acc = train_one_epoch(
+            model, _loader(train_ds, cfg, shuffle=True, epoch=epoch), optimizer, loss_fn,
+            device=device, amp_dtype=amp_dtype, scaler=scaler, channels_last=use_cl,
+            desc=f"epoch {epoch}/{cfg.train.epochs}", progress=progress,
+        )
+        scheduler.step()
+        logits, labels = predict_logits(model, _loader(val_ds, cfg, shuffle=False), device=device, amp_dtype=amp_dtype, channels_last=use_cl)
+        val_loss, val_acc = loss_and_accuracy(logits, labels)
+        row = {
+            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+            "val_loss": None if val_loss != val_loss else val_loss,
+            "val_acc": None if val_acc != val_acc else val_acc,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
+        }
+        history.append(row)
+        # With no validation images, the last epoch is kept.
+        score = val_loss if val_loss == val_loss else -epoch
+        if score <= best_loss:
+            best_loss, best_epoch = score, epoch
+            save_checkpoint(bundle_for(model, history=history, extra={"epoch": epoch}), best_path)
+        save_checkpoint(
+            bundle_for(model, history=history, extra={
+                "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "best_val_loss": best_loss, "best_epoch": best_epoch,
+            }),
+            last_path,
+        )
+        write_json(out_dir / "history.json", history)
+        log(
+            f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
+            f"val loss {row['val_loss'] if row['val_loss'] is not None else float('nan'):.4f} "
+            f"acc {row['val_acc'] if row['val_acc'] is not None else float('nan'):.3f}  ({row['seconds']:.1f}s)"
+        )
+    if start <= cfg.train.epochs:
+        # best.pt was written mid-run; give it the whole history so its training curves are complete.
+        best = load_checkpoint(best_path)
+        best["history"] = history
+        save_checkpoint(best, best_path)
+    return TrainResult(out_dir=out_dir, best_path=best_path, history=history, best_epoch=best_epoch)

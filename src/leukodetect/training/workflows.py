@@ -1,0 +1,196 @@
+"""The ``train`` and ``cv`` jobs: records -> split -> train -> predict held-out -> metrics.
+
+Clean protocol (default): split first (stratified, whole groups, exact duplicates merged into one
+group), augment only on the fly inside training. Paper protocol: expand the whole set to
+``paper_total`` images first, then split image by image, as Shalini & Angel Viji (2022) did; its
+figures are inflated because copies of one cell sit on both sides, and the run says how many.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RunConfig
+from ..data.duplicates import effective_groups, hash_records
+from ..data.indexers import index_dataset
+from ..data.records import Record
+from ..data.split import holdout_indices, kfold_indices, train_val_test_indices
+from ..errors import LeukoError
+from ..evaluation.evaluate import write_evaluation
+from ..evaluation.intervals import binary_report, summarize_folds
+from ..inference import Classifier
+from ..utils import write_json
+from .fit import train_model
+
+
+@dataclass
+class Prepared:
+    records: list[Record]
+    hashes: list[str]
+    groups: list[str]  # split groups (duplicates merged; each file alone under the paper protocol)
+    sources: list[str]  # the original image each record derives from (itself when not augmented)
+
+
+def prepare(cfg: RunConfig, out_dir: Path, *, log=print) -> Prepared:
+    """Index the data, drop unreadable or unlabelled images (saying which), apply the protocol."""
+    records = index_dataset(cfg.data.path, cfg.data.format)
+    unlabelled = [r for r in records if r.label is None]
+    if unlabelled:
+        log(f"Leaving out {len(unlabelled)} unlabelled images, e.g. {unlabelled[0].path}.")
+    records = [r for r in records if r.label is not None]
+    hashes = hash_records(records)
+    bad = [r for r in records if hashes[r.path] is None]
+    for r in bad:
+        log(f"Leaving out unreadable image {r.path} (run 'leukodetect data check' for the reason).")
+    records = [r for r in records if hashes[r.path] is not None]
+    if not records:
+        raise LeukoError(f"{cfg.data.path} has no readable labelled images: run 'leukodetect data check {cfg.data.path}'.")
+    if cfg.data.protocol == "paper":
+        from ..data.augment import expand_dataset
+
+        expanded_dir = Path(out_dir) / "paper-expanded"
+        manifest = expanded_dir / "manifest.csv"
+        if manifest.exists():
+            expanded = index_dataset(manifest, "manifest")
+        else:
+            log(f"Paper protocol: expanding {len(records)} images to {cfg.data.paper_total} before splitting.")
+            expanded = expand_dataset(records, expanded_dir, total=cfg.data.paper_total, augment=cfg.augment, seed=cfg.train.seed)
+        ex_hashes = hash_records(expanded)
+        return Prepared(
+            records=expanded,
+            hashes=[ex_hashes[r.path] or "" for r in expanded],
+            groups=[str(r.path) for r in expanded],  # the paper ignored which cell a copy came from
+            sources=[r.group for r in expanded],
+        )
+    groups = effective_groups(records, hashes)
+    return Prepared(records=records, hashes=[hashes[r.path] for r in records], groups=groups, sources=groups)
+
+
+def _labels(prep: Prepared) -> np.ndarray:
+    return np.array([r.label for r in prep.records], dtype=int)
+
+
+def leakage(prep: Prepared, train_idx, test_idx) -> int:
+    """Number of held-out images whose source image also fed the training part."""
+    train_sources = {prep.sources[i] for i in train_idx}
+    return sum(prep.sources[i] in train_sources for i in test_idx)
+
+
+def _split_from_file(prep: Prepared, split_file: Path):
+    try:
+        raw = json.loads(Path(split_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise LeukoError(f"Cannot read split file {split_file} ({exc}): pass a split.json written by a previous run.") from exc
+    where = {str(Path(r.path).resolve()): i for i, r in enumerate(prep.records)}
+    parts = []
+    for name in ("train", "val", "test"):
+        paths = raw.get(name, [])
+        missing = [p for p in paths if str(Path(p).resolve()) not in where]
+        if missing:
+            raise LeukoError(f"Split file {split_file} names {missing[0]}, which is not in the data: use the same data folder.")
+        parts.append(np.array(sorted(where[str(Path(p).resolve())] for p in paths), dtype=int))
+    return parts
+
+
+def _predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list[dict]]:
+    preds = clf.predict_paths([prep.records[i].path for i in idx])
+    prob = np.array([p.prob_blast for p in preds], dtype=float)
+    rows = [
+        {"path": str(prep.records[i].path), "label": prep.records[i].label, "group": prep.groups[i],
+         "prob_blast": float(pr), "predicted": int(pr >= clf.threshold)}
+        for i, pr in zip(idx, prob)
+    ]
+    return prob, rows
+
+
+def run_train(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
+    """Split, train, select by validation loss, then score the untouched test part."""
+    out_dir = Path(out_dir)
+    if (out_dir / "last.pt").exists() and not resume:
+        raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
+    prep = prepare(cfg, out_dir, log=log)
+    labels = _labels(prep)
+    if cfg.data.split_file:
+        train, val, test = _split_from_file(prep, Path(cfg.data.split_file))
+    elif resume and (out_dir / "split.json").exists():
+        train, val, test = _split_from_file(prep, out_dir / "split.json")
+    else:
+        train, val, test = train_val_test_indices(
+            labels, prep.groups, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed
+        )
+    write_json(out_dir / "split.json", {k: [str(prep.records[i].path) for i in v] for k, v in (("train", train), ("val", val), ("test", test))})
+    log(f"Split: {len(train)} train, {len(val)} validation, {len(test)} test images ({cfg.data.protocol} protocol).")
+    result = train_model(
+        cfg, [prep.records[i] for i in train], [prep.records[i] for i in val], out_dir,
+        trained_on=[prep.hashes[i] for i in np.concatenate([train, val])], resume=resume, progress=progress, log=log,
+    )
+    clf = Classifier.from_checkpoint(result.best_path)
+    prob, rows = _predict_rows(clf, prep, test)
+    report = write_evaluation(
+        out_dir / "test", title=f"{cfg.model.arch}: held-out test split ({cfg.data.protocol} protocol)",
+        y_true=labels[test], prob=prob, threshold=clf.threshold, rows=rows, history=result.history,
+        facts={"command": command, "data": cfg.data.path, "protocol": cfg.data.protocol, "best epoch": str(result.best_epoch)},
+        extra={"protocol": cfg.data.protocol, "test_images_sharing_a_source_with_training": leakage(prep, np.concatenate([train, val]), test)},
+    )
+    return {"out_dir": str(out_dir), "checkpoint": str(result.best_path), "test": report}
+
+
+def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
+    """Stratified group k-fold: every image is predicted exactly once, by a model that never saw it.
+
+    Each fold's training part is split again (whole groups) into training and validation for
+    model selection. Finished folds are kept: with ``resume`` an interrupted run continues.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "cv_plan.json").exists() and not resume:
+        raise LeukoError(f"{out_dir} already holds a cross-validation run: pass --resume to continue it or choose another --out.")
+    prep = prepare(cfg, out_dir, log=log)
+    labels = _labels(prep)
+    groups = np.array(prep.groups)
+    plan = kfold_indices(labels, groups, folds=folds, seed=cfg.train.seed)
+    write_json(out_dir / "cv_plan.json", {"folds": folds, "protocol": cfg.data.protocol, "test": [[str(prep.records[i].path) for i in te] for _, te in plan]})
+
+    oof = np.full(len(labels), np.nan)
+    oof_fold = np.full(len(labels), -1)
+    per_fold, fold_rows = [], []
+    for k, (train_all, test) in enumerate(plan):
+        fold_dir = out_dir / f"fold_{k}"
+        done = fold_dir / "predictions.json"
+        if resume and done.exists():
+            log(f"Fold {k}: already finished, reusing its predictions.")
+            prob = np.array(json.loads(done.read_text())["prob_blast"], dtype=float)
+        else:
+            inner_train, inner_val = holdout_indices(labels[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
+            tr, va = train_all[inner_train], train_all[inner_val]
+            log(f"Fold {k + 1}/{folds}: {len(tr)} train, {len(va)} validation, {len(test)} test images.")
+            result = train_model(
+                cfg, [prep.records[i] for i in tr], [prep.records[i] for i in va], fold_dir,
+                trained_on=[prep.hashes[i] for i in train_all], resume=resume, progress=progress, log=log,
+            )
+            prob, _ = _predict_rows(Classifier.from_checkpoint(result.best_path), prep, test)
+            write_json(done, {"test": [str(prep.records[i].path) for i in test], "prob_blast": prob.tolist()})
+        oof[test], oof_fold[test] = prob, k
+        fold_report = binary_report(labels[test], prob, threshold=0.5)
+        fold_report["leakage"] = leakage(prep, train_all, test)
+        per_fold.append(fold_report)
+        fold_rows.append({"fold": k, **{n: e["value"] for n, e in fold_report["metrics"].items()}})
+    assert not np.isnan(oof).any(), "every image is predicted exactly once"
+    rows = [
+        {"path": str(r.path), "label": r.label, "group": g, "fold": int(f), "prob_blast": float(p), "predicted": int(p >= 0.5)}
+        for r, g, f, p in zip(prep.records, prep.groups, oof_fold, oof)
+    ]
+    summary = summarize_folds(per_fold)
+    report = write_evaluation(
+        out_dir, title=f"{cfg.model.arch}: {folds}-fold cross-validation ({cfg.data.protocol} protocol), pooled out-of-fold",
+        y_true=labels, prob=oof, threshold=0.5, rows=rows,
+        facts={"command": command, "data": cfg.data.path, "protocol": cfg.data.protocol, "folds": str(folds),
+               "epochs": str(cfg.train.epochs), "image size": str(cfg.data.image_size)},
+        extra={"protocol": cfg.data.protocol, "per_fold": fold_rows,
+               "held_out_images_sharing_a_source_with_training": int(sum(f["leakage"] for f in per_fold))},
+        fold_summary=summary,
+    )
+    return {"out_dir": str(out_dir), "pooled": report, "folds": summary}

@@ -1,0 +1,72 @@
+"""Small shared helpers: atomic file writes, run-folder naming, environment facts."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write a file through ``write(tmp_path)`` then rename it into place.
+
+    A crash mid-write leaves the previous file intact instead of a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def environment_facts() -> dict[str, str]:
+    """Machine, date and library versions, for reports and checkpoints."""
+    import numpy
+    import sklearn
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs".strip(),
+        "python": platform.python_version(),
+        "leukodetect": __version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def fresh_dir(path: Path) -> Path:
+    """``path`` if it is free, else ``path-2``, ``path-3``...: earlier results are never overwritten."""
+    path = Path(path)
+    def occupied(p: Path) -> bool:
+        return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+    candidate, n = path, 1
+    while occupied(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
