@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Detect acute
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data sets.")
 app.add_typer(data_app, name="data")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _errors_to_exit(fn):
@@ -259,7 +259,7 @@ def data_check(
 @_errors_to_exit
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder (a new one is made if it exists)."),
-    epochs: int = typer.Option(6),
+    epochs: int = typer.Option(20),
     image_size: int = typer.Option(160),
 ):
     """Train ResNet-50 on the bundled C-NMC sample, evaluate it and predict a few images."""

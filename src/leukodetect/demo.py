@@ -13,7 +13,7 @@ from .training.workflows import run_train
 from .utils import fresh_dir
 
 
-def run_demo(out_dir: Path, *, epochs: int = 6, image_size: int = 160, command: str = "", log=print, progress=False, console=None) -> dict:
+def run_demo(out_dir: Path, *, epochs: int = 20, image_size: int = 160, command: str = "", log=print, progress=False, console=None) -> dict:
     """Train ResNet-50 from scratch on the sample (split by patient), evaluate, predict held-out cells.
 
     The sample is far too small for a useful model: the demo shows that every step works and what
@@ -32,7 +32,8 @@ def run_demo(out_dir: Path, *, epochs: int = 6, image_size: int = 160, command: 
         f"{epochs} epochs at {image_size}x{image_size}; outputs go to {out_dir}.")
     result = run_train(cfg, out_dir, progress=progress, command=command, log=log)
 
-    test_paths = json.loads((out_dir / "split.json").read_text())["test"][:6]
+    test = json.loads((out_dir / "split.json").read_text())["test"]
+    test_paths = [p for p in test if p.endswith("_all.png")][:3] + [p for p in test if p.endswith("_hem.png")][:3]
     clf = Classifier.from_checkpoint(Path(result["checkpoint"]))
     lines = []
     for p in clf.predict_paths([Path(t) for t in test_paths]):
@@ -53,7 +54,7 @@ def run_demo(out_dir: Path, *, epochs: int = 6, image_size: int = 160, command: 
         f"Try: leukodetect predict <image> --checkpoint {result['checkpoint']}",
     ]
     if console is not None:
-        console.print("\n".join(summary), highlight=False)
+        console.print("\n".join(summary), highlight=False, soft_wrap=True)
     else:
         print("\n".join(summary))
     return result

@@ -1,0 +1,176 @@
+"""End-to-end through the command line, on the tiny model and tiny images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leukodetect.cli import app
+from leukodetect.training import engine
+
+runner = CliRunner()
+TINY = ["--arch", "tiny", "--image-size", "24", "--batch-size", "8", "--lr", "0.01"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_tree, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    result = invoke("train", "--data", tiny_tree, "--out", run, "--epochs", 2, *TINY)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_train_writes_a_self_describing_checkpoint_and_test_metrics(trained):
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    assert ckpt["arch"] == "tiny" and ckpt["class_names"] == ["normal", "blast"]
+    assert ckpt["image_size"] == 24 and len(ckpt["mean"]) == 3 and ckpt["threshold"] == 0.5
+    assert ckpt["config"]["train"]["epochs"] == 2 and "torch" in ckpt["versions"]
+    assert [row["epoch"] for row in ckpt["history"]] == [1, 2]
+    metrics = json.loads((trained / "test" / "metrics.json").read_text())
+    split = json.loads((trained / "split.json").read_text())
+    assert metrics["n"] == len(split["test"]) > 0
+    assert set(metrics["metrics"]) >= {"accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "fpr", "fnr", "roc_auc"}
+    for name in ("roc.png", "confusion_matrix.png", "training_curves.png", "report.html", "predictions.csv"):
+        assert (trained / "test" / name).is_file(), name
+    # split parts are disjoint and cover the data
+    parts = [set(split[k]) for k in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert sum(map(len, parts)) == 29
+
+
+def test_existing_run_is_not_overwritten(trained, tiny_tree):
+    result = invoke("train", "--data", tiny_tree, "--out", trained, "--epochs", 1, *TINY)
+    assert result.exit_code == 2
+    assert "already holds a training run" in result.output and "--resume" in result.output
+
+
+def test_evaluate_leaves_out_training_images(trained, tiny_tree, tmp_path):
+    result = invoke("evaluate", "--checkpoint", trained / "best.pt", "--data", tiny_tree, "--out", tmp_path / "ev", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    n_test = len(json.loads((trained / "split.json").read_text())["test"])
+    assert report["n"] == n_test and report["excluded_trained_on"] == 29 - n_test
+    for ci in report["metrics"].values():
+        assert ci["ci_low"] is None or ci["ci_low"] <= ci["value"] <= ci["ci_high"]
+    assert (tmp_path / "ev" / "training_curves.png").is_file()
+
+
+def test_predict_reports_bad_files_and_goes_on(trained, tiny_tree, tmp_path):
+    (tmp_path / "bad.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = tmp_path / "good.png"
+    good.write_bytes((tiny_tree / "blast" / "blast_01.png").read_bytes())
+    result = invoke("predict", tmp_path, "--checkpoint", trained / "best.pt", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    assert 0 <= by_name["good.png"]["prob_blast"] <= 1 and by_name["good.png"]["label"] in ("normal", "blast")
+    assert "not an image" in by_name["bad.jpg"]["error"] and "bad.jpg" in by_name["bad.jpg"]["error"]
+    assert "empty" in by_name["empty.png"]["error"]
+    csv_out = invoke("predict", good, "--checkpoint", trained / "best.pt", "--csv")
+    assert csv_out.stdout.splitlines()[0] == "path,label,prob_blast,error"
+
+
+def test_predict_fails_only_when_nothing_could_be_read(trained, tmp_path):
+    (tmp_path / "bad.jpg").write_text("not an image")
+    result = invoke("predict", tmp_path / "bad.jpg", "--checkpoint", trained / "best.pt")
+    assert result.exit_code == 1
+
+
+def test_wrong_checkpoint_gets_one_sentence(tmp_path, tiny_tree):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    (tmp_path / "junk.pt").write_text("junk")
+    for name, phrase in (("plain.pt", "not a leukodetect checkpoint"), ("junk.pt", "not a readable"), ("missing.pt", "does not exist")):
+        result = invoke("predict", tiny_tree / "blast" / "blast_01.png", "--checkpoint", tmp_path / name)
+        assert result.exit_code == 2 and phrase in result.output and name in result.output
+        assert "Traceback" not in result.output
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_tree, tmp_path, monkeypatch):
+    args = ("train", "--data", tiny_tree, "--epochs", 3, *TINY)
+    assert invoke(*args, "--out", tmp_path / "straight").exit_code == 0
+
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr("leukodetect.training.fit.train_one_epoch", interrupted)
+    result = invoke(*args, "--out", tmp_path / "cut")
+    assert result.exit_code == 130 and "--resume" in result.output
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr("leukodetect.training.fit.train_one_epoch", real)
+
+    result = invoke(*args, "--out", tmp_path / "cut", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "Resuming" in result.output and "epoch 2" in result.output
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert [r["epoch"] for r in b["history"]] == [1, 2, 3]
+    assert np.allclose([r["train_loss"] for r in a["history"]], [r["train_loss"] for r in b["history"]], atol=1e-6)
+    for k in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-5), k
+
+
+def test_cv_predicts_every_image_once_and_resumes(tiny_tree, tmp_path):
+    out = tmp_path / "cv"
+    result = invoke("cv", "--data", tiny_tree, "--out", out, "--folds", 3, "--epochs", 1, *TINY)
+    assert result.exit_code == 0, result.output
+    rows = (out / "predictions.csv").read_text().splitlines()[1:]
+    paths = [r.split(",")[0] for r in rows]
+    assert len(paths) == len(set(paths)) == 29
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["per_fold"]) == 3 and metrics["folds"]["accuracy"]["n_folds"] == 3
+    # Resuming a finished CV retrains nothing and gives the same pooled figures.
+    again = invoke("cv", "--data", tiny_tree, "--out", out, "--folds", 3, "--epochs", 1, *TINY, "--resume")
+    assert again.exit_code == 0 and again.output.count("already finished") == 3
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == metrics["metrics"]
+
+
+def test_paper_protocol_expands_first_and_reports_leakage(tiny_tree, tmp_path):
+    out = tmp_path / "paper"
+    result = invoke("train", "--data", tiny_tree, "--out", out, "--epochs", 1, "--protocol", "paper", *TINY,
+                    "--config", _paper_total(tmp_path, 60))
+    assert result.exit_code == 0, result.output
+    split = json.loads((out / "split.json").read_text())
+    assert sum(len(v) for v in split.values()) == 60
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    assert metrics["protocol"] == "paper"
+    assert metrics["test_images_sharing_a_source_with_training"] > 0
+
+
+def _paper_total(tmp_path, total):
+    path = tmp_path / "paper.yaml"
+    path.write_text(f"data:\n  paper_total: {total}\n")
+    return path
+
+
+def test_data_check_json(tiny_tree, tmp_path):
+    result = invoke("data", "check", tiny_tree, "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["n_images"] == 29 and report["counts"] == {"normal": 14, "blast": 15}
+    assert len(report["duplicate_sets"]) == 1
+
+
+def test_augment_command(tiny_tree, tmp_path):
+    result = invoke("augment", tiny_tree, tmp_path / "aug", "--total", 40)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "aug").rglob("*.png"))) == 40
+    again = invoke("augment", tiny_tree, tmp_path / "aug", "--total", 40)
+    assert again.exit_code == 2 and "not empty" in again.output
+
+
+def test_models_lists_the_registry():
+    result = invoke("models")
+    assert "resnet50" in result.stdout and "vgg19" in result.stdout
