@@ -27,6 +27,7 @@ from tqdm import tqdm
 from leukodetect.config import AugmentConfig
 from leukodetect.data.io import open_rgb
 from leukodetect.data.records import CLASS_NAMES, Record
+from leukodetect.data.transforms import augment_geometry
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.utils import atomic_write, atomic_write_text
 
@@ -132,31 +133,6 @@ def read_source(png_path: str | Path) -> str | None:
         raise BadImageError(
             f"Image {png_path} could not be read ({error}); check that it is an expanded PNG."
         ) from error
-
-
-def augment_geometry(augment: AugmentConfig, height: int, width: int) -> v2.Transform:
-    """The training geometry at an image's own size: reflect pad, random affine, crop back, flips.
-
-    The pad (a quarter of the smaller side) gives the affine step real tissue to pull into the
-    frame instead of black corners. Bilinear interpolation, as Keras' generator used in the paper.
-    """
-    pad = min(height, width) // 4
-    steps: list[v2.Transform] = [
-        v2.Pad(pad, padding_mode="reflect"),
-        v2.RandomAffine(
-            degrees=augment.rotation,
-            translate=(augment.shift, augment.shift) if augment.shift else None,
-            scale=(1 - augment.zoom, 1 + augment.zoom) if augment.zoom else None,
-            shear=augment.shear or None,
-            interpolation=v2.InterpolationMode.BILINEAR,
-        ),
-        v2.CenterCrop((height, width)),
-    ]
-    if augment.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if augment.vflip:
-        steps.append(v2.RandomVerticalFlip())
-    return v2.Compose(steps)
 
 
 def _augment_copy(image: Image.Image, augment: AugmentConfig, *, seed: tuple[int, int, int]) -> Image.Image:

@@ -45,26 +45,35 @@ class TrainPreset(EvalPreset):
     augment: AugmentConfig
 
     def random(self) -> v2.Transform:
-        a, s = self.augment, self.image_size
-        pad = s // 4
-        steps: list[v2.Transform] = [
-            v2.Pad(pad, padding_mode="reflect"),
-            v2.RandomAffine(
-                degrees=a.rotation,
-                translate=(a.shift, a.shift) if a.shift else None,
-                scale=(1 - a.zoom, 1 + a.zoom) if a.zoom else None,
-                shear=a.shear or None,
-            ),
-            v2.CenterCrop(s),
-        ]
-        if a.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if a.vflip:
-            steps.append(v2.RandomVerticalFlip())
-        return v2.Compose(steps)
+        return augment_geometry(self.augment, self.image_size, self.image_size)
 
     def __call__(self, image):
         return self.finish()(self.random()(self.resize()(image)))
+
+
+def augment_geometry(augment: AugmentConfig, height: int, width: int) -> v2.Transform:
+    """The training geometry at an image's own size: reflect pad, random affine, crop back, flips.
+
+    The pad (a quarter of the smaller side) gives the affine step real tissue to pull into the
+    frame instead of black corners. Bilinear interpolation, as Keras' generator used in the paper.
+    """
+    pad = min(height, width) // 4
+    steps: list[v2.Transform] = [
+        v2.Pad(pad, padding_mode="reflect"),
+        v2.RandomAffine(
+            degrees=augment.rotation,
+            translate=(augment.shift, augment.shift) if augment.shift else None,
+            scale=(1 - augment.zoom, 1 + augment.zoom) if augment.zoom else None,
+            shear=augment.shear or None,
+            interpolation=v2.InterpolationMode.BILINEAR,
+        ),
+        v2.CenterCrop((height, width)),
+    ]
+    if augment.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    return v2.Compose(steps)
 
 
 def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-CLASS_NAMES = ("normal", "blast")
+from leukodetect.data.records import CLASS_NAMES
 
 
 @dataclass(frozen=True)
