@@ -54,6 +54,8 @@ def _log(message: str) -> None:
 # Options shared by train and cv; None means "keep the configuration's default".
 DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
 FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
+GroupByOpt = typer.Option(None, "--group-by", help="default, or source: ALL-IDB2 crops of one ALL-IDB1 photograph stay together.")
+AllIdb1Opt = typer.Option(None, "--allidb1", help="ALL-IDB1 folder for --group-by source (default: found beside --data).")
 
 
 def _config(config: Optional[Path], **overrides):
@@ -61,7 +63,8 @@ def _config(config: Optional[Path], **overrides):
 
     cfg = load_config(config) if config else RunConfig()
     sections = {
-        "data": ("path", "format", "image_size", "split_file", "protocol", "num_workers", "test_fraction", "val_fraction"),
+        "data": ("path", "format", "image_size", "split_file", "protocol", "num_workers", "test_fraction", "val_fraction",
+                 "group_by", "allidb1"),
         "model": ("arch", "weights"),
         "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "weight_decay"),
     }
@@ -88,6 +91,8 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None),
     weights: Optional[str] = typer.Option(None, help="None (from scratch, default), 'imagenet' or a weights file."),
     protocol: Optional[str] = typer.Option(None, help="clean (split first, default) or paper (augment to 2470, then split)."),
+    group_by: Optional[str] = GroupByOpt,
+    allidb1: Optional[Path] = AllIdb1Opt,
     split_file: Optional[Path] = typer.Option(None, help="A split.json fixing train/val/test."),
     fmt: Optional[str] = FormatOpt,
     seed: Optional[int] = typer.Option(None),
@@ -102,7 +107,7 @@ def train(
     from .training.workflows import run_train
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   split_file=split_file, seed=seed, device=device, precision=precision, num_workers=workers)
     result = run_train(cfg, out_dir, resume=resume, progress=_progress(), command=_command_line(), log=_log)
     _print_result(result, as_json, result["test"], f"Test split of {out_dir}")
@@ -123,6 +128,8 @@ def cv(
     label_smoothing: Optional[float] = typer.Option(None),
     weights: Optional[str] = typer.Option(None),
     protocol: Optional[str] = typer.Option(None, help="clean (default) or paper."),
+    group_by: Optional[str] = GroupByOpt,
+    allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
@@ -136,7 +143,7 @@ def cv(
     from .training.workflows import run_cv
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   seed=seed, device=device, precision=precision, num_workers=workers)
     result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
@@ -166,7 +173,8 @@ def evaluate(
 @_errors_to_exit
 def predict(
     image_or_dir: Path = typer.Argument(..., help="An image or a folder of images."),
-    checkpoint: Path = typer.Option(..., help="A best.pt from train or cv."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train or cv."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Instead of --checkpoint: a .onnx or TorchScript file from 'leukodetect export'."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout."),
     batch_size: int = typer.Option(16),
@@ -175,13 +183,20 @@ def predict(
     from .data.io import IMAGE_SUFFIXES
     from .inference import Classifier
 
+    if (checkpoint is None) == (model is None):
+        raise LeukoError("Pass exactly one of --checkpoint (a best.pt) or --model (a file from 'leukodetect export').")
     if not image_or_dir.exists():
         raise LeukoError(f"{image_or_dir} does not exist: pass an image file or a folder of images.")
     paths = [image_or_dir] if image_or_dir.is_file() else sorted(
         p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise LeukoError(f"{image_or_dir} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    clf = Classifier.from_checkpoint(checkpoint)
+    if model is not None:
+        from .export import ExportedClassifier
+
+        clf = ExportedClassifier.from_file(model)
+    else:
+        clf = Classifier.from_checkpoint(checkpoint)
     preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress())
     if as_json:
         for p in preds:
@@ -224,6 +239,74 @@ def augment(
     records = index_dataset(src, fmt or "auto")
     written = expand_dataset(records, dest, total=total, augment=AugmentConfig(), seed=seed, progress=_progress(), log=_log)
     out.print(f"Wrote {len(written)} images and {dest / 'manifest.csv'} (path,label,group,source).")
+
+
+@app.command()
+@_errors_to_exit
+def explain(
+    image: Path = typer.Argument(..., help="A cell image."),
+    checkpoint: Path = typer.Option(..., help="A best.pt from train or cv."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="PNG to write (must not exist; default IMAGE_gradcam.png beside the image)."),
+    target_class: int = typer.Option(1, help="Class whose evidence is shown: 1 = blast, 0 = normal."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Grad-CAM overlay: the regions of the image that drove the model's score."""
+    from .explain import explain_file
+
+    result = explain_file(checkpoint, image, out_file, target_class=target_class)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out.print(f"{image}: {result['label']} (P(blast) {result['prob_blast']:.4f}); overlay written to {result['out']}", highlight=False)
+
+
+@app.command()
+@_errors_to_exit
+def calibrate(
+    checkpoint: Path = typer.Option(..., help="A best.pt to calibrate (left unchanged)."),
+    data: Path = typer.Option(..., "--data", help="Labelled validation images (folder or CSV manifest), not training images."),
+    out_file: Path = typer.Option(..., "--out", help="The calibrated checkpoint to write (must not exist)."),
+    target_sensitivity: float = typer.Option(0.99, help="Fraction of validation blasts the threshold must find."),
+    split_file: Optional[Path] = typer.Option(None, help="Use only the 'val' part of this run's split.json."),
+    fmt: Optional[str] = FormatOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Fit a temperature and a threshold for a target sensitivity; write them into a new checkpoint."""
+    from .data.indexers import index_dataset
+    from .evaluation.calibration import calibrate_checkpoint, select_split
+
+    records = index_dataset(data, fmt or "auto")
+    if split_file:
+        records = select_split(records, split_file, "val")
+    result = calibrate_checkpoint(checkpoint, records, out_file, target_sensitivity=target_sensitivity, log=_log)
+    c = result["calibration"]
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        out.print(f"Wrote {result['out']}: temperature {result['temperature']:.3f}, threshold {result['threshold']:.4f} "
+                  f"(validation sensitivity {c['sensitivity']:.3f}, specificity {c['specificity']:.3f}, n={c['n_val']}); "
+                  f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}.", highlight=False)
+
+
+@app.command()
+@_errors_to_exit
+def export(
+    checkpoint: Path = typer.Option(..., help="A best.pt from train, cv or calibrate."),
+    fmt: str = typer.Option(..., "--format", help="onnx or torchscript."),
+    out_file: Path = typer.Option(..., "--out", help="File to write (must not exist)."),
+    opset: int = typer.Option(18, help="ONNX opset version (18 or newer)."),
+    atol: float = typer.Option(1e-4, help="Largest allowed difference in P(blast) from PyTorch."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Export to ONNX or TorchScript with the preprocessing stored inside; reload and check it against PyTorch."""
+    from .export import export_model
+
+    result = export_model(checkpoint, out_file, fmt=fmt, opset=opset, atol=atol)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        out.print(f"Wrote {result['path']} ({fmt}); reloaded, it differs from PyTorch by at most {result['max_abs_diff']:.1e} "
+                  f"in P(blast) (tolerance {atol:.0e}). Run it with: leukodetect predict IMAGES --model {result['path']}", highlight=False)
 
 
 @app.command()

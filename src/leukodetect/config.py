@@ -16,6 +16,7 @@ import yaml
 from .errors import LeukoError
 
 PROTOCOLS = ("clean", "paper")
+GROUP_BY = ("default", "source")
 
 
 @dataclass(kw_only=True)
@@ -35,6 +36,8 @@ class DataConfig:
     split_file: str | None = None
     protocol: str = "clean"
     paper_total: int = 2470
+    group_by: str = "default"  # "source": ALL-IDB2 crops of one ALL-IDB1 photograph share a group
+    allidb1: str | None = None  # ALL-IDB1 folder for group_by="source" (default: found beside the data)
     num_workers: int = 0
 
 
@@ -104,6 +107,8 @@ class RunConfig:
     def validate(self) -> None:
         if self.data.protocol not in PROTOCOLS:
             raise LeukoError(f"Unknown protocol '{self.data.protocol}': use one of {PROTOCOLS}.")
+        if self.data.group_by not in GROUP_BY:
+            raise LeukoError(f"Unknown --group-by '{self.data.group_by}': use one of {GROUP_BY}.")
         if self.data.image_size < 16:
             raise LeukoError(f"Image size {self.data.image_size} is too small: use 16 or more.")
         if self.train.epochs < 1 or self.train.batch_size < 1:

@@ -31,36 +31,21 @@ class Prediction:
         return {"path": self.path, "label": self.label, "prob_blast": self.prob_blast, "error": self.error, "notes": self.notes}
 
 
-class Classifier:
-    """A checkpoint ready for inference: model in eval mode plus its preprocessing and threshold."""
+class ImageClassifier:
+    """What every classifier shares: preprocessing, threshold and class names, and ``predict_paths``.
 
-    def __init__(self, bundle: dict, *, device: str = "auto", precision: str = "auto", source: str = "checkpoint") -> None:
-        self.bundle = bundle
-        self.device = resolve_device(device)
-        self.amp_dtype = autocast_dtype(self.device, precision)
-        self.channels_last = channels_last(self.device)
-        self.model = model_from_checkpoint(bundle, source).to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.preset = EvalPreset(image_size=bundle["image_size"], mean=tuple(bundle["mean"]), std=tuple(bundle["std"]))
-        self.threshold = float(bundle["threshold"])
-        self.temperature = float(bundle["temperature"])
-        self.class_names = list(bundle["class_names"])
+    Subclasses set ``preset``, ``threshold`` and ``class_names`` and implement ``probabilities``; the
+    PyTorch :class:`Classifier` and the exported models (:mod:`leukodetect.export`) both build on it,
+    so files are read, batched and called the same way whatever runs the network.
+    """
 
-    @classmethod
-    def from_checkpoint(cls, path: Path, **kwargs) -> Classifier:
-        return cls(load_checkpoint(path), source=str(path), **kwargs)
+    preset: EvalPreset
+    threshold: float
+    class_names: list[str]
 
-    @torch.no_grad()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
-        self.model.eval()
-        x = batch.to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp_dtype):
-            logits = self.model(x)
-        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
+        raise NotImplementedError
 
     def call(self, prob: float) -> str:
         return self.class_names[1] if prob >= self.threshold else self.class_names[0]
@@ -90,3 +75,35 @@ class Classifier:
                 flush()
         flush()
         return results
+
+
+class Classifier(ImageClassifier):
+    """A checkpoint ready for inference: model in eval mode plus its preprocessing and threshold."""
+
+    def __init__(self, bundle: dict, *, device: str = "auto", precision: str = "auto", source: str = "checkpoint") -> None:
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.channels_last = channels_last(self.device)
+        self.model = model_from_checkpoint(bundle, source).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.preset = EvalPreset(image_size=bundle["image_size"], mean=tuple(bundle["mean"]), std=tuple(bundle["std"]))
+        self.threshold = float(bundle["threshold"])
+        self.temperature = float(bundle["temperature"])
+        self.class_names = list(bundle["class_names"])
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, **kwargs) -> Classifier:
+        return cls(load_checkpoint(path), source=str(path), **kwargs)
+
+    @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
+        self.model.eval()
+        x = batch.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()

@@ -4,10 +4,14 @@ Clean protocol (default): split first (stratified, whole groups, exact duplicate
 group), augment only on the fly inside training. Paper protocol: expand the whole set to
 ``paper_total`` images first, then split image by image, as Shalini & Angel Viji (2022) did; its
 figures are inflated because copies of one cell sit on both sides, and the run says how many.
+
+Under ``torchrun`` every rank runs these jobs: rank 0 decides (is the folder free? which split?),
+writes every file and scores the held-out images; the other ranks train with it and return its result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from ..evaluation.evaluate import write_evaluation
 from ..evaluation.intervals import binary_report, summarize_folds
 from ..inference import Classifier
 from ..utils import write_json
+from . import distributed
 from .fit import train_model
 
 
@@ -66,8 +71,36 @@ def prepare(cfg: RunConfig, out_dir: Path, *, log=print) -> Prepared:
             groups=[str(r.path) for r in expanded],  # the paper ignored which cell a copy came from
             sources=[r.group for r in expanded],
         )
+    if cfg.data.group_by == "source":
+        records = _group_by_source(cfg, records, log=log)
     groups = effective_groups(records, hashes)
     return Prepared(records=records, hashes=[hashes[r.path] for r in records], groups=groups, sources=groups)
+
+
+def find_allidb1(data_path: Path) -> Path | None:
+    """An ALL-IDB1 folder beside an ALL-IDB2 path (the official layouts sit side by side)."""
+    for parent in Path(data_path).resolve().parents:
+        for name in ("ALL-IDB1", "ALL_IDB1"):
+            if (parent / name).is_dir():
+                return parent / name
+    return None
+
+
+def _group_by_source(cfg: RunConfig, records: list[Record], *, log=print) -> list[Record]:
+    """Give ALL-IDB2 crops cut from one ALL-IDB1 photograph (or from overlapping ones) one group."""
+    from ..data.indexers import detect_format
+    from ..data.sources import source_groups
+
+    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.path)
+    if fmt != "allidb2":
+        raise LeukoError(f"--group-by source needs ALL-IDB2 crops, but {cfg.data.path} is '{fmt}': drop the option.")
+    root = Path(cfg.data.allidb1) if cfg.data.allidb1 else find_allidb1(Path(cfg.data.path))
+    if root is None or not root.is_dir():
+        raise LeukoError(f"--group-by source needs the ALL-IDB1 photographs: pass --allidb1 PATH (not found beside {cfg.data.path}).")
+    groups = source_groups(records, root, progress=False)
+    matched = sum(g.startswith("photo:") for g in groups)
+    log(f"Grouped by source photograph: {matched} of {len(records)} crops matched, {len(set(groups))} groups.")
+    return [dataclasses.replace(r, group=g) for r, g in zip(records, groups)]
 
 
 def _labels(prep: Prepared) -> np.ndarray:
@@ -109,25 +142,38 @@ def _predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, lis
 
 def run_train(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
     """Split, train, select by validation loss, then score the untouched test part."""
-    out_dir = Path(out_dir)
-    if (out_dir / "last.pt").exists() and not resume:
+    with distributed.session(cfg.train.device) as ctx:
+        return _run_train(cfg, Path(out_dir), ctx, resume=resume, progress=progress, command=command, log=log if ctx.is_main else _quiet)
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, resume: bool, progress: bool, command: str, log) -> dict:
+    if ctx.broadcast((out_dir / "last.pt").exists()) and not resume:
         raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
-    prep = prepare(cfg, out_dir, log=log)
+    with ctx.main_first():  # the paper protocol writes its expanded images once, on rank 0
+        prep = prepare(cfg, out_dir, log=log)
     labels = _labels(prep)
-    if cfg.data.split_file:
-        train, val, test = _split_from_file(prep, Path(cfg.data.split_file))
-    elif resume and (out_dir / "split.json").exists():
-        train, val, test = _split_from_file(prep, out_dir / "split.json")
-    else:
-        train, val, test = train_val_test_indices(
-            labels, prep.groups, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed
-        )
-    write_json(out_dir / "split.json", {k: [str(prep.records[i].path) for i in v] for k, v in (("train", train), ("val", val), ("test", test))})
+    if ctx.is_main:
+        if cfg.data.split_file:
+            train, val, test = _split_from_file(prep, Path(cfg.data.split_file))
+        elif resume and (out_dir / "split.json").exists():
+            train, val, test = _split_from_file(prep, out_dir / "split.json")
+        else:
+            train, val, test = train_val_test_indices(
+                labels, prep.groups, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed
+            )
+        write_json(out_dir / "split.json", {k: [str(prep.records[i].path) for i in v] for k, v in (("train", train), ("val", val), ("test", test))})
+    train, val, test = ctx.broadcast((train, val, test) if ctx.is_main else None)
     log(f"Split: {len(train)} train, {len(val)} validation, {len(test)} test images ({cfg.data.protocol} protocol).")
     result = train_model(
         cfg, [prep.records[i] for i in train], [prep.records[i] for i in val], out_dir,
-        trained_on=[prep.hashes[i] for i in np.concatenate([train, val])], resume=resume, progress=progress, log=log,
+        trained_on=[prep.hashes[i] for i in np.concatenate([train, val])], resume=resume, progress=progress, log=log, dist=ctx,
     )
+    if not ctx.is_main:
+        return ctx.broadcast(None)
     clf = Classifier.from_checkpoint(result.best_path)
     prob, rows = _predict_rows(clf, prep, test)
     report = write_evaluation(
@@ -136,7 +182,7 @@ def run_train(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         facts={"command": command, "data": cfg.data.path, "protocol": cfg.data.protocol, "best epoch": str(result.best_epoch)},
         extra={"protocol": cfg.data.protocol, "test_images_sharing_a_source_with_training": leakage(prep, np.concatenate([train, val]), test)},
     )
-    return {"out_dir": str(out_dir), "checkpoint": str(result.best_path), "test": report}
+    return ctx.broadcast({"out_dir": str(out_dir), "checkpoint": str(result.best_path), "test": report})
 
 
 def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
@@ -144,15 +190,22 @@ def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = Fals
 
     Each fold's training part is split again (whole groups) into training and validation for
     model selection. Finished folds are kept: with ``resume`` an interrupted run continues.
+    Under torchrun the folds run one after another, each on every rank.
     """
-    out_dir = Path(out_dir)
-    if (out_dir / "cv_plan.json").exists() and not resume:
+    with distributed.session(cfg.train.device) as ctx:
+        return _run_cv(cfg, Path(out_dir), ctx, folds=folds, resume=resume, progress=progress, command=command, log=log if ctx.is_main else _quiet)
+
+
+def _run_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, folds: int, resume: bool, progress: bool, command: str, log) -> dict:
+    if ctx.broadcast((out_dir / "cv_plan.json").exists()) and not resume:
         raise LeukoError(f"{out_dir} already holds a cross-validation run: pass --resume to continue it or choose another --out.")
-    prep = prepare(cfg, out_dir, log=log)
+    with ctx.main_first():
+        prep = prepare(cfg, out_dir, log=log)
     labels = _labels(prep)
     groups = np.array(prep.groups)
     plan = kfold_indices(labels, groups, folds=folds, seed=cfg.train.seed)
-    write_json(out_dir / "cv_plan.json", {"folds": folds, "protocol": cfg.data.protocol, "test": [[str(prep.records[i].path) for i in te] for _, te in plan]})
+    if ctx.is_main:
+        write_json(out_dir / "cv_plan.json", {"folds": folds, "protocol": cfg.data.protocol, "test": [[str(prep.records[i].path) for i in te] for _, te in plan]})
 
     oof = np.full(len(labels), np.nan)
     oof_fold = np.full(len(labels), -1)
@@ -160,19 +213,21 @@ def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = Fals
     for k, (train_all, test) in enumerate(plan):
         fold_dir = out_dir / f"fold_{k}"
         done = fold_dir / "predictions.json"
-        if resume and done.exists():
+        if resume and ctx.broadcast(done.exists()):
             log(f"Fold {k}: already finished, reusing its predictions.")
-            prob = np.array(json.loads(done.read_text())["prob_blast"], dtype=float)
+            prob = ctx.broadcast(np.array(json.loads(done.read_text())["prob_blast"], dtype=float) if ctx.is_main else None)
         else:
             inner_train, inner_val = holdout_indices(labels[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
             tr, va = train_all[inner_train], train_all[inner_val]
             log(f"Fold {k + 1}/{folds}: {len(tr)} train, {len(va)} validation, {len(test)} test images.")
             result = train_model(
                 cfg, [prep.records[i] for i in tr], [prep.records[i] for i in va], fold_dir,
-                trained_on=[prep.hashes[i] for i in train_all], resume=resume, progress=progress, log=log,
+                trained_on=[prep.hashes[i] for i in train_all], resume=resume, progress=progress, log=log, dist=ctx,
             )
-            prob, _ = _predict_rows(Classifier.from_checkpoint(result.best_path), prep, test)
-            write_json(done, {"test": [str(prep.records[i].path) for i in test], "prob_blast": prob.tolist()})
+            if ctx.is_main:
+                prob, _ = _predict_rows(Classifier.from_checkpoint(result.best_path), prep, test)
+                write_json(done, {"test": [str(prep.records[i].path) for i in test], "prob_blast": prob.tolist()})
+            prob = ctx.broadcast(prob if ctx.is_main else None)
         oof[test], oof_fold[test] = prob, k
         fold_report = binary_report(labels[test], prob, threshold=0.5)
         fold_report["leakage"] = leakage(prep, train_all, test)
@@ -184,6 +239,8 @@ def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = Fals
         for r, g, f, p in zip(prep.records, prep.groups, oof_fold, oof)
     ]
     summary = summarize_folds(per_fold)
+    if not ctx.is_main:
+        return ctx.broadcast(None)
     report = write_evaluation(
         out_dir, title=f"{cfg.model.arch}: {folds}-fold cross-validation ({cfg.data.protocol} protocol), pooled out-of-fold",
         y_true=labels, prob=oof, threshold=0.5, rows=rows,
@@ -193,4 +250,4 @@ def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = Fals
                "held_out_images_sharing_a_source_with_training": int(sum(f["leakage"] for f in per_fold))},
         fold_summary=summary,
     )
-    return {"out_dir": str(out_dir), "pooled": report, "folds": summary}
+    return ctx.broadcast({"out_dir": str(out_dir), "pooled": report, "folds": summary})

@@ -1,0 +1,203 @@
+"""Grad-CAM: where in a cell image the model looked when it scored it.
+
+Grad-CAM (Selvaraju et al., 2017) weights the activations of one convolutional layer by the
+gradient of a class score and keeps the positive part. The layer comes from the model registry
+(``ModelSpec.cam_layer``: ``layer4`` for the ResNets, ``features`` for VGG and the tiny model), so
+every architecture is explained the same way. The computation is pytorch-grad-cam's; this module
+only feeds it the checkpoint's preprocessing and writes the overlays.
+
+Output files are never overwritten: a file named by the caller that already exists is refused with
+a :class:`LeukoError`; names made up here (``<image>_gradcam.png``) move on to ``_gradcam-2.png``,
+``-3``... when taken, as run folders do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.io import open_rgb
+from .errors import BadImageError, LeukoError
+from .inference import Classifier
+from .models.registry import get_spec
+
+SUFFIX = "_gradcam"
+
+
+def gradcam(classifier: Classifier, image: Image.Image, target_class: int = 1) -> np.ndarray:
+    """Grad-CAM heatmap of ``target_class`` (1 = blast) for one RGB image.
+
+    Returns:
+        float32 array (H, W) of the image's own size, scaled to [0, 1] (all zeros where no
+        location raises the class score).
+    """
+    heatmaps, _ = _gradcam_batch(classifier, [image], target_class)
+    return heatmaps[0]
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, *, image_weight: float = 0.5) -> Image.Image:
+    """The heatmap in the jet colour map blended over the image (red = looked at most).
+
+    A heatmap of another size than the image is resized to it first.
+    """
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if heatmap.shape != rgb.shape[:2]:
+        import cv2
+
+        heatmap = cv2.resize(heatmap, image.size, interpolation=cv2.INTER_LINEAR)
+    return Image.fromarray(show_cam_on_image(rgb, np.clip(heatmap, 0.0, 1.0), use_rgb=True, image_weight=image_weight))
+
+
+def explain_file(
+    checkpoint_or_classifier: Classifier | str | Path,
+    path: str | Path,
+    out: str | Path | None = None,
+    *,
+    target_class: int = 1,
+) -> dict:
+    """Write the Grad-CAM overlay of one image file.
+
+    Args:
+        checkpoint_or_classifier: a loaded :class:`Classifier` or a checkpoint path.
+        path: the image.
+        out: the PNG to write; it must not exist. None writes ``<image stem>_gradcam.png`` beside
+            the image (``_gradcam-2.png``... if that name is taken).
+
+    Returns:
+        {"path", "prob_blast", "label", "out"}: the blast probability (temperature applied) and
+        call (threshold applied) from the same float32 forward pass that Grad-CAM used.
+
+    Raises:
+        BadImageError: the image cannot be read (one sentence naming it).
+        LeukoError: ``out`` already exists.
+    """
+    clf = _classifier(checkpoint_or_classifier)
+    path = Path(path)
+    if out is not None and Path(out).exists():
+        raise _exists(out)
+    image = open_rgb(path)
+    heatmaps, probs = _gradcam_batch(clf, [image], target_class)
+    png = _png_bytes(overlay(image, heatmaps[0]))
+    if out is None:
+        written = _write_fresh(path.parent / f"{path.stem}{SUFFIX}.png", png)
+    else:
+        try:
+            written = _write_new(Path(out), png)
+        except FileExistsError:
+            raise _exists(out) from None
+    return {"path": str(path), "prob_blast": float(probs[0]), "label": clf.call(float(probs[0])), "out": str(written)}
+
+
+def explain_many(
+    classifier: Classifier | str | Path,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    target_class: int = 1,
+    batch_size: int = 16,
+) -> list[dict]:
+    """Overlays for many images, in batches, as ``out_dir/<image stem>_gradcam.png`` (for a gallery).
+
+    Existing files and repeated stems get a fresh name (``-2``, ``-3``...). An unreadable image
+    gets an entry with ``error`` (one sentence naming it) and the others go on.
+
+    Returns:
+        one dict per input path, in order: {"path", "prob_blast", "label", "out", "error"}.
+    """
+    clf = _classifier(classifier)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = [{"path": str(p), "prob_blast": None, "label": None, "out": None, "error": None} for p in paths]
+    for start in range(0, len(paths), batch_size):  # images are read batch by batch, not all at once
+        chunk: list[tuple[int, Image.Image]] = []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                chunk.append((i, open_rgb(paths[i])))
+            except BadImageError as exc:
+                results[i]["error"] = str(exc)
+        if not chunk:
+            continue
+        heatmaps, probs = _gradcam_batch(clf, [image for _, image in chunk], target_class)
+        for (i, image), heatmap, prob in zip(chunk, heatmaps, probs):
+            target = out_dir / f"{Path(paths[i]).stem}{SUFFIX}.png"
+            written = _write_fresh(target, _png_bytes(overlay(image, heatmap)))
+            results[i].update(prob_blast=float(prob), label=clf.call(float(prob)), out=str(written))
+    return results
+
+
+def _exists(out) -> LeukoError:
+    return LeukoError(f"{out} already exists: pass another --out or delete it first; overlays are never overwritten.")
+
+
+def _classifier(obj: Classifier | str | Path) -> Classifier:
+    return obj if isinstance(obj, Classifier) else Classifier.from_checkpoint(Path(obj))
+
+
+def _gradcam_batch(clf: Classifier, images: Sequence[Image.Image], target_class: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Heatmaps (each at its image's size) and blast probabilities for a batch of images."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    n_classes = len(clf.class_names)
+    if not 0 <= target_class < n_classes:
+        names = ", ".join(f"{i} = {name}" for i, name in enumerate(clf.class_names))
+        raise LeukoError(f"Target class {target_class} does not exist: this model's classes are {names}.")
+    layer = clf.model.get_submodule(get_spec(clf.bundle["arch"]).cam_layer)
+    x = torch.stack([clf.preset(image) for image in images]).to(clf.device, torch.float32)
+    # Grad-CAM needs gradients: enable them even if a caller runs under no_grad, and keep float32
+    # (no autocast) so low-precision gradients do not blur the map. A channels-last model is fine.
+    autocast_off = torch.autocast(clf.device.type, enabled=False) if clf.device.type in ("cpu", "cuda") else contextlib.nullcontext()
+    with torch.enable_grad(), autocast_off, GradCAM(model=clf.model, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(images))
+        logits = cam.outputs.detach().float()
+    clf.model.zero_grad(set_to_none=True)
+    probs = torch.softmax(logits / clf.temperature, dim=1)[:, 1].cpu().numpy()
+    # Back from the model's square input to each image's own size (and rescaled to [0, 1]).
+    heatmaps = [scale_cam_image(m[None], target_size=image.size)[0] for m, image in zip(maps, images)]
+    return heatmaps, probs
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_new(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, failing with FileExistsError if ``path`` exists.
+
+    The bytes go to a temporary file that is then hard-linked into place: the link fails rather than
+    replace a file, even one created by another process since we last looked.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return path
+
+
+def _write_fresh(path: Path, data: bytes) -> Path:
+    """Write to ``path``, or ``<stem>-2<suffix>``, ``-3``... if taken; returns the name used."""
+    candidate, n = path, 1
+    while True:
+        try:
+            return _write_new(candidate, data)
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")

@@ -1,0 +1,269 @@
+"""Export a checkpoint to ONNX or TorchScript, check the export, and run exported files.
+
+What the exported graph computes: a normalised float32 batch ``image`` (N, 3, S, S) -> ``prob_blast``
+(N,), the blast probability ``softmax(logits / temperature)[:, 1]`` with the checkpoint's temperature
+applied inside the graph, so a consumer needs no post-processing beyond the threshold. The batch axis
+is dynamic. Preprocessing (resize to S x S, scale to [0, 1], normalise with mean/std) stays outside
+the graph, because it runs on PIL images, but travels with the file as JSON (format
+``leukodetect.export``): in the ONNX ``metadata_props`` under the key ``leukodetect`` and, for
+TorchScript, as the extra file ``leukodetect.json`` inside the archive. :class:`ExportedClassifier`
+reads that JSON and classifies images exactly as :class:`leukodetect.inference.Classifier` does.
+
+Every export checks itself: the written file is reloaded (ONNX Runtime on CPU, or ``torch.jit.load``),
+fed a random batch of 4 inputs and compared with the PyTorch model in float32 eval mode; a largest
+absolute difference in P(blast) above ``atol`` (default 1e-4) discards the file and raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .data.transforms import EvalPreset
+from .errors import BadCheckpointError, LeukoError
+from .inference import ImageClassifier
+from .training.checkpoint import load_checkpoint, model_from_checkpoint
+from .utils import atomic_write
+
+FORMATS = ("onnx", "torchscript")
+META_FORMAT = "leukodetect.export"
+META_FORMAT_VERSION = 1
+META_KEY = "leukodetect"  # ONNX metadata_props key
+EXTRA_FILE = "leukodetect.json"  # TorchScript extra file
+META_REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "threshold", "temperature")
+INPUT_NAME, OUTPUT_NAME = "image", "prob_blast"
+DEFAULT_ATOL = 1e-4
+MIN_OPSET = 18  # torch's ONNX exporter has no implementations below opset 18
+
+
+class BlastProbability(nn.Module):
+    """The network plus its calibrated softmax: what gets exported."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = float(temperature)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(image) / self.temperature, dim=1)[:, 1]
+
+
+def export_metadata(bundle: dict[str, Any], *, fmt: str, source: Path) -> dict[str, Any]:
+    """The JSON stored with an exported file: what a runner needs to preprocess and call."""
+    return {
+        "format": META_FORMAT,
+        "format_version": META_FORMAT_VERSION,
+        "model_format": fmt,
+        **{key: bundle[key] for key in META_REQUIRED},
+        "input": f"{INPUT_NAME}: float32 (N, 3, {bundle['image_size']}, {bundle['image_size']}), "
+                 "RGB resized to image_size, scaled to [0, 1], normalised with mean/std",
+        "output": f"{OUTPUT_NAME}: float32 (N,), softmax(logits / temperature)[:, 1]; blast if >= threshold",
+        "source_checkpoint": Path(source).name,
+        "trained_with": bundle.get("versions", {}),
+        "exported_with": {"leukodetect": __version__, "torch": str(torch.__version__)},
+        "exported": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def export_model(
+    checkpoint: Path,
+    out: Path,
+    *,
+    fmt: str,
+    opset: int = MIN_OPSET,
+    atol: float = DEFAULT_ATOL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Export ``checkpoint`` to ``out`` as ONNX or TorchScript and verify it against PyTorch.
+
+    Args:
+        fmt: ``"onnx"`` (torch's ``torch.export``-based exporter, run by ONNX Runtime) or
+            ``"torchscript"`` (``torch.jit.trace``).
+        opset: ONNX opset version (18 or newer); ignored for TorchScript.
+        atol: the largest absolute difference in P(blast) allowed between the reloaded export and
+            the float32 PyTorch model on a random batch of 4 inputs.
+        seed: seeds that random batch.
+
+    Returns:
+        ``{"path", "format", "max_abs_diff", "atol", "opset"}``.
+
+    Raises:
+        LeukoError: ``out`` already exists, an unknown format or opset, or the reloaded export
+            differs from PyTorch by more than ``atol`` (the file is then not written).
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if fmt not in FORMATS:
+        raise LeukoError(f"Unknown export format '{fmt}': use --format onnx or --format torchscript.")
+    if fmt == "onnx" and opset < MIN_OPSET:
+        raise LeukoError(f"ONNX opset {opset} is too old: torch's exporter writes opset {MIN_OPSET} or newer.")
+    if out.exists():
+        raise LeukoError(f"{out} already exists: choose another --out or delete the file first.")
+    bundle = load_checkpoint(checkpoint)
+    model = BlastProbability(model_from_checkpoint(bundle, checkpoint).float().cpu(), bundle["temperature"]).eval()
+    meta = export_metadata(bundle, fmt=fmt, source=checkpoint)
+    size = int(bundle["image_size"])
+    example = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = model(example).numpy()
+    measured: dict[str, float] = {}
+
+    def write_and_verify(tmp: Path) -> None:
+        # Verified before the rename, so a failed check never leaves a file at ``out``.
+        try:
+            if fmt == "onnx":
+                _write_onnx(model, example, tmp, meta, opset)
+            else:
+                _write_torchscript(model, example, tmp, meta)
+        except Exception as exc:  # an exporter limitation, not the user's input; keep the cause chained
+            raise LeukoError(
+                f"torch could not export {checkpoint} ({bundle['arch']}) to {fmt} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}): try the other --format."
+            ) from exc
+        got = _reload(tmp, fmt).probabilities(example)
+        measured["max_abs_diff"] = diff = float(np.max(np.abs(got - expected)))
+        if not diff <= atol:  # also catches NaN
+            raise LeukoError(
+                f"The {fmt} export of {checkpoint} differs from PyTorch by {diff:.2e} in P(blast) (tolerance "
+                f"{atol:.0e}), so {out} was not written: report this with the checkpoint's architecture."
+            )
+
+    atomic_write(out, write_and_verify)
+    return {"path": str(out), "format": fmt, "max_abs_diff": measured["max_abs_diff"], "atol": atol,
+            "opset": opset if fmt == "onnx" else None}
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict, opset: int) -> None:
+    program = torch.onnx.export(
+        model, (example,), None, dynamo=True, opset_version=opset, verbose=False,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: "batch"},),
+    )
+    program.model.metadata_props[META_KEY] = json.dumps(meta)
+    program.model.doc_string = "leukodetect: P(blast) for normalised blood-cell images; see metadata 'leukodetect'."
+    program.save(path, external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    """torch 2.14 marks torch.jit as deprecated; TorchScript is still what C++ and mobile runtimes load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+        yield
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
+    with _quiet_jit():
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
+
+
+def _reload(path: Path, fmt: str) -> ExportedClassifier:
+    """Open an exported file, metadata first, so a file without it is refused before it runs."""
+    if fmt == "onnx":
+        session = _onnx_session(path)
+        meta = _check_meta(path, session.get_modelmeta().custom_metadata_map.get(META_KEY))
+        return ExportedClassifier(path, meta, session=session)
+    meta = _torchscript_meta(path)
+    try:
+        with _quiet_jit():
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        raise _not_exported(path, f"torch.jit.load failed: {type(exc).__name__}") from None
+    return ExportedClassifier(path, meta, module=module)
+
+
+def _not_exported(path: Path, why: str) -> BadCheckpointError:
+    return BadCheckpointError(
+        f"{path} is not a model exported by 'leukodetect export' ({why}): export a best.pt with "
+        "'leukodetect export', or pass a best.pt with --checkpoint."
+    )
+
+
+def _check_meta(path: Path, text: str | None) -> dict[str, Any]:
+    if not text:
+        raise _not_exported(path, "no leukodetect metadata")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        raise _not_exported(path, "its leukodetect metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise _not_exported(path, "unknown metadata format")
+    missing = [key for key in META_REQUIRED if key not in meta]
+    if missing:
+        raise _not_exported(path, f"its metadata lacks {', '.join(missing)}")
+    if meta.get("format_version", 0) > META_FORMAT_VERSION:
+        raise BadCheckpointError(f"{path} was exported by a newer leukodetect: upgrade leukodetect to run it.")
+    return meta
+
+
+def _onnx_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as PyTorch
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own exception types for unreadable files
+        raise _not_exported(path, f"ONNX Runtime cannot read it: {type(exc).__name__}") from None
+
+
+def _torchscript_meta(path: Path) -> dict[str, Any]:
+    # Read the metadata from the zip archive before torch.jit.load, which would run the archive's code.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{EXTRA_FILE}")]
+            text = archive.read(names[0]).decode("utf-8") if names else None
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError):
+        raise _not_exported(path, "not a TorchScript archive") from None
+    return _check_meta(path, text)
+
+
+class ExportedClassifier(ImageClassifier):
+    """An exported file ready for inference, with the preprocessing and threshold stored in it.
+
+    ONNX files run in ONNX Runtime on the CPU; TorchScript files with ``torch.jit.load`` on the CPU.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], *, session=None, module: nn.Module | None = None) -> None:
+        if (session is None) == (module is None):
+            raise ValueError("pass exactly one of an ONNX Runtime session or a TorchScript module")
+        self.path, self.meta = Path(path), meta
+        self.format = "onnx" if session is not None else "torchscript"
+        self._session, self._module = session, module
+        self.preset = EvalPreset(image_size=int(meta["image_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+        self.threshold = float(meta["threshold"])
+        self.temperature = float(meta["temperature"])
+        self.class_names = list(meta["class_names"])
+
+    @classmethod
+    def from_file(cls, path: Path) -> ExportedClassifier:
+        """Open an ``.onnx`` or TorchScript file written by :func:`export_model`.
+
+        The format is told by content (a TorchScript archive is a zip file, ONNX is not).
+
+        Raises:
+            BadCheckpointError: the file is missing, unreadable or lacks leukodetect metadata.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise BadCheckpointError(f"Exported model {path} does not exist: check the path given to --model.")
+        fmt = "torchscript" if zipfile.is_zipfile(path) else "onnx"
+        return _reload(path, fmt)
+
+    @torch.no_grad()
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Blast probability for a preprocessed batch (N, 3, S, S); temperature applied in the graph."""
+        x = batch.detach().to("cpu", torch.float32).contiguous()
+        if self._session is not None:
+            return self._session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        return self._module(x).numpy()

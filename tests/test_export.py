@@ -1,0 +1,137 @@
+"""Export to ONNX and TorchScript: self-checked, metadata stored and read back, same calls as PyTorch."""
+
+import json
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leukodetect.cli import app
+from leukodetect.config import RunConfig
+from leukodetect.data.indexers import index_dataset
+from leukodetect.errors import LeukoError
+from leukodetect.export import DEFAULT_ATOL, EXTRA_FILE, META_KEY, ExportedClassifier, export_model
+from leukodetect.inference import Classifier
+from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.training.fit import train_model
+
+runner = CliRunner()
+PREPROCESSING = ("arch", "class_names", "image_size", "mean", "std", "threshold", "temperature")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_tree, tmp_path_factory):
+    """A tiny model trained for 2 epochs, given a non-trivial temperature and threshold."""
+    root = tmp_path_factory.mktemp("export")
+    cfg = RunConfig()
+    cfg.data.image_size, cfg.model.arch = 24, "tiny"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.device = 2, 8, 0.01, "cpu"
+    records = index_dataset(tiny_tree, "folders")
+    result = train_model(cfg, records, records[::3], root / "run", progress=False, log=lambda *_: None)
+    bundle = load_checkpoint(result.best_path)
+    bundle.update(temperature=1.7, threshold=0.45)
+    return save_checkpoint(bundle, root / "calibrated.pt")
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint):
+    """Both formats: ONNX through the command, TorchScript through the library."""
+    folder = checkpoint.parent
+    cli = invoke("export", "--checkpoint", checkpoint, "--format", "onnx", "--out", folder / "model.onnx", "--json")
+    assert cli.exit_code == 0, cli.output
+    ts = export_model(checkpoint, folder / "model.pt", fmt="torchscript")
+    return {"onnx": json.loads(cli.stdout), "torchscript": ts}
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.* is deprecated:FutureWarning")
+def test_export_checks_itself_and_stores_the_preprocessing(exported, checkpoint):
+    bundle = load_checkpoint(checkpoint)
+    for fmt, result in exported.items():
+        assert result["format"] == fmt and result["atol"] == DEFAULT_ATOL == 1e-4
+        assert 0 <= result["max_abs_diff"] <= result["atol"]
+    proto = onnx.load(exported["onnx"]["path"])
+    onnx_meta = json.loads({p.key: p.value for p in proto.metadata_props}[META_KEY])
+    extra = {EXTRA_FILE: ""}
+    torch.jit.load(exported["torchscript"]["path"], _extra_files=extra)
+    ts_meta = json.loads(extra[EXTRA_FILE])
+    for meta, fmt in ((onnx_meta, "onnx"), (ts_meta, "torchscript")):
+        assert {k: meta[k] for k in PREPROCESSING} == {k: bundle[k] for k in PREPROCESSING}
+        assert meta["model_format"] == fmt and meta["exported_with"]["leukodetect"] and meta["temperature"] == 1.7
+    # one input, one output, both with a dynamic batch axis
+    (inp,), (outp,) = proto.graph.input, proto.graph.output
+    assert inp.name == "image" and outp.name == "prob_blast"
+    assert inp.type.tensor_type.shape.dim[0].dim_param and [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [3, 24, 24]
+
+
+def test_exported_models_match_pytorch_on_real_images(exported, checkpoint, tiny_tree):
+    paths = sorted(tiny_tree.rglob("*.png"))
+    reference = Classifier.from_checkpoint(checkpoint, device="cpu", precision="fp32").predict_paths(paths, batch_size=7)
+    ref = np.array([p.prob_blast for p in reference])
+    assert ref.std() > 0.01  # a trained model, not a constant 0.5
+    for fmt, result in exported.items():
+        clf = ExportedClassifier.from_file(result["path"])
+        assert clf.format == fmt and clf.threshold == 0.45 and clf.preset.image_size == 24
+        preds = clf.predict_paths(paths, batch_size=5)  # batches of 5 and a last one of 4: dynamic batch
+        got = np.array([p.prob_blast for p in preds])
+        assert np.max(np.abs(got - ref)) <= DEFAULT_ATOL, fmt
+        clear = np.abs(ref - 0.45) > DEFAULT_ATOL
+        assert [p.label for p, c in zip(preds, clear) if c] == [p.label for p, c in zip(reference, clear) if c]
+
+
+def test_predict_with_an_exported_model_gives_the_checkpoints_calls(exported, checkpoint, tiny_tree):
+    def rows(*option):
+        result = invoke("predict", tiny_tree / "blast", *option, "--json")
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+    by_checkpoint, by_model = rows("--checkpoint", checkpoint), rows("--model", exported["onnx"]["path"])
+    assert [r["path"] for r in by_model] == [r["path"] for r in by_checkpoint] and len(by_model) == 15
+    for a, b in zip(by_checkpoint, by_model):
+        assert abs(a["prob_blast"] - b["prob_blast"]) <= DEFAULT_ATOL
+        assert a["label"] == b["label"] or abs(a["prob_blast"] - 0.45) <= DEFAULT_ATOL
+
+
+def test_export_refuses_to_overwrite(checkpoint, tmp_path):
+    target = tmp_path / "taken.onnx"
+    target.write_text("keep me")
+    result = invoke("export", "--checkpoint", checkpoint, "--format", "onnx", "--out", target)
+    assert result.exit_code == 2 and "taken.onnx already exists" in result.output and "--out" in result.output
+    assert target.read_text() == "keep me"
+
+
+def test_a_failed_check_leaves_no_file(checkpoint, tmp_path):
+    with pytest.raises(LeukoError, match="differs from PyTorch"):
+        export_model(checkpoint, tmp_path / "m.pt", fmt="torchscript", atol=-1.0)  # no difference passes
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_and_files_get_one_sentence(exported, checkpoint, tiny_tree, tmp_path):
+    image = tiny_tree / "blast" / "blast_01.png"
+    (tmp_path / "junk.onnx").write_text("junk")
+    proto = onnx.load(exported["onnx"]["path"])
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "bare.onnx")
+    with zipfile.ZipFile(tmp_path / "no_meta.pt", "w") as z:
+        z.writestr("m/data.pkl", b"")
+    cases = [
+        (("--model", tmp_path / "junk.onnx"), "junk.onnx is not a model exported by 'leukodetect export'"),
+        (("--model", tmp_path / "bare.onnx"), "bare.onnx is not a model exported by 'leukodetect export' (no leukodetect metadata)"),
+        (("--model", tmp_path / "no_meta.pt"), "no_meta.pt is not a model exported"),
+        (("--model", checkpoint), "calibrated.pt is not a model exported"),
+        (("--model", tmp_path / "missing.onnx"), "missing.onnx does not exist"),
+        ((), "exactly one of --checkpoint"),
+        (("--model", exported["onnx"]["path"], "--checkpoint", checkpoint), "exactly one of --checkpoint"),
+    ]
+    for option, phrase in cases:
+        result = invoke("predict", image, *option)
+        assert result.exit_code == 2 and phrase in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "--format onnx or --format torchscript" in invoke(
+        "export", "--checkpoint", checkpoint, "--format", "tflite", "--out", tmp_path / "m.tflite").output
