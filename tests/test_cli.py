@@ -174,3 +174,10 @@ def test_augment_command(tiny_tree, tmp_path):
 def test_models_lists_the_registry():
     result = invoke("models")
     assert "resnet50" in result.stdout and "vgg19" in result.stdout
+
+
+def test_relative_out_folder(tiny_tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--data", tiny_tree, "--out", "runs/rel", "--epochs", 1, *TINY)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "rel" / "test" / "report.html").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -352,6 +353,8 @@ def demo(
 
 
 def _print_result(result: dict, as_json: bool, report: dict, title: str, folds: dict | None = None) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return

@@ -47,7 +47,7 @@ def write_evaluation(
 
     Returns the metrics dict that was written to ``metrics.json``.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     y_true = np.asarray(y_true, dtype=int)
     prob = np.asarray(prob, dtype=float)

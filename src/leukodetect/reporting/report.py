@@ -134,7 +134,8 @@ def _relative_figures(out_dir: Path, figures: dict) -> list[tuple[str, Path]]:
     out = []
     for caption, path in figures.items():
         path = Path(path)
-        full = path if path.is_absolute() else out_dir / path
+        # A relative path may be relative to the report folder or to the working directory.
+        full = path if path.is_absolute() or not (out_dir / path).is_file() else out_dir / path
         if not full.is_file():
             raise LeukoError(f"Figure file {full} does not exist; save the figure before writing the report.")
         try:

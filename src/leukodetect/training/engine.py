@@ -27,8 +27,14 @@ def train_one_epoch(
     channels_last: bool,
     desc: str = "train",
     progress: bool = True,
+    reduce_sum=None,
 ) -> tuple[float, float]:
-    """Returns mean loss and accuracy over the epoch's training images."""
+    """Returns mean loss and accuracy over the epoch's training images.
+
+    Args:
+        reduce_sum: in a distributed run, sums ``[loss * n, correct, n]`` over ranks so the figures
+            cover every rank's images (``DistContext.all_reduce_sum``); None for a single process.
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -47,6 +53,8 @@ def train_one_epoch(
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
+    if reduce_sum is not None:
+        total_loss, correct, seen = reduce_sum([total_loss, correct, seen])
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 

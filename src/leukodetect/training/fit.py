@@ -4,6 +4,16 @@ The run folder holds ``last.pt`` (full training state, rewritten atomically afte
 ``best.pt`` (the self-describing checkpoint with the lowest validation loss), ``history.json``
 and ``config.yaml``. Each epoch's shuffling and augmentation are seeded from ``(seed, epoch)``, so
 a resumed run continues exactly as the uninterrupted run would have.
+
+Under ``torchrun`` (see :mod:`.distributed`) the model is wrapped in DistributedDataParallel and
+``batch_size`` stays the *global* batch: each of the W ranks takes ``batch_size // W`` images. The
+shuffle is one global permutation per epoch (a ``DistributedSampler`` also with W = 1), rank r
+takes positions r, r+W, ..., so the union of the ranks' k-th batches is the single-process k-th
+batch; gradients are averaged over ranks and batch norm uses global-batch statistics, so a run on
+W ranks follows the single-process run up to float rounding. The one difference: when the training
+set is not a multiple of W, the last ``len % W`` images of each epoch's permutation are left out
+(padding with repeats would count them twice). Every rank scores the whole (small) validation set
+with identical weights, so all agree on the best epoch without communicating; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import RunConfig, save_config
 from ..data.dataset import ImageDataset
@@ -27,12 +38,17 @@ from ..models import create_model
 from ..utils import write_json
 from .checkpoint import load_checkpoint, make_bundle, save_checkpoint
 from .device import autocast_dtype, channels_last, resolve_device
+from .distributed import DistContext, sync_batch_norm
 from .engine import loss_and_accuracy, predict_logits, train_one_epoch
 
 OPTIMIZERS = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
     "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
 }
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: one report per run, not one per process."""
 
 
 @dataclass
@@ -51,18 +67,39 @@ def _make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return make(model.parameters(), cfg.train.lr, cfg.train.weight_decay)
 
 
-def _loader(ds, cfg: RunConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch)
+def local_batch_size(batch_size: int, ctx: DistContext) -> int:
+    """Each rank's share of the global ``--batch-size``."""
+    if batch_size % ctx.world_size:
+        raise LeukoError(
+            f"--batch-size {batch_size} is the global batch and must divide evenly over "
+            f"{ctx.world_size} processes: choose a multiple of {ctx.world_size}."
+        )
+    return batch_size // ctx.world_size
+
+
+def _train_loader(ds, cfg: RunConfig, ctx: DistContext, epoch: int) -> DataLoader:
+    """This rank's share of the epoch: one global permutation seeded by (seed, epoch), strided by rank."""
+    local_batch = local_batch_size(cfg.train.batch_size, ctx)
+    # drop_last trims the permutation to a multiple of the world size (a no-op for one process);
+    # the default, padding with repeated images, would count some images twice.
+    sampler = DistributedSampler(
+        ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.train.seed * 7919, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    used = len(sampler) * ctx.world_size
     return DataLoader(
         ds,
-        batch_size=cfg.train.batch_size,
-        shuffle=shuffle,
-        generator=gen if shuffle else None,
-        # A last batch of one image breaks batch norm; with shuffling each image still gets used.
-        drop_last=shuffle and len(ds) % cfg.train.batch_size == 1,
+        batch_size=local_batch,
+        sampler=sampler,
+        # A last global batch of one image breaks batch norm; with shuffling each image still gets used.
+        drop_last=used % cfg.train.batch_size == 1,
         num_workers=cfg.data.num_workers,
         persistent_workers=False,
     )
+
+
+def _eval_loader(ds, cfg: RunConfig) -> DataLoader:
+    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
 
 def train_model(
@@ -75,6 +112,7 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     log=print,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Train ``cfg.model.arch`` on ``train_records``, select the epoch by validation loss.
 
@@ -82,20 +120,31 @@ def train_model(
         trained_on: pixel hashes of the training and validation images, stored in the checkpoint.
         resume: continue from ``out_dir/last.pt``; without it an existing run is an error, so a
             finished run is never overwritten by accident.
+        dist: this process's place in a torchrun launch (:func:`.distributed.init_from_env`);
+            None for a single process. Every rank must call ``train_model`` with the same arguments.
     """
+    ctx = dist or DistContext()
+    local_batch_size(cfg.train.batch_size, ctx)
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if last_path.exists() and not resume:
+    # Rank 0's view of the folder decides for every rank, before any rank writes.
+    has_run = ctx.broadcast(last_path.exists())
+    if has_run and not resume:
         raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        log = _quiet
     torch.manual_seed(cfg.train.seed)
 
-    device = resolve_device(cfg.train.device)
+    device = ctx.device if ctx.distributed else resolve_device(cfg.train.device)
     amp_dtype = autocast_dtype(device, cfg.train.precision)
     use_cl = channels_last(device)
     size = cfg.data.image_size
 
-    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if has_run and resume and not last_path.exists():
+        raise LeukoError(f"Rank {ctx.rank} cannot see {last_path}: put the run folder on storage every node shares to resume.")
+    state = load_checkpoint(last_path) if resume and has_run else None
     base = ImageDataset(train_records, EvalPreset(image_size=size))
     if state is None:
         mean, std = channel_stats(base.base_image(i) for i in range(len(base)))
@@ -108,6 +157,8 @@ def train_model(
     model = create_model(cfg.model.arch, num_classes=2, weights=cfg.model.weights).to(device)
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
+    if ctx.distributed:
+        model = sync_batch_norm(model, device)
     optimizer = _make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
@@ -123,7 +174,13 @@ def train_model(
         start = state["epoch"] + 1
         if start <= cfg.train.epochs:
             log(f"Resuming {out_dir} at epoch {start} of {cfg.train.epochs}.")
-    save_config(cfg, out_dir / "config.yaml")
+    # ``model`` stays the plain module: it is what is evaluated and saved (no "module." prefix).
+    # DDP broadcasts rank 0's weights at construction and averages gradients over ranks.
+    ddp = model if not ctx.distributed else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    if ctx.is_main:
+        save_config(cfg, out_dir / "config.yaml")
     bundle_for = partial(
         make_bundle, arch=cfg.model.arch, image_size=size, mean=mean, std=std,
         config=cfg.to_dict(), trained_on=list(trained_on),
@@ -133,12 +190,14 @@ def train_model(
         t0 = time.perf_counter()
         train_ds.set_epoch(epoch)
         train_loss, train_acc = train_one_epoch(
-            model, _loader(train_ds, cfg, shuffle=True, epoch=epoch), optimizer, loss_fn,
+            ddp, _train_loader(train_ds, cfg, ctx, epoch), optimizer, loss_fn,
             device=device, amp_dtype=amp_dtype, scaler=scaler, channels_last=use_cl,
-            desc=f"epoch {epoch}/{cfg.train.epochs}", progress=progress,
+            desc=f"epoch {epoch}/{cfg.train.epochs}", progress=progress and ctx.is_main,
+            reduce_sum=ctx.all_reduce_sum if ctx.distributed else None,
         )
         scheduler.step()
-        logits, labels = predict_logits(model, _loader(val_ds, cfg, shuffle=False), device=device, amp_dtype=amp_dtype, channels_last=use_cl)
+        # The plain module, not the DDP wrapper: evaluation issues no collective calls.
+        logits, labels = predict_logits(model, _eval_loader(val_ds, cfg), device=device, amp_dtype=amp_dtype, channels_last=use_cl)
         val_loss, val_acc = loss_and_accuracy(logits, labels)
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
@@ -151,7 +210,10 @@ def train_model(
         score = val_loss if val_loss == val_loss else -epoch
         if score <= best_loss:
             best_loss, best_epoch = score, epoch
-            save_checkpoint(bundle_for(model, history=history, extra={"epoch": epoch}), best_path)
+            if ctx.is_main:
+                save_checkpoint(bundle_for(model, history=history, extra={"epoch": epoch}), best_path)
+        if not ctx.is_main:
+            continue
         save_checkpoint(
             bundle_for(model, history=history, extra={
                 "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -165,9 +227,10 @@ def train_model(
             f"val loss {row['val_loss'] if row['val_loss'] is not None else float('nan'):.4f} "
             f"acc {row['val_acc'] if row['val_acc'] is not None else float('nan'):.3f}  ({row['seconds']:.1f}s)"
         )
-    if start <= cfg.train.epochs:
+    if start <= cfg.train.epochs and ctx.is_main:
         # best.pt was written mid-run; give it the whole history so its training curves are complete.
         best = load_checkpoint(best_path)
         best["history"] = history
         save_checkpoint(best, best_path)
+    ctx.barrier()  # best.pt is complete before any rank goes on to use it
     return TrainResult(out_dir=out_dir, best_path=best_path, history=history, best_epoch=best_epoch)

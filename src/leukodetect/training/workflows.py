@@ -29,7 +29,7 @@ from ..evaluation.intervals import binary_report, summarize_folds
 from ..inference import Classifier
 from ..utils import write_json
 from . import distributed
-from .fit import train_model
+from .fit import local_batch_size, train_model
 
 
 @dataclass
@@ -151,6 +151,7 @@ def _quiet(*_args, **_kwargs) -> None:
 
 
 def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, resume: bool, progress: bool, command: str, log) -> dict:
+    local_batch_size(cfg.train.batch_size, ctx)  # before anything is written
     if ctx.broadcast((out_dir / "last.pt").exists()) and not resume:
         raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
     with ctx.main_first():  # the paper protocol writes its expanded images once, on rank 0
@@ -197,6 +198,7 @@ def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = Fals
 
 
 def _run_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, folds: int, resume: bool, progress: bool, command: str, log) -> dict:
+    local_batch_size(cfg.train.batch_size, ctx)
     if ctx.broadcast((out_dir / "cv_plan.json").exists()) and not resume:
         raise LeukoError(f"{out_dir} already holds a cross-validation run: pass --resume to continue it or choose another --out.")
     with ctx.main_first():
