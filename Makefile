@@ -25,6 +25,7 @@ demo: $(VENV)/.installed
 	$(BIN)/leukodetect demo
 
 test: $(VENV)/.installed-dev
+	sh scripts/install_browser.sh
 	MPLBACKEND=Agg $(BIN)/python -m pytest
 
 clean:

@@ -312,6 +312,108 @@ def export(
 
 @app.command()
 @_errors_to_exit
+def compare(
+    data: Path = DataOpt,
+    out_dir: Path = typer.Option(..., "--out", help="Comparison folder (rerun the same command to continue it)."),
+    archs: str = typer.Option("resnet50,googlenet,resnet101,resnet152,vgg16,vgg19", help="Comma-separated architectures."),
+    protocol: str = typer.Option("clean", help="clean, paper or both."),
+    folds: int = typer.Option(5),
+    epochs: Optional[int] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    group_by: Optional[str] = GroupByOpt,
+    allidb1: Optional[Path] = AllIdb1Opt,
+    fmt: Optional[str] = FormatOpt,
+    device: Optional[str] = typer.Option(None),
+    config: Optional[Path] = typer.Option(None, help="YAML with defaults (e.g. data: {paper_total: 2470})."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The paper's Table 2: cross-validate several architectures with the same folds and budget; one report."""
+    from .evaluation.compare import parse_archs, parse_protocols, run_comparison
+    from .reporting.report import format_value
+
+    cfg = _config(config, path=data, format=fmt, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+                  seed=seed, group_by=group_by, allidb1=allidb1, device=device)
+    result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocol), folds=folds,
+                            command=_command_line(), progress=_progress(), log=_log)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    table = Table("protocol", "architecture", "accuracy", "sensitivity", "specificity", "ROC AUC", title="Pooled out-of-fold (95% CI in the report)")
+    for r in result["runs"]:
+        table.add_row(r["protocol"], r["arch"], *(format_value(n, r["pooled"][n]["value"]) for n in ("accuracy", "sensitivity", "specificity", "roc_auc")))
+    out.print(table)
+    out.print(f"Report: {result['report'][1]}")
+
+
+@app.command()
+@_errors_to_exit
+def serve(
+    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train, cv or calibrate (required: no default model is shipped yet)."),
+    detector_checkpoint: Optional[Path] = typer.Option(None, help="Whole-smear detector for /v1/analyze (needs the detection module)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback exposes the service to the network."),
+    port: int = typer.Option(8000),
+    threads: Optional[int] = typer.Option(None, help="PyTorch threads for inference (default: all cores; 1 on a machine busy with other jobs)."),
+):
+    """The lab service: web page at /, HTTP API at /v1 (see /docs), one model loaded once."""
+    from .serving import serve as run_service
+
+    run_service(checkpoint, detector_checkpoint=detector_checkpoint, host=host, port=port, threads=threads, log=_log)
+
+
+@app.command()
+@_errors_to_exit
+def detect(
+    image_or_dir: Path = typer.Argument(..., help="A smear photograph or a folder of them."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A crop classifier best.pt (from detect-eval); without it cells are located only."),
+    out_dir: Path = typer.Option(Path("detections"), "--out", help="Folder for the overlay, gallery and JSON of each image (never overwritten)."),
+    review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
+    review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
+    as_json: bool = typer.Option(False, "--json", help="Print each image's result as a JSON line."),
+):
+    """Whole-smear detection: find white cells, classify each crop, count blasts, draw an overlay."""
+    from .detection.pipeline import run_detect
+
+    rows = run_detect(image_or_dir, checkpoint, out_dir, review_band=(review_low, review_high), progress=_progress(), log=_log)
+    for r in rows:
+        if as_json:
+            print(json.dumps({k: v for k, v in r.items() if k != "cells"} | {"cells": r.get("cells", [])}))
+        elif "error" not in r:
+            out.print(f"{r['image']}: {r['verdict']}, {r['n_blast']} blast / {r['n_cells']} white cells ({r['timing']['total_s']:.1f}s)", highlight=False)
+    if not as_json:
+        out.print(f"Outputs in {out_dir}.")
+    if all("error" in r for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command("detect-eval")
+@_errors_to_exit
+def detect_eval(
+    data: Path = DataOpt,
+    out_dir: Path = typer.Option(..., "--out", help="New folder for crops, fold models, metrics.json and report.md."),
+    folds: int = typer.Option(5, help="Folds, split by photograph."),
+    epochs: int = typer.Option(10),
+    image_size: int = typer.Option(64, help="Crop classifier input size."),
+    arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
+    batch_size: int = typer.Option(32),
+    locate_only: bool = typer.Option(False, help="Score localisation only (no classifier): fast."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
+    from .detection.evaluate import DetectEvalConfig, run_detect_eval
+
+    cfg = DetectEvalConfig(folds=folds, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only)
+    metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
+    if as_json:
+        print(json.dumps(metrics, indent=2, default=str))
+    else:
+        out.print((out_dir / "report.md").read_text(), highlight=False)
+
+
+@app.command()
+@_errors_to_exit
 def models():
     """List the registered architectures."""
     from .models import get_spec, list_models

@@ -1,0 +1,278 @@
+"""Evaluate whole-smear detection on ALL-IDB1: localisation, cell detection and photograph verdicts.
+
+``run_detect_eval`` splits the photographs into folds (stratified by photograph label, whole
+groups, the duplicate Im093_0 == Im108_0 kept together); for each fold it trains the crop
+classifier on crops of the training photographs only (:mod:`.crops`) and runs the full pipeline on
+the held-out photographs. With ``locate_only`` no classifier is trained and only localisation is
+scored, on every photograph.
+
+Definitions (all radii in red-cell diameters d measured on the photograph itself):
+
+* blast localisation recall: annotated blasts with a located cell (any call) within 0.5 d,
+  one-to-one (Hungarian assignment);
+* white-cell localisation (Im001_1..Im010_1, whose masks exist): a located centroid inside a mask
+  region hits it, each region counts once; recall = regions hit / regions; precision = located
+  cells inside some region / located cells (a second cell inside a region of touching cells is
+  not a false positive, because the mask merges touching cells);
+* blast detection: cells called blast vs annotated blasts within 0.5 d, one-to-one; a blast call on
+  anything else (smudge cells included) is a false positive;
+* photograph level: positive = ALL; ``review`` verdicts are counted as ALL (a smear flagged for
+  review goes to a person), and also reported on their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+
+from ..config import RunConfig
+from ..data.indexers import index_dataset
+from ..data.io import open_rgb
+from ..data.split import holdout_indices, kfold_indices
+from ..errors import BadImageError, LeukoError
+from ..evaluation.intervals import wilson_interval
+from ..utils import atomic_write_text, environment_facts, write_json
+from .crops import CropConfig, crop_records, write_crops
+from .locate import LocateParams
+from .match import detection_scores, match_points, match_to_regions
+from .pipeline import VerdictRule, analyze
+
+MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
+
+
+@dataclass(kw_only=True)
+class DetectEvalConfig:
+    """Settings of ``leukodetect detect-eval``."""
+
+    folds: int = 5
+    seed: int = 0
+    arch: str = "resnet50"
+    epochs: int = 10
+    image_size: int = 64
+    batch_size: int = 32
+    lr: float = 1e-3
+    val_fraction: float = 0.15
+    radius: float = 0.5
+    review_band: tuple[float, float] = (0.3, 0.7)
+    min_blasts: int = 1
+    locate_only: bool = False
+    crop: CropConfig = field(default_factory=CropConfig)
+    locate: LocateParams = field(default_factory=LocateParams)
+
+
+def find_masks(data: Path) -> Path | None:
+    """The white-cell mask folder beside an ALL-IDB1 folder, if present."""
+    data = Path(data).resolve()
+    for base in (data, *data.parents[:3]):
+        if (base / MASKS).is_dir():
+            return base / MASKS
+    return None
+
+
+def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
+    """Per-photograph scores from one pipeline result (see the module docstring)."""
+    d = result["rbc_diameter"]
+    cells = result["cells"]
+    xy = [(c["x"], c["y"]) for c in cells]
+    blasts = list(record.blasts or ())
+    loc = match_points(xy, blasts, radius * d)
+    called = [(c["x"], c["y"]) for c in cells if c["call"] == "blast"]
+    det = match_points(called, blasts, radius * d)
+    row = {
+        "photo": record.path.stem, "label": record.label, "group": record.group, "width": result["width"],
+        "rbc_diameter": d, "n_cells": result["n_cells"], "n_annotated_blasts": len(blasts),
+        "blast_loc_tp": loc.tp, "blast_det_tp": det.tp, "blast_det_fp": det.fp, "blast_det_fn": det.fn,
+        "n_blast": result["n_blast"], "n_review": result["n_review"], "verdict": result["verdict"],
+        "seconds": result["timing"]["total_s"] + result.get("read_s", 0.0),
+    }
+    mask_file = masks / f"{record.path.stem}_WBCs.tif" if masks else None
+    if mask_file is not None and mask_file.is_file():
+        regions, _ = ndi.label(np.asarray(Image.open(mask_file)).astype(bool))
+        row["mask"] = match_to_regions(xy, regions)
+    return row
+
+
+def _prop(k: int, n: int) -> dict:
+    low, high = wilson_interval(k, n)
+    return {"value": k / n if n else None, "k": k, "n": n, "ci_low": None if n == 0 else low, "ci_high": None if n == 0 else high}
+
+
+def aggregate(rows: list[dict], *, classified: bool) -> dict:
+    """Pool per-photograph rows into the metrics of ``metrics.json``."""
+    n_blasts = sum(r["n_annotated_blasts"] for r in rows)
+    seconds = np.array([r["seconds"] for r in rows])
+    out = {
+        "photographs": len(rows),
+        "blast_localisation_recall": _prop(sum(r["blast_loc_tp"] for r in rows), n_blasts),
+        "seconds_per_photograph": {"median": float(np.median(seconds)), "mean": float(seconds.mean()), "max": float(seconds.max())},
+    }
+    masked = [r["mask"] for r in rows if "mask" in r]
+    if masked:
+        inside = sum(m["tp"] + m["extra"] for m in masked)
+        out["white_cell_localisation"] = {
+            "photographs": len(masked),
+            "recall": _prop(sum(m["tp"] for m in masked), sum(m["regions"] for m in masked)),
+            "precision": _prop(inside, sum(m["detections"] for m in masked)),
+            "extra_in_merged_regions": sum(m["extra"] for m in masked),
+        }
+    if classified:
+        tp, fp, fn = (sum(r[f"blast_det_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
+        out["blast_detection"] = {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn),
+                                  "recall_ci": _prop(tp, tp + fn), "precision_ci": _prop(tp, tp + fp)}
+        pos = [r for r in rows if r["label"] == 1]
+        neg = [r for r in rows if r["label"] == 0]
+        flagged = lambda r: r["verdict"] in ("ALL", "review")  # noqa: E731
+        out["photograph"] = {
+            "review_counted_as": "ALL",
+            "accuracy": _prop(sum(flagged(r) == (r["label"] == 1) for r in rows), len(rows)),
+            "sensitivity": _prop(sum(flagged(r) for r in pos), len(pos)),
+            "specificity": _prop(sum(not flagged(r) for r in neg), len(neg)),
+            "verdicts": {v: {"ALL_photographs": sum(r["verdict"] == v for r in pos), "healthy_photographs": sum(r["verdict"] == v for r in neg)}
+                         for v in ("ALL", "review", "healthy")},
+        }
+    return out
+
+
+def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_dir: Path, progress: bool, log):
+    """Train the crop classifier on the training photographs' crops; return the Classifier."""
+    from ..inference import Classifier
+    from ..training.checkpoint import load_checkpoint, save_checkpoint
+    from ..training.fit import train_model
+
+    labels = np.array([r.label for r in train_photos])
+    groups = np.array([r.group for r in train_photos])
+    tr, va = holdout_indices(labels, groups, fraction=cfg.val_fraction, seed=cfg.seed)
+    run = RunConfig()
+    run.data.path, run.data.format, run.data.image_size = str(manifest), "manifest", cfg.image_size
+    run.model.arch = cfg.arch
+    run.train.epochs, run.train.batch_size, run.train.lr, run.train.seed = cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed
+    run.validate()
+    stems = lambda idx: {train_photos[i].path.stem for i in idx}  # noqa: E731
+    train_crops, val_crops = crop_records(manifest, stems(tr)), crop_records(manifest, stems(va))
+    log(f"  training on {len(train_crops)} crops of {len(tr)} photographs, validating on {len(val_crops)} crops of {len(va)}.")
+    # An interrupted fold continues from its last finished epoch when the command is run again.
+    resume = (fold_dir / "model" / "last.pt").exists()
+    result = train_model(run, train_crops, val_crops, fold_dir / "model", resume=resume, progress=progress, log=log)
+    bundle = load_checkpoint(result.best_path)
+    # The scale travels with the checkpoint: detection crops at the scale it was trained on.
+    bundle["detection"] = {"crop_factor": cfg.crop.crop_factor, "crop_size": cfg.crop.size, "locate": asdict(cfg.locate)}
+    save_checkpoint(bundle, result.best_path)
+    return Classifier.from_checkpoint(result.best_path, device="cpu")
+
+
+def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log) -> list[dict]:
+    rows = []
+    for record in records:
+        t0 = time.perf_counter()
+        try:
+            image = open_rgb(record.path)
+        except BadImageError as exc:
+            log(f"skipped: {exc}")
+            continue
+        read_s = time.perf_counter() - t0
+        result = analyze(image, classifier, review_band=cfg.review_band, rule=VerdictRule(min_blasts=cfg.min_blasts), params=cfg.locate)
+        result["read_s"] = read_s
+        rows.append(photo_row(record, result, masks, cfg.radius))
+    return rows
+
+
+def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEvalConfig(), *, progress: bool = False,
+                    command: str = "", log=print) -> dict:
+    """Cross-validated evaluation of the whole-smear pipeline on ALL-IDB1; writes metrics.json and report.md."""
+    out_dir = Path(out_dir)
+    if (out_dir / "metrics.json").exists():
+        raise LeukoError(f"{out_dir} already holds a detection evaluation; choose another --out or delete it.")
+    records = index_dataset(data, "allidb1")
+    masks = find_masks(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if cfg.locate_only:
+        for i, record in enumerate(records):
+            rows += _analyze_photos([record], None, cfg, masks, log)
+            if progress and (i + 1) % 10 == 0:
+                log(f"  located {i + 1}/{len(records)} photographs")
+    else:
+        manifest = out_dir / "crops" / "manifest.csv"
+        if not manifest.exists():
+            write_crops(records, out_dir / "crops", cfg.crop, params=cfg.locate, progress=progress, log=log)
+        groups_of = json.loads((out_dir / "crops" / "crops.json").read_text())["groups"]
+        records = [r for r in records if r.path.stem in groups_of]
+        groups = np.array([groups_of[r.path.stem] for r in records])
+        labels = np.array([r.label for r in records])
+        from dataclasses import replace
+
+        records = [replace(r, group=g) for r, g in zip(records, groups)]
+        for k, (train, test) in enumerate(kfold_indices(labels, groups, folds=cfg.folds, seed=cfg.seed)):
+            fold_dir = out_dir / f"fold_{k}"
+            done = fold_dir / "rows.json"
+            if done.exists():
+                log(f"Fold {k + 1}/{cfg.folds}: already finished, reusing it.")
+                rows += json.loads(done.read_text())
+                continue
+            log(f"Fold {k + 1}/{cfg.folds}: {len(train)} training and {len(test)} held-out photographs.")
+            classifier = _train_fold(cfg, manifest, [records[i] for i in train], fold_dir, progress, log)
+            fold_rows = [{**r, "fold": k} for r in _analyze_photos([records[i] for i in test], classifier, cfg, masks, log)]
+            write_json(done, fold_rows)
+            rows += fold_rows
+    metrics = {
+        "data": str(data), "command": command, "config": asdict(cfg), "environment": environment_facts(),
+        "radius_in_rbc_diameters": cfg.radius, **aggregate(rows, classified=not cfg.locate_only),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    _write_rows(out_dir / "photographs.csv", rows)
+    atomic_write_text(out_dir / "report.md", report_markdown(metrics))
+    return metrics
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    flat = [{k: v for k, v in r.items() if k != "mask"} | {f"mask_{k}": v for k, v in r.get("mask", {}).items()} for r in rows]
+    names = list(dict.fromkeys(k for r in flat for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    writer.writerows(flat)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _fmt(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    return f"{entry['value']:.3f} ({entry['k']}/{entry['n']}; 95% CI {entry['ci_low']:.3f}-{entry['ci_high']:.3f})"
+
+
+def report_markdown(m: dict) -> str:
+    """A short Markdown report of ``metrics.json``."""
+    cfg = m["config"]
+    lines = [
+        "# Whole-smear detection on ALL-IDB1", "",
+        f"Command: `{m['command']}`  ", f"Machine: {m['environment'].get('machine', '')}  ",
+        f"Date: {m['environment'].get('date', '')}", "",
+        f"Matching radius: {m['radius_in_rbc_diameters']} x the photograph's measured red-cell diameter.", "",
+        "| metric | value |", "|---|---|",
+        f"| photographs | {m['photographs']} |",
+        f"| blast localisation recall | {_fmt(m['blast_localisation_recall'])} |",
+    ]
+    if "white_cell_localisation" in m:
+        w = m["white_cell_localisation"]
+        lines += [f"| white-cell localisation recall ({w['photographs']} masked photographs) | {_fmt(w['recall'])} |",
+                  f"| white-cell localisation precision | {_fmt(w['precision'])} |"]
+    if "blast_detection" in m:
+        b = m["blast_detection"]
+        lines += [f"| blast detection recall | {_fmt(b['recall_ci'])} |", f"| blast detection precision | {_fmt(b['precision_ci'])} |",
+                  f"| blast detection F1 | {b['f1']:.3f} (TP {b['tp']}, FP {b['fp']}, FN {b['fn']}) |" if b["f1"] is not None else "| blast detection F1 | n/a |"]
+        p = m["photograph"]
+        lines += [f"| photograph accuracy (review = ALL) | {_fmt(p['accuracy'])} |", f"| photograph sensitivity | {_fmt(p['sensitivity'])} |",
+                  f"| photograph specificity | {_fmt(p['specificity'])} |", "", f"Verdicts: {json.dumps(p['verdicts'])}", ""]
+        lines += [f"Classifier: {cfg['arch']}, {cfg['epochs']} epochs, {cfg['image_size']} px crops of side "
+                  f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}."]
+    s = m["seconds_per_photograph"]
+    lines += ["", f"Seconds per photograph (read + locate + classify): median {s['median']:.2f}, max {s['max']:.2f}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""Find white cells in a whole smear photograph with classical image processing.
+
+White cells (and smudge cells) take up the purple-blue nuclear stain: in an 8-bit RGB smear their
+blue channel is far above their green one, while red cells are pink (green low, blue about equal
+to green) and the empty slide is pale grey-green. So ``stain = B - G`` separates them with one
+Otsu threshold. Everything else is measured in units of the red-cell diameter of *this*
+photograph, because the two ALL-IDB1 cameras (and any other microscope) differ in magnification:
+
+1. Work on a downscaled copy (about 0.6 megapixels, finer when the red cells come out small) so a
+   2592x1944 photograph takes well under a second or two on two cores.
+2. Red-cell diameter: red cells absorb green light (haemoglobin), so ``G`` below an Otsu threshold
+   computed away from the stained pixels marks red cells; of that mask's connected components,
+   the round ones (solidity >= 0.93, i.e. isolated single red cells, not clumps) give a robust
+   median equivalent diameter. This number, ``rbc_diameter``, is the scale.
+3. White-cell mask: ``stain`` above Otsu (and at least 20 levels above its median, so a photograph
+   with no white cell does not threshold noise), closed, holes filled, opened with a disc of
+   0.15 scale, components smaller than ``min_area`` (0.3 red-cell areas: platelets are about 0.06)
+   dropped.
+4. Touching cells are separated by a watershed on a relief = depth inside the mask (distance
+   transform, in d) + the smoothed stain (0..1): the darker nuclei of touching cells stand apart
+   even where their outline has fused into one compact blob. Seeds are the relief's maxima at
+   least ``min_separation`` (0.4 scale) apart. (Tuned on 6 ALL photographs: blast localisation
+   recall 0.94 against 0.89 for a plain distance-transform watershed.)
+5. Regions between ``min_area`` and ``max_area`` (25 red-cell areas) are cells.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
+from skimage.measure import label, regionprops
+from skimage.morphology import disk
+from skimage.segmentation import watershed
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocateParams:
+    """Localisation settings; sizes are in red-cell diameters (d) or red-cell areas (A = pi d^2 / 4).
+
+    Attributes:
+        work_pixels: pixels of the downscaled working copy.
+        min_work_diameter: if the red cells come out smaller than this (pixels) in the working copy,
+            it is redone at a finer scale (large, low-magnification inputs).
+        min_stain_margin: the stain threshold is at least this far above the stain median.
+        min_area: smallest white cell, in A (platelets ~0.06 A, small lymphocytes ~0.7 A).
+        max_area: largest region kept, in A (a clump larger than this is debris or a smear edge).
+        min_separation: smallest distance between the centres of two touching cells, in d.
+        min_peak: smallest relief value of a cell seed.
+        stain_weight: weight of the smoothed stain (0..1) against the depth (in d) in the relief
+            the watershed floods; 0 is a plain distance-transform watershed.
+        stain_sigma: Gaussian smoothing of the stain, in d.
+        default_diameter: red-cell diameter (pixels of the input) assumed when too few round red
+            cells are found to measure it.
+    """
+
+    work_pixels: int = 600_000
+    min_work_diameter: float = 18.0
+    min_stain_margin: float = 20.0
+    min_area: float = 0.3
+    max_area: float = 25.0
+    min_separation: float = 0.4
+    min_peak: float = 0.3
+    stain_weight: float = 1.0
+    stain_sigma: float = 0.2
+    default_diameter: float = 75.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One located white cell, in pixels of the full-resolution input."""
+
+    x: float
+    y: float
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
+    area: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Localisation:
+    """What :func:`locate_cells` found in one photograph.
+
+    Attributes:
+        cells: the white cells, sorted top to bottom, left to right.
+        rbc_diameter: the measured red-cell diameter (full-resolution pixels): the scale.
+        rbc_count: how many round red cells the scale was measured on (0 = default used).
+        work_factor: the downscale factor of the working copy (working px per input px).
+        stain_threshold: the B - G threshold used.
+    """
+
+    cells: list[Cell]
+    rbc_diameter: float
+    rbc_count: int
+    work_factor: float
+    stain_threshold: float
+
+    def to_dict(self) -> dict:
+        return {
+            "rbc_diameter": self.rbc_diameter, "rbc_count": self.rbc_count,
+            "work_factor": self.work_factor, "stain_threshold": self.stain_threshold,
+            "cells": [c.to_dict() for c in self.cells],
+        }
+
+
+def as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """An RGB image as a (H, W, 3) uint8 array (no copy for an array)."""
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"Expected an 8-bit RGB image, got an array of shape {array.shape} and type {array.dtype}.")
+    return array
+
+
+def downscale(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """Area-averaged downscale by ``factor`` (<= 1)."""
+    if factor >= 1:
+        return rgb
+    height, width = rgb.shape[:2]
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def stain_channel(rgb: np.ndarray) -> np.ndarray:
+    """B - G as int16: high on the purple-blue nuclear stain, near zero or below elsewhere."""
+    return rgb[..., 2].astype(np.int16) - rgb[..., 1].astype(np.int16)
+
+
+def stain_mask(stain: np.ndarray, margin: float) -> tuple[np.ndarray, float]:
+    """Stained pixels: Otsu on ``stain``, raised to ``median + margin`` when Otsu falls below it."""
+    level = float(max(threshold_otsu(stain), np.median(stain) + margin))
+    return stain > level, level
+
+
+def measure_rbc_diameter(rgb: np.ndarray, stained: np.ndarray) -> tuple[float | None, int]:
+    """Median equivalent diameter (pixels of ``rgb``) of the isolated, round red cells.
+
+    Returns (diameter, count); diameter is None when fewer than 5 round red cells are found.
+    """
+    green = rgb[..., 1]
+    near_stain = cv2.dilate(stained.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    if near_stain.all():
+        return None, 0
+    dark = (green < threshold_otsu(green[~near_stain])) & ~near_stain
+    red = ndi.binary_fill_holes(dark)  # central pallor
+    red = cv2.morphologyEx(red.astype(np.uint8), cv2.MORPH_OPEN, disk(2).astype(np.uint8)).astype(bool)
+    diameters = [
+        region.equivalent_diameter_area
+        for region in regionprops(label(red))
+        if region.area >= 30 and region.solidity >= 0.93
+    ]
+    if len(diameters) < 5:
+        return None, len(diameters)
+    return float(np.median(diameters)), len(diameters)
+
+
+def white_cell_labels(stained: np.ndarray, diameter: float, params: LocateParams, stain: np.ndarray | None = None) -> np.ndarray:
+    """Label image of white cells in the working copy; ``diameter`` is the red-cell diameter there."""
+    rbc_area = math.pi * diameter**2 / 4
+    mask = cv2.morphologyEx(stained.astype(np.uint8), cv2.MORPH_CLOSE, disk(max(1, round(0.08 * diameter))).astype(np.uint8))
+    mask = ndi.binary_fill_holes(mask)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disk(max(1, round(0.15 * diameter))).astype(np.uint8))
+    labels, _ = ndi.label(mask)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= params.min_area * rbc_area
+    keep[0] = False
+    mask = keep[labels]
+    components, n = ndi.label(mask)
+    distance = ndi.distance_transform_edt(mask)
+    # The relief the watershed floods: depth inside the mask (in d) plus the smoothed stain
+    # (0..1 over the stained range). Touching cells can fuse into a compact blob whose distance
+    # transform has a single maximum; their darker nuclei still stand apart in the stain.
+    relief = distance / diameter
+    if stain is not None and n:
+        smooth = cv2.GaussianBlur(stain.astype(np.float32), (0, 0), max(0.5, params.stain_sigma * diameter))
+        low, high = np.percentile(smooth[mask], [5, 99])
+        relief = relief + params.stain_weight * np.clip((smooth - low) / max(high - low, 1e-6), 0, 1) * mask
+    seeds = peak_local_max(
+        relief, min_distance=max(1, round(params.min_separation * diameter)),
+        threshold_abs=params.min_peak, labels=components, exclude_border=False,
+    )
+    seeded = set(components[tuple(seeds.T)].tolist()) if len(seeds) else set()
+    unseeded = [k for k in range(1, n + 1) if k not in seeded]
+    extra = ndi.maximum_position(relief, components, unseeded) if unseeded else []
+    points = np.array([*map(tuple, seeds), *extra], dtype=int).reshape(-1, 2)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(points.T)] = np.arange(1, len(points) + 1)
+    return watershed(-relief, markers, mask=mask)
+
+
+def locate_cells(image: Image.Image | np.ndarray, params: LocateParams = LocateParams()) -> Localisation:
+    """Find the white cells of a smear photograph.
+
+    Args:
+        image: the full-resolution RGB photograph (PIL image or uint8 array).
+        params: thresholds, in units of the measured red-cell size.
+
+    Returns:
+        A :class:`Localisation` whose cells and scale are in full-resolution pixels.
+    """
+    rgb = as_array(image)
+    height, width = rgb.shape[:2]
+    factor = min(1.0, math.sqrt(params.work_pixels / (height * width)))
+    while True:
+        small = downscale(rgb, factor)
+        stain = stain_channel(small)
+        stained, level = stain_mask(stain, params.min_stain_margin)
+        measured, count = measure_rbc_diameter(small, stained)
+        diameter = measured if measured is not None else params.default_diameter * factor
+        if diameter >= params.min_work_diameter or factor >= 1:
+            break
+        factor = min(1.0, factor * params.min_work_diameter * 1.2 / diameter)
+    labels = white_cell_labels(stained, diameter, params, stain)
+    rbc_area = math.pi * diameter**2 / 4
+    cells = []
+    for region in regionprops(labels):
+        if not params.min_area * rbc_area <= region.area <= params.max_area * rbc_area:
+            continue
+        y, x = region.centroid
+        y0, x0, y1, x1 = region.bbox
+        cells.append(Cell(
+            x=round(x / factor, 1), y=round(y / factor, 1),
+            box=(int(x0 / factor), int(y0 / factor), min(width, math.ceil(x1 / factor)), min(height, math.ceil(y1 / factor))),
+            area=round(region.area / factor**2, 1),
+        ))
+    cells.sort(key=lambda c: (c.y, c.x))
+    return Localisation(
+        cells=cells, rbc_diameter=round(diameter / factor, 2), rbc_count=count,
+        work_factor=round(factor, 5), stain_threshold=level,
+    )

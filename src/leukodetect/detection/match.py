@@ -1,0 +1,109 @@
+"""Match detected cells to annotations: pure functions over point sets and label images.
+
+Points are matched one to one by the Hungarian algorithm on Euclidean distances
+(:func:`scipy.optimize.linear_sum_assignment`); an assigned pair farther apart than the radius is
+rejected, so each annotation is found at most once and each detection counts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+
+
+@dataclass(frozen=True)
+class Matching:
+    """The outcome of matching detections to annotations.
+
+    Attributes:
+        pairs: (detection index, annotation index) of every accepted pair, sorted by detection.
+        distances: the distance of each pair, in the order of ``pairs``.
+        tp: accepted pairs; fp: detections left unmatched; fn: annotations left unmatched.
+    """
+
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    distances: list[float] = field(default_factory=list)
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    @property
+    def matched_detections(self) -> set[int]:
+        return {d for d, _ in self.pairs}
+
+    @property
+    def matched_annotations(self) -> set[int]:
+        return {a for _, a in self.pairs}
+
+
+def _points(points: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    return np.asarray(points, dtype=float).reshape(-1, 2)
+
+
+def match_points(detected, annotated, radius: float) -> Matching:
+    """One-to-one matching of detected to annotated centroids within ``radius`` (same units).
+
+    The assignment minimises the total distance over all pairs; pairs farther than ``radius``
+    are then rejected (their detection becomes a false positive, their annotation a miss).
+    """
+    det, ann = _points(detected), _points(annotated)
+    if len(det) == 0 or len(ann) == 0:
+        return Matching(tp=0, fp=len(det), fn=len(ann))
+    distance = cdist(det, ann)
+    # Distances beyond the radius are made prohibitive, so the assignment never trades a valid
+    # pair for an invalid one merely because the invalid one is shorter in total.
+    cost = np.where(distance <= radius, distance, radius * 1e6 + distance)
+    rows, cols = linear_sum_assignment(cost)
+    keep = distance[rows, cols] <= radius
+    order = np.argsort(rows[keep])
+    pairs = [(int(r), int(c)) for r, c in zip(rows[keep][order], cols[keep][order])]
+    tp = len(pairs)
+    return Matching(
+        pairs=pairs, distances=[float(distance[r, c]) for r, c in pairs],
+        tp=tp, fp=len(det) - tp, fn=len(ann) - tp,
+    )
+
+
+def match_to_regions(detected, regions: np.ndarray) -> dict[str, int]:
+    """Match detected centroids (x, y) to the connected components of a label image.
+
+    A detection inside a region hits it; each region is matched at most once. Annotated masks
+    merge touching cells into one region, so a second detection inside an already-hit region is
+    counted as ``extra``, not as a false positive: splitting touching cells is right.
+
+    Returns:
+        {"tp": regions hit, "fn": regions missed, "fp": detections outside every region,
+        "extra": further detections inside an already-hit region, "regions", "detections"}.
+    """
+    det = _points(detected)
+    n_regions = int(regions.max()) if regions.size else 0
+    height, width = regions.shape
+    hit: set[int] = set()
+    fp = extra = 0
+    for x, y in det:
+        col, row = int(round(x)), int(round(y))
+        k = int(regions[row, col]) if 0 <= row < height and 0 <= col < width else 0
+        if k == 0:
+            fp += 1
+        elif k in hit:
+            extra += 1
+        else:
+            hit.add(k)
+    return {"tp": len(hit), "fn": n_regions - len(hit), "fp": fp, "extra": extra, "regions": n_regions, "detections": len(det)}
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def detection_scores(tp: int, fp: int, fn: int) -> dict[str, float | None]:
+    """Recall TP/(TP+FN), precision TP/(TP+FP) and F1 2TP/(2TP+FP+FN); None where undefined."""
+    return {
+        "recall": _ratio(tp, tp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }

@@ -1,0 +1,284 @@
+"""Whole-smear detection: locate white cells, crop each at the classifier's scale, classify, count.
+
+``analyze`` is the library entry point (an image in memory, a result dict out); ``analyze_file``
+adds reading, the overlay and gallery PNGs and the JSON; ``detect_paths`` runs a list of files and
+skips unreadable ones. Crops are cut from the full-resolution image (localisation runs on a
+downscaled copy), with side ``crop_factor`` x the photograph's measured red-cell diameter, the
+scale the crop classifier was trained at (stored in its checkpoint under ``"detection"``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from ..data.io import open_rgb
+from ..errors import BadImageError, LeukoError
+from ..utils import atomic_write_text
+from .crops import DEFAULT_CROP_FACTOR, crop_around
+from .locate import LocateParams, as_array, locate_cells
+
+#: Box colours (RGB) by call.
+COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerdictRule:
+    """Photograph verdict from the per-cell calls.
+
+    ALL when at least ``min_blasts`` cells are confident blasts (P >= the band's top); healthy when
+    no cell is a blast or in the review band; review otherwise (some blast-like cells, too few or
+    too uncertain to decide). The default ``min_blasts = 1`` is set by the data: 7 of
+    ALL-IDB1's 49 ALL photographs hold a single annotated blast, so requiring two would cap the
+    photograph sensitivity at 42/49 = 86% before any classifier error.
+    """
+
+    min_blasts: int = 1
+
+    def __call__(self, n_blast: int, n_review: int) -> str:
+        if n_blast >= self.min_blasts:
+            return "ALL"
+        if n_blast + n_review == 0:
+            return "healthy"
+        return "review"
+
+
+def crop_factor_of(classifier) -> float:
+    """The crop side, in red-cell diameters, that ``classifier`` was trained on."""
+    bundle = getattr(classifier, "bundle", None) or {}
+    return float(bundle.get("detection", {}).get("crop_factor", DEFAULT_CROP_FACTOR))
+
+
+def call_of(prob: float | None, band: tuple[float, float]) -> str:
+    """blast (P >= hi), normal (P < lo), review in between; "cell" when unclassified."""
+    if prob is None:
+        return "cell"
+    lo, hi = band
+    return "blast" if prob >= hi else "normal" if prob < lo else "review"
+
+
+def classify_crops(classifier, crops: Sequence[np.ndarray], batch_size: int = 32) -> list[float]:
+    """Blast probability of each crop, with the classifier's own preprocessing."""
+    probs: list[float] = []
+    for start in range(0, len(crops), batch_size):
+        batch = torch.stack([classifier.preset(Image.fromarray(c)) for c in crops[start:start + batch_size]])
+        probs.extend(float(p) for p in classifier.probabilities(batch))
+    return probs
+
+
+def analyze(
+    image: Image.Image | np.ndarray,
+    classifier=None,
+    *,
+    review_band: tuple[float, float] = (0.3, 0.7),
+    rule: VerdictRule = VerdictRule(),
+    params: LocateParams = LocateParams(),
+    batch_size: int = 32,
+) -> dict:
+    """Detect and classify the white cells of one smear photograph.
+
+    Args:
+        image: full-resolution RGB photograph.
+        classifier: an :class:`~leukodetect.inference.ImageClassifier` trained on cell crops
+            (see :mod:`.crops`); None locates cells only (calls "cell", verdict "not classified").
+        review_band: (lo, hi): P(blast) >= hi is a blast, < lo normal, in between review.
+        rule: the photograph verdict rule.
+
+    Returns:
+        A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, call), counts, blast
+        fraction among the detected white cells, verdict and timing in seconds.
+    """
+    lo, hi = review_band
+    if not 0 <= lo <= hi <= 1:
+        raise LeukoError(f"Review band {review_band} must satisfy 0 <= lo <= hi <= 1.")
+    t0 = time.perf_counter()
+    rgb = as_array(image)
+    loc = locate_cells(rgb, params)
+    t1 = time.perf_counter()
+    factor = crop_factor_of(classifier) if classifier is not None else DEFAULT_CROP_FACTOR
+    side = factor * loc.rbc_diameter
+    probs: list[float | None] = [None] * len(loc.cells)
+    if classifier is not None and loc.cells:
+        size = classifier.preset.image_size
+        crops = [crop_around(rgb, c.x, c.y, side, size) for c in loc.cells]
+        probs = classify_crops(classifier, crops, batch_size)
+    t2 = time.perf_counter()
+    cells = [
+        {**c.to_dict(), "prob_blast": None if p is None else round(p, 5), "call": call_of(p, review_band)}
+        for c, p in zip(loc.cells, probs)
+    ]
+    counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal")}
+    height, width = rgb.shape[:2]
+    return {
+        "width": width, "height": height,
+        "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
+        "crop_factor": factor, "crop_side": round(side, 1),
+        "review_band": [lo, hi], "rule": asdict(rule),
+        "n_cells": len(cells), "n_blast": counts["blast"], "n_review": counts["review"], "n_normal": counts["normal"],
+        "blast_fraction": counts["blast"] / len(cells) if cells and classifier is not None else None,
+        "verdict": rule(counts["blast"], counts["review"]) if classifier is not None else "not classified",
+        "timing": {"locate_s": round(t1 - t0, 3), "classify_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3)},
+        "cells": cells,
+    }
+
+
+def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int = 2000) -> Image.Image:
+    """The photograph (downscaled to ``max_side``) with a box per cell coloured by call and P(blast)."""
+    rgb = as_array(image)
+    scale = min(1.0, max_side / max(rgb.shape[:2]))
+    canvas = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb.copy()
+    thick = max(1, round(max(canvas.shape[:2]) / 600))
+    for cell in result["cells"]:
+        x0, y0, x1, y1 = (round(v * scale) for v in cell["box"])
+        colour = COLOURS[cell["call"]]
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, thick)
+        if cell["prob_blast"] is not None:
+            cv2.putText(canvas, f"{cell['prob_blast']:.2f}", (x1 + 2, max(12, y0 + 12)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.4 * thick, colour, thick, cv2.LINE_AA)
+    header = f"{result['verdict']}: {result['n_blast']} blast, {result['n_review']} review, {result['n_cells']} white cells"
+    cv2.putText(canvas, header, (10, 30 * thick), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * thick, (0, 0, 0), thick + 1, cv2.LINE_AA)
+    return Image.fromarray(canvas)
+
+
+def draw_gallery(image: Image.Image | np.ndarray, result: dict, *, tile: int = 96, columns: int = 10) -> Image.Image:
+    """The cell crops as tiles, highest P(blast) first, each captioned with its P(blast) and call."""
+    rgb = as_array(image)
+    order = sorted(result["cells"], key=lambda c: -(c["prob_blast"] if c["prob_blast"] is not None else -1))
+    rows = max(1, -(-len(order) // columns))
+    caption = 14
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, cell in enumerate(order):
+        x, y = (i % columns) * tile, (i // columns) * (tile + caption)
+        sheet.paste(Image.fromarray(crop_around(rgb, cell["x"], cell["y"], result["crop_side"], tile)), (x, y))
+        text = cell["call"] if cell["prob_blast"] is None else f"{cell['prob_blast']:.2f} {cell['call']}"
+        draw.text((x + 3, y + tile), text, fill=COLOURS[cell["call"]])
+    if not order:
+        draw.text((5, 5), "no white cells found", fill=(0, 0, 0))
+    return sheet
+
+
+def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
+    """Where :func:`analyze_file` writes for ``image_path``."""
+    stem = Path(image_path).stem
+    return {"json": out_dir / f"{stem}.json", "overlay": out_dir / f"{stem}_overlay.png", "gallery": out_dir / f"{stem}_gallery.png"}
+
+
+def check_free(paths: Sequence[Path]) -> None:
+    """Refuse to overwrite: one sentence naming the first output that already exists."""
+    for path in paths:
+        if Path(path).exists():
+            raise LeukoError(f"{path} already exists; choose another --out folder or delete the old outputs first.")
+
+
+def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
+    """Analyse one image file and write its JSON, overlay PNG and gallery PNG into ``out_dir``.
+
+    Raises:
+        BadImageError: the file cannot be read (one sentence naming it).
+        LeukoError: an output already exists.
+    """
+    path = Path(path)
+    targets = output_paths(path, Path(out_dir))
+    check_free(list(targets.values()))
+    notes: list[str] = []
+    image = open_rgb(path, notes=notes)
+    result = {"image": str(path), **analyze(image, classifier, **kwargs), "notes": notes}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    draw_overlay(image, result).save(targets["overlay"])
+    draw_gallery(image, result).save(targets["gallery"])
+    result["outputs"] = {k: str(v) for k, v in targets.items()}
+    atomic_write_text(targets["json"], json.dumps(result, indent=2) + "\n")
+    return result
+
+
+SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "blast_fraction", "rbc_diameter", "total_s", "error")
+
+
+def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
+    """Analyse many files; an unreadable one is reported through ``log`` and skipped.
+
+    With more than one file a ``summary.csv`` (one row per file, errors included) is written too.
+    Nothing is overwritten: every output is checked before the first image is read.
+    """
+    out_dir = Path(out_dir)
+    summary = out_dir / "summary.csv"
+    check_free([summary] * (len(paths) > 1) + [p for path in paths for p in output_paths(path, out_dir).values()])
+    rows: list[dict] = []
+    for path in tqdm(paths, desc="detect", disable=not progress):
+        try:
+            result = analyze_file(path, classifier, out_dir, **kwargs)
+        except BadImageError as exc:
+            log(f"skipped: {exc}")
+            rows.append({"image": str(path), "error": str(exc)})
+            continue
+        rows.append(result)
+    if len(paths) > 1:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(summary, buffer.getvalue())
+    return rows
+
+
+def image_paths(image_or_dir: Path) -> list[Path]:
+    """The image itself, or the image files under a folder (sorted); one clear sentence otherwise."""
+    from ..data.io import IMAGE_SUFFIXES
+
+    image_or_dir = Path(image_or_dir)
+    if not image_or_dir.exists():
+        raise LeukoError(f"{image_or_dir} does not exist: pass a smear photograph or a folder of them.")
+    if image_or_dir.is_file():
+        return [image_or_dir]
+    paths = sorted(p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise LeukoError(f"{image_or_dir} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return paths
+
+
+def run_detect(image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
+    """``leukodetect detect``: load the classifier (if any) once, analyse every image, write outputs."""
+    paths = image_paths(image_or_dir)
+    classifier = None
+    if checkpoint is not None:
+        from ..inference import Classifier
+
+        classifier = Classifier.from_checkpoint(Path(checkpoint))
+    return detect_paths(paths, classifier, Path(out_dir), progress=progress, log=log, **kwargs)
+
+
+class Detector:
+    """The whole-smear detector served at ``/v1/analyze``: :func:`analyze` plus the overlay image."""
+
+    def __init__(self, classifier, **kwargs) -> None:
+        self.classifier = classifier
+        self.kwargs = kwargs
+
+    def analyze(self, image: Image.Image) -> dict:
+        result = analyze(image, self.classifier, **self.kwargs)
+        result["counts"] = {k: result[f"n_{k}"] for k in ("blast", "review", "normal")}
+        result["cells"] = [{**c, "label": c["call"]} for c in result["cells"]]
+        result["overlay"] = draw_overlay(image, result)
+        return result
+
+
+def load_detector(path: Path) -> Detector:
+    """A :class:`Detector` around the crop classifier checkpoint at ``path``."""
+    from ..inference import Classifier
+
+    return Detector(Classifier.from_checkpoint(Path(path)))

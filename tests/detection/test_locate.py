@@ -1,0 +1,51 @@
+"""The locator on a synthetic smear with known white cells, red cells and platelets."""
+
+import numpy as np
+
+from leukodetect.detection.crops import CropConfig, crop_around, label_points
+from leukodetect.detection.locate import LocateParams, locate_cells
+from leukodetect.detection.match import match_points
+from leukodetect.data.records import Record
+
+from .conftest import PLATELETS, RBC_D, WHITE, synthetic_smear
+
+
+def test_finds_the_three_white_cells_and_separates_the_touching_pair():
+    loc = locate_cells(synthetic_smear())
+    assert abs(loc.rbc_diameter - RBC_D) < 0.12 * RBC_D and loc.rbc_count >= 5
+    found = [(c.x, c.y) for c in loc.cells]
+    m = match_points(found, [(x, y) for x, y, _ in WHITE], radius=0.5 * RBC_D)
+    assert (m.tp, m.fp, m.fn) == (3, 0, 0), found  # touching pair split, no platelet, no red cell
+    for cell in loc.cells:
+        x0, y0, x1, y1 = cell.box
+        assert x0 <= cell.x <= x1 and y0 <= cell.y <= y1
+        assert 0.3 < cell.area / (np.pi * 45**2 / 4) < 1.5
+
+
+def test_scale_follows_magnification():
+    small = locate_cells(synthetic_smear())
+    big = np.repeat(np.repeat(synthetic_smear(), 2, axis=0), 2, axis=1)  # same smear, twice the magnification
+    loc = locate_cells(big, LocateParams(work_pixels=400 * 400))  # analysed at half size
+    assert abs(loc.rbc_diameter - 2 * small.rbc_diameter) < 0.1 * 2 * small.rbc_diameter
+    assert len(loc.cells) == 3
+
+
+def test_blank_slide_has_no_cells():
+    blank = np.full((300, 300, 3), (225, 222, 205), np.uint8)
+    blank = (blank + np.random.default_rng(0).normal(0, 3, blank.shape)).clip(0, 255).astype(np.uint8)
+    assert locate_cells(blank).cells == []
+
+
+def test_crop_is_square_and_padded_at_the_border():
+    rgb = synthetic_smear()
+    assert crop_around(rgb, 2, 2, 90, 32).shape == (32, 32, 3)
+    assert crop_around(rgb, 200, 200, 90, 96).shape == (96, 96, 3)
+
+
+def test_training_labels_drop_platelets_and_keep_unannotated_cells():
+    cells = np.array([(x, y) for x, y, _ in WHITE])
+    record = Record(path=None, label=1, group="g", blasts=((90.0, 90.0),), others=((250.0, 262.0), *PLATELETS))
+    points = label_points(record, cells, RBC_D, CropConfig())
+    kinds = sorted(kind for kind, *_ in points)
+    assert kinds == ["blast", "other", "unannotated"]  # the 3 platelets have no located cell
+    assert {(kind, label) for kind, label, *_ in points} == {("blast", 1), ("other", 0), ("unannotated", 0)}

@@ -1,0 +1,67 @@
+"""The whole-smear pipeline end to end with the tiny model: JSON, overlay, gallery, bad files."""
+
+import json
+
+from typer.testing import CliRunner
+
+from leukodetect.cli import app
+from leukodetect.detection.pipeline import VerdictRule, analyze, call_of
+from leukodetect.inference import Classifier
+
+from .conftest import synthetic_smear
+
+runner = CliRunner()
+
+
+def test_verdict_rule_and_calls():
+    rule = VerdictRule(min_blasts=1)
+    assert rule(1, 0) == "ALL" and rule(0, 0) == "healthy" and rule(0, 2) == "review"
+    assert VerdictRule(min_blasts=2)(1, 0) == "review" and VerdictRule(min_blasts=2)(1, 0) != "ALL"
+    assert [call_of(p, (0.3, 0.7)) for p in (0.1, 0.3, 0.69, 0.7, None)] == ["normal", "review", "review", "blast", "cell"]
+
+
+def test_analyze_counts_and_scales(crop_checkpoint):
+    clf = Classifier.from_checkpoint(crop_checkpoint, device="cpu")
+    result = analyze(synthetic_smear(), clf, review_band=(0.4, 0.6))
+    assert result["n_cells"] == 3 and len(result["cells"]) == 3
+    assert result["n_blast"] + result["n_review"] + result["n_normal"] == 3
+    assert result["crop_factor"] == 3.0 and abs(result["crop_side"] - 3 * result["rbc_diameter"]) < 0.1
+    assert result["verdict"] in ("ALL", "healthy", "review")
+    assert all(0 <= c["prob_blast"] <= 1 for c in result["cells"])
+    assert result["blast_fraction"] == result["n_blast"] / 3
+    json.dumps(result)  # JSON-ready
+
+
+def test_detect_command_writes_outputs_skips_bad_files_and_never_overwrites(crop_checkpoint, smear_png, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "smear.png").write_bytes(smear_png.read_bytes())
+    (folder / "broken.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["detect", str(folder), "--checkpoint", str(crop_checkpoint), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.output and "skipped" in result.output
+    for name in ("smear.json", "smear_overlay.png", "smear_gallery.png", "summary.csv"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "smear.json").read_text())
+    assert saved["n_cells"] == 3 and saved["image"].endswith("smear.png")
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("image,verdict") and len(summary) == 3
+    assert "not an image" in [line for line in summary if "broken" in line][0]
+
+    again = runner.invoke(app, ["detect", str(folder), "--checkpoint", str(crop_checkpoint), "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_detect_without_checkpoint_locates_only(smear_png, tmp_path):
+    result = runner.invoke(app, ["detect", str(smear_png), "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["verdict"] == "not classified" and row["n_cells"] == 3
+
+
+def test_detect_single_bad_file_fails_with_one_sentence(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    result = runner.invoke(app, ["detect", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "bad.png" in result.output and "Traceback" not in result.output

@@ -1,0 +1,111 @@
+"""The web page in a real browser: Playwright drives Debian's Chromium against the service on loopback.
+
+Chromium comes from the system (``scripts/install_browser.sh``), never from ``playwright install``;
+the test skips, saying why, only where that browser is missing or cannot start. Every request the
+page makes to anything but the service is blocked and recorded: the page and /docs must work offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from urllib.parse import urlparse
+
+import pytest
+
+from leukodetect.serving import create_app
+from leukodetect.serving.server import running
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing: run scripts/install_browser.sh as root (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        except sync_api.Error as exc:
+            pytest.skip(f"{CHROMIUM} could not be launched: {str(exc).splitlines()[0]}")
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def service(classifier):
+    with running(create_app(classifier)) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, service):
+    """A page that may talk to the service only; anything else is aborted and listed in page.outside."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.outside = []
+    host = urlparse(service).netloc
+
+    def only_loopback(route):
+        url = route.request.url
+        if urlparse(url).netloc == host or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            page.outside.append(url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.set_default_timeout(20_000)
+    yield page
+    context.close()
+
+
+def test_upload_a_cell_and_see_the_verdict(page, service, tiny_tree, tmp_path):
+    cell = tiny_tree / "blast" / "blast_01.png"
+    page.goto(service + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('tiny')")
+    assert "Research use only, not for diagnosis" in page.text_content("#intended-use")
+    assert page.is_disabled("#mode-smear")  # no detector loaded
+
+    page.set_input_files("#file-input", str(cell))
+    card = page.locator(".result[data-status=done]").first
+    card.wait_for()
+    assert card.locator("h2").text_content() == "blast_01.png"
+    verdict = card.locator(".verdict").text_content()
+    assert verdict.split()[0] in ("blast", "normal") and "%" in verdict
+    assert card.locator("img.overlay").get_attribute("src").startswith("data:image/png;base64,")
+
+    # Drag and drop a second image onto the drop zone, as a user would.
+    data = base64.b64encode((tiny_tree / "normal" / "normal_02.png").read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                      const dt = new DataTransfer();
+                      dt.items.add(new File([bytes], 'normal_02.png', { type: 'image/png' }));
+                      return dt; }""", data)
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    page.wait_for_function("document.querySelectorAll('.result[data-status=done]').length === 2")
+    assert page.is_visible("#download-json")
+
+    shot = tmp_path / "page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.outside == []
+
+
+def test_bad_file_shows_its_error(page, service, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    page.goto(service + "/")
+    page.set_input_files("#file-input", str(bad))
+    page.locator(".result[data-status=error]").wait_for()
+    assert "'notes.png'" in page.text_content(".result .error")
+
+
+def test_api_docs_render_offline(page, service):
+    page.goto(service + "/docs")
+    page.locator(".swagger-ui .opblock").first.wait_for()
+    assert page.locator(".swagger-ui .opblock").count() >= 4
+    assert page.outside == []
