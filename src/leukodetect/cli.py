@@ -174,7 +174,7 @@ def evaluate(
 @_errors_to_exit
 def predict(
     image_or_dir: Path = typer.Argument(..., help="An image or a folder of images."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train or cv."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train or cv (default: the shipped ResNet-50)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Instead of --checkpoint: a .onnx or TorchScript file from 'leukodetect export'."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout."),
     as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout."),
@@ -184,8 +184,8 @@ def predict(
     from .data.io import IMAGE_SUFFIXES
     from .inference import Classifier
 
-    if (checkpoint is None) == (model is None):
-        raise LeukoError("Pass exactly one of --checkpoint (a best.pt) or --model (a file from 'leukodetect export').")
+    if checkpoint is not None and model is not None:
+        raise LeukoError("Pass either --checkpoint (a best.pt) or --model (a file from 'leukodetect export'), not both.")
     if not image_or_dir.exists():
         raise LeukoError(f"{image_or_dir} does not exist: pass an image file or a folder of images.")
     paths = [image_or_dir] if image_or_dir.is_file() else sorted(
@@ -197,7 +197,9 @@ def predict(
 
         clf = ExportedClassifier.from_file(model)
     else:
-        clf = Classifier.from_checkpoint(checkpoint)
+        from .weights import resolve_checkpoint
+
+        clf = Classifier.from_checkpoint(resolve_checkpoint(checkpoint))
     preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress())
     if as_json:
         for p in preds:
@@ -246,15 +248,16 @@ def augment(
 @_errors_to_exit
 def explain(
     image: Path = typer.Argument(..., help="A cell image."),
-    checkpoint: Path = typer.Option(..., help="A best.pt from train or cv."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train or cv (default: the shipped ResNet-50)."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="PNG to write (must not exist; default IMAGE_gradcam.png beside the image)."),
     target_class: int = typer.Option(1, help="Class whose evidence is shown: 1 = blast, 0 = normal."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Grad-CAM overlay: the regions of the image that drove the model's score."""
     from .explain import explain_file
+    from .weights import resolve_checkpoint
 
-    result = explain_file(checkpoint, image, out_file, target_class=target_class)
+    result = explain_file(resolve_checkpoint(checkpoint), image, out_file, target_class=target_class)
     if as_json:
         print(json.dumps(result))
     else:
@@ -351,7 +354,7 @@ def compare(
 @app.command()
 @_errors_to_exit
 def serve(
-    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train, cv or calibrate (required: no default model is shipped yet)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train, cv or calibrate (default: the shipped ResNet-50)."),
     detector_checkpoint: Optional[Path] = typer.Option(None, help="Whole-smear detector for /v1/analyze (needs the detection module)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback exposes the service to the network."),
     port: int = typer.Option(8000),
@@ -410,6 +413,35 @@ def detect_eval(
         print(json.dumps(metrics, indent=2, default=str))
     else:
         out.print((out_dir / "report.md").read_text(), highlight=False)
+
+
+@app.command()
+@_errors_to_exit
+def benchmark(
+    archs: str = typer.Option("resnet50", help="Comma-separated architectures (see 'leukodetect models')."),
+    image_size: int = typer.Option(224),
+    batch_size: int = typer.Option(16, help="Training batch, as for train."),
+    steps: int = typer.Option(5, help="Timed training steps per path, after one warm-up step."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Images for the data-pipeline figures (default: the bundled sample)."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers for the data-pipeline figures."),
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time ONNX Runtime."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON to this file."),
+):
+    """Training, inference and data-pipeline speed of our paths against a naive float32 baseline."""
+    from .benchmark import BenchmarkConfig, render_benchmark, run_benchmark
+    from .utils import write_json
+
+    cfg = BenchmarkConfig(archs=tuple(a.strip() for a in archs.split(",") if a.strip()), image_size=image_size,
+                          batch_size=batch_size, steps=steps, data=str(data) if data else None, num_workers=workers, onnx=onnx)
+    result = run_benchmark(cfg, log=_log)
+    if out_file is not None:
+        write_json(out_file, result)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for table in render_benchmark(result):
+            out.print(table)
 
 
 @app.command()

@@ -17,21 +17,10 @@ LOOPBACK = "127.0.0.1"
 
 
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
-    """The checkpoint to serve: the one given, else the model shipped with leukodetect, if any.
+    """The checkpoint to serve: the one given, else the model shipped with leukodetect."""
+    from ..weights import resolve_checkpoint as resolve
 
-    Raises:
-        LeukoError: none given and none shipped.
-    """
-    if checkpoint is not None:
-        return Path(checkpoint)
-    import leukodetect
-
-    shipped = getattr(leukodetect, "default_model_path", None)  # a later release ships a default model
-    path = shipped() if shipped is not None else None
-    if path is None:
-        raise LeukoError("No model to serve: pass --checkpoint runs/NAME/best.pt (from 'leukodetect train'); "
-                         "this version of leukodetect ships no default model.")
-    return Path(path)
+    return resolve(checkpoint)
 
 
 def load_detector(path: Path):

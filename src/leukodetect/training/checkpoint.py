@@ -9,6 +9,7 @@ trained and validated on (so ``evaluate`` can refuse to score a model on its own
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,49 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> Path:
     return atomic_write(Path(path), lambda p: torch.save(obj, p))
 
 
+SAFETENSORS_KEY = "leukodetect"
+
+
+def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -> Path:
+    """Write a checkpoint as safetensors: weights (float16 when ``half``) plus the description as JSON.
+
+    Used for the shipped default model: half the size of a float32 .pt, and a format that holds
+    tensors and strings only.
+    """
+    from safetensors.torch import save_file
+
+    meta = {k: v for k, v in bundle.items() if k not in ("state_dict", "optimizer", "scheduler")}
+    tensors = {
+        k: (v.half() if half and v.is_floating_point() else v).contiguous()
+        for k, v in bundle["state_dict"].items()
+    }
+    return atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata={SAFETENSORS_KEY: json.dumps(meta)}))
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = (f.metadata() or {}).get(SAFETENSORS_KEY)
+        if meta is None:
+            raise BadCheckpointError(
+                f"{path} is a safetensors file without leukodetect's description: pass it with --weights "
+                "to start a new training run, or pass a leukodetect checkpoint."
+            )
+        obj = json.loads(meta)
+        # Computation runs in float32 whatever precision the weights were stored in.
+        obj["state_dict"] = {k: (t.float() if t.is_floating_point() else t) for k in f.keys() for t in [f.get_tensor(k)]}
+    return obj
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BadCheckpointError(f"Checkpoint {path} does not exist: check the path given to --checkpoint.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_safetensors(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    except BadCheckpointError:
+        raise
     except Exception as exc:
         raise BadCheckpointError(
             f"{path} is not a readable leukodetect checkpoint ({type(exc).__name__}): "

@@ -1,0 +1,24 @@
+"""The default model shipped with leukodetect (see MODEL_CARD.md beside this file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import LeukoError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "resnet50_allidb2.safetensors"
+
+
+def default_model_path() -> Path:
+    """The shipped default checkpoint; used by predict, explain, serve when no --checkpoint is given."""
+    if not DEFAULT_MODEL.is_file():
+        raise LeukoError(
+            f"The default model {DEFAULT_MODEL} is missing from this installation: "
+            "pass --checkpoint runs/NAME/best.pt or reinstall leukodetect."
+        )
+    return DEFAULT_MODEL
+
+
+def resolve_checkpoint(checkpoint: Path | None) -> Path:
+    """The checkpoint given, else the shipped default model."""
+    return Path(checkpoint) if checkpoint is not None else default_model_path()

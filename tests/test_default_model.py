@@ -1,0 +1,52 @@
+"""The half-precision safetensors checkpoint format and the shipped default model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from leukodetect.cli import app
+from leukodetect.errors import BadCheckpointError
+from leukodetect.inference import Classifier
+from leukodetect.models import create_model
+from leukodetect.sample import sample_dir
+from leukodetect.training.checkpoint import load_checkpoint, make_bundle, save_safetensors
+from leukodetect.weights import DEFAULT_MODEL
+
+
+def test_safetensors_round_trip_keeps_the_description_and_predictions(tiny_tree, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    bundle = make_bundle(model, arch="tiny", image_size=24, mean=(0.5, 0.4, 0.6), std=(0.2, 0.2, 0.2),
+                         config={"x": 1}, threshold=0.4, temperature=1.3, extra={"model_card": {"intended_use": "research"}})
+    torch.save(bundle, tmp_path / "full.pt")
+    save_safetensors(bundle, tmp_path / "half.safetensors")
+    half = load_checkpoint(tmp_path / "half.safetensors")
+    assert half["arch"] == "tiny" and half["threshold"] == 0.4 and half["temperature"] == 1.3
+    assert half["model_card"]["intended_use"] == "research"
+    assert all(t.dtype == torch.float32 for t in half["state_dict"].values() if t.is_floating_point())
+    paths = sorted(tiny_tree.rglob("*.png"))
+    a = Classifier.from_checkpoint(tmp_path / "full.pt").predict_paths(paths)
+    b = Classifier.from_checkpoint(tmp_path / "half.safetensors").predict_paths(paths)
+    # float16 weights: probabilities agree within 2e-3 (stated tolerance for the shipped model)
+    assert max(abs(x.prob_blast - y.prob_blast) for x, y in zip(a, b)) < 2e-3
+
+
+def test_bare_safetensors_is_refused_with_one_sentence(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(BadCheckpointError, match="without leukodetect's description"):
+        load_checkpoint(tmp_path / "bare.safetensors")
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="the default model file is not in this checkout")
+def test_predict_without_checkpoint_uses_the_shipped_model():
+    assert DEFAULT_MODEL.stat().st_size < 50 * 2**20
+    bundle = load_checkpoint(DEFAULT_MODEL)
+    assert bundle["arch"] == "resnet50" and "Research use only" in bundle["model_card"]["intended_use"]
+    image = next(sample_dir().rglob("*.png"))
+    result = CliRunner().invoke(app, ["predict", str(image), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.strip().splitlines()[0])
+    assert 0.0 <= row["prob_blast"] <= 1.0 and row["label"] in ("normal", "blast")
