@@ -274,6 +274,7 @@ class Detector:
         result["counts"] = {k: result[f"n_{k}"] for k in ("blast", "review", "normal")}
         result["cells"] = [{**c, "label": c["call"]} for c in result["cells"]]
         result["overlay"] = draw_overlay(image, result)
+        result["gallery"] = draw_gallery(image, result)  # the reviewer's per-cell sheet, highest P(blast) first
         return result
 
 
