@@ -40,7 +40,6 @@ def test_bare_safetensors_is_refused_with_one_sentence(tmp_path):
         load_checkpoint(tmp_path / "bare.safetensors")
 
 
-@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="the default model file is not in this checkout")
 def test_predict_without_checkpoint_uses_the_shipped_model():
     assert DEFAULT_MODEL.stat().st_size < 50 * 2**20
     bundle = load_checkpoint(DEFAULT_MODEL)
