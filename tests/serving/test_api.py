@@ -225,8 +225,8 @@ def test_busy_service_answers_503(classifier, cells):
 
 def test_serve_command_errors_are_one_sentence(serving_checkpoint):
     runner = CliRunner()
-    result = runner.invoke(cli_app, ["serve"])
-    assert result.exit_code == 2 and "--checkpoint" in result.output and "Traceback" not in result.output
+    result = runner.invoke(cli_app, ["serve", "--checkpoint", "missing-model.pt"])
+    assert result.exit_code == 2 and "missing-model.pt" in result.output and "Traceback" not in result.output
     # A detector that cannot be loaded (no detection module yet, or no such file) is one sentence too.
     result = runner.invoke(cli_app, ["serve", "--checkpoint", str(serving_checkpoint), "--detector-checkpoint", "missing-det.pt"])
     assert result.exit_code == 2 and "missing-det.pt" in result.output and "Traceback" not in result.output

@@ -15,10 +15,13 @@ answer. All model work runs in one worker thread (:mod:`leukodetect.serving.work
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import io
 import re
 import tempfile
+from collections import deque
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -164,19 +167,57 @@ def create_app(
     _add_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    def classify_uploads(uploads: Sequence[Upload], with_gradcam: bool) -> list[dict]:
+    def decode_all(uploads: Sequence[Upload]) -> list[tuple[Image.Image, list[str]]]:
         with tempfile.TemporaryDirectory(prefix="leukodetect-upload-") as tmp:
-            decoded = [_decode(u, i, Path(tmp), max_pixels) for i, u in enumerate(uploads)]
-        probs = np.concatenate([
-            classifier.probabilities(torch.stack([classifier.preset(image) for image, _ in decoded[i:i + _BATCH]]))
-            for i in range(0, len(decoded), _BATCH)
-        ])
-        results = []
-        for upload, (image, notes), prob in zip(uploads, decoded, probs):
-            results.append({"filename": upload.name, "label": classifier.call(float(prob)), "prob_blast": float(prob),
-                            "threshold": float(classifier.threshold), "notes": notes,
-                            "gradcam_png": _gradcam_png(classifier, image) if with_gradcam else None})
-        return results
+            return [_decode(u, i, Path(tmp), max_pixels) for i, u in enumerate(uploads)]
+
+    def probabilities(images: Sequence[Image.Image]) -> np.ndarray:
+        return np.concatenate([
+            classifier.probabilities(torch.stack([classifier.preset(image) for image in images[i:i + _BATCH]]))
+            for i in range(0, len(images), _BATCH)
+        ]) if images else np.zeros(0)
+
+    def result_rows(uploads, decoded, probs, with_gradcam: bool) -> list[dict]:
+        return [
+            {"filename": upload.name, "label": classifier.call(float(prob)), "prob_blast": float(prob),
+             "threshold": float(classifier.threshold), "notes": notes,
+             "gradcam_png": _gradcam_png(classifier, image) if with_gradcam else None}
+            for upload, (image, notes), prob in zip(uploads, decoded, probs)
+        ]
+
+    def classify_uploads(uploads: Sequence[Upload], with_gradcam: bool) -> list[dict]:
+        decoded = decode_all(uploads)
+        return result_rows(uploads, decoded, probabilities([image for image, _ in decoded]), with_gradcam)
+
+    # Classify requests (without Grad-CAM) that arrive while the model is busy wait here; the next
+    # turn of the worker takes all of them as one batch, so under load one forward pass serves many
+    # clients instead of one pass per request.
+    waiting: deque = deque()
+
+    def classify_waiting() -> None:
+        jobs = []
+        while True:
+            try:
+                jobs.append(waiting.popleft())
+            except IndexError:
+                break
+        ready = []  # (uploads, decoded, future, loop) of the requests whose files all decoded
+        for uploads, future, loop in jobs:
+            try:
+                ready.append((uploads, decode_all(uploads), future, loop))
+            except Exception as exc:  # a bad upload fails its own request only
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+        try:
+            probs = probabilities([image for _, decoded, _, _ in ready for image, _ in decoded])
+        except Exception as exc:
+            for _, _, future, loop in ready:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            return
+        start = 0
+        for uploads, decoded, future, loop in ready:
+            rows = result_rows(uploads, decoded, probs[start:start + len(decoded)], False)
+            start += len(decoded)
+            loop.call_soon_threadsafe(_settle, future, rows, None)
 
     def analyze_upload(upload: Upload) -> dict:
         with tempfile.TemporaryDirectory(prefix="leukodetect-upload-") as tmp:
@@ -207,7 +248,23 @@ def create_app(
         if gradcam and not can_gradcam:
             raise HTTPException(400, "Grad-CAM needs a PyTorch checkpoint, and this service runs an exported model; call without gradcam=true.")
         uploads = [Upload(_display_name(f.filename, i), await f.read()) for i, f in enumerate(files)]
-        return {"results": await run(classify_uploads, uploads, gradcam), "intended_use": intended_use}
+        if gradcam:
+            return {"results": await run(classify_uploads, uploads, True), "intended_use": intended_use}
+        loop = asyncio.get_running_loop()
+        job = (uploads, loop.create_future(), loop)
+        waiting.append(job)
+        try:
+            await run(classify_waiting)  # may find this request already answered by an earlier turn
+        except HTTPException:  # busy: the request was never queued for the model
+            if job in waiting:
+                waiting.remove(job)
+            raise
+        future = job[1]
+        try:
+            results = await future
+        except LeukoError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"results": results, "intended_use": intended_use}
 
     @app.post("/v1/analyze", responses={**_ERRORS, 501: {"model": ErrorBody}}, tags=["smears"])
     async def analyze(file: UploadFile = File(..., description="A whole blood-smear photograph.")) -> dict:
@@ -380,6 +437,16 @@ def _decode(upload: Upload, index: int, folder: Path, max_pixels: int) -> tuple[
     finally:
         path.unlink()
     return image, [rename(n) for n in notes]
+
+
+def _settle(future, result, exc) -> None:
+    """Complete a waiting request's future from the event loop (called via call_soon_threadsafe)."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def _gradcam_png(classifier, image: Image.Image) -> str:
