@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .data.io import open_rgb
@@ -88,6 +90,10 @@ class Classifier(ImageClassifier):
         self.model = model_from_checkpoint(bundle, source).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # ``model`` stays the checkpoint's module (Grad-CAM hooks its layers);
+        # ``inference_model`` (used by ``probabilities`` and calibration) is a copy with batch norm folded
+        # into the convolutions.
+        self.inference_model = fuse_batch_norm(self.model)
         self.preset = EvalPreset(image_size=bundle["image_size"], mean=tuple(bundle["mean"]), std=tuple(bundle["std"]))
         self.threshold = float(bundle["threshold"])
         self.temperature = float(bundle["temperature"])
@@ -97,13 +103,30 @@ class Classifier(ImageClassifier):
     def from_checkpoint(cls, path: Path, **kwargs) -> Classifier:
         return cls(load_checkpoint(path), source=str(path), **kwargs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
-        self.model.eval()
         x = batch.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
-            logits = self.model(x)
+            logits = self.inference_model(x)
         return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
+
+
+def fuse_batch_norm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every batch norm folded into the convolution before it.
+
+    Inference only (the folded weights use the running statistics). One pass less over each
+    activation map: ResNet-50 at 224x224 on the 2-core AVX2 EPYC ran 8% faster at batch 32 and 4%
+    at batch 1 together with ``inference_mode`` (see docs/benchmarks.md). P(blast) agrees with the
+    unfused model to float32 rounding (tests/test_benchmark.py checks 1e-5). A model torch.fx cannot
+    trace is returned unfused, in eval mode.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    model.eval()
+    try:
+        return fuse(copy.deepcopy(model)).eval()
+    except Exception:  # tracing limits of torch.fx are not the user's problem: run the plain module
+        return model

@@ -154,7 +154,9 @@ def validation_logits(clf, pairs: Sequence[tuple[Path, int]], *, batch_size: int
         for i in range(0, len(items), batch_size)
     ]
     # No autocast: temperature and threshold are fitted on float32 logits.
-    return predict_logits(clf.model, batches, device=clf.device, amp_dtype=None, channels_last=clf.channels_last)
+    # The model ``probabilities`` runs, so the chosen threshold sits on the same numbers the calls use.
+    return predict_logits(getattr(clf, "inference_model", clf.model), batches, device=clf.device, amp_dtype=None,
+                          channels_last=clf.channels_last)
 
 
 def calibrate_checkpoint(
