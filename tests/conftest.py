@@ -12,6 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from leukodetect.config import RunConfig
+from leukodetect.data.indexers import index_dataset
+
 # Tests use the tiny model on tiny images; one thread avoids oversubscribing a 2-core machine.
 torch.set_num_threads(1)
 
@@ -50,3 +53,59 @@ def tiny_tree(tmp_path_factory) -> Path:
     # An exact duplicate under another name: must never straddle a split.
     Image.open(root / "blast" / "blast_00.png").save(root / "blast" / "copy_of_blast_00.png")
     return root
+
+
+# Synthetic smears with known cells, and a tiny crop classifier trained once per session
+# (whole-smear detection and the service's /v1/analyze).
+RBC_D = 30  # red-cell diameter of the synthetic smear, pixels
+#: White cells (x, y, diameter): one alone, two touching (centres 0.9 diameters apart).
+WHITE = [(90.0, 90.0, 45), (250.0, 260.0, 45), (290.5, 260.0, 45)]
+PLATELETS = [(200.0, 60.0), (60.0, 330.0), (330.0, 80.0)]
+
+
+def _disc(canvas, x, y, d, colour):
+    yy, xx = np.ogrid[: canvas.shape[0], : canvas.shape[1]]
+    canvas[(yy - y) ** 2 + (xx - x) ** 2 <= (d / 2) ** 2] = colour
+
+
+def synthetic_smear(seed: int = 0, size: int = 400) -> np.ndarray:
+    """Pale background, pink red cells on a jittered grid, 3 purple white cells, tiny platelets."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), np.float64)
+    img[:] = (225, 222, 205)
+    for gy in range(20, size, 42):
+        for gx in range(20, size, 42):
+            x, y = gx + rng.uniform(-4, 4), gy + rng.uniform(-4, 4)
+            if all((x - wx) ** 2 + (y - wy) ** 2 > (wd / 2 + RBC_D / 2 + 2) ** 2 for wx, wy, wd in WHITE):
+                _disc(img, x, y, RBC_D * rng.uniform(0.93, 1.07), (215, 150, 150))
+    for x, y in PLATELETS:
+        _disc(img, x, y, 6, (150, 90, 170))
+    for x, y, d in WHITE:
+        _disc(img, x, y, d, (120, 60, 160))
+        _disc(img, x, y, d * 0.6, (90, 30, 140))  # darker nucleus
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def smear_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("smear") / "smear.png"
+    Image.fromarray(synthetic_smear()).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def crop_checkpoint(tiny_tree, tmp_path_factory):
+    """A tiny-model checkpoint (1 epoch on 24 px cells) with detection metadata."""
+    from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint
+    from leukodetect.training.fit import train_model
+
+    records = index_dataset(tiny_tree, "folders")
+    cfg = RunConfig()
+    cfg.model.arch, cfg.data.image_size = "tiny", 24
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 1, 8, 0.01
+    result = train_model(cfg, records[::2], records[1::2], tmp_path_factory.mktemp("crop_model"), progress=False, log=lambda *_: None)
+    bundle = load_checkpoint(result.best_path)
+    bundle["detection"] = {"crop_factor": 3.0}
+    save_checkpoint(bundle, result.best_path)
+    return result.best_path

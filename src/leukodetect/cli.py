@@ -355,7 +355,7 @@ def compare(
 @_errors_to_exit
 def serve(
     checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train, cv or calibrate (default: the shipped ResNet-50)."),
-    detector_checkpoint: Optional[Path] = typer.Option(None, help="Whole-smear detector for /v1/analyze (needs the detection module)."),
+    detector_checkpoint: Optional[Path] = typer.Option(None, help="Crop classifier for /v1/analyze, from train-detector (default: the shipped ALL-IDB1 detector)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback exposes the service to the network."),
     port: int = typer.Option(8000),
     threads: Optional[int] = typer.Option(None, help="PyTorch threads for inference (default: all cores; 1 on a machine busy with other jobs)."),
@@ -370,7 +370,8 @@ def serve(
 @_errors_to_exit
 def detect(
     image_or_dir: Path = typer.Argument(..., help="A smear photograph or a folder of them."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A crop classifier best.pt (from detect-eval); without it cells are located only."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A crop classifier from train-detector or detect-eval (default: the shipped ALL-IDB1 detector)."),
+    locate_only: bool = typer.Option(False, "--locate-only", help="Only locate the white cells; do not classify them."),
     out_dir: Path = typer.Option(Path("detections"), "--out", help="Folder for the overlay, gallery and JSON of each image (never overwritten)."),
     review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
     review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
@@ -379,6 +380,11 @@ def detect(
     """Whole-smear detection: find white cells, classify each crop, count blasts, draw an overlay."""
     from .detection.pipeline import run_detect
 
+    from .weights import resolve_detector
+
+    checkpoint = None if locate_only else resolve_detector(checkpoint)
+    if checkpoint is None and not locate_only:
+        _log("No detector crop classifier in this installation: locating cells only (pass --checkpoint from train-detector).")
     rows = run_detect(image_or_dir, checkpoint, out_dir, review_band=(review_low, review_high), progress=_progress(), log=_log)
     for r in rows:
         if as_json:
@@ -413,6 +419,24 @@ def detect_eval(
         print(json.dumps(metrics, indent=2, default=str))
     else:
         out.print((out_dir / "report.md").read_text(), highlight=False)
+
+
+@app.command("train-detector")
+@_errors_to_exit
+def train_detector(
+    data: Path = DataOpt,
+    out_dir: Path = typer.Option(..., "--out", help="New folder for the crops and the model (rerun to continue an interrupted run)."),
+    epochs: int = typer.Option(10),
+    image_size: int = typer.Option(64, help="Crop classifier input size."),
+    arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
+    batch_size: int = typer.Option(32),
+):
+    """Train the crop classifier for 'detect' on every photograph of an ALL-IDB1-style folder (detect-eval's recipe)."""
+    from .detection.evaluate import DetectEvalConfig, run_train_detector
+
+    cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size)
+    best = run_train_detector(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
+    out.print(f"Detector crop classifier: {best} (use: leukodetect detect IMAGE --checkpoint {best}).", highlight=False)
 
 
 @app.command()

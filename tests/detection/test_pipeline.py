@@ -53,11 +53,25 @@ def test_detect_command_writes_outputs_skips_bad_files_and_never_overwrites(crop
     assert again.exit_code == 2 and "already exists" in again.output
 
 
-def test_detect_without_checkpoint_locates_only(smear_png, tmp_path):
-    result = runner.invoke(app, ["detect", str(smear_png), "--out", str(tmp_path / "o"), "--json"])
+def test_detect_locate_only(smear_png, tmp_path):
+    result = runner.invoke(app, ["detect", str(smear_png), "--locate-only", "--out", str(tmp_path / "o"), "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.splitlines()[0])
     assert row["verdict"] == "not classified" and row["n_cells"] == 3
+
+
+def test_detect_defaults_to_the_shipped_detector(crop_checkpoint, smear_png, tmp_path, monkeypatch):
+    import leukodetect.weights as weights
+
+    monkeypatch.setattr(weights, "DEFAULT_DETECTOR", crop_checkpoint)
+    result = runner.invoke(app, ["detect", str(smear_png), "--out", str(tmp_path / "a"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["verdict"] in ("ALL", "healthy", "review")
+    # An installation without a shipped detector locates only, and says so.
+    monkeypatch.setattr(weights, "DEFAULT_DETECTOR", tmp_path / "missing.safetensors")
+    result = runner.invoke(app, ["detect", str(smear_png), "--out", str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 0 and "locating cells only" in result.output
+    assert json.loads(result.stdout.splitlines()[-1])["verdict"] == "not classified"
 
 
 def test_detect_single_bad_file_fails_with_one_sentence(tmp_path):

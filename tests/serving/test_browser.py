@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from leukodetect.detection import load_detector
+from leukodetect.sample import sample_dir
 from leukodetect.serving import create_app
 from leukodetect.serving.server import running
 
@@ -41,8 +43,24 @@ def service(classifier):
         yield url
 
 
+@pytest.fixture(scope="module")
+def smear_service(classifier, crop_checkpoint):
+    """The service with a whole-smear detector (a tiny crop classifier: the page needs a network, not a good one)."""
+    with running(create_app(classifier, detector=load_detector(crop_checkpoint))) as url:
+        yield url
+
+
 @pytest.fixture
 def page(browser, service):
+    yield from _page(browser, service)
+
+
+@pytest.fixture
+def smear_page(browser, smear_service):
+    yield from _page(browser, smear_service)
+
+
+def _page(browser, service):
     """A page that may talk to the service only; anything else is aborted and listed in page.outside."""
     context = browser.new_context()
     page = context.new_page()
@@ -108,4 +126,35 @@ def test_api_docs_render_offline(page, service):
     page.goto(service + "/docs")
     page.locator(".swagger-ui .opblock").first.wait_for()
     assert page.locator(".swagger-ui .opblock").count() >= 4
+    assert page.outside == []
+
+
+def test_real_cell_and_smear_in_smear_mode(smear_page, smear_service, smear_png, shared_datasets, tmp_path):
+    """A real cell (the bundled C-NMC sample) as a cell, then a smear (an ALL-IDB1 photograph where
+    ../shared has it, else the synthetic smear) in smear mode: overlay, counts and gallery appear."""
+    page = smear_page
+    cell = sorted(sample_dir().rglob("*.png"))[0]
+    photo = shared_datasets / "ALL-IDB1" / "ALL_IDB1" / "im" / "Im001_1.jpg"
+    smear = photo if photo.is_file() else smear_png
+    page.goto(smear_service + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('tiny')")
+    assert page.is_enabled("#mode-smear")
+
+    page.set_input_files("#file-input", str(cell))
+    page.locator(".result[data-status=done]").first.wait_for()
+    assert page.locator(".result h2").first.text_content() == cell.name
+
+    page.check("#mode-smear")
+    page.set_input_files("#file-input", str(smear))
+    card = page.locator(".result.smear[data-status=done]")
+    card.wait_for(timeout=60_000)
+    assert card.locator("h2").text_content() == smear.name
+    assert card.locator(".verdict").text_content().split()[0] in ("ALL", "healthy", "review")
+    counts = {row.locator("th").text_content(): int(row.locator("td").text_content()) for row in card.locator("table.counts tr").all()}
+    assert counts and sum(counts.values()) >= 1
+    assert card.locator("img.overlay").first.get_attribute("src").startswith("data:image/png;base64,")
+    assert card.locator("img.gallery-sheet").count() == 1
+    shot = tmp_path / "smear.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
     assert page.outside == []

@@ -36,10 +36,14 @@ def kfold_indices(labels, groups, *, folds: int, seed: int) -> list[tuple[np.nda
 
 
 def holdout_indices(labels, groups, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split off about ``fraction`` of the images (whole groups, stratified) as a held-out part."""
+    """Split off about ``fraction`` of the images (whole groups, stratified) as a held-out part (more on small data)."""
     if not 0 < fraction < 1:
         raise LeukoError(f"A held-out fraction must be between 0 and 1, got {fraction}.")
-    folds = max(2, round(1 / fraction))
+    # On small data the held-out part grows (down to half) rather than failing: every class
+    # must have a member on both sides and a group cannot be split.
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    room = min(np.bincount(labels, minlength=2).min(), len(set(groups.tolist())))
+    folds = max(2, min(round(1 / fraction), room))
     train, held = _group_folds(labels, groups, folds, seed)[0]
     return np.sort(train), np.sort(held)
 

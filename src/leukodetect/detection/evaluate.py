@@ -200,16 +200,9 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
             if progress and (i + 1) % 10 == 0:
                 log(f"  located {i + 1}/{len(records)} photographs")
     else:
-        manifest = out_dir / "crops" / "manifest.csv"
-        if not manifest.exists():
-            write_crops(records, out_dir / "crops", cfg.crop, params=cfg.locate, progress=progress, log=log)
-        groups_of = json.loads((out_dir / "crops" / "crops.json").read_text())["groups"]
-        records = [r for r in records if r.path.stem in groups_of]
-        groups = np.array([groups_of[r.path.stem] for r in records])
+        manifest, records = _crop_manifest(data, records, out_dir / "crops", cfg, progress, log)
+        groups = np.array([r.group for r in records])
         labels = np.array([r.label for r in records])
-        from dataclasses import replace
-
-        records = [replace(r, group=g) for r, g in zip(records, groups)]
         for k, (train, test) in enumerate(kfold_indices(labels, groups, folds=cfg.folds, seed=cfg.seed)):
             fold_dir = out_dir / f"fold_{k}"
             done = fold_dir / "rows.json"
@@ -230,6 +223,38 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
     _write_rows(out_dir / "photographs.csv", rows)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics))
     return metrics
+
+
+def _crop_manifest(data: Path, records: list, crops_dir: Path, cfg: DetectEvalConfig, progress: bool, log) -> tuple[Path, list]:
+    """The crops of ``records`` (written once into ``crops_dir``) and the records carrying their split group."""
+    from dataclasses import replace
+
+    manifest = crops_dir / "manifest.csv"
+    if not manifest.exists():
+        write_crops(records, crops_dir, cfg.crop, params=cfg.locate, progress=progress, log=log)
+    groups_of = json.loads((crops_dir / "crops.json").read_text())["groups"]
+    return manifest, [replace(r, group=groups_of[r.path.stem]) for r in records if r.path.stem in groups_of]
+
+
+def run_train_detector(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEvalConfig(), *, progress: bool = False,
+                       command: str = "", log=print) -> Path:
+    """Train the crop classifier of ``detect`` on every annotated photograph of ``data`` (ALL-IDB1 layout).
+
+    The recipe is the one ``detect-eval`` cross-validates with the same ``cfg``: its figures are this
+    model's expected performance. A share of the photographs (``cfg.val_fraction``, whole groups) is
+    held out for choosing the epoch. Returns the path of the checkpoint (``OUT/model/best.pt``), which
+    carries the crop scale under ``"detection"``; ``leukodetect detect --checkpoint`` takes it.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "train_detector.json").exists():
+        raise LeukoError(f"{out_dir} already holds a trained detector; choose another --out.")
+    records = index_dataset(data, "allidb1")
+    manifest, records = _crop_manifest(data, records, out_dir / "crops", cfg, progress, log)
+    log(f"Training the detection crop classifier ({cfg.arch}) on {len(records)} photographs.")
+    _train_fold(cfg, manifest, records, out_dir, progress, log)
+    write_json(out_dir / "train_detector.json", {"data": str(data), "command": command, "config": asdict(cfg),
+                                                 "photographs": len(records), "environment": environment_facts()})
+    return out_dir / "model" / "best.pt"
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import socket
 import threading
 import time
@@ -23,32 +21,18 @@ def resolve_checkpoint(checkpoint: Path | None) -> Path:
     return resolve(checkpoint)
 
 
-def load_detector(path: Path):
-    """The whole-smear detector for ``/v1/analyze``: ``leukodetect.detection.load_detector(path)``.
-
-    The returned object needs one method, ``analyze(image) -> dict`` (see
-    :class:`leukodetect.serving.app.Detector`).
-
-    Raises:
-        LeukoError: this version's detection module cannot load a detector yet.
-    """
-    loader = None
-    if importlib.util.find_spec("leukodetect.detection") is not None:
-        loader = getattr(importlib.import_module("leukodetect.detection"), "load_detector", None)
-    if loader is None:
-        raise LeukoError(f"--detector-checkpoint {path} needs a detection module that can load a detector, which this "
-                         "version of leukodetect does not have yet: start serve without it (/v1/analyze then answers 501).")
-    return loader(Path(path))
-
-
 def build_app(checkpoint: Path | None, *, detector_checkpoint: Path | None = None, torch_threads: int | None = None, **limits):
     """Load the checkpoint (and detector) once and build the app around them."""
     from ..inference import Classifier
     from .app import create_app
     from .worker import available_cores
 
+    from ..detection.pipeline import load_detector
+    from ..weights import resolve_detector
+
     classifier = Classifier.from_checkpoint(resolve_checkpoint(checkpoint))
-    detector = load_detector(detector_checkpoint) if detector_checkpoint else None
+    detector_path = resolve_detector(detector_checkpoint)
+    detector = load_detector(detector_path) if detector_path is not None else None
     return create_app(classifier, detector=detector, torch_threads=torch_threads or available_cores(), **limits)
 
 

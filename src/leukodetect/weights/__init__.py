@@ -7,6 +7,8 @@ from pathlib import Path
 from ..errors import LeukoError
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "resnet50_allidb2.safetensors"
+#: The crop classifier of whole-smear detection, trained on ALL-IDB1 photographs (see DETECTOR_CARD.md).
+DEFAULT_DETECTOR = Path(__file__).resolve().parent / "detector_allidb1.safetensors"
 
 
 def default_model_path() -> Path:
@@ -22,3 +24,10 @@ def default_model_path() -> Path:
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
     """The checkpoint given, else the shipped default model."""
     return Path(checkpoint) if checkpoint is not None else default_model_path()
+
+
+def resolve_detector(checkpoint: Path | None) -> Path | None:
+    """The detector checkpoint given, else the shipped one (None where this installation lacks it)."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    return DEFAULT_DETECTOR if DEFAULT_DETECTOR.is_file() else None

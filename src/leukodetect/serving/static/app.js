@@ -30,7 +30,7 @@ async function loadModel() {
       `temperature ${model.temperature.toFixed(2)}, classes ${model.class_names.join(" / ")} (leukodetect ${model.leukodetect_version}).`;
     if (!model.smear_analysis) {
       $("mode-smear").disabled = true;
-      $("smear-note").textContent = "(needs the detection module: start serve with --detector-checkpoint)";
+      $("smear-note").textContent = "(no detector loaded: start serve with --detector-checkpoint from train-detector)";
     }
     if (!model.gradcam) { $("gradcam").checked = false; $("gradcam").disabled = true; }
   } catch (error) {

@@ -1,0 +1,69 @@
+"""detect-eval and train-detector end to end on a synthetic ALL-IDB1 tree with the tiny model."""
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from leukodetect.cli import app
+from leukodetect.weights import resolve_detector
+
+from .conftest import WHITE, synthetic_smear
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def smear_tree(tmp_path_factory):
+    """Eight photographs: four ALL ones whose white cells are annotated blasts, four healthy ones."""
+    root = tmp_path_factory.mktemp("idb1") / "ALL_IDB1"
+    (root / "im").mkdir(parents=True)
+    (root / "xyc").mkdir()
+    for i in range(8):
+        label = 1 if i < 4 else 0
+        stem = f"Im{i + 1:03d}_{label}"
+        Image.fromarray(synthetic_smear(seed=i)).save(root / "im" / f"{stem}.jpg", quality=95)
+        lines = [f" {x:.0f}\t{y:.0f} " for x, y, _ in WHITE] if label else []
+        (root / "xyc" / f"{stem}.xyc").write_text("\n".join(lines) + ("\n" if lines else ""))
+    return root
+
+
+def test_detect_eval_scores_every_photograph_once(smear_tree, tmp_path):
+    out = tmp_path / "eval"
+    args = ["detect-eval", "--data", str(smear_tree), "--folds", "2", "--epochs", "1", "--image-size", "24",
+            "--arch", "tiny", "--batch-size", "8", "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["photographs"] == 8
+    # Every annotated blast (3 per ALL photograph) is counted, and the located cells sit on them.
+    assert metrics["blast_localisation_recall"]["n"] == 12
+    assert metrics["blast_localisation_recall"]["k"] == 12
+    det = metrics["blast_detection"]
+    assert det["tp"] + det["fn"] == 12
+    photo = metrics["photograph"]
+    assert photo["accuracy"]["n"] == 8 and photo["sensitivity"]["n"] == 4 and photo["specificity"]["n"] == 4
+    rows = (out / "photographs.csv").read_text().splitlines()
+    assert len(rows) == 9 and {json.loads(f.read_text())[0]["fold"] for f in out.glob("fold_*/rows.json")} == {0, 1}
+    assert "blast localisation recall" in (out / "report.md").read_text()
+    # A finished evaluation is never overwritten.
+    again = runner.invoke(app, args)
+    assert again.exit_code != 0 and "already holds" in again.output
+
+
+def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
+    out = tmp_path / "det"
+    result = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--epochs", "1", "--image-size", "24",
+                                 "--arch", "tiny", "--batch-size", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    checkpoint = out / "model" / "best.pt"
+    assert checkpoint.is_file() and json.loads((out / "train_detector.json").read_text())["photographs"] == 8
+    assert resolve_detector(checkpoint) == checkpoint
+    detected = runner.invoke(app, ["detect", str(smear_tree / "im" / "Im001_1.jpg"), "--checkpoint", str(checkpoint),
+                                   "--out", str(tmp_path / "o"), "--json"])
+    assert detected.exit_code == 0, detected.output
+    row = json.loads(detected.stdout.splitlines()[0])
+    assert row["n_cells"] == 3 and row["verdict"] in ("ALL", "healthy", "review")
+    refused = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--out", str(out), "--arch", "tiny"])
+    assert refused.exit_code != 0 and "already holds" in refused.output
