@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -17,6 +20,16 @@ from leukodetect.data.indexers import index_dataset
 
 # Tests use the tiny model on tiny images; one thread avoids oversubscribing a 2-core machine.
 torch.set_num_threads(1)
+
+# The CPU default backend exports every checkpoint to ONNX once (about 4 s for the tiny model here),
+# and the suite makes dozens of checkpoints: backend "auto" runs PyTorch in tests unless the
+# environment says otherwise. tests/test_inference_backends.py and the end-to-end predict test there
+# run the real default (auto -> ONNX Runtime) by clearing this variable.
+os.environ.setdefault("LEUKODETECT_BACKEND", "torch")
+# Nothing the suite caches (ONNX exports, ALL-IDB2 source matches) lands in ~/.cache. Set on import,
+# not in a fixture, because some test modules build their app while being collected.
+os.environ["LEUKODETECT_CACHE"] = tempfile.mkdtemp(prefix="leukodetect-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LEUKODETECT_CACHE"], ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

@@ -102,7 +102,7 @@ def test_classifier_with_folded_batch_norm_matches_the_plain_model():
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     bundle = make_bundle(model, arch="tiny", image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3, config={}, temperature=2.0)
-    clf = Classifier(bundle, device="cpu", precision="fp32")
+    clf = Classifier(bundle, device="cpu", precision="fp32", backend="torch")
     x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = torch.softmax(model.eval()(x) / 2.0, dim=1)[:, 1].numpy()

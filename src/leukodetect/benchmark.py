@@ -6,9 +6,11 @@ For each architecture, in one process and on the same model, batch and optimiser
 - training: our step (:func:`~leukodetect.training.engine.train_one_epoch` on one batch, with the
   device, precision and channels-last choices ``train`` makes, AdamW) against a naive step (eager
   float32, NCHW, AdamW);
-- inference: our path (:class:`~leukodetect.inference.Classifier`, exactly what ``predict``,
-  ``detect`` and ``serve`` call), the naive path (eval, float32, NCHW, ``no_grad``) and ONNX Runtime
-  (the file ``leukodetect export`` writes), batched and at batch 1 (p50 / p95 latency);
+- inference: our PyTorch path (:class:`~leukodetect.inference.Classifier` with ``backend="torch"``,
+  what ``predict``, ``detect`` and ``serve`` run on a GPU or with ``--backend torch``), the naive
+  path (eval, float32, NCHW, ``no_grad``) and ONNX Runtime (the file ``leukodetect export`` writes,
+  in the same session settings as the ``onnx`` backend, their default on CPU), batched and at
+  batch 1 (p50 / p95 latency);
 - the data pipeline (decode + resize + the training augmentation) on real images, cold (decoding)
   and warm (decode-once cache filled, augmentation only), so it is clear which side is the bottleneck;
 - the machine's float32 and bfloat16 matrix-multiply rate, and each path's achieved GFLOP/s as a
@@ -292,7 +294,7 @@ def _add_gflops(entry: dict[str, Any], flops_per_image: int, peak: float) -> Non
 
 
 def bench_inference(arch: str, cfg: BenchmarkConfig, flops: int, peak: float, workdir: Path) -> dict[str, Any]:
-    """Our Classifier, the naive eval path and ONNX Runtime on one set of weights."""
+    """Our Classifier's PyTorch backend, the naive eval path and ONNX Runtime on one set of weights."""
     from .inference import Classifier
     from .models import create_model
     from .training.checkpoint import make_bundle
@@ -300,7 +302,7 @@ def bench_inference(arch: str, cfg: BenchmarkConfig, flops: int, peak: float, wo
     torch.manual_seed(cfg.seed)
     model = create_model(arch, num_classes=2).eval()
     bundle = make_bundle(model, arch=arch, image_size=cfg.image_size, mean=(0.5,) * 3, std=(0.25,) * 3, config={})
-    ours = Classifier(bundle, source=f"benchmark {arch}")
+    ours = Classifier(bundle, source=f"benchmark {arch}", backend="torch")
     naive = copy.deepcopy(model).to(ours.device).eval()
 
     def naive_probabilities(batch: torch.Tensor) -> np.ndarray:

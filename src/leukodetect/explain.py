@@ -141,7 +141,7 @@ def _exists(out) -> LeukoError:
 
 
 def _classifier(obj: Classifier | str | Path) -> Classifier:
-    return obj if isinstance(obj, Classifier) else Classifier.from_checkpoint(Path(obj))
+    return obj if isinstance(obj, Classifier) else Classifier.from_checkpoint(Path(obj), backend="torch")  # Grad-CAM runs PyTorch
 
 
 def _gradcam_batch(clf: Classifier, images: Sequence[Image.Image], target_class: int) -> tuple[list[np.ndarray], np.ndarray]:

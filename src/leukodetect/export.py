@@ -12,13 +12,19 @@ reads that JSON and classifies images exactly as :class:`leukodetect.inference.C
 Every export checks itself: the written file is reloaded (ONNX Runtime on CPU, or ``torch.jit.load``),
 fed a random batch of 4 inputs and compared with the PyTorch model in float32 eval mode; a largest
 absolute difference in P(blast) above ``atol`` (default 1e-4) discards the file and raises.
+
+:func:`cached_onnx_classifier` is what makes ONNX Runtime the default inference backend on the CPU
+(see :class:`leukodetect.inference.Classifier`): it exports a checkpoint once, through the same
+self-checking export, into a cache keyed by a hash of what decides the outputs, and reuses the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -33,7 +39,7 @@ from .data.transforms import EvalPreset
 from .errors import BadCheckpointError, LeukoError
 from .inference import ImageClassifier
 from .training.checkpoint import load_checkpoint, model_from_checkpoint
-from .utils import atomic_write
+from .utils import atomic_write, cache_dir
 
 FORMATS = ("onnx", "torchscript")
 META_FORMAT = "leukodetect.export"
@@ -44,6 +50,7 @@ META_REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "threshold"
 INPUT_NAME, OUTPUT_NAME = "image", "prob_blast"
 DEFAULT_ATOL = 1e-4
 MIN_OPSET = 18  # torch's ONNX exporter has no implementations below opset 18
+CACHE_VERSION = 1  # bump when the exported graph changes, so older cached files are not reused
 
 
 class BlastProbability(nn.Module):
@@ -102,15 +109,37 @@ def export_model(
             differs from PyTorch by more than ``atol`` (the file is then not written).
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    _check_format(fmt, opset)
+    if out.exists():
+        raise LeukoError(f"{out} already exists: choose another --out or delete the file first.")
+    return export_bundle(load_checkpoint(checkpoint), out, fmt=fmt, source=checkpoint, opset=opset, atol=atol, seed=seed)
+
+
+def _check_format(fmt: str, opset: int) -> None:
     if fmt not in FORMATS:
         raise LeukoError(f"Unknown export format '{fmt}': use --format onnx or --format torchscript.")
     if fmt == "onnx" and opset < MIN_OPSET:
         raise LeukoError(f"ONNX opset {opset} is too old: torch's exporter writes opset {MIN_OPSET} or newer.")
-    if out.exists():
-        raise LeukoError(f"{out} already exists: choose another --out or delete the file first.")
-    bundle = load_checkpoint(checkpoint)
-    model = BlastProbability(model_from_checkpoint(bundle, checkpoint).float().cpu(), bundle["temperature"]).eval()
-    meta = export_metadata(bundle, fmt=fmt, source=checkpoint)
+
+
+def export_bundle(
+    bundle: dict[str, Any],
+    out: Path,
+    *,
+    fmt: str,
+    source: Path | str,
+    opset: int = MIN_OPSET,
+    atol: float = DEFAULT_ATOL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`export_model` for a checkpoint already in memory; replaces ``out`` atomically if it exists.
+
+    ``source`` names the checkpoint in messages and in the stored metadata.
+    """
+    out = Path(out)
+    _check_format(fmt, opset)
+    model = BlastProbability(model_from_checkpoint(bundle, source).float().cpu(), bundle["temperature"]).eval()
+    meta = export_metadata(bundle, fmt=fmt, source=Path(str(source)))
     size = int(bundle["image_size"])
     example = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -126,20 +155,98 @@ def export_model(
                 _write_torchscript(model, example, tmp, meta)
         except Exception as exc:  # an exporter limitation, not the user's input; keep the cause chained
             raise LeukoError(
-                f"torch could not export {checkpoint} ({bundle['arch']}) to {fmt} ({type(exc).__name__}: "
+                f"torch could not export {source} ({bundle['arch']}) to {fmt} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}): try the other --format."
             ) from exc
         got = _reload(tmp, fmt).probabilities(example)
         measured["max_abs_diff"] = diff = float(np.max(np.abs(got - expected)))
         if not diff <= atol:  # also catches NaN
             raise LeukoError(
-                f"The {fmt} export of {checkpoint} differs from PyTorch by {diff:.2e} in P(blast) (tolerance "
+                f"The {fmt} export of {source} differs from PyTorch by {diff:.2e} in P(blast) (tolerance "
                 f"{atol:.0e}), so {out} was not written: report this with the checkpoint's architecture."
             )
 
     atomic_write(out, write_and_verify)
     return {"path": str(out), "format": fmt, "max_abs_diff": measured["max_abs_diff"], "atol": atol,
             "opset": opset if fmt == "onnx" else None}
+
+
+# ---- the ONNX cache behind the default inference backend ----
+
+
+def onnx_cache_key(bundle: dict[str, Any]) -> str:
+    """A hash of everything that decides the exported graph's output: the weights (names, dtypes,
+    shapes, bytes), architecture, classes, input size, temperature, and the export's own version.
+
+    Mean and std are included although preprocessing runs outside the graph, since the file stores
+    them. The threshold is not: it only turns P(blast) into a call, and :class:`Classifier` reads
+    it from the checkpoint, so a recalibrated threshold reuses the same file.
+    """
+    described = {key: bundle[key] for key in ("arch", "class_names", "image_size", "mean", "std", "temperature")}
+    digest = hashlib.sha256(json.dumps({"cache": CACHE_VERSION, "opset": MIN_OPSET, **described}, sort_keys=True).encode())
+    for name, tensor in sorted(bundle["state_dict"].items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:32]
+
+
+def onnx_cache_path(bundle: dict[str, Any]) -> Path:
+    """``<cache>/onnx/<arch>-<hash>.onnx``, the cache being ``$LEUKODETECT_CACHE`` or ``~/.cache/leukodetect``."""
+    return cache_dir() / "onnx" / f"{bundle['arch']}-{onnx_cache_key(bundle)}.onnx"
+
+
+def cached_onnx_classifier(
+    bundle: dict[str, Any], *, source: str, threads: int | None = None, log=print,
+) -> ExportedClassifier:
+    """The checkpoint ``bundle`` run by ONNX Runtime, exported once and then read from the cache.
+
+    The file is written atomically (two processes exporting the same checkpoint each rename a complete
+    file into place) by :func:`export_bundle`, so it passed the export's 1e-4 check against PyTorch. A
+    cached file ONNX Runtime cannot read is exported again; a cache folder that cannot be written
+    gives an export into a temporary folder, used for this run only.
+
+    Args:
+        source: names the checkpoint in the log lines.
+        threads: ONNX Runtime intra-op threads (None: ``torch.get_num_threads()``).
+        log: receives one sentence when an export happens or the cache cannot be used.
+
+    Raises:
+        LeukoError: onnxruntime is missing, or torch cannot export this architecture.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise LeukoError("onnxruntime is not installed: install it (pip install onnxruntime) or use --backend torch.") from None
+    path = onnx_cache_path(bundle)
+    if path.is_file():
+        try:
+            return _reload(path, "onnx", threads=threads)
+        except BadCheckpointError:
+            log(f"The cached ONNX file {path} cannot be read; exporting it again.")
+    if not _can_write(path.parent):
+        log(f"The ONNX cache folder {path.parent} cannot be written: exporting {source} to a temporary folder "
+            "for this run only; set LEUKODETECT_CACHE to a writable folder to keep the export.")
+        with tempfile.TemporaryDirectory(prefix="leukodetect-onnx-") as tmp:
+            # The session holds the model in memory, so the file may go with the folder.
+            return _export_and_open(bundle, Path(tmp) / path.name, source=source, threads=threads)
+    log(f"Preparing the ONNX Runtime version of {source} once (cached in {path})...")
+    return _export_and_open(bundle, path, source=source, threads=threads)
+
+
+def _export_and_open(bundle: dict[str, Any], path: Path, *, source: str, threads: int | None) -> ExportedClassifier:
+    export_bundle(bundle, path, fmt="onnx", source=source)
+    return _reload(path, "onnx", threads=threads)
+
+
+def _can_write(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (made if missing); tried, not guessed from permissions."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict, opset: int) -> None:
@@ -166,10 +273,10 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta
         torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
 
 
-def _reload(path: Path, fmt: str) -> ExportedClassifier:
+def _reload(path: Path, fmt: str, *, threads: int | None = None) -> ExportedClassifier:
     """Open an exported file, metadata first, so a file without it is refused before it runs."""
     if fmt == "onnx":
-        session = _onnx_session(path)
+        session = _onnx_session(path, threads=threads)
         meta = _check_meta(path, session.get_modelmeta().custom_metadata_map.get(META_KEY))
         return ExportedClassifier(path, meta, session=session)
     meta = _torchscript_meta(path)
@@ -205,11 +312,16 @@ def _check_meta(path: Path, text: str | None) -> dict[str, Any]:
     return meta
 
 
-def _onnx_session(path: Path):
+def _onnx_session(path: Path, *, threads: int | None = None):
+    """An ONNX Runtime CPU session: ``threads`` intra-op threads (default: PyTorch's thread count,
+    the same budget), one inter-op thread and sequential execution, since a classifier is a chain of
+    layers with nothing to run side by side."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as PyTorch
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -239,6 +351,7 @@ class ExportedClassifier(ImageClassifier):
             raise ValueError("pass exactly one of an ONNX Runtime session or a TorchScript module")
         self.path, self.meta = Path(path), meta
         self.format = "onnx" if session is not None else "torchscript"
+        self.backend = self.format  # what runs the network, as reported by the service
         self._session, self._module = session, module
         self.preset = EvalPreset(image_size=int(meta["image_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]))
         self.threshold = float(meta["threshold"])

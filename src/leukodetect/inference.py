@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +17,17 @@ from tqdm.auto import tqdm
 
 from .data.io import open_rgb
 from .data.transforms import EvalPreset
-from .errors import BadImageError
+from .errors import BadImageError, LeukoError
 from .training.checkpoint import load_checkpoint, model_from_checkpoint
 from .training.device import autocast, autocast_dtype, channels_last, resolve_device
+
+BACKENDS = ("auto", "torch", "onnx")
+#: Read by ``backend="auto"`` only: ``torch`` or ``onnx`` there overrides the automatic choice (the
+#: test suite sets ``torch``, so that only the tests of the backends pay for ONNX exports).
+BACKEND_ENV = "LEUKODETECT_BACKEND"
+#: The largest difference in P(blast) between the two backends, enforced by every export's check
+#: and by tests/test_inference_backends.py.
+BACKEND_ATOL = 1e-4
 
 
 @dataclass
@@ -80,9 +91,41 @@ class ImageClassifier:
 
 
 class Classifier(ImageClassifier):
-    """A checkpoint ready for inference: model in eval mode plus its preprocessing and threshold."""
+    """A checkpoint ready for inference: model in eval mode plus its preprocessing and threshold.
 
-    def __init__(self, bundle: dict, *, device: str = "auto", precision: str = "auto", source: str = "checkpoint") -> None:
+    ``probabilities`` runs one of two backends; both compute softmax(logits / temperature)[:, 1]
+    from the same weights and agree within ``BACKEND_ATOL`` (1e-4) in P(blast):
+
+    - ``"onnx"``: ONNX Runtime on the CPU, running the checkpoint's ONNX export (exported once per
+      checkpoint content and cached, see :func:`leukodetect.export.cached_onnx_classifier`). The
+      fastest path measured on CPU (docs/benchmarks.md).
+    - ``"torch"``: the PyTorch module with batch norm folded, channels-last, autocast where the
+      device computes reduced precision natively.
+
+    ``"auto"`` (the default) picks ``"onnx"`` on a CPU running float32, when onnxruntime is
+    installed, and ``"torch"`` otherwise (GPUs, and CPUs with native bfloat16, where no measurement
+    says ONNX Runtime's float32 is faster); ``$LEUKODETECT_BACKEND`` can override that choice. If the
+    export or ONNX Runtime fails, auto logs one sentence and uses ``"torch"``; an explicit ``"onnx"``
+    raises instead. Whatever the backend, ``model`` is the checkpoint's PyTorch module on ``device``
+    (Grad-CAM hooks its layers) and ``inference_model`` its batch-norm-folded copy (calibration).
+
+    Args:
+        threads: ONNX Runtime intra-op threads (None: ``torch.get_num_threads()``).
+        log: receives the sentences about exports and fallbacks (default: standard error, so that
+            ``predict --json`` output stays clean).
+    """
+
+    def __init__(
+        self,
+        bundle: dict,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        source: str = "checkpoint",
+        backend: str = "auto",
+        threads: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(self.device, precision)
@@ -90,28 +133,82 @@ class Classifier(ImageClassifier):
         self.model = model_from_checkpoint(bundle, source).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # ``model`` stays the checkpoint's module (Grad-CAM hooks its layers);
-        # ``inference_model`` (used by ``probabilities`` and calibration) is a copy with batch norm folded
-        # into the convolutions.
-        self.inference_model = fuse_batch_norm(self.model)
         self.preset = EvalPreset(image_size=bundle["image_size"], mean=tuple(bundle["mean"]), std=tuple(bundle["std"]))
         self.threshold = float(bundle["threshold"])
         self.temperature = float(bundle["temperature"])
         self.class_names = list(bundle["class_names"])
+        if backend not in BACKENDS:
+            raise LeukoError(f"Unknown backend '{backend}': use --backend auto, torch or onnx.")
+        requested = (_env_backend() or "auto") if backend == "auto" else backend
+        self.backend = auto_backend(self.device, self.amp_dtype) if requested == "auto" else requested
+        self._onnx = None
+        if self.backend == "onnx":
+            self._onnx = self._open_onnx(source, threads, log or _stderr, explicit=requested == "onnx")
+            if self._onnx is None:
+                self.backend = "torch"
 
     @classmethod
     def from_checkpoint(cls, path: Path, **kwargs) -> Classifier:
         return cls(load_checkpoint(path), source=str(path), **kwargs)
 
-    @torch.inference_mode()
+    def _open_onnx(self, source: str, threads: int | None, log: Callable[[str], None], *, explicit: bool):
+        from .export import cached_onnx_classifier
+
+        try:
+            return cached_onnx_classifier(self.bundle, source=source, threads=threads, log=log)
+        except Exception as exc:  # an exporter or runtime limit for this architecture: PyTorch still works
+            if explicit:
+                if isinstance(exc, LeukoError):
+                    raise
+                raise LeukoError(f"ONNX Runtime cannot run {source} ({type(exc).__name__}: {exc}): use --backend torch.") from exc
+            cause = exc.__cause__ or exc
+            reason = str(cause) if isinstance(cause, LeukoError) else f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+            log(f"Using PyTorch for {source}: its ONNX Runtime version could not be prepared ({reason}).")
+            return None
+
+    @functools.cached_property
+    def inference_model(self) -> nn.Module:
+        """``model`` with batch norm folded into the convolutions (built on first use)."""
+        return fuse_batch_norm(self.model)
+
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
+        if self._onnx is not None:
+            return self._onnx.probabilities(batch)
+        return self._torch_probabilities(batch)
+
+    @torch.inference_mode()
+    def _torch_probabilities(self, batch: torch.Tensor) -> np.ndarray:
         x = batch.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
             logits = self.inference_model(x)
         return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
+
+
+def auto_backend(device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """What ``backend="auto"`` runs: ONNX Runtime on a float32 CPU when it is installed, else PyTorch."""
+    return "onnx" if device.type == "cpu" and amp_dtype is None and _has_onnxruntime() else "torch"
+
+
+def _env_backend() -> str | None:
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if value and value not in BACKENDS:
+        raise LeukoError(f"{BACKEND_ENV}={value} is not a backend: set it to auto, torch or onnx, or unset it.")
+    return value or None
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def fuse_batch_norm(model: nn.Module) -> nn.Module:

@@ -44,6 +44,14 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def cache_dir() -> Path:
+    """leukodetect's cache folder: ``$LEUKODETECT_CACHE`` if set, else ``~/.cache/leukodetect``.
+
+    Holds what can be rebuilt: ALL-IDB2 source matches and ONNX exports of checkpoints.
+    """
+    return Path(os.environ.get("LEUKODETECT_CACHE") or Path.home() / ".cache" / "leukodetect").expanduser()
+
+
 def environment_facts() -> dict[str, str]:
     """Machine, date and library versions, for reports and checkpoints."""
     import numpy

@@ -79,12 +79,12 @@ def test_content_decides_not_the_extension(client, cells):
     assert response.status_code == 200 and response.json()["results"][0]["filename"] == "cell.txt"
 
 
-def test_model_health_openapi_docs_and_page(client, model_card):
+def test_model_health_openapi_docs_and_page(client, classifier, model_card):
     model = client.get("/v1/model").json()
     assert model["arch"] == "tiny" and model["class_names"] == ["normal", "blast"] and model["image_size"] == 24
     assert model["threshold"] == 0.45 and model["temperature"] == 1.5 and model["model_card"] == model_card
     assert model["leukodetect_version"] == __version__ and model["intended_use"] == model_card["intended_use"]
-    assert model["gradcam"] is True and model["smear_analysis"] is False
+    assert model["gradcam"] is True and model["smear_analysis"] is False and model["backend"] == classifier.backend
     assert client.get("/health").json() == {"status": "ok", "pending": 0}
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/classify", "/v1/analyze", "/v1/model", "/health"} <= set(paths)

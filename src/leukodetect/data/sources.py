@@ -37,6 +37,7 @@ from leukodetect.data.indexers import index_dataset
 from leukodetect.data.io import open_rgb
 from leukodetect.data.records import Record
 from leukodetect.errors import LeukoError
+from leukodetect.utils import cache_dir
 
 #: Full-resolution score from which a crop counts as found in a photograph. On ALL-IDB2 every
 #: crop scores >= 0.99999 in its source (the crops are exact pixel copies) and 0.979-0.995 in
@@ -230,8 +231,7 @@ def cached_find_sources(
 
 def cache_file() -> Path:
     """The cache CSV: in ``$LEUKODETECT_CACHE`` if set, else ``~/.cache/leukodetect``."""
-    folder = os.environ.get("LEUKODETECT_CACHE") or Path.home() / ".cache" / "leukodetect"
-    return Path(folder).expanduser() / CACHE_NAME
+    return cache_dir() / CACHE_NAME
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
     # The scale travels with the checkpoint: detection crops at the scale it was trained on.
     bundle["detection"] = {"crop_factor": cfg.crop.crop_factor, "crop_size": cfg.crop.size, "locate": asdict(cfg.locate)}
     save_checkpoint(bundle, result.best_path)
-    return Classifier.from_checkpoint(result.best_path, device="cpu")
+    return Classifier.from_checkpoint(result.best_path, device="cpu", backend="torch")  # one fold's crops: an export would not pay
 
 
 def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log) -> list[dict]:

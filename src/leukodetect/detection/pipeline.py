@@ -251,14 +251,19 @@ def image_paths(image_or_dir: Path) -> list[Path]:
     return paths
 
 
-def run_detect(image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
-    """``leukodetect detect``: load the classifier (if any) once, analyse every image, write outputs."""
+def run_detect(
+    image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, backend: str = "auto", progress: bool = False, log=print, **kwargs,
+) -> list[dict]:
+    """``leukodetect detect``: load the classifier (if any) once, analyse every image, write outputs.
+
+    ``backend`` is :class:`~leukodetect.inference.Classifier`'s (auto: ONNX Runtime on CPU).
+    """
     paths = image_paths(image_or_dir)
     classifier = None
     if checkpoint is not None:
         from ..inference import Classifier
 
-        classifier = Classifier.from_checkpoint(Path(checkpoint))
+        classifier = Classifier.from_checkpoint(Path(checkpoint), backend=backend, log=log)
     return detect_paths(paths, classifier, Path(out_dir), progress=progress, log=log, **kwargs)
 
 
@@ -278,8 +283,11 @@ class Detector:
         return result
 
 
-def load_detector(path: Path) -> Detector:
-    """A :class:`Detector` around the crop classifier checkpoint at ``path``."""
+def load_detector(path: Path, **classifier_kwargs) -> Detector:
+    """A :class:`Detector` around the crop classifier checkpoint at ``path``.
+
+    ``classifier_kwargs`` go to :class:`~leukodetect.inference.Classifier` (backend, threads, log).
+    """
     from ..inference import Classifier
 
-    return Detector(Classifier.from_checkpoint(Path(path)))
+    return Detector(Classifier.from_checkpoint(Path(path), **classifier_kwargs))

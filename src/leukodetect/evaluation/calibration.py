@@ -197,7 +197,7 @@ def calibrate_checkpoint(
     pairs = [(Path(r.path), r.label) if hasattr(r, "path") else (Path(r[0]), r[1]) for r in val]
     pairs = [(p, int(label)) for p, label in pairs if label is not None]
     bundle = load_checkpoint(checkpoint)
-    clf = Classifier(bundle, device=device, precision="fp32", source=str(checkpoint))
+    clf = Classifier(bundle, device=device, precision="fp32", source=str(checkpoint), backend="torch")  # reads logits
     logits, y = validation_logits(clf, pairs, log=log)
     if len(set(y.tolist())) < 2:
         raise LeukoError(

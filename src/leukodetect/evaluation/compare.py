@@ -240,14 +240,16 @@ def training_seconds(histories: list[list[dict]]) -> float:
 def inference_ms_per_image(checkpoint: Path, *, batch_size: int = 8, repeats: int = 5, device: str = "auto") -> dict:
     """Median milliseconds per image of the checkpoint's forward pass on one batch (eval, no grad).
 
-    Times what :class:`~leukodetect.inference.Classifier` runs on a preprocessed batch (its device,
-    memory format and precision), after one warm-up pass; image decoding is not included.
+    Times what :class:`~leukodetect.inference.Classifier`'s PyTorch backend runs on a preprocessed
+    batch (its device, memory format and precision), after one warm-up pass; image decoding is not
+    included. PyTorch rather than the CPU default, ONNX Runtime, so that a comparison of six
+    architectures does not export six models; docs/benchmarks.md compares the two backends.
     """
     import torch
 
     from ..inference import Classifier
 
-    clf = Classifier.from_checkpoint(Path(checkpoint), device=device)
+    clf = Classifier.from_checkpoint(Path(checkpoint), device=device, backend="torch")
     size = int(clf.bundle["image_size"])
     x = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     clf.probabilities(x)  # warm-up: allocations, oneDNN / cuDNN kernel choice

@@ -78,6 +78,7 @@ def evaluate_checkpoint(
     *,
     fmt: str = "auto",
     include_training: bool = False,
+    backend: str = "auto",
     command: str = "",
     progress: bool = True,
     log=print,
@@ -86,9 +87,9 @@ def evaluate_checkpoint(
 
     Images the checkpoint was trained or validated on (recognised by pixel hash) are left out unless
     ``include_training``: scoring a model on its own training images is what inflates published
-    figures.
+    figures. ``backend`` is :class:`~leukodetect.inference.Classifier`'s (auto: ONNX Runtime on CPU).
     """
-    clf = Classifier.from_checkpoint(checkpoint)
+    clf = Classifier.from_checkpoint(checkpoint, backend=backend, log=log)
     records = [r for r in index_dataset(data, fmt) if r.label is not None]
     if not records:
         raise LeukoError(f"{data} has no labelled images: evaluation needs labels (see 'leukodetect data check').")

@@ -93,6 +93,7 @@ class ModelInfo(BaseModel):
     model_card: dict[str, Any] | None = Field(description="The checkpoint's stored model card (metrics, data), if any.")
     intended_use: str
     leukodetect_version: str
+    backend: str = Field(description="What computes prob_blast: onnx (ONNX Runtime on the CPU), torch (PyTorch) or torchscript.")
     gradcam: bool = Field(description="Whether /v1/classify can return Grad-CAM overlays (PyTorch checkpoints only).")
     smear_analysis: bool = Field(description="Whether /v1/analyze is available (a detector is loaded).")
     limits: dict[str, int]
@@ -289,6 +290,7 @@ def create_app(
             "model_card": card,
             "intended_use": intended_use,
             "leukodetect_version": __version__,
+            "backend": str(getattr(classifier, "backend", "unknown")),
             "gradcam": can_gradcam,
             "smear_analysis": detector is not None,
             "limits": limits,

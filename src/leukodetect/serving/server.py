@@ -21,19 +21,33 @@ def resolve_checkpoint(checkpoint: Path | None) -> Path:
     return resolve(checkpoint)
 
 
-def build_app(checkpoint: Path | None, *, detector_checkpoint: Path | None = None, torch_threads: int | None = None, **limits):
-    """Load the checkpoint (and detector) once and build the app around them."""
+def build_app(
+    checkpoint: Path | None,
+    *,
+    detector_checkpoint: Path | None = None,
+    torch_threads: int | None = None,
+    backend: str = "auto",
+    log: Callable[[str], None] = print,
+    **limits,
+):
+    """Load the checkpoint (and detector) once and build the app around them.
+
+    ``torch_threads`` (default: every available core) is both PyTorch's thread count in the inference
+    thread and ONNX Runtime's intra-op thread count; ``backend`` is
+    :class:`~leukodetect.inference.Classifier`'s (auto: ONNX Runtime on CPU).
+    """
+    from ..detection.pipeline import load_detector
     from ..inference import Classifier
+    from ..weights import resolve_detector
     from .app import create_app
     from .worker import available_cores
 
-    from ..detection.pipeline import load_detector
-    from ..weights import resolve_detector
-
-    classifier = Classifier.from_checkpoint(resolve_checkpoint(checkpoint))
+    threads = torch_threads or available_cores()
+    options = {"backend": backend, "threads": threads, "log": log}
+    classifier = Classifier.from_checkpoint(resolve_checkpoint(checkpoint), **options)
     detector_path = resolve_detector(detector_checkpoint)
-    detector = load_detector(detector_path) if detector_path is not None else None
-    return create_app(classifier, detector=detector, torch_threads=torch_threads or available_cores(), **limits)
+    detector = load_detector(detector_path, **options) if detector_path is not None else None
+    return create_app(classifier, detector=detector, torch_threads=threads, **limits)
 
 
 def serve(
@@ -43,18 +57,20 @@ def serve(
     host: str = LOOPBACK,
     port: int = 8000,
     threads: int | None = None,
+    backend: str = "auto",
     log: Callable[[str], None] = print,
 ) -> None:
     """Serve until interrupted. Binds to loopback unless another ``host`` is named.
 
-    ``threads`` (default: every available core) is PyTorch's thread count for the one inference
-    thread. Use 1 where other jobs keep the cores busy: PyTorch's threads wait for each other at
-    every layer, and a 2-thread forward pass of the tiny model went from 1.7 ms to 130 ms on 2 cores
-    shared with a training run (measured 2026-11-25).
+    ``threads`` (default: every available core) is the thread count of the one inference thread's
+    PyTorch and ONNX Runtime. Use 1 where other jobs keep the cores busy: PyTorch's threads wait for
+    each other at every layer, and a 2-thread forward pass of the tiny model went from 1.7 ms to
+    130 ms on 2 cores shared with a training run (measured 2026-11-25). ``backend``: see
+    :class:`~leukodetect.inference.Classifier` (auto: ONNX Runtime on CPU; ``GET /v1/model`` says which).
     """
     import uvicorn
 
-    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, torch_threads=threads)
+    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, torch_threads=threads, backend=backend, log=log)
     if host not in (LOOPBACK, "localhost", "::1"):
         log(f"Listening on {host}: anyone who can reach this machine can upload images; the service has no authentication.")
     log(f"Open http://{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}/ (API description at /docs).")

@@ -175,7 +175,7 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
     )
     if not ctx.is_main:
         return ctx.broadcast(None)
-    clf = Classifier.from_checkpoint(result.best_path)
+    clf = Classifier.from_checkpoint(result.best_path, backend="torch")  # one pass over the test split: an export would not pay
     prob, rows = _predict_rows(clf, prep, test)
     report = write_evaluation(
         out_dir / "test", title=f"{cfg.model.arch}: held-out test split ({cfg.data.protocol} protocol)",
@@ -227,7 +227,7 @@ def _run_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, fold
                 trained_on=[prep.hashes[i] for i in train_all], resume=resume, progress=progress, log=log, dist=ctx,
             )
             if ctx.is_main:
-                prob, _ = _predict_rows(Classifier.from_checkpoint(result.best_path), prep, test)
+                prob, _ = _predict_rows(Classifier.from_checkpoint(result.best_path, backend="torch"), prep, test)
                 write_json(done, {"test": [str(prep.records[i].path) for i in test], "prob_blast": prob.tolist()})
             prob = ctx.broadcast(prob if ctx.is_main else None)
         oof[test], oof_fold[test] = prob, k
