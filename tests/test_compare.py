@@ -246,21 +246,40 @@ def test_cross_metrics_are_those_of_the_fold_averaged_probability(crossed):
                 else run[variant]["metrics"][name]["value"] is None
     assert np.abs(probs["none"] - probs["macenko"]).max() > 1e-4  # normalisation changed what the models saw
 
+    # Control: the run's own out-of-fold predictions, unnormalised (= Table 2) and normalised
+    run_dir = crossed["out"] / "clean" / "tiny"
+    assert run["training_data"]["none"]["metrics"] == json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    with (run_dir / "predictions.csv").open() as fh:
+        held_out = list(csv.DictReader(fh))
+    y_oof, p_oof = [], []
+    for k, clf in enumerate(folds):
+        mine = [r for r in held_out if int(r["fold"]) == k]
+        y_oof += [int(r["label"]) for r in mine]
+        p_oof += [p.prob_blast for p in clf.predict_paths([r["path"] for r in mine], stain=normaliser)]
+    expected = binary_report(np.array(y_oof), np.array(p_oof), threshold=0.5)
+    control = run["training_data"]["macenko"]
+    assert control["n"] == len(held_out) == 29 and control["confusion"] == expected["confusion"]
+    assert control["metrics"]["roc_auc"]["value"] == pytest.approx(expected["metrics"]["roc_auc"]["value"], abs=1e-6)
+    assert control["stain_failed"] == 0 and control["unreadable"] == 0
+
 
 def test_cross_table_is_in_both_reports(crossed):
-    from leukodetect.reporting.compare_report import cross_rows
+    from leukodetect.reporting.compare_report import control_rows, cross_rows
 
     out, cross = crossed["out"], crossed["summary"]["cross_dataset"]
     report, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     rows = cross_rows(cross)
     assert [r[2] for r in rows] == ["none (images as they are)", "Macenko, toward the training stain"]
-    for row in rows:
+    control = control_rows(cross)
+    assert control[0][3] == "29" and control[0][4].startswith(f"{100 * cross['runs'][0]['training_data']['none']['metrics']['accuracy']['value']:.2f}%")
+    for row in rows + control:
         assert "| " + " | ".join(row) + " |" in report
         assert "".join(f"<td>{c}</td>" for c in row[:4]) in page
     for text in (report, html.unescape(page)):
         assert "Cross-dataset check: cnmc" in text
         assert "mean over the fold models (each fold's best.pt) of P(blast)" in text
         assert "Macenko could not normalise 1 of 9 images" in text and "UID_H9_1_1_hem.png" in text
+        assert "Control: the training data, pooled out-of-fold" in text and "clean protocol 0 of 29" in text
 
 
 def test_cross_check_is_reused_on_rerun(crossed):

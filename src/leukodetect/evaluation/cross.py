@@ -6,6 +6,11 @@ Macenko stain-normalised toward the training data (:mod:`leukodetect.data.stain`
 per image is the mean of the fold models' P(blast), called a blast at 0.5 as in Table 2; the
 metrics and their 95% intervals come from :func:`~leukodetect.evaluation.intervals.binary_report`.
 
+Control: the models were trained on images as they are, so the Macenko rows measure the stain
+transfer together with how far normalisation moves any image from what the models learnt. Each run's
+own out-of-fold predictions are therefore repeated on Macenko-normalised training images (each image
+by the fold model that held it out) and shown beside its Table 2 values.
+
 The cross images are decoded, normalised and resized once for all runs (the comparison has one
 image size; each fold model applies its own mean/std). Each run keeps its result in
 ``cross_dataset.json`` beside it, keyed on its fold checkpoints, the cross images and the stain
@@ -116,6 +121,35 @@ def load_cross_images(cross: CrossData, image_size: int) -> CrossImages:
                        stain_failed=failed, stain=stain.describe())
 
 
+class HeldOutImages:
+    """The training data's images, Macenko-normalised and resized once each, shared by every run.
+
+    For the control: the models never saw normalised images, so the cross check's Macenko rows
+    measure the stain transfer together with how far normalisation moves any image from what the
+    models learnt. Scoring the runs' own held-out images normalised the same way shows the second part.
+    """
+
+    def __init__(self, stain: MacenkoStain, image_size: int) -> None:
+        self.stain = stain.fresh()
+        self.resize = EvalPreset(image_size=image_size).resize()
+        self.images: dict[str, torch.Tensor | None] = {}
+        self.failed: set[str] = set()
+
+    def get(self, path: str) -> torch.Tensor | None:
+        """The normalised uint8 (3, S, S) image, or None where the file cannot be read."""
+        if path not in self.images:
+            try:
+                image = open_rgb(path)
+            except BadImageError:
+                self.images[path] = None
+                return None
+            notes: list[str] = []
+            self.images[path] = self.resize(self.stain(image, notes=notes)).as_subclass(torch.Tensor)
+            if notes:
+                self.failed.add(path)
+        return self.images[path]
+
+
 def fold_probabilities(checkpoint: Path, images: torch.Tensor, *, device: str = "auto", batch_size: int = 32) -> np.ndarray:
     """P(blast) of one checkpoint for uint8 images already resized to its input size."""
     from ..inference import Classifier
@@ -129,16 +163,35 @@ def fold_probabilities(checkpoint: Path, images: torch.Tensor, *, device: str = 
                            for i in range(0, len(images), batch_size)])
 
 
-def cross_run(run_dir: Path, folds: int, cross: CrossData, image_size: int, images: Callable[[], CrossImages], *,
-              device: str = "auto") -> dict:
-    """The cross-dataset result of one run, from its cache when nothing it depends on changed.
+def control(result, checkpoints: list[Path], held_out: HeldOutImages, *, device: str = "auto") -> dict:
+    """The run's out-of-fold predictions again, on Macenko-normalised images: each held-out image
+    by the fold model that held it out, pooled and scored like Table 2."""
+    y, prob, paths = [], [], []
+    for k, checkpoint in enumerate(checkpoints):
+        rows = [r for r in result.rows if int(r["fold"]) == k]
+        kept = [(r, t) for r in rows if (t := held_out.get(r["path"])) is not None]
+        if kept:
+            prob.append(fold_probabilities(checkpoint, torch.stack([t for _, t in kept]), device=device))
+            y += [int(r["label"]) for r, _ in kept]
+            paths += [r["path"] for r, _ in kept]
+    report = binary_report(np.array(y, dtype=int), np.concatenate(prob), threshold=THRESHOLD)
+    return {**report, "stain_failed": sum(p in held_out.failed for p in paths), "unreadable": len(result.rows) - len(paths)}
 
-    Writes ``cross_dataset.json`` (metrics per variant, with the key) and ``cross_predictions.csv``
-    (per image: label and the fold-averaged P(blast) of each variant) into ``run_dir``.
+
+def cross_run(result, folds: int, cross: CrossData, image_size: int, images: Callable[[], CrossImages],
+              held_out: Callable[[], HeldOutImages], *, device: str = "auto") -> dict:
+    """The cross-dataset result of one run (a :class:`~leukodetect.evaluation.compare.RunResult`),
+    from its cache when nothing it depends on changed.
+
+    Writes ``cross_dataset.json`` (metrics per variant and the Macenko control, with the key) and
+    ``cross_predictions.csv`` (per image: label and the fold-averaged P(blast) of each variant)
+    into the run folder.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(result.run_dir)
     checkpoints = [run_dir / f"fold_{k}" / "best.pt" for k in range(folds)]
-    key = {**cross.key(image_size), "checkpoints": {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in checkpoints}}
+    held = "\n".join(f"{r['path']}\t{r['label']}\t{r['fold']}" for r in result.rows)
+    key = {**cross.key(image_size), "checkpoints": {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in checkpoints},
+           "held_out": hashlib.sha256(held.encode()).hexdigest()}
     path = run_dir / "cross_dataset.json"
     if path.exists():
         try:
@@ -150,7 +203,7 @@ def cross_run(run_dir: Path, folds: int, cross: CrossData, image_size: int, imag
     loaded = images()
     y = np.array([r.label for r in loaded.records], dtype=int)
     prob = {v: np.mean([fold_probabilities(c, loaded.tensors[v], device=device) for c in checkpoints], axis=0) for v in VARIANTS}
-    result = {
+    out = {
         "folds": folds,
         "n": len(loaded.records),
         "unreadable": loaded.unreadable,
@@ -158,6 +211,7 @@ def cross_run(run_dir: Path, folds: int, cross: CrossData, image_size: int, imag
         "stain": loaded.stain,
         **{v: binary_report(y, prob[v], threshold=THRESHOLD) for v in VARIANTS},
         "predictions": str(run_dir / "cross_predictions.csv"),
+        "training_data_macenko": control(result, checkpoints, held_out(), device=device),
     }
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -166,24 +220,32 @@ def cross_run(run_dir: Path, folds: int, cross: CrossData, image_size: int, imag
     for i, r in enumerate(loaded.records):
         writer.writerow([r.path, r.label, *(f"{prob[v][i]:.6f}" for v in VARIANTS), int(str(r.path) not in failed)])
     atomic_write_text(run_dir / "cross_predictions.csv", buf.getvalue())
-    write_json(path, {"key": key, "result": result})
-    return result
+    write_json(path, {"key": key, "result": out})
+    return out
 
 
 def cross_summary(cross: CrossData, results, *, folds: int, image_size: int, device: str = "auto", log=print) -> dict:
     """Run (or reuse) the cross-dataset check of every run; the ``cross_dataset`` entry of comparison.json."""
-    cache: list[CrossImages] = []
+    cache: dict[str, object] = {}
 
     def images() -> CrossImages:
-        if not cache:
+        if "cross" not in cache:
             log(f"Cross-dataset check: reading and stain-normalising {len(cross.records)} images of {cross.path}.")
-            cache.append(load_cross_images(cross, image_size))
-        return cache[0]
+            cache["cross"] = load_cross_images(cross, image_size)
+        return cache["cross"]
+
+    def held_out() -> HeldOutImages:
+        if "held_out" not in cache:
+            log("Cross-dataset check, control: stain-normalising the training data's held-out images.")
+            cache["held_out"] = HeldOutImages(cross.stain, image_size)
+        return cache["held_out"]
 
     runs = []
     for r in results:
-        one = cross_run(r.run_dir, folds, cross, image_size, images, device=device)
-        runs.append({"protocol": r.protocol, "arch": r.arch, **one})
+        one = dict(cross_run(r, folds, cross, image_size, images, held_out, device=device))
+        normalised = one.pop("training_data_macenko")
+        as_run = {k: r.metrics[k] for k in ("n", "confusion", "metrics")}  # Table 2's pooled values, unnormalised
+        runs.append({"protocol": r.protocol, "arch": r.arch, **one, "training_data": {"none": as_run, "macenko": normalised}})
     first = runs[0]
     stain = dict(first["stain"], default_reference=cross.default_reference,
                  failed_images=first["stain_failed_images"])
