@@ -122,3 +122,63 @@ def crop_checkpoint(tiny_tree, tmp_path_factory):
     bundle["detection"] = {"crop_factor": 3.0}
     save_checkpoint(bundle, result.best_path)
     return result.best_path
+
+
+class StainedCells:
+    """Synthetic cells drawn by Beer-Lambert from two stain vectors (optical density per R, G, B).
+
+    Nucleus mostly stain 1, cytoplasm and a red-cell-like surround mostly stain 2, with concentration
+    noise; outside the cell black (segmented data, as C-NMC) or light plasma. REFERENCE looks like
+    ALL-IDB2's May-Grünwald-Giemsa (purple nucleus, pink red cells); OTHER is another lab's, bluer,
+    with an orange counterstain; CNMC_LIKE has a nucleus stain with less red density than its
+    cytoplasm's, as in C-NMC.
+    """
+
+    IO = 240
+    REFERENCE = np.array([[0.39, 0.89, 0.25], [0.25, 0.65, 0.72]]).T
+    OTHER = np.array([[0.70, 0.66, 0.27], [0.08, 0.45, 0.89]]).T
+    CNMC_LIKE = np.array([[0.49, 0.80, 0.33], [0.59, 0.68, 0.44]]).T
+
+    @classmethod
+    def cell(cls, stains: np.ndarray, *, size: int = 64, seed: int = 0, black_background: bool = False,
+             pad: int = 0, nucleus: float = 0.22) -> Image.Image:
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:size, :size]
+        r = np.hypot(yy - size / 2, xx - size / 2)
+        inner, cell = r < size * nucleus, r < size * 0.4
+        c1 = np.where(inner, 1.5, np.where(cell, 0.25, 0.05)) + rng.normal(0, 0.12, r.shape)
+        c2 = np.where(inner, 0.2, np.where(cell, 0.8, 0.45 * (np.sin(xx / 3) > 0))) + rng.normal(0, 0.12, r.shape)
+        od = np.clip(np.stack([c1, c2], -1), 0, None) @ stains.T
+        rgb = np.clip(cls.IO * np.exp(-od), 0, 255).astype(np.uint8)
+        if black_background:
+            rgb[~cell] = 0
+        if pad:
+            rgb = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)))
+        return Image.fromarray(rgb)
+
+    @staticmethod
+    def nucleus_mask(size: int = 64) -> np.ndarray:
+        """Pixels well inside the nucleus of a default cell."""
+        yy, xx = np.mgrid[:size, :size]
+        return np.hypot(yy - size / 2, xx - size / 2) < size * 0.18
+
+
+@pytest.fixture(scope="session")
+def stained() -> type[StainedCells]:
+    return StainedCells
+
+
+@pytest.fixture(scope="session")
+def other_lab(tmp_path_factory) -> Path:
+    """Another lab's cells in the C-NMC layout, in OTHER's stain on black (4 blast, 4 normal, larger
+    nuclei for blasts), plus one all-black image that stain normalisation cannot handle."""
+    root = tmp_path_factory.mktemp("other-lab") / "cnmc"
+    for name in ("all", "hem"):
+        (root / name).mkdir(parents=True)
+    for i in range(4):
+        StainedCells.cell(StainedCells.OTHER, size=32, seed=10 + i, black_background=True, nucleus=0.34).save(
+            root / "all" / f"UID_{i}_1_1_all.png")
+        StainedCells.cell(StainedCells.OTHER, size=32, seed=20 + i, black_background=True, nucleus=0.18).save(
+            root / "hem" / f"UID_H{i}_1_1_hem.png")
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(root / "hem" / "UID_H9_1_1_hem.png")
+    return root

@@ -1,8 +1,10 @@
 """``leukodetect compare`` end to end on the tiny models: report, table, inflation, resume, refusal."""
 
+import html
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -181,3 +183,118 @@ def test_gallery_selection_takes_confident_correct_cells_and_every_mistake():
     picked = gallery_selection(rows, n_correct=1)
     assert [r["path"] for r in picked["correct"]] == ["b1", "n1"]
     assert [r["path"] for r in picked["misclassified"]] == ["n3", "b3", "n4"]
+
+
+# --- compare --cross-data: another lab's images, without and with stain normalisation --------------
+
+
+@pytest.fixture(scope="module")
+def crossed(tiny_tree, other_lab, tmp_path_factory):
+    """A finished one-architecture comparison, then the same command with --cross-data added."""
+    out = tmp_path_factory.mktemp("cross") / "table2"
+    args = ("compare", "--data", tiny_tree, "--out", out, "--archs", "tiny", "--protocol", "clean", "--folds", 2,
+            "--epochs", 1, "--image-size", 24, "--batch-size", 8, "--lr", 0.01)
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    best = {p: p.stat().st_mtime_ns for p in out.glob("clean/tiny/fold_*/best.pt")}
+    result = invoke(*args, "--cross-data", other_lab)
+    assert result.exit_code == 0, result.output
+    return {"out": out, "args": (*args, "--cross-data", other_lab), "data": tiny_tree, "cross_data": other_lab,
+            "best_before": best, "output": result.output, "summary": json.loads((out / "comparison.json").read_text())}
+
+
+def test_adding_cross_data_does_not_retrain(crossed):
+    out = crossed["out"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("clean/tiny/fold_*/best.pt")} == crossed["best_before"]
+    assert "already finished" in crossed["output"]
+    assert "Cross-dataset check on" in crossed["output"]  # the command's own table
+
+
+def test_cross_metrics_are_those_of_the_fold_averaged_probability(crossed):
+    import csv
+
+    from leukodetect.data.indexers import index_dataset
+    from leukodetect.data.stain import MacenkoStain, pick_evenly
+    from leukodetect.evaluation.intervals import binary_report
+    from leukodetect.inference import Classifier
+
+    cross = crossed["summary"]["cross_dataset"]
+    stain = cross["stain_normalization"]
+    assert cross["n"] == 9 and cross["unreadable"] == [] and cross["threshold"] == 0.5
+    assert (stain["normalised"], stain["failed"]) == (8, 1) and stain["failed_images"][0].endswith("UID_H9_1_1_hem.png")
+    # default reference: 8 images evenly spaced over the training data
+    assert stain["default_reference"] and stain["reference"] == [str(p) for p in pick_evenly(sorted(r.path for r in index_dataset(crossed["data"])), 8)]
+    [run] = cross["runs"]
+    assert (run["protocol"], run["arch"], run["folds"]) == ("clean", "tiny", 2)
+
+    records = index_dataset(crossed["cross_data"])
+    paths, y = [r.path for r in records], np.array([r.label for r in records])
+    with open(run["predictions"]) as fh:
+        stored = {r["path"]: r for r in csv.DictReader(fh)}
+    assert set(stored) == {str(p) for p in paths}
+    normaliser = MacenkoStain.from_paths(stain["reference"])
+    folds = [Classifier.from_checkpoint(crossed["out"] / "clean" / "tiny" / f"fold_{k}" / "best.pt") for k in range(2)]
+    probs = {}
+    for variant, with_stain in (("none", None), ("macenko", normaliser)):
+        # each fold model predicts through the ordinary path; the check averages them
+        probs[variant] = np.mean([[p.prob_blast for p in clf.predict_paths(paths, stain=with_stain)] for clf in folds], axis=0)
+        assert [float(stored[str(p)][f"prob_blast_{variant}"]) for p in paths] == pytest.approx(probs[variant].tolist(), abs=1e-5)
+        expected = binary_report(y, probs[variant], threshold=0.5)
+        assert run[variant]["confusion"] == expected["confusion"]
+        for name, entry in expected["metrics"].items():
+            assert run[variant]["metrics"][name]["value"] == pytest.approx(entry["value"], abs=1e-6) if entry["value"] is not None \
+                else run[variant]["metrics"][name]["value"] is None
+    assert np.abs(probs["none"] - probs["macenko"]).max() > 1e-4  # normalisation changed what the models saw
+
+    # Control: the run's own out-of-fold predictions, unnormalised (= Table 2) and normalised
+    run_dir = crossed["out"] / "clean" / "tiny"
+    assert run["training_data"]["none"]["metrics"] == json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    with (run_dir / "predictions.csv").open() as fh:
+        held_out = list(csv.DictReader(fh))
+    y_oof, p_oof = [], []
+    for k, clf in enumerate(folds):
+        mine = [r for r in held_out if int(r["fold"]) == k]
+        y_oof += [int(r["label"]) for r in mine]
+        p_oof += [p.prob_blast for p in clf.predict_paths([r["path"] for r in mine], stain=normaliser)]
+    expected = binary_report(np.array(y_oof), np.array(p_oof), threshold=0.5)
+    control = run["training_data"]["macenko"]
+    assert control["n"] == len(held_out) == 29 and control["confusion"] == expected["confusion"]
+    assert control["metrics"]["roc_auc"]["value"] == pytest.approx(expected["metrics"]["roc_auc"]["value"], abs=1e-6)
+    assert control["stain_failed"] == 0 and control["unreadable"] == 0
+
+
+def test_cross_table_is_in_both_reports(crossed):
+    from leukodetect.reporting.compare_report import control_rows, cross_rows
+
+    out, cross = crossed["out"], crossed["summary"]["cross_dataset"]
+    report, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    rows = cross_rows(cross)
+    assert [r[2] for r in rows] == ["none (images as they are)", "Macenko, toward the training stain"]
+    control = control_rows(cross)
+    assert control[0][3] == "29" and control[0][4].startswith(f"{100 * cross['runs'][0]['training_data']['none']['metrics']['accuracy']['value']:.2f}%")
+    for row in rows + control:
+        assert "| " + " | ".join(row) + " |" in report
+        assert "".join(f"<td>{c}</td>" for c in row[:4]) in page
+    for text in (report, html.unescape(page)):
+        assert "Cross-dataset check: cnmc" in text
+        assert "mean over the fold models (each fold's best.pt) of P(blast)" in text
+        assert "Macenko could not normalise 1 of 9 images" in text and "UID_H9_1_1_hem.png" in text
+        assert "Control: the training data, pooled out-of-fold" in text and "clean protocol 0 of 29" in text
+
+
+def test_cross_check_is_reused_on_rerun(crossed):
+    out = crossed["out"]
+    cached = out / "clean" / "tiny" / "cross_dataset.json"
+    stamp = cached.stat().st_mtime_ns
+    result = invoke(*crossed["args"])
+    assert result.exit_code == 0, result.output
+    assert cached.stat().st_mtime_ns == stamp and "stain-normalising" not in result.output
+    assert json.loads((out / "comparison.json").read_text())["cross_dataset"] == crossed["summary"]["cross_dataset"]
+
+
+def test_bad_cross_options_are_one_sentence_before_any_training(tiny_tree, tmp_path):
+    result = invoke("compare", "--data", tiny_tree, "--out", tmp_path / "a", "--archs", "tiny", "--cross-data", tmp_path / "nope")
+    assert result.exit_code == 2 and "Cross data" in result.output and "does not exist" in result.output
+    result = invoke("compare", "--data", tiny_tree, "--out", tmp_path / "b", "--archs", "tiny", "--stain-reference", tiny_tree)
+    assert result.exit_code == 2 and "add --cross-data" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

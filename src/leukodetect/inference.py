@@ -63,8 +63,12 @@ class ImageClassifier:
     def call(self, prob: float) -> str:
         return self.class_names[1] if prob >= self.threshold else self.class_names[0]
 
-    def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False) -> list[Prediction]:
-        """Classify files; an unreadable file gets an error entry and the others go on."""
+    def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False, stain=None) -> list[Prediction]:
+        """Classify files; an unreadable file gets an error entry and the others go on.
+
+        ``stain`` (e.g. a :class:`~leukodetect.data.stain.MacenkoStain`) re-renders each decoded image
+        before the model's own preprocessing; it notes, never raises, where it cannot.
+        """
         results = [Prediction(path=str(p)) for p in paths]
         pending: list[tuple[int, torch.Tensor]] = []
 
@@ -83,6 +87,8 @@ class ImageClassifier:
             except BadImageError as exc:
                 results[i].error = str(exc)
                 continue
+            if stain is not None:
+                image = stain(image, notes=results[i].notes)
             pending.append((i, self.preset(image)))
             if len(pending) >= batch_size:
                 flush()

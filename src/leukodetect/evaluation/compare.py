@@ -9,8 +9,9 @@ not retrained) and a different command pointed at the same folder is refused.
 Then, per run: pooled out-of-fold metrics with their 95% intervals and the fold mean ± sd (both
 read from the run's ``metrics.json``, never recomputed differently), parameter count, forward
 GFLOPs, training time, inference time, calibration; for ``both`` protocols, how much the paper's
-protocol inflates each metric. :func:`run_comparison` writes ``comparison.json`` and hands the
-figures and the report to :mod:`leukodetect.reporting.compare_report`.
+protocol inflates each metric; with ``--cross-data``, how each run's fold models do on another
+lab's images, without and with stain normalisation (:mod:`.cross`). :func:`run_comparison` writes
+``comparison.json`` and hands the figures and the report to :mod:`leukodetect.reporting.compare_report`.
 """
 
 from __future__ import annotations
@@ -417,6 +418,8 @@ def run_comparison(
     command: str = "",
     progress: bool = True,
     gradcam: bool = True,
+    cross_data: Path | None = None,
+    stain_reference: Path | None = None,
     log=print,
 ) -> dict:
     """Cross-validate every architecture under every protocol with one seed, then write the report.
@@ -426,6 +429,10 @@ def run_comparison(
             ``data.protocol`` are replaced per run.
         archs: architecture names; the first gets the Grad-CAM gallery.
         protocols: a subset of ("clean", "paper").
+        cross_data: a labelled data set from another lab: every run's fold models predict it,
+            without and with Macenko stain normalisation (:mod:`leukodetect.evaluation.cross`).
+        stain_reference: an image or folder of the training domain to normalise toward (default:
+            a few images of ``cfg.data.path``).
 
     Returns:
         the dict written to ``OUT/comparison.json``, with ``report`` (the report paths) added.
@@ -441,6 +448,14 @@ def run_comparison(
     cfg = RunConfig.from_dict(cfg.to_dict())
     cfg.data.path = str(Path(cfg.data.path).absolute())
     out_dir = Path(out_dir).absolute()
+    cross = None
+    if cross_data is not None:  # checked and fitted first: a bad path should not wait for hours of training
+        from .cross import prepare_cross_data
+
+        cross = prepare_cross_data(cross_data, training_data=Path(cfg.data.path), training_format=cfg.data.format,
+                                   stain_reference=stain_reference)
+    elif stain_reference is not None:
+        raise LeukoError("--stain-reference is used by the cross-dataset check only: add --cross-data, or drop --stain-reference.")
     settings = comparison_settings(cfg, archs=archs, protocols=protocols, folds=folds)
     resuming = check_or_store_settings(out_dir, settings, command)
     if resuming:
@@ -477,6 +492,11 @@ def run_comparison(
         for r in results:
             if r.arch == archs[0]:
                 galleries[r.protocol] = explain_gallery(r, out_dir / "figures" / "gradcam" / r.protocol)
+    cross_entry = None
+    if cross is not None:
+        from .cross import cross_summary
+
+        cross_entry = cross_summary(cross, results, folds=folds, image_size=cfg.data.image_size, device=cfg.train.device, log=log)
     summary = {
         "settings": settings,
         "runs": [r.summary() for r in results],
@@ -486,6 +506,8 @@ def run_comparison(
         "gradcam": {p: {kind: [{k: i.get(k) for k in ("path", "label", "fold", "prob_blast", "overlay", "error")} for i in items]
                         for kind, items in g.items()} for p, g in galleries.items()},
     }
+    if cross_entry is not None:
+        summary["cross_dataset"] = cross_entry
     write_json(out_dir / "comparison.json", summary)
     summary["report"] = [str(p) for p in write_compare_report(out_dir, summary, results, galleries, command=command)]
     return summary

@@ -81,6 +81,7 @@ def evaluate_checkpoint(
     backend: str = "auto",
     command: str = "",
     progress: bool = True,
+    stain=None,
     log=print,
 ) -> dict:
     """Evaluate a checkpoint on a labelled data set.
@@ -88,6 +89,8 @@ def evaluate_checkpoint(
     Images the checkpoint was trained or validated on (recognised by pixel hash) are left out unless
     ``include_training``: scoring a model on its own training images is what inflates published
     figures. ``backend`` is :class:`~leukodetect.inference.Classifier`'s (auto: ONNX Runtime on CPU).
+    With ``stain`` (a :class:`~leukodetect.data.stain.MacenkoStain`), every image is
+    stain-normalised first; ``metrics.json`` then says how many images it could not normalise.
     """
     clf = Classifier.from_checkpoint(checkpoint, backend=backend, log=log)
     records = [r for r in index_dataset(data, fmt) if r.label is not None]
@@ -102,7 +105,7 @@ def evaluate_checkpoint(
         records = [r for r in records if hashes[r.path] not in trained_on]
     if not records:
         raise LeukoError(f"Every image in {data} was used to train this model: evaluate on held-out images.")
-    preds = clf.predict_paths([r.path for r in records], progress=progress)
+    preds = clf.predict_paths([r.path for r in records], progress=progress, stain=stain)
     bad = [p for p in preds if p.error]
     for p in bad:
         log(f"skipped: {p.error}")
@@ -110,6 +113,17 @@ def evaluate_checkpoint(
     if not good:
         raise LeukoError(f"No image in {data} could be read: run 'leukodetect data check {data}'.")
     rows = [{"path": str(r.path), "label": r.label, "prob_blast": p.prob_blast, "predicted": int(p.prob_blast >= clf.threshold)} for r, p in good]
+    extra = {"excluded_trained_on": len(seen) if not include_training else 0, "unreadable": len(bad)}
+    facts = {"command": command, "checkpoint": str(checkpoint), "data": str(data), "architecture": clf.bundle["arch"]}
+    if stain is not None:
+        extra["stain_normalization"] = stain.describe()
+        facts["stain normalisation"] = (f"{stain.method}, fitted on {len(stain.reference)} reference image(s); "
+                                        f"{stain.failed} of {len(good)} images could not be normalised and were scored as they are")
+        if stain.failed:
+            log(f"Stain normalisation failed on {stain.failed} of {len(good)} images; they were scored unnormalised "
+                "(see the notes in predictions.csv).")
+        for r, p in zip(rows, (p for _, p in good)):
+            r["notes"] = " ".join(p.notes)
     return write_evaluation(
         out_dir,
         title=f"Evaluation of {Path(checkpoint).name} on {Path(data).name}",
@@ -118,6 +132,6 @@ def evaluate_checkpoint(
         threshold=clf.threshold,
         rows=rows,
         history=clf.bundle.get("history"),
-        facts={"command": command, "checkpoint": str(checkpoint), "data": str(data), "architecture": clf.bundle["arch"]},
-        extra={"excluded_trained_on": len(seen) if not include_training else 0, "unreadable": len(bad)},
+        facts=facts,
+        extra=extra,
     )
