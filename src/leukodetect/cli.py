@@ -57,6 +57,11 @@ DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
 FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
 GroupByOpt = typer.Option(None, "--group-by", help="default, or source: ALL-IDB2 crops of one ALL-IDB1 photograph stay together.")
 AllIdb1Opt = typer.Option(None, "--allidb1", help="ALL-IDB1 folder for --group-by source (default: found beside --data).")
+DevicesOpt = typer.Option(
+    "auto", "--devices",
+    help="Train folds at the same time, one worker process per device: auto (every GPU when there are two or more, "
+         "not under torchrun), off, or a list such as cuda:0,cuda:1 (cpu,cpu also works).",
+)
 
 
 def _config(config: Optional[Path], **overrides):
@@ -136,6 +141,7 @@ def cv(
     device: Optional[str] = typer.Option(None),
     precision: Optional[str] = typer.Option(None),
     workers: Optional[int] = typer.Option(None),
+    devices: str = DevicesOpt,
     config: Optional[Path] = typer.Option(None),
     resume: bool = typer.Option(False, help="Keep finished folds and continue."),
     as_json: bool = typer.Option(False, "--json"),
@@ -146,7 +152,7 @@ def cv(
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
                   lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   seed=seed, device=device, precision=precision, num_workers=workers)
-    result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), log=_log)
+    result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), devices=devices, log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
 
 
@@ -330,6 +336,7 @@ def compare(
     allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
     device: Optional[str] = typer.Option(None),
+    devices: str = DevicesOpt,
     config: Optional[Path] = typer.Option(None, help="YAML with defaults (e.g. data: {paper_total: 2470})."),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -340,7 +347,7 @@ def compare(
     cfg = _config(config, path=data, format=fmt, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                   seed=seed, group_by=group_by, allidb1=allidb1, device=device)
     result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocol), folds=folds,
-                            command=_command_line(), progress=_progress(), log=_log)
+                            command=_command_line(), progress=_progress(), devices=devices, log=_log)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
