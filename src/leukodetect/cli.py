@@ -61,6 +61,11 @@ BackendOpt = typer.Option("auto", "--backend", help="What runs the network: auto
                           "checkpoint and cached; PyTorch on GPU), torch or onnx. Both agree within 1e-4 in P(blast).")
 StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a folder (8 images evenly spaced over its sorted files "
                                  "are used), of the model's training data: the stain to normalise toward.")
+DevicesOpt = typer.Option(
+    "auto", "--devices",
+    help="Train folds at the same time, one worker process per device: auto (every GPU when there are two or more, "
+         "not under torchrun), off, or a list such as cuda:0,cuda:1 (cpu,cpu also works).",
+)
 
 
 def _config(config: Optional[Path], **overrides):
@@ -140,6 +145,7 @@ def cv(
     device: Optional[str] = typer.Option(None),
     precision: Optional[str] = typer.Option(None),
     workers: Optional[int] = typer.Option(None),
+    devices: str = DevicesOpt,
     config: Optional[Path] = typer.Option(None),
     resume: bool = typer.Option(False, help="Keep finished folds and continue."),
     as_json: bool = typer.Option(False, "--json"),
@@ -150,7 +156,7 @@ def cv(
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
                   lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   seed=seed, device=device, precision=precision, num_workers=workers)
-    result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), log=_log)
+    result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), devices=devices, log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
 
 
@@ -340,6 +346,7 @@ def compare(
     allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
     device: Optional[str] = typer.Option(None),
+    devices: str = DevicesOpt,
     config: Optional[Path] = typer.Option(None, help="YAML with defaults (e.g. data: {paper_total: 2470})."),
     cross_data: Optional[Path] = typer.Option(None, "--cross-data", help="Labelled images from another lab (e.g. C-NMC): every "
                                               "run's fold models predict them, without and with Macenko stain normalisation."),
@@ -354,7 +361,8 @@ def compare(
     cfg = _config(config, path=data, format=fmt, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                   seed=seed, group_by=group_by, allidb1=allidb1, device=device)
     result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocol), folds=folds,
-                            command=_command_line(), progress=_progress(), cross_data=cross_data, stain_reference=stain_reference, log=_log)
+                            command=_command_line(), progress=_progress(), cross_data=cross_data, stain_reference=stain_reference,
+                            devices=devices, log=_log)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return

@@ -4,7 +4,8 @@ One :func:`~leukodetect.training.workflows.run_cv` per (protocol, architecture) 
 ``OUT/<protocol>/<arch>/``, all with one seed, so every architecture sees the same folds, the same
 augmentation and the same number of epochs. The resolved settings are stored in ``OUT/compare.json``:
 rerunning the same command continues where it stopped (finished runs are reused, finished folds are
-not retrained) and a different command pointed at the same folder is refused.
+not retrained) and a different command pointed at the same folder is refused. With several GPUs
+(``--devices``) the folds of all runs train at the same time, one per GPU.
 
 Then, per run: pooled out-of-fold metrics with their 95% intervals and the fold mean ± sd (both
 read from the run's ``metrics.json``, never recomputed differently), parameter count, forward
@@ -420,6 +421,7 @@ def run_comparison(
     gradcam: bool = True,
     cross_data: Path | None = None,
     stain_reference: Path | None = None,
+    devices: str | None = "auto",
     log=print,
 ) -> dict:
     """Cross-validate every architecture under every protocol with one seed, then write the report.
@@ -433,16 +435,20 @@ def run_comparison(
             without and with Macenko stain normalisation (:mod:`leukodetect.evaluation.cross`).
         stain_reference: an image or folder of the training domain to normalise toward (default:
             a few images of ``cfg.data.path``).
+        devices: ``auto``, ``off`` or a device list (:func:`~leukodetect.training.parallel.parse_devices`);
+            with several devices the folds of every run go into one pool, one worker per device.
 
     Returns:
         the dict written to ``OUT/comparison.json``, with ``report`` (the report paths) added.
     """
     from ..reporting.compare_report import write_compare_report
-    from ..training.workflows import run_cv
+    from ..training.parallel import parse_devices
+    from ..training.workflows import finish_cv, run_cv, start_cv, train_folds_on_devices
 
     archs, protocols = parse_archs(list(archs)), tuple(protocols)
     for p in protocols:
         parse_protocols(p)
+    parallel_devices = parse_devices(devices, device=cfg.train.device)
     if not Path(cfg.data.path).exists():
         raise LeukoError(f"Data {cfg.data.path} does not exist: pass an image folder or a CSV manifest to --data.")
     cfg = RunConfig.from_dict(cfg.to_dict())
@@ -461,7 +467,9 @@ def run_comparison(
     if resuming:
         log(f"Continuing the comparison in {out_dir}.")
 
-    results = []
+    # With several devices every run is prepared and planned here first (the paper protocol's
+    # expansion written once, in this process), then all their folds share one pool of workers.
+    planned = []
     for protocol in protocols:
         first_run = None
         for arch in archs:
@@ -476,8 +484,21 @@ def run_comparison(
                 log(f"{arch} ({protocol} protocol): {folds}-fold cross-validation into {run_dir}.")
                 if protocol == "paper":
                     _share_paper_expansion(run_dir, first_run, log)
-                run_cv(one, run_dir, folds=folds, resume=started, progress=progress, command=command, log=log)
+                if parallel_devices:
+                    planned.append(start_cv(one, run_dir, folds=folds, resume=started, log=log))
+                else:
+                    run_cv(one, run_dir, folds=folds, resume=started, progress=progress, command=command, devices="off", log=log)
             first_run = first_run or run_dir
+    if planned:
+        train_folds_on_devices([job for run in planned for job in run.todo], parallel_devices,
+                               hint="rerun the same command to train only those", log=log)
+        for run in planned:
+            finish_cv(run, command=command)
+
+    results = []
+    for protocol in protocols:
+        for arch in archs:
+            run_dir = out_dir / protocol / arch
             result = read_run(run_dir, protocol=protocol, arch=arch, folds=folds)
             result.cost = run_cost(result, cfg.data.image_size, device=cfg.train.device)
             result.calibration = calibration_summary(result.y_true, result.prob)

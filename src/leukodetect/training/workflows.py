@@ -7,12 +7,16 @@ figures are inflated because copies of one cell sit on both sides, and the run s
 
 Under ``torchrun`` every rank runs these jobs: rank 0 decides (is the folder free? which split?),
 writes every file and scores the held-out images; the other ranks train with it and return its result.
+Without torchrun, the folds of ``cv`` may instead train at the same time on several devices
+(:mod:`.parallel`): the parent prepares the data and plans the folds, worker processes train them,
+and the parent pools the ``predictions.json`` they write.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from ..evaluation.evaluate import write_evaluation
 from ..evaluation.intervals import binary_report, summarize_folds
 from ..inference import Classifier
 from ..utils import write_json
-from . import distributed
+from . import distributed, parallel
 from .fit import local_batch_size, train_model
 
 
@@ -186,18 +190,70 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
     return ctx.broadcast({"out_dir": str(out_dir), "checkpoint": str(result.best_path), "test": report})
 
 
-def run_cv(cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
+def run_cv(
+    cfg: RunConfig, out_dir: Path, *, folds: int = 5, resume: bool = False, progress: bool = True, command: str = "",
+    devices: str | None = "auto", log=print,
+) -> dict:
     """Stratified group k-fold: every image is predicted exactly once, by a model that never saw it.
 
     Each fold's training part is split again (whole groups) into training and validation for
     model selection. Finished folds are kept: with ``resume`` an interrupted run continues.
     Under torchrun the folds run one after another, each on every rank.
+
+    Args:
+        devices: where the folds train (:func:`.parallel.parse_devices`): ``auto`` trains them at
+            the same time, one per GPU, when several GPUs are visible; ``off`` one after another.
     """
     with distributed.session(cfg.train.device) as ctx:
-        return _run_cv(cfg, Path(out_dir), ctx, folds=folds, resume=resume, progress=progress, command=command, log=log if ctx.is_main else _quiet)
+        log = log if ctx.is_main else _quiet
+        parallel_devices = parallel.parse_devices(devices, device=cfg.train.device)
+        run = start_cv(cfg, Path(out_dir), ctx, folds=folds, resume=resume, log=log)
+        if parallel_devices:
+            train_folds_on_devices(run.todo, parallel_devices, hint="rerun with --resume to train only those", log=log)
+        else:
+            for job in run.todo:
+                train_fold(job, ctx, progress=progress, log=log)
+        return finish_cv(run, ctx, command=command)
 
 
-def _run_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, folds: int, resume: bool, progress: bool, command: str, log) -> dict:
+@dataclass
+class FoldJob:
+    """One fold of a cross-validation run: train on ``train``, select on ``val``, score ``test``.
+
+    Self-contained (records, not indices into a prepared data set), so a worker process can run it
+    without indexing or expanding the data again. Its result is ``fold_dir/predictions.json``.
+    """
+
+    cfg: RunConfig
+    fold_dir: Path
+    fold: int
+    folds: int
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+    trained_on: list[str]  # pixel hashes of the training and validation images
+    resume: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.fold_dir} ({self.cfg.model.arch}, {self.cfg.data.protocol} protocol)"
+
+
+@dataclass
+class CvRun:
+    """A cross-validation run whose data is prepared and whose folds are planned."""
+
+    cfg: RunConfig
+    out_dir: Path
+    folds: int
+    prep: Prepared
+    plan: list  # (train_all, test) index arrays per fold
+    todo: list[FoldJob]  # the folds still to train
+
+
+def start_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext | None = None, *, folds: int, resume: bool, log=print) -> CvRun:
+    """Prepare the data (the paper protocol's expansion too), plan the folds, list those not finished."""
+    ctx = ctx or distributed.DistContext()
     local_batch_size(cfg.train.batch_size, ctx)
     if ctx.broadcast((out_dir / "cv_plan.json").exists()) and not resume:
         raise LeukoError(f"{out_dir} already holds a cross-validation run: pass --resume to continue it or choose another --out.")
@@ -208,28 +264,69 @@ def _run_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, fold
     plan = kfold_indices(labels, groups, folds=folds, seed=cfg.train.seed)
     if ctx.is_main:
         write_json(out_dir / "cv_plan.json", {"folds": folds, "protocol": cfg.data.protocol, "test": [[str(prep.records[i].path) for i in te] for _, te in plan]})
+    todo = []
+    for k, (train_all, test) in enumerate(plan):
+        fold_dir = out_dir / f"fold_{k}"
+        if resume and ctx.broadcast((fold_dir / "predictions.json").exists()):
+            log(f"Fold {k}: already finished, reusing its predictions.")
+            continue
+        inner_train, inner_val = holdout_indices(labels[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
+        todo.append(FoldJob(
+            cfg=cfg, fold_dir=fold_dir, fold=k, folds=folds,
+            train=[prep.records[i] for i in train_all[inner_train]], val=[prep.records[i] for i in train_all[inner_val]],
+            test=[prep.records[i] for i in test], trained_on=[prep.hashes[i] for i in train_all], resume=resume,
+        ))
+    return CvRun(cfg=cfg, out_dir=out_dir, folds=folds, prep=prep, plan=plan, todo=todo)
 
+
+def train_fold(job: FoldJob, ctx: distributed.DistContext | None = None, *, progress: bool = True, log=print) -> None:
+    """Train one fold and write the held-out images' probabilities to ``fold_dir/predictions.json``."""
+    ctx = ctx or distributed.DistContext()
+    log(f"Fold {job.fold + 1}/{job.folds}: {len(job.train)} train, {len(job.val)} validation, {len(job.test)} test images.")
+    result = train_model(job.cfg, job.train, job.val, job.fold_dir, trained_on=job.trained_on, resume=job.resume,
+                         progress=progress, log=log, dist=ctx)
+    if ctx.is_main:
+        preds = Classifier.from_checkpoint(result.best_path, backend="torch").predict_paths([r.path for r in job.test])
+        prob = np.array([p.prob_blast for p in preds], dtype=float)
+        write_json(job.fold_dir / "predictions.json", {"test": [str(r.path) for r in job.test], "prob_blast": prob.tolist()})
+    ctx.barrier()
+
+
+def _train_fold_on(job: FoldJob, device: str) -> None:
+    """A worker process's job: the fold on this worker's device, its log lines prefixed with its name."""
+    cfg = RunConfig.from_dict(job.cfg.to_dict())
+    cfg.train.device = device
+    prefix = f"[{device}] {job.cfg.model.arch}, {job.cfg.data.protocol}, fold {job.fold}:"
+
+    def log(message: str) -> None:  # one write per line, so the workers' lines do not interleave
+        sys.stderr.write(f"{prefix} {message}\n")
+        sys.stderr.flush()
+
+    train_fold(dataclasses.replace(job, cfg=cfg), progress=False, log=log)
+
+
+def train_folds_on_devices(jobs: list[FoldJob], devices: list[str], *, hint: str, log=print) -> None:
+    """Train the folds at the same time, one worker process per device; raise naming any that failed.
+
+    Finished folds keep their ``predictions.json`` whatever happens to the others, so ``hint``
+    (how to rerun) trains only what is missing.
+    """
+    failed = parallel.run_on_devices(_train_fold_on, jobs, devices, names=[j.name for j in jobs], log=log)
+    if failed:
+        raise LeukoError(f"{len(failed)} of {len(jobs)} folds failed: {'; '.join(failed)}; the other folds are saved, so {hint}.")
+
+
+def finish_cv(run: CvRun, ctx: distributed.DistContext | None = None, *, command: str = "") -> dict:
+    """Pool every fold's predictions.json into out-of-fold metrics, the per-fold summary and the report."""
+    ctx = ctx or distributed.DistContext()
+    cfg, out_dir, folds, prep = run.cfg, run.out_dir, run.folds, run.prep
+    labels = _labels(prep)
     oof = np.full(len(labels), np.nan)
     oof_fold = np.full(len(labels), -1)
     per_fold, fold_rows = [], []
-    for k, (train_all, test) in enumerate(plan):
-        fold_dir = out_dir / f"fold_{k}"
-        done = fold_dir / "predictions.json"
-        if resume and ctx.broadcast(done.exists()):
-            log(f"Fold {k}: already finished, reusing its predictions.")
-            prob = ctx.broadcast(np.array(json.loads(done.read_text())["prob_blast"], dtype=float) if ctx.is_main else None)
-        else:
-            inner_train, inner_val = holdout_indices(labels[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
-            tr, va = train_all[inner_train], train_all[inner_val]
-            log(f"Fold {k + 1}/{folds}: {len(tr)} train, {len(va)} validation, {len(test)} test images.")
-            result = train_model(
-                cfg, [prep.records[i] for i in tr], [prep.records[i] for i in va], fold_dir,
-                trained_on=[prep.hashes[i] for i in train_all], resume=resume, progress=progress, log=log, dist=ctx,
-            )
-            if ctx.is_main:
-                prob, _ = _predict_rows(Classifier.from_checkpoint(result.best_path, backend="torch"), prep, test)
-                write_json(done, {"test": [str(prep.records[i].path) for i in test], "prob_blast": prob.tolist()})
-            prob = ctx.broadcast(prob if ctx.is_main else None)
+    for k, (train_all, test) in enumerate(run.plan):
+        done = out_dir / f"fold_{k}" / "predictions.json"
+        prob = ctx.broadcast(np.array(json.loads(done.read_text())["prob_blast"], dtype=float) if ctx.is_main else None)
         oof[test], oof_fold[test] = prob, k
         fold_report = binary_report(labels[test], prob, threshold=0.5)
         fold_report["leakage"] = leakage(prep, train_all, test)
