@@ -17,6 +17,7 @@ from PIL import Image
 
 from leukodetect.config import RunConfig
 from leukodetect.data.indexers import index_dataset
+from smear_images import synthetic_smear
 
 # Tests use the tiny model on tiny images; one thread avoids oversubscribing a 2-core machine.
 torch.set_num_threads(1)
@@ -68,36 +69,7 @@ def tiny_tree(tmp_path_factory) -> Path:
     return root
 
 
-# Synthetic smears with known cells, and a tiny crop classifier trained once per session
-# (whole-smear detection and the service's /v1/analyze).
-RBC_D = 30  # red-cell diameter of the synthetic smear, pixels
-#: White cells (x, y, diameter): one alone, two touching (centres 0.9 diameters apart).
-WHITE = [(90.0, 90.0, 45), (250.0, 260.0, 45), (290.5, 260.0, 45)]
-PLATELETS = [(200.0, 60.0), (60.0, 330.0), (330.0, 80.0)]
-
-
-def _disc(canvas, x, y, d, colour):
-    yy, xx = np.ogrid[: canvas.shape[0], : canvas.shape[1]]
-    canvas[(yy - y) ** 2 + (xx - x) ** 2 <= (d / 2) ** 2] = colour
-
-
-def synthetic_smear(seed: int = 0, size: int = 400) -> np.ndarray:
-    """Pale background, pink red cells on a jittered grid, 3 purple white cells, tiny platelets."""
-    rng = np.random.default_rng(seed)
-    img = np.empty((size, size, 3), np.float64)
-    img[:] = (225, 222, 205)
-    for gy in range(20, size, 42):
-        for gx in range(20, size, 42):
-            x, y = gx + rng.uniform(-4, 4), gy + rng.uniform(-4, 4)
-            if all((x - wx) ** 2 + (y - wy) ** 2 > (wd / 2 + RBC_D / 2 + 2) ** 2 for wx, wy, wd in WHITE):
-                _disc(img, x, y, RBC_D * rng.uniform(0.93, 1.07), (215, 150, 150))
-    for x, y in PLATELETS:
-        _disc(img, x, y, 6, (150, 90, 170))
-    for x, y, d in WHITE:
-        _disc(img, x, y, d, (120, 60, 160))
-        _disc(img, x, y, d * 0.6, (90, 30, 140))  # darker nucleus
-    img += rng.normal(0, 4, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+# Synthetic smears with known cells (tests/smear_images.py), and a tiny crop classifier trained once per session.
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from leukodetect.cli import app
 from leukodetect.weights import resolve_detector
 
-from .conftest import WHITE, synthetic_smear
+from smear_images import WHITE, synthetic_smear
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ from leukodetect.detection.locate import LocateParams, locate_cells
 from leukodetect.detection.match import match_points
 from leukodetect.data.records import Record
 
-from .conftest import PLATELETS, RBC_D, WHITE, synthetic_smear
+from smear_images import PLATELETS, RBC_D, WHITE, synthetic_smear
 
 
 def test_finds_the_three_white_cells_and_separates_the_touching_pair():

@@ -8,7 +8,7 @@ from leukodetect.cli import app
 from leukodetect.detection.pipeline import VerdictRule, analyze, call_of
 from leukodetect.inference import Classifier
 
-from .conftest import synthetic_smear
+from smear_images import synthetic_smear
 
 runner = CliRunner()
 
