@@ -48,8 +48,9 @@ def default_image() -> Path:
     return sorted(sample_dir().rglob("*.png"))[0]
 
 
-def start_service(checkpoint: Path, port: int, threads: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "leukodetect", "serve", "--checkpoint", str(checkpoint), "--host", HOST, "--port", str(port)]
+def start_service(checkpoint: Path, port: int, threads: int | None, backend: str = "auto") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "leukodetect", "serve", "--checkpoint", str(checkpoint), "--host", HOST, "--port", str(port),
+           "--backend", backend]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -112,12 +113,13 @@ def main() -> None:
     parser.add_argument("--image", type=Path, default=None, help="cell image to post (default: a bundled sample cell)")
     parser.add_argument("--gradcam", action="store_true", help="ask for Grad-CAM overlays too")
     parser.add_argument("--threads", type=int, default=None, help="the service's PyTorch threads (default: all cores)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"), help="the service's --backend")
     parser.add_argument("--json", dest="json_out", default=None, help="write the result as JSON to FILE ('-' for stdout)")
     args = parser.parse_args()
 
     image = args.image or default_image()
     port = free_port()
-    proc = start_service(args.checkpoint, port, args.threads)
+    proc = start_service(args.checkpoint, port, args.threads, args.backend)
     try:
         url = f"http://{HOST}:{port}"
         model = httpx.get(f"{url}/v1/model").json()
@@ -127,6 +129,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     result.update(image=str(image), gradcam=args.gradcam, threads=args.threads or "all cores", arch=model["arch"], image_size=model["image_size"],
+                  backend=model.get("backend"),
                   checkpoint=str(args.checkpoint), cpu_count=os.cpu_count(), machine=platform.processor() or platform.machine(),
                   date=time.strftime("%Y-%m-%d"))
     print_table(result)
@@ -141,7 +144,8 @@ def print_table(r: dict) -> None:
     from rich.table import Table
 
     table = Table("clients", "requests", "ok", "errors", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms",
-                  title=f"/v1/classify, {r['arch']} at {r['image_size']}px{' + Grad-CAM' if r['gradcam'] else ''}, {r['cpu_count']} CPUs")
+                  title=f"/v1/classify, {r['arch']} at {r['image_size']}px{' + Grad-CAM' if r['gradcam'] else ''}, "
+                        f"backend {r.get('backend')}, {r['cpu_count']} CPUs")
     lat = r["latency_ms"]
     table.add_row(*map(str, (r["clients"], r["requests"], r["ok"], r["errors"], r["throughput_rps"],
                              lat.get("p50"), lat.get("p95"), lat.get("p99"), lat.get("max"))))
