@@ -49,3 +49,21 @@ def test_predict_without_checkpoint_uses_the_shipped_model():
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.strip().splitlines()[0])
     assert 0.0 <= row["prob_blast"] <= 1.0 and row["label"] in ("normal", "blast")
+
+
+def test_serve_without_options_analyzes_smears_with_the_shipped_detector(smear_png):
+    from fastapi.testclient import TestClient
+
+    from leukodetect.serving.server import build_app
+    from leukodetect.weights import DEFAULT_DETECTOR
+
+    assert DEFAULT_DETECTOR.stat().st_size < 50 * 2**20
+    bundle = load_checkpoint(DEFAULT_DETECTOR)
+    assert bundle["arch"] == "googlenet" and bundle["detection"]["crop_factor"] == 3.0
+    with TestClient(build_app(None, backend="torch", torch_threads=1, log=lambda _: None)) as client:
+        with open(smear_png, "rb") as f:
+            response = client.post("/v1/analyze", files={"file": ("smear.png", f, "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["cells"]) == 3 and body["verdict"] in ("ALL", "healthy", "review")
+    assert all(0.0 <= c["prob_blast"] <= 1.0 for c in body["cells"])
