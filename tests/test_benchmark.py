@@ -88,19 +88,12 @@ def test_classifier_with_folded_batch_norm_matches_the_plain_model():
     import torch
     from torch import nn
 
+    from model_helpers import tiny_with_batchnorm_statistics
+
     from leukodetect.inference import Classifier, fuse_batch_norm
-    from leukodetect.models import create_model
     from leukodetect.training.checkpoint import make_bundle
 
-    torch.manual_seed(0)
-    model = create_model("tiny")
-    with torch.no_grad():  # non-trivial running statistics, as after training
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    model = tiny_with_batchnorm_statistics()
     bundle = make_bundle(model, arch="tiny", image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3, config={}, temperature=2.0)
     clf = Classifier(bundle, device="cpu", precision="fp32", backend="torch")
     x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(1))

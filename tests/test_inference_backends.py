@@ -21,8 +21,8 @@ from leukodetect import export
 from leukodetect.cli import app
 from leukodetect.errors import LeukoError
 from leukodetect.inference import BACKEND_ATOL, BACKEND_ENV, Classifier, auto_backend
-from leukodetect.models import create_model
 from leukodetect.training.checkpoint import make_bundle, save_checkpoint
+from model_helpers import tiny_with_batchnorm_statistics
 
 
 @pytest.fixture
@@ -40,15 +40,7 @@ def own_cache(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def bundle():
     """A tiny untrained model with non-trivial batch-norm statistics; temperature 0.05 spreads its P(blast) out."""
-    torch.manual_seed(0)
-    model = create_model("tiny")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    model = tiny_with_batchnorm_statistics()
     return make_bundle(model, arch="tiny", image_size=24, mean=(0.6,) * 3, std=(0.25,) * 3, config={},
                        threshold=0.45, temperature=0.05)
 
