@@ -75,6 +75,11 @@ def test_predict_reports_bad_files_and_goes_on(trained, tiny_tree, tmp_path):
     assert "empty" in by_name["empty.png"]["error"]
     csv_out = invoke("predict", good, "--checkpoint", trained / "best.pt", "--csv")
     assert csv_out.stdout.splitlines()[0] == "path,label,prob_blast,error"
+    # Several files at once, as a shell glob gives them; a missing one is named.
+    several = invoke("predict", good, tmp_path / "bad.jpg", "--checkpoint", trained / "best.pt", "--csv")
+    assert several.exit_code == 0 and len(several.stdout.splitlines()) == 3
+    missing = invoke("predict", good, tmp_path / "nope.png", "--checkpoint", trained / "best.pt")
+    assert missing.exit_code == 2 and "nope.png does not exist" in missing.output
 
 
 def test_predict_fails_only_when_nothing_could_be_read(trained, tmp_path):

@@ -188,7 +188,7 @@ def evaluate(
 @app.command()
 @_errors_to_exit
 def predict(
-    image_or_dir: Path = typer.Argument(..., help="An image or a folder of images."),
+    images: list[Path] = typer.Argument(..., help="Images or folders of images (folders are searched recursively)."),
     checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train or cv (default: the shipped ResNet-50)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Instead of --checkpoint: a .onnx or TorchScript file from 'leukodetect export'."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout."),
@@ -202,12 +202,14 @@ def predict(
 
     if checkpoint is not None and model is not None:
         raise LeukoError("Pass either --checkpoint (a best.pt) or --model (a file from 'leukodetect export'), not both.")
-    if not image_or_dir.exists():
-        raise LeukoError(f"{image_or_dir} does not exist: pass an image file or a folder of images.")
-    paths = [image_or_dir] if image_or_dir.is_file() else sorted(
-        p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths: list[Path] = []
+    for item in images:
+        if not item.exists():
+            raise LeukoError(f"{item} does not exist: pass image files or folders of images.")
+        paths += [item] if item.is_file() else sorted(
+            p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise LeukoError(f"{image_or_dir} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        raise LeukoError(f"{', '.join(map(str, images))} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     if model is not None:
         from .export import ExportedClassifier
 
