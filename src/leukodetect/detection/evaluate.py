@@ -142,8 +142,7 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
 
 
 def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_dir: Path, progress: bool, log):
-    """Train the crop classifier on the training photographs' crops; return the Classifier."""
-    from ..inference import Classifier
+    """Train the crop classifier on the training photographs' crops; return its best checkpoint's path."""
     from ..training.checkpoint import load_checkpoint, save_checkpoint
     from ..training.fit import train_model
 
@@ -165,7 +164,7 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
     # The scale travels with the checkpoint: detection crops at the scale it was trained on.
     bundle["detection"] = {"crop_factor": cfg.crop.crop_factor, "crop_size": cfg.crop.size, "locate": asdict(cfg.locate)}
     save_checkpoint(bundle, result.best_path)
-    return Classifier.from_checkpoint(result.best_path, device="cpu", backend="torch")  # one fold's crops: an export would not pay
+    return result.best_path
 
 
 def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log) -> list[dict]:
@@ -200,7 +199,9 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
             if progress and (i + 1) % 10 == 0:
                 log(f"  located {i + 1}/{len(records)} photographs")
     else:
-        manifest, records = _crop_manifest(data, records, out_dir / "crops", cfg, progress, log)
+        from ..inference import Classifier
+
+        manifest, records = _crop_manifest(records, out_dir / "crops", cfg, progress, log)
         groups = np.array([r.group for r in records])
         labels = np.array([r.label for r in records])
         for k, (train, test) in enumerate(kfold_indices(labels, groups, folds=cfg.folds, seed=cfg.seed)):
@@ -211,7 +212,8 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
                 rows += json.loads(done.read_text())
                 continue
             log(f"Fold {k + 1}/{cfg.folds}: {len(train)} training and {len(test)} held-out photographs.")
-            classifier = _train_fold(cfg, manifest, [records[i] for i in train], fold_dir, progress, log)
+            best = _train_fold(cfg, manifest, [records[i] for i in train], fold_dir, progress, log)
+            classifier = Classifier.from_checkpoint(best, device="cpu", backend="torch")  # one fold's photographs: an export would not pay
             fold_rows = [{**r, "fold": k} for r in _analyze_photos([records[i] for i in test], classifier, cfg, masks, log)]
             write_json(done, fold_rows)
             rows += fold_rows
@@ -225,7 +227,7 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
     return metrics
 
 
-def _crop_manifest(data: Path, records: list, crops_dir: Path, cfg: DetectEvalConfig, progress: bool, log) -> tuple[Path, list]:
+def _crop_manifest(records: list, crops_dir: Path, cfg: DetectEvalConfig, progress: bool, log) -> tuple[Path, list]:
     """The crops of ``records`` (written once into ``crops_dir``) and the records carrying their split group."""
     from dataclasses import replace
 
@@ -249,12 +251,12 @@ def run_train_detector(data: Path, out_dir: Path, cfg: DetectEvalConfig = Detect
     if (out_dir / "train_detector.json").exists():
         raise LeukoError(f"{out_dir} already holds a trained detector; choose another --out.")
     records = index_dataset(data, "allidb1")
-    manifest, records = _crop_manifest(data, records, out_dir / "crops", cfg, progress, log)
+    manifest, records = _crop_manifest(records, out_dir / "crops", cfg, progress, log)
     log(f"Training the detection crop classifier ({cfg.arch}) on {len(records)} photographs.")
-    _train_fold(cfg, manifest, records, out_dir, progress, log)
+    best = _train_fold(cfg, manifest, records, out_dir, progress, log)
     write_json(out_dir / "train_detector.json", {"data": str(data), "command": command, "config": asdict(cfg),
                                                  "photographs": len(records), "environment": environment_facts()})
-    return out_dir / "model" / "best.pt"
+    return best
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
