@@ -97,8 +97,9 @@ def test_wrong_checkpoint_gets_one_sentence(tmp_path, tiny_tree):
         assert "Traceback" not in result.output
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_tree, tmp_path, monkeypatch):
-    args = ("train", "--data", tiny_tree, "--epochs", 3, *TINY)
+@pytest.mark.parametrize("ema", [(), ("--ema", 0.5)], ids=["plain", "ema"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_tree, tmp_path, monkeypatch, ema):
+    args = ("train", "--data", tiny_tree, "--epochs", 3, *TINY, *ema)
     assert invoke(*args, "--out", tmp_path / "straight").exit_code == 0
 
     real = engine.train_one_epoch
@@ -123,8 +124,27 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_tree, tmp_p
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert [r["epoch"] for r in b["history"]] == [1, 2, 3]
     assert np.allclose([r["train_loss"] for r in a["history"]], [r["train_loss"] for r in b["history"]], atol=1e-6)
-    for k in a["state_dict"]:
-        assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-5), k
+    for weights in ("state_dict", "raw_state_dict") if ema else ("state_dict",):
+        for k in a[weights]:
+            assert torch.allclose(a[weights][k].float(), b[weights][k].float(), atol=1e-5), (weights, k)
+
+
+def test_ema_weights_are_the_ones_validated_and_saved(tiny_tree, tmp_path):
+    result = invoke("train", "--data", tiny_tree, "--out", tmp_path / "run", "--epochs", 2, *TINY, "--ema", 0.9)
+    assert result.exit_code == 0, result.output
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    steps = last["ema_updates"]
+    assert steps >= 2 and last["config"]["train"]["ema"] == 0.9
+    # The averaged weights trail the trained ones: they differ, and they are what best.pt holds.
+    differs = [k for k in last["state_dict"] if last["state_dict"][k].is_floating_point()
+               and not torch.allclose(last["state_dict"][k], last["raw_state_dict"][k])]
+    assert differs
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert "raw_state_dict" not in best
+    if best["epoch"] == last["epoch"]:
+        assert all(torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in best["state_dict"])
+    bad = invoke("train", "--data", tiny_tree, "--out", tmp_path / "bad", "--epochs", 1, *TINY, "--ema", 1.5)
+    assert bad.exit_code == 2 and "--ema 1.5" in bad.output
 
 
 def test_cv_predicts_every_image_once_and_resumes(tiny_tree, tmp_path):

@@ -67,6 +67,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    # Exponential moving average of the weights, updated after every optimizer step (0: off). The
+    # averaged weights are the ones validated, selected and saved.
+    ema: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16
@@ -113,6 +116,8 @@ class RunConfig:
             raise LeukoError(f"Image size {self.data.image_size} is too small: use 16 or more.")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise LeukoError("Epochs and batch size must be at least 1.")
+        if not 0 <= self.train.ema < 1:
+            raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -28,10 +28,12 @@ def train_one_epoch(
     desc: str = "train",
     progress: bool = True,
     reduce_sum=None,
+    after_step=None,
 ) -> tuple[float, float]:
     """Returns mean loss and accuracy over the epoch's training images.
 
     Args:
+        after_step: called after every optimizer step (e.g. to update a weight average).
         reduce_sum: in a distributed run, sums ``[loss * n, correct, n]`` over ranks so the figures
             cover every rank's images (``DistContext.all_reduce_sum``); None for a single process.
     """
@@ -50,6 +52,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step()
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)

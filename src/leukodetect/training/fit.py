@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import RunConfig, save_config
@@ -159,6 +160,9 @@ def train_model(
         model = model.to(memory_format=torch.channels_last)
     if ctx.distributed:
         model = sync_batch_norm(model, device)
+    # With --ema the running average (batch-norm statistics included) is what is validated and saved.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True) if cfg.train.ema else None
+    scored = ema.module if ema is not None else model
     optimizer = _make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
@@ -167,7 +171,11 @@ def train_model(
     history: list[dict] = []
     best_loss, best_epoch, start = float("inf"), 0, 1
     if state is not None:
-        model.load_state_dict(state["state_dict"])
+        # With EMA, "state_dict" holds the averaged weights and "raw_state_dict" the trained ones.
+        model.load_state_dict(state.get("raw_state_dict", state["state_dict"]))
+        if ema is not None and "raw_state_dict" in state:
+            ema.module.load_state_dict(state["state_dict"])
+            ema.n_averaged.fill_(state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best_loss, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
@@ -194,10 +202,11 @@ def train_model(
             device=device, amp_dtype=amp_dtype, scaler=scaler, channels_last=use_cl,
             desc=f"epoch {epoch}/{cfg.train.epochs}", progress=progress and ctx.is_main,
             reduce_sum=ctx.all_reduce_sum if ctx.distributed else None,
+            after_step=(lambda: ema.update_parameters(model)) if ema is not None else None,
         )
         scheduler.step()
         # The plain module, not the DDP wrapper: evaluation issues no collective calls.
-        logits, labels = predict_logits(model, _eval_loader(val_ds, cfg), device=device, amp_dtype=amp_dtype, channels_last=use_cl)
+        logits, labels = predict_logits(scored, _eval_loader(val_ds, cfg), device=device, amp_dtype=amp_dtype, channels_last=use_cl)
         val_loss, val_acc = loss_and_accuracy(logits, labels)
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
@@ -211,16 +220,17 @@ def train_model(
         if score <= best_loss:
             best_loss, best_epoch = score, epoch
             if ctx.is_main:
-                save_checkpoint(bundle_for(model, history=history, extra={"epoch": epoch}), best_path)
+                save_checkpoint(bundle_for(scored, history=history, extra={"epoch": epoch}), best_path)
         if not ctx.is_main:
             continue
-        save_checkpoint(
-            bundle_for(model, history=history, extra={
-                "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "best_val_loss": best_loss, "best_epoch": best_epoch,
-            }),
-            last_path,
-        )
+        resume_state = {
+            "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "best_val_loss": best_loss, "best_epoch": best_epoch,
+        }
+        if ema is not None:
+            resume_state["raw_state_dict"] = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+            resume_state["ema_updates"] = int(ema.n_averaged)
+        save_checkpoint(bundle_for(scored, history=history, extra=resume_state), last_path)
         write_json(out_dir / "history.json", history)
         log(
             f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
