@@ -3,7 +3,7 @@
 import numpy as np
 
 from leukodetect.detection.crops import CropConfig, crop_around, label_points
-from leukodetect.detection.locate import LocateParams, locate_cells
+from leukodetect.detection.locate import LocateParams, locate_cells, split_clumps
 from leukodetect.detection.match import match_points
 from leukodetect.data.records import Record
 
@@ -49,3 +49,28 @@ def test_training_labels_drop_platelets_and_keep_unannotated_cells():
     kinds = sorted(kind for kind, *_ in points)
     assert kinds == ["blast", "other", "unannotated"]  # the 3 platelets have no located cell
     assert {(kind, label) for kind, label, *_ in points} == {("blast", 1), ("other", 0), ("unannotated", 0)}
+
+
+def _clump(centres, d=45, size=200):
+    labels = np.zeros((size, size), np.int32)
+    yy, xx = np.ogrid[:size, :size]
+    for x, y in centres:
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= (d / 2) ** 2] = 1
+    return labels
+
+
+def test_a_clump_the_watershed_left_whole_is_cut_into_one_part_per_cell():
+    centres = [(60.0, 100.0), (100.0, 100.0), (140.0, 100.0)]  # three cells in a row, fused into one region
+    labels = _clump(centres)
+    rbc_area = np.pi * 30**2 / 4
+    area = (labels == 1).sum() / rbc_area  # about 6.5 red-cell areas
+    params = LocateParams(clump_area=4.5, cell_area=area / 3)
+    cut = split_clumps(labels, rbc_area, params)
+    parts = [np.argwhere(cut == k) for k in np.unique(cut) if k]
+    assert len(parts) == 3 and ((cut > 0) == (labels > 0)).all()  # same pixels, three cells
+    found = [(p[:, 1].mean(), p[:, 0].mean()) for p in parts]
+    assert match_points(found, centres, radius=0.5 * 30).tp == 3, found
+    # A region below clump_area, or switched off, is left whole.
+    assert len(np.unique(split_clumps(labels, rbc_area, LocateParams(clump_area=area + 0.5, cell_area=area / 3)))) == 2
+    single = _clump([(100.0, 100.0)], d=62)  # one large cell, 2.07 red-cell diameters across (4.3 A)
+    assert len(np.unique(split_clumps(single, rbc_area, LocateParams()))) == 2

@@ -79,3 +79,18 @@ def test_detect_single_bad_file_fails_with_one_sentence(tmp_path):
     bad.write_bytes(b"")
     result = runner.invoke(app, ["detect", str(bad), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "bad.png" in result.output and "Traceback" not in result.output
+
+
+def test_detection_runs_with_the_localisation_settings_stored_with_its_classifier():
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from leukodetect.detection.locate import LocateParams
+    from leukodetect.detection.pipeline import locate_params_of
+
+    assert locate_params_of(None) == LocateParams()
+    stored = asdict(LocateParams(min_area=0.4, clump_area=5.0))
+    assert locate_params_of(SimpleNamespace(bundle={"detection": {"locate": stored}})) == LocateParams(min_area=0.4, clump_area=5.0)
+    # A detector trained before clump cutting existed keeps the locator it was evaluated with.
+    older = {k: v for k, v in stored.items() if k not in ("clump_area", "cell_area")}
+    assert locate_params_of(SimpleNamespace(bundle={"detection": {"locate": older}})).clump_area == 0.0

@@ -21,7 +21,13 @@ photograph, because the two ALL-IDB1 cameras (and any other microscope) differ i
    even where their outline has fused into one compact blob. Seeds are the relief's maxima at
    least ``min_separation`` (0.4 scale) apart. (Tuned on 6 ALL photographs: blast localisation
    recall 0.94 against 0.89 for a plain distance-transform watershed.)
-5. Regions between ``min_area`` and ``max_area`` (25 red-cell areas) are cells.
+5. Clumps: a region still as large as ``clump_area`` (4.5 red-cell areas; a region holding one
+   annotated blast is 1.9 - 3.9, median 2.7) is several cells the watershed could not part (blasts
+   packed edge to edge, whose nuclei are equally dark). It is cut by k-means on its pixel
+   coordinates into k = round(area / ``cell_area``) parts, one per expected cell. Without this
+   step 24 of the 28 annotated blasts the locator missed sat in such clumps. The price: a single
+   cell wider than about 2.1 red-cell diameters (4.5 A) is cut in two, and so are large smudge cells.
+6. Regions between ``min_area`` and ``max_area`` (25 red-cell areas) are cells.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label, regionprops
 from skimage.morphology import disk
 from skimage.segmentation import watershed
+from sklearn.cluster import KMeans
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +65,8 @@ class LocateParams:
         stain_sigma: Gaussian smoothing of the stain, in d.
         default_diameter: red-cell diameter (pixels of the input) assumed when too few round red
             cells are found to measure it.
+        clump_area: regions at least this large, in A, are split into several cells (0: never).
+        cell_area: the area of one cell, in A, when counting the cells of a clump.
     """
 
     work_pixels: int = 600_000
@@ -70,6 +79,8 @@ class LocateParams:
     stain_weight: float = 1.0
     stain_sigma: float = 0.2
     default_diameter: float = 75.0
+    clump_area: float = 4.5
+    cell_area: float = 2.7
 
 
 @dataclass(frozen=True)
@@ -192,7 +203,29 @@ def white_cell_labels(stained: np.ndarray, diameter: float, params: LocateParams
     points = np.array([*map(tuple, seeds), *extra], dtype=int).reshape(-1, 2)
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(points.T)] = np.arange(1, len(points) + 1)
-    return watershed(-relief, markers, mask=mask)
+    cells = watershed(-relief, markers, mask=mask)
+    return split_clumps(cells, rbc_area, params) if params.clump_area > 0 else cells
+
+
+def split_clumps(labels: np.ndarray, rbc_area: float, params: LocateParams) -> np.ndarray:
+    """Cut every region of at least ``clump_area`` red-cell areas into round(area / cell_area) parts.
+
+    k-means on the region's pixel coordinates gives compact parts of about equal size whose
+    centres spread over the clump like the cells packed in it (deterministic: fixed seed).
+    """
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    for region in regionprops(labels):
+        k = round(region.area / (params.cell_area * rbc_area))
+        if region.area < params.clump_area * rbc_area or k < 2:
+            continue
+        coords = region.coords
+        parts = KMeans(n_clusters=k, n_init=3, random_state=0).fit_predict(coords.astype(np.float32))
+        for part in range(1, k):
+            where = coords[parts == part]
+            out[where[:, 0], where[:, 1]] = next_label
+            next_label += 1
+    return out
 
 
 def locate_cells(image: Image.Image | np.ndarray, params: LocateParams = LocateParams()) -> Localisation:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -58,6 +58,21 @@ def crop_factor_of(classifier) -> float:
     return float(bundle.get("detection", {}).get("crop_factor", DEFAULT_CROP_FACTOR))
 
 
+def locate_params_of(classifier) -> LocateParams:
+    """The localisation settings ``classifier`` was trained and evaluated with (its checkpoint's).
+
+    A detector checkpoint stores them under ``"detection"``; settings it lacks take their defaults,
+    except clump cutting, which a checkpoint from before that step was never evaluated with (off).
+    Without a stored record (no classifier, a plain checkpoint) the defaults apply.
+    """
+    bundle = getattr(classifier, "bundle", None) or {}
+    stored = bundle.get("detection", {}).get("locate")
+    if stored is None:
+        return LocateParams()
+    known = {f.name for f in fields(LocateParams)}
+    return LocateParams(**{"clump_area": 0.0, **{k: v for k, v in stored.items() if k in known}})
+
+
 def call_of(prob: float | None, band: tuple[float, float]) -> str:
     """blast (P >= hi), normal (P < lo), review in between; "cell" when unclassified."""
     if prob is None:
@@ -81,7 +96,7 @@ def analyze(
     *,
     review_band: tuple[float, float] = (0.3, 0.7),
     rule: VerdictRule = VerdictRule(),
-    params: LocateParams = LocateParams(),
+    params: LocateParams | None = None,
     batch_size: int = 32,
 ) -> dict:
     """Detect and classify the white cells of one smear photograph.
@@ -92,6 +107,8 @@ def analyze(
             (see :mod:`.crops`); None locates cells only (calls "cell", verdict "not classified").
         review_band: (lo, hi): P(blast) >= hi is a blast, < lo normal, in between review.
         rule: the photograph verdict rule.
+        params: localisation settings; None: those stored with the classifier
+            (:func:`locate_params_of`).
 
     Returns:
         A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, call), counts, blast
@@ -102,7 +119,7 @@ def analyze(
         raise LeukoError(f"Review band {review_band} must satisfy 0 <= lo <= hi <= 1.")
     t0 = time.perf_counter()
     rgb = as_array(image)
-    loc = locate_cells(rgb, params)
+    loc = locate_cells(rgb, params if params is not None else locate_params_of(classifier))
     t1 = time.perf_counter()
     factor = crop_factor_of(classifier) if classifier is not None else DEFAULT_CROP_FACTOR
     side = factor * loc.rbc_diameter
