@@ -1,0 +1,76 @@
+"""Rescore a finished cross-validation run's folds without retraining: which checkpoint, which views.
+
+Every fold folder of a ``leukodetect cv`` run keeps ``best.pt`` (lowest validation loss, what the
+run scored) and ``last.pt`` (the final epoch). This script predicts each fold's held-out images
+again (the ``test`` list of ``cv_plan.json``, labels from the data folder) three ways and prints
+the pooled out-of-fold figures with 95% intervals:
+
+- ``best``: best.pt, as ``cv`` scored it (a check: it must match the run's predictions);
+- ``last``: last.pt, i.e. what dropping model selection would have given;
+- ``best+d4``: best.pt averaged over the 8 rotations and flips of the square input (test-time
+  augmentation; blood cells have no orientation).
+
+    python scripts/rescore_cv.py runs/cv-r50-e30-ls --data ../shared/datasets/ALL-IDB2/ALL_IDB2/img
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leukodetect.data.indexers import index_dataset
+from leukodetect.data.io import open_rgb
+from leukodetect.evaluation.intervals import binary_report
+from leukodetect.inference import Classifier
+
+
+def d4_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square: 4 rotations of the batch and of its mirror image."""
+    return [torch.rot90(v, r, dims=(2, 3)) for v in (batch, torch.flip(batch, dims=(3,))) for r in range(4)]
+
+
+def fold_probabilities(fold_dir: Path, paths: list[Path]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in ("best", "last"):
+        clf = Classifier.from_checkpoint(fold_dir / f"{name}.pt", backend="torch")
+        batch = torch.stack([clf.preset(open_rgb(p)) for p in paths])
+        out[name] = clf.probabilities(batch)
+        if name == "best":
+            out["best+d4"] = np.mean([clf.probabilities(v) for v in d4_views(batch)], axis=0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="A folder written by 'leukodetect cv'.")
+    parser.add_argument("--data", type=Path, required=True, help="The data folder the run was trained on.")
+    args = parser.parse_args()
+
+    label_of = {str(r.path.resolve()): r.label for r in index_dataset(args.data)}
+    plan = json.loads((args.run / "cv_plan.json").read_text())
+    y, probs, stored = [], {}, []
+    for k, test in enumerate(plan["test"]):
+        paths = [Path(p) for p in test]
+        y += [label_of[str(p.resolve())] for p in paths]
+        for name, p in fold_probabilities(args.run / f"fold_{k}", paths).items():
+            probs.setdefault(name, []).extend(p.tolist())
+        stored += json.loads((args.run / f"fold_{k}" / "predictions.json").read_text())["prob_blast"]
+        print(f"fold {k}: {len(paths)} images rescored", flush=True)
+    y = np.array(y)
+    print(f"best.pt against the run's own predictions: max |dP| {np.abs(np.array(probs['best']) - stored).max():.2e}")
+    print(f"{'variant':<10} {'accuracy (95% CI)':<28} {'sensitivity':<12} {'specificity':<12} errors (FN, FP)  AUC")
+    for name, p in probs.items():
+        report = binary_report(y, np.array(p), threshold=0.5)
+        m, c = report["metrics"], report["confusion"]
+        acc = m["accuracy"]
+        print(f"{name:<10} {acc['value']:.2%} ({acc['ci_low']:.2%} - {acc['ci_high']:.2%})  "
+              f"{m['sensitivity']['value']:<12.2%} {m['specificity']['value']:<12.2%} "
+              f"{c['fn'] + c['fp']} ({c['fn']}, {c['fp']})        {m['roc_auc']['value']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
