@@ -3,7 +3,7 @@
 import numpy as np
 
 from leukodetect.detection.crops import CropConfig, crop_around, label_points
-from leukodetect.detection.locate import LocateParams, locate_cells, split_clumps
+from leukodetect.detection.locate import LocateParams, locate_cells, merge_oversplit, split_clumps
 from leukodetect.detection.match import match_points
 from leukodetect.data.records import Record
 
@@ -74,3 +74,25 @@ def test_a_clump_the_watershed_left_whole_is_cut_into_one_part_per_cell():
     assert len(np.unique(split_clumps(labels, rbc_area, LocateParams(clump_area=area + 0.5, cell_area=area / 3)))) == 2
     single = _clump([(100.0, 100.0)], d=62)  # one large cell, 2.07 red-cell diameters across (4.3 A)
     assert len(np.unique(split_clumps(single, rbc_area, LocateParams()))) == 2
+
+
+def test_one_large_round_cell_is_not_cut_but_a_clump_of_the_same_area_is():
+    rbc_area = np.pi * 30**2 / 4
+    big = _clump([(100.0, 100.0)], d=70)  # one round cell of 5.4 red-cell areas
+    assert (big > 0).sum() / rbc_area > LocateParams().clump_area
+    assert len(np.unique(split_clumps(big, rbc_area, LocateParams()))) == 2  # convex: left whole
+    assert len(np.unique(split_clumps(big, rbc_area, LocateParams(clump_solidity=1.0)))) == 3  # by area alone: cut
+    row = _clump([(60.0, 100.0), (100.0, 100.0), (140.0, 100.0)])  # three fused cells leave waists
+    assert len(np.unique(split_clumps(row, rbc_area, LocateParams(cell_area=2.2)))) == 4
+
+
+def test_a_cell_cut_in_two_is_merged_but_two_touching_cells_are_not():
+    rbc_area = np.pi * 30**2 / 4
+    params = LocateParams(merge_area=3.9, merge_solidity=0.9)
+    halves = _clump([(100.0, 100.0)], d=50)
+    halves[:, 100:] *= 2  # one round cell, cut down the middle
+    merged = merge_oversplit(halves, rbc_area, params)
+    assert len(np.unique(merged)) == 2 and ((merged > 0) == (halves > 0)).all()
+    pair = _clump([(70.0, 100.0)], d=40) + 2 * _clump([(110.0, 100.0)], d=40)  # tangent discs: a waist
+    assert set(np.unique(merge_oversplit(pair, rbc_area, params))) == {0, 1, 2}
+    assert len(np.unique(merge_oversplit(halves, rbc_area, LocateParams(merge_area=1.0)))) == 3  # union too large

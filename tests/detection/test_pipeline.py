@@ -94,3 +94,7 @@ def test_detection_runs_with_the_localisation_settings_stored_with_its_classifie
     # A detector trained before clump cutting existed keeps the locator it was evaluated with.
     older = {k: v for k, v in stored.items() if k not in ("clump_area", "cell_area")}
     assert locate_params_of(SimpleNamespace(bundle={"detection": {"locate": older}})).clump_area == 0.0
+    # One trained with clump cutting but before the convexity guard cuts by area alone, as evaluated.
+    before_guard = {k: v for k, v in stored.items() if k not in ("clump_solidity", "merge_area", "merge_solidity")}
+    params = locate_params_of(SimpleNamespace(bundle={"detection": {"locate": before_guard}}))
+    assert (params.clump_area, params.clump_solidity, params.merge_area) == (5.0, 1.0, 0.0)

@@ -25,7 +25,7 @@ from ..data.io import open_rgb
 from ..errors import BadImageError, LeukoError
 from ..utils import atomic_write_text
 from .crops import DEFAULT_CROP_FACTOR, crop_around
-from .locate import LocateParams, as_array, locate_cells
+from .locate import LEGACY_VALUES, LocateParams, as_array, locate_cells
 
 #: Box colours (RGB) by call.
 COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230)}
@@ -62,7 +62,8 @@ def locate_params_of(classifier) -> LocateParams:
     """The localisation settings ``classifier`` was trained and evaluated with (its checkpoint's).
 
     A detector checkpoint stores them under ``"detection"``; settings it lacks take their defaults,
-    except clump cutting, which a checkpoint from before that step was never evaluated with (off).
+    except the steps added later (:data:`~leukodetect.detection.locate.LEGACY_VALUES`), which a
+    checkpoint from before them was never evaluated with: those are off.
     Without a stored record (no classifier, a plain checkpoint) the defaults apply.
     """
     bundle = getattr(classifier, "bundle", None) or {}
@@ -70,7 +71,7 @@ def locate_params_of(classifier) -> LocateParams:
     if stored is None:
         return LocateParams()
     known = {f.name for f in fields(LocateParams)}
-    return LocateParams(**{"clump_area": 0.0, **{k: v for k, v in stored.items() if k in known}})
+    return LocateParams(**{**LEGACY_VALUES, **{k: v for k, v in stored.items() if k in known}})
 
 
 def call_of(prob: float | None, band: tuple[float, float]) -> str:
