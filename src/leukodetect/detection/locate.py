@@ -90,7 +90,7 @@ class LocateParams:
     cell_area: float = 2.7
     clump_solidity: float = 0.95
     merge_area: float = 0.0
-    merge_solidity: float = 0.93
+    merge_solidity: float = 0.90
 
 
 #: Settings added after detectors were first shipped, with the value under which each does nothing:
