@@ -129,6 +129,66 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_tree, tmp_p
             assert torch.allclose(a[weights][k].float(), b[weights][k].float(), atol=1e-5), (weights, k)
 
 
+def _interrupt_at(monkeypatch, call: int) -> None:
+    real, calls = engine.train_one_epoch, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr("leukodetect.training.fit.train_one_epoch", interrupted)
+
+
+def test_checkpoint_every_writes_resume_points_sparsely_and_resume_still_matches(tiny_tree, tmp_path, monkeypatch):
+    args = ("train", "--data", tiny_tree, "--epochs", 5, *TINY, "--checkpoint-every", 2)
+    assert invoke(*args, "--out", tmp_path / "straight").exit_code == 0
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    assert straight["epoch"] == 5  # the last epoch always leaves a resume point
+
+    real = engine.train_one_epoch
+    _interrupt_at(monkeypatch, 4)  # epochs 1-3 ran; the last resume point is epoch 2
+    assert invoke(*args, "--out", tmp_path / "cut").exit_code == 130
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
+    assert [r["epoch"] for r in json.loads((tmp_path / "cut" / "history.json").read_text())] == [1, 2, 3]
+    monkeypatch.setattr("leukodetect.training.fit.train_one_epoch", real)
+    result = invoke(*args, "--out", tmp_path / "cut", "--resume")
+    assert result.exit_code == 0 and "epoch 3" in result.output, result.output
+    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert np.allclose([r["train_loss"] for r in straight["history"]], [r["train_loss"] for r in resumed["history"]], atol=1e-6)
+
+
+def test_a_run_stopped_before_its_first_resume_point_is_not_overwritten_silently(tiny_tree, tmp_path, monkeypatch):
+    args = ("train", "--data", tiny_tree, "--epochs", 3, *TINY, "--checkpoint-every", 5, "--out", tmp_path / "run")
+    real = engine.train_one_epoch
+    _interrupt_at(monkeypatch, 2)
+    assert invoke(*args).exit_code == 130
+    assert (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+    monkeypatch.setattr("leukodetect.training.fit.train_one_epoch", real)
+    refused = invoke(*args)
+    assert refused.exit_code != 0 and "already holds a training run" in refused.output
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0 and "starts again at epoch 1" in result.output, result.output
+
+
+def test_resume_keeps_a_better_best_checkpoint_from_after_the_resume_point(tmp_path):
+    from leukodetect.models import create_model
+    from leukodetect.training.checkpoint import make_bundle, save_checkpoint
+    from leukodetect.training.fit import _kept_best
+
+    history = [{"epoch": e, "val_loss": loss} for e, loss in [(1, 0.9), (2, 0.7), (3, 0.4)]]
+    path = tmp_path / "best.pt"
+    bundle = make_bundle(create_model("tiny", num_classes=2), arch="tiny", image_size=24, mean=(0.5,) * 3, std=(0.2,) * 3,
+                         config={}, history=history, extra={"epoch": 3})
+    save_checkpoint(bundle, path)
+    assert _kept_best(path, 2, 0.7, 2) == (0.4, 3)  # written after the resume point, and better
+    assert _kept_best(path, 3, 0.4, 3) == (0.4, 3)
+    assert _kept_best(path, 2, 0.3, 1) == (0.3, 1)  # cannot happen in one run, but a lower loss wins
+    assert _kept_best(tmp_path / "none.pt", 2, 0.7, 2) == (0.7, 2)
+
+
 def test_ema_weights_are_the_ones_validated_and_saved(tiny_tree, tmp_path):
     result = invoke("train", "--data", tiny_tree, "--out", tmp_path / "run", "--epochs", 2, *TINY, "--ema", 0.9)
     assert result.exit_code == 0, result.output

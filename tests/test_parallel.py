@@ -76,9 +76,10 @@ def test_explicit_lists(gpus):
     gpus(2)
     assert parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
     assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
+    # Several workers may share one GPU (small models leave a large GPU idle).
+    assert parse_devices("cuda:0,cuda:0,cuda:1") == ["cuda:0", "cuda:0", "cuda:1"]
     for spec, message in [
         ("cuda:0,cuda:2", "2 CUDA GPU"),
-        ("cuda:0,cuda:0", "more than once"),
         ("cuda,cuda", "GPU number"),
         ("tpu:0", "unknown device 'tpu:0'"),
         ("meta,meta", "only cpu and cuda"),

@@ -63,10 +63,13 @@ StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a
                                  "are used), of the model's training data: the stain to normalise toward.")
 EmaOpt = typer.Option(None, "--ema", help="Decay of an exponential moving average of the weights, updated every step "
                       "(e.g. 0.98; default 0, off); the average is what is validated and saved.")
+CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Write last.pt, the resume point, every N epochs "
+                                  "(default 1; more on a GPU, where saving can take longer than an epoch).")
 DevicesOpt = typer.Option(
     "auto", "--devices",
     help="Train folds at the same time, one worker process per device: auto (every GPU when there are two or more, "
-         "not under torchrun), off, or a list such as cuda:0,cuda:1 (cpu,cpu also works).",
+         "not under torchrun), off, or a list such as cuda:0,cuda:1 (cpu,cpu also works; naming a GPU twice "
+         "runs two jobs on it at once).",
 )
 
 
@@ -78,7 +81,8 @@ def _config(config: Optional[Path], **overrides):
         "data": ("path", "format", "image_size", "split_file", "protocol", "num_workers", "test_fraction", "val_fraction",
                  "group_by", "allidb1"),
         "model": ("arch", "weights"),
-        "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "weight_decay", "ema"),
+        "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "weight_decay", "ema",
+                  "checkpoint_every"),
     }
     for section, keys in sections.items():
         for key in keys:
@@ -102,6 +106,7 @@ def train(
     optimizer: Optional[str] = typer.Option(None, help="adamw or sgd."),
     label_smoothing: Optional[float] = typer.Option(None),
     ema: Optional[float] = EmaOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
     weights: Optional[str] = typer.Option(None, help="None (from scratch, default), 'imagenet' or a weights file."),
     protocol: Optional[str] = typer.Option(None, help="clean (split first, default) or paper (augment to 2470, then split)."),
     group_by: Optional[str] = GroupByOpt,
@@ -120,7 +125,7 @@ def train(
     from .training.workflows import run_train
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   split_file=split_file, seed=seed, device=device, precision=precision, num_workers=workers)
     result = run_train(cfg, out_dir, resume=resume, progress=_progress(), command=_command_line(), log=_log)
     _print_result(result, as_json, result["test"], f"Test split of {out_dir}")
@@ -140,6 +145,7 @@ def cv(
     optimizer: Optional[str] = typer.Option(None),
     label_smoothing: Optional[float] = typer.Option(None),
     ema: Optional[float] = EmaOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
     weights: Optional[str] = typer.Option(None),
     protocol: Optional[str] = typer.Option(None, help="clean (default) or paper."),
     group_by: Optional[str] = GroupByOpt,
@@ -158,7 +164,7 @@ def cv(
     from .training.workflows import run_cv
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   seed=seed, device=device, precision=precision, num_workers=workers)
     result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), devices=devices, log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])

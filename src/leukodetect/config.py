@@ -73,6 +73,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16
+    # last.pt, the resume point (weights and optimizer state), is written every N epochs and after
+    # the last one. 1 on a CPU, where an epoch takes minutes; more on a GPU, where writing a VGG's
+    # 1.6 GB of state after every two-second epoch would take longer than the training.
+    checkpoint_every: int = 1
 
 
 @dataclass(kw_only=True)
@@ -116,6 +120,8 @@ class RunConfig:
             raise LeukoError(f"Image size {self.data.image_size} is too small: use 16 or more.")
         if self.train.epochs < 1 or self.train.batch_size < 1:
             raise LeukoError("Epochs and batch size must be at least 1.")
+        if self.train.checkpoint_every < 1:
+            raise LeukoError(f"--checkpoint-every {self.train.checkpoint_every} must be at least 1 (epochs between resume points).")
         if not 0 <= self.train.ema < 1:
             raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 

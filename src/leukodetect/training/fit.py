@@ -99,6 +99,29 @@ def _train_loader(ds, cfg: RunConfig, ctx: DistContext, epoch: int) -> DataLoade
     )
 
 
+def _epoch_line(row: dict) -> str:
+    nan = float("nan")
+    return (
+        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+        f"val loss {row['val_loss'] if row['val_loss'] is not None else nan:.4f} "
+        f"acc {row['val_acc'] if row['val_acc'] is not None else nan:.3f}  ({row['seconds']:.1f}s)"
+    )
+
+
+def _kept_best(best_path: Path, resume_epoch: int, best_loss: float, best_epoch: int) -> tuple[float, int]:
+    """The selection state on resuming: with ``checkpoint_every`` > 1, best.pt may come from an epoch after
+    the resume point; it stays the best unless a resumed epoch beats it."""
+    if not best_path.exists():
+        return best_loss, best_epoch
+    kept = load_checkpoint(best_path)
+    epoch = int(kept.get("epoch", 0))
+    if epoch <= resume_epoch or not kept.get("history"):
+        return best_loss, best_epoch
+    row = kept["history"][epoch - 1]
+    score = row["val_loss"] if row["val_loss"] is not None else -epoch
+    return (score, epoch) if score < best_loss else (best_loss, best_epoch)
+
+
 def _eval_loader(ds, cfg: RunConfig) -> DataLoader:
     return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
@@ -129,9 +152,11 @@ def train_model(
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     # Rank 0's view of the folder decides for every rank, before any rank writes.
-    has_run = ctx.broadcast(last_path.exists())
-    if has_run and not resume:
+    has_run, has_best = ctx.broadcast((last_path.exists(), best_path.exists()))
+    if (has_run or has_best) and not resume:
         raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
+    if resume and has_best and not has_run:
+        log(f"{out_dir} was stopped before its first resume point (--checkpoint-every): training starts again at epoch 1.")
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     else:
@@ -180,6 +205,7 @@ def train_model(
         scheduler.load_state_dict(state["scheduler"])
         history, best_loss, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
         start = state["epoch"] + 1
+        best_loss, best_epoch = _kept_best(best_path, state["epoch"], best_loss, best_epoch)
         if start <= cfg.train.epochs:
             log(f"Resuming {out_dir} at epoch {start} of {cfg.train.epochs}.")
     # ``model`` stays the plain module: it is what is evaluated and saved (no "module." prefix).
@@ -223,20 +249,17 @@ def train_model(
                 save_checkpoint(bundle_for(scored, history=history, extra={"epoch": epoch}), best_path)
         if not ctx.is_main:
             continue
-        resume_state = {
-            "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "best_val_loss": best_loss, "best_epoch": best_epoch,
-        }
-        if ema is not None:
-            resume_state["raw_state_dict"] = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-            resume_state["ema_updates"] = int(ema.n_averaged)
-        save_checkpoint(bundle_for(scored, history=history, extra=resume_state), last_path)
         write_json(out_dir / "history.json", history)
-        log(
-            f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
-            f"val loss {row['val_loss'] if row['val_loss'] is not None else float('nan'):.4f} "
-            f"acc {row['val_acc'] if row['val_acc'] is not None else float('nan'):.3f}  ({row['seconds']:.1f}s)"
-        )
+        if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+            resume_state = {
+                "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "best_val_loss": best_loss, "best_epoch": best_epoch,
+            }
+            if ema is not None:
+                resume_state["raw_state_dict"] = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+                resume_state["ema_updates"] = int(ema.n_averaged)
+            save_checkpoint(bundle_for(scored, history=history, extra=resume_state), last_path)
+        log(_epoch_line(row))
     if start <= cfg.train.epochs and ctx.is_main:
         # best.pt was written mid-run; give it the whole history so its training curves are complete.
         best = load_checkpoint(best_path)

@@ -37,7 +37,9 @@ def parse_devices(spec: str | None, *, device: str = "auto") -> list[str]:
     Args:
         spec: ``auto`` (every visible GPU when there are at least two, the run's ``device`` allows
             them and this is not a torchrun launch), ``off``, or a comma-separated list such as
-            ``cuda:0,cuda:1`` or ``cpu,cpu`` (one worker process per entry).
+            ``cuda:0,cuda:1`` or ``cpu,cpu`` (one worker process per entry). A GPU named twice gets
+            two workers: small models at batch 16 leave a large GPU mostly idle, and several
+            jobs sharing it keep it busy.
         device: the run's ``--device``; ``auto`` finds no parallel GPUs when it names one device.
     """
     spec = (spec or "auto").strip()
@@ -66,8 +68,6 @@ def parse_devices(spec: str | None, *, device: str = "auto") -> list[str]:
             if dev.index >= visible:
                 raise LeukoError(f"--devices names {name}, but {visible} CUDA GPU(s) are visible: use cuda:0 to cuda:{visible - 1}." if visible
                                  else f"--devices names {name}, but no CUDA GPU is visible: use --devices off.")
-            if names.count(name) > 1:
-                raise LeukoError(f"--devices names {name} more than once: give each GPU one worker.")
         elif dev.type != "cpu":
             raise LeukoError(f"--devices names '{name}': only cpu and cuda:N devices are supported.")
         out.append(str(dev))
