@@ -13,7 +13,10 @@ the pooled out-of-fold figures with 95% intervals:
   this run and of other cv runs made on the same folds (same ``cv_plan.json``), averaged: an
   ensemble of independently trained models, each scored only on images it never saw.
 
-A fold folder without ``last.pt`` (deleted to save disk) is rescored without that variant.
+A fold folder without ``last.pt`` (deleted to save disk) is rescored without that variant. With
+``--stored-only`` no checkpoint is read: the stored predictions alone are pooled (``stored``), e.g.
+for a run made on another machine and copied back without its ``.pt`` files; its image paths are
+then matched to ``--data`` by file name.
 
     python scripts/rescore_cv.py runs/cv-r50-e30-ls --data ../shared/datasets/ALL-IDB2/ALL_IDB2/img
     python scripts/rescore_cv.py runs/cv-r50-e30-ls --data ../shared/datasets/ALL-IDB2/ALL_IDB2/img \
@@ -59,19 +62,28 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="The data folder the run was trained on.")
     parser.add_argument("--average-with", type=Path, nargs="*", default=[], metavar="RUN",
                         help="Other cv runs on the same folds whose stored predictions join the average.")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="Read no checkpoint: pool the stored predictions (a run copied from another machine).")
     args = parser.parse_args()
 
-    label_of = {str(r.path.resolve()): r.label for r in index_dataset(args.data)}
+    records = index_dataset(args.data)
+    label_of = {str(r.path.resolve()): r.label for r in records}
+    by_name = {r.path.name: r.label for r in records}
+    if len(by_name) < len(records) and args.stored_only:
+        raise SystemExit(f"{args.data} holds several images of one file name: --stored-only cannot match paths by name.")
     plan = json.loads((args.run / "cv_plan.json").read_text())
     y, probs, stored = [], {}, []
     for k, test in enumerate(plan["test"]):
         paths = [Path(p) for p in test]
-        y += [label_of[str(p.resolve())] for p in paths]
-        for name, p in fold_probabilities(args.run / f"fold_{k}", paths).items():
-            probs.setdefault(name, []).extend(p.tolist())
+        y += [by_name[p.name] if args.stored_only else label_of[str(p.resolve())] for p in paths]
+        if not args.stored_only:
+            for name, p in fold_probabilities(args.run / f"fold_{k}", paths).items():
+                probs.setdefault(name, []).extend(p.tolist())
         stored += json.loads((args.run / f"fold_{k}" / "predictions.json").read_text())["prob_blast"]
-        print(f"fold {k}: {len(paths)} images rescored", flush=True)
+        print(f"fold {k}: {len(paths)} images {'read' if args.stored_only else 'rescored'}", flush=True)
     y = np.array(y)
+    if args.stored_only:
+        probs["stored"] = stored
     if args.average_with:
         runs = [stored]
         for other in args.average_with:
@@ -80,7 +92,8 @@ def main() -> None:
             runs.append([p for k in range(len(plan["test"]))
                          for p in json.loads((other / f"fold_{k}" / "predictions.json").read_text())["prob_blast"]])
         probs[f"mean of {len(runs)} runs"] = np.mean(runs, axis=0).tolist()
-    print(f"best.pt against the run's own predictions: max |dP| {np.abs(np.array(probs['best']) - stored).max():.2e}")
+    if "best" in probs:
+        print(f"best.pt against the run's own predictions: max |dP| {np.abs(np.array(probs['best']) - stored).max():.2e}")
     print(f"{'variant':<16} {'accuracy (95% CI)':<28} {'sensitivity':<12} {'specificity':<12} errors (FN, FP)  AUC")
     for name, p in probs.items():
         report = binary_report(y, np.array(p), threshold=0.5)
