@@ -19,6 +19,7 @@ with identical weights, so all agree on the best epoch without communicating; on
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,8 +129,9 @@ def _worker_context(num_workers: int):
     """Fork DataLoader workers where the platform can: a fold trained in a ``--devices`` worker process
     (itself spawned) would otherwise spawn its loader workers too, re-importing torch and pickling the
     decoded images every epoch (seen on an H200: 31 s per ResNet-50 epoch instead of about 1 s). The
-    workers only augment images on the CPU, so forking a process that holds a CUDA context is safe."""
-    if num_workers and "fork" in mp.get_all_start_methods():
+    workers only augment images on the CPU, so forking a process that holds a CUDA context is safe.
+    Linux only: macOS offers fork but its system libraries are not fork-safe."""
+    if num_workers and sys.platform.startswith("linux"):
         return mp.get_context("fork")
     return None
 
