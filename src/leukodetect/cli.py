@@ -421,6 +421,8 @@ def detect(
     out_dir: Path = typer.Option(Path("detections"), "--out", help="Folder for the overlay, gallery and JSON of each image (never overwritten)."),
     review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
     review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
+    smudge_gate: bool = typer.Option(True, "--smudge-gate/--no-smudge-gate",
+                                     help="Call smudge the located objects the detector's smudge gate rejects (when it has one)."),
     as_json: bool = typer.Option(False, "--json", help="Print each image's result as a JSON line."),
     backend: str = BackendOpt,
 ):
@@ -433,12 +435,14 @@ def detect(
     if checkpoint is None and not locate_only:
         _log("No detector crop classifier in this installation: locating cells only (pass --checkpoint from train-detector).")
     rows = run_detect(image_or_dir, checkpoint, out_dir, backend=backend, review_band=(review_low, review_high),
-                      progress=_progress(), log=_log)
+                      use_gate=smudge_gate, progress=_progress(), log=_log)
     for r in rows:
         if as_json:
             print(json.dumps({k: v for k, v in r.items() if k != "cells"} | {"cells": r.get("cells", [])}))
         elif "error" not in r:
-            out.print(f"{r['image']}: {r['verdict']}, {r['n_blast']} blast / {r['n_cells']} white cells ({r['timing']['total_s']:.1f}s)", highlight=False)
+            smudge = f", {r['n_smudge']} smudge" if r.get("n_smudge") else ""
+            out.print(f"{r['image']}: {r['verdict']}, {r['n_blast']} blast / {r['n_cells']} white cells{smudge} ({r['timing']['total_s']:.1f}s)",
+                      highlight=False)
     if not as_json:
         out.print(f"Outputs in {out_dir}.")
     if all("error" in r for r in rows):
@@ -456,12 +460,15 @@ def detect_eval(
     arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
     batch_size: int = typer.Option(32),
     locate_only: bool = typer.Option(False, help="Score localisation only (no classifier): fast."),
+    smudge_gate: bool = typer.Option(True, "--smudge-gate/--no-smudge-gate", help="Train and apply the smudge-cell gate with each fold's classifier."),
+    gate_keep: float = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
     from .detection.evaluate import DetectEvalConfig, run_detect_eval
 
-    cfg = DetectEvalConfig(folds=folds, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only)
+    cfg = DetectEvalConfig(folds=folds, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
+                           smudge_gate=smudge_gate, gate_keep=gate_keep)
     metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     if as_json:
         print(json.dumps(metrics, indent=2, default=str))
@@ -478,11 +485,13 @@ def train_detector(
     image_size: int = typer.Option(64, help="Crop classifier input size."),
     arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
     batch_size: int = typer.Option(32),
+    smudge_gate: bool = typer.Option(True, "--smudge-gate/--no-smudge-gate", help="Also train the smudge-cell gate and store it with the model."),
+    gate_keep: float = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps."),
 ):
     """Train the crop classifier for 'detect' on every photograph of an ALL-IDB1-style folder (detect-eval's recipe)."""
     from .detection.evaluate import DetectEvalConfig, run_train_detector
 
-    cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size)
+    cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, smudge_gate=smudge_gate, gate_keep=gate_keep)
     best = run_train_detector(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     out.print(f"Detector crop classifier: {best} (use: leukodetect detect IMAGE --checkpoint {best}).", highlight=False)
 

@@ -60,6 +60,10 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     checkpoint = out / "model" / "best.pt"
     assert checkpoint.is_file() and json.loads((out / "train_detector.json").read_text())["photographs"] == 8
     assert resolve_detector(checkpoint) == checkpoint
+    # Every located cell is listed for the smudge gate; without "other" annotations none is labelled, so no gate.
+    cells = (out / "crops" / "cells.csv").read_text().splitlines()
+    assert len(cells) == 1 + 8 * 3 and all(line.split(",")[3] == "-1" for line in cells[1:])
+    assert "no smudge gate: Too few located cells" in result.output
     detected = runner.invoke(app, ["detect", str(smear_tree / "im" / "Im001_1.jpg"), "--checkpoint", str(checkpoint),
                                    "--out", str(tmp_path / "o"), "--json"])
     assert detected.exit_code == 0, detected.output
@@ -67,3 +71,19 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     assert row["n_cells"] == 3 and row["verdict"] in ("ALL", "healthy", "review")
     refused = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--out", str(out), "--arch", "tiny"])
     assert refused.exit_code != 0 and "already holds" in refused.output
+
+
+def test_white_cell_figures_leave_smudge_calls_out_and_keep_the_located_figures():
+    from leukodetect.detection.evaluate import aggregate
+
+    def row(label, mask, before, smudge):
+        return {"n_annotated_blasts": 1, "blast_loc_tp": 1, "seconds": 0.5, "label": label, "verdict": "ALL" if label else "healthy",
+                "blast_det_tp": 1, "blast_det_fp": 0, "blast_det_fn": 0, "n_smudge": smudge, "mask": mask, "mask_before_gate": before}
+
+    gated = {"tp": 4, "fn": 1, "fp": 0, "extra": 0, "regions": 5, "detections": 4}
+    located = {"tp": 5, "fn": 0, "fp": 3, "extra": 1, "regions": 5, "detections": 9}
+    out = aggregate([row(1, gated, located, 5), row(0, gated, gated, 0)], classified=True)
+    white = out["white_cell_localisation"]
+    assert white["recall"]["k"] == 8 and white["precision"]["value"] == 1.0
+    assert white["before_gate"]["recall"]["k"] == 9 and white["before_gate"]["precision"]["k"] == 6 + 4
+    assert white["before_gate"]["precision"]["n"] == 13 and out["smudge_calls"] == 5

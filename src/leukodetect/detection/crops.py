@@ -19,6 +19,8 @@ Labels, from ALL-IDB1's own annotations (never ALL-IDB2, whose crops come from t
 
 The manifest ``manifest.csv`` (path,label,group,kind,photo,x,y) loads with ``--format manifest``;
 ``group`` is the photograph, with exact duplicate photographs (Im093_0 == Im108_0) merged.
+Beside it, ``cells.csv`` lists every located cell (photo, x, y, its :func:`.gate.gate_labels` label
+and its :mod:`.features`), what the smudge gate (:mod:`.gate`) is trained on.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from ..data.io import open_rgb, pixel_hash
 from ..data.records import Record
 from ..errors import BadImageError, LeukoError
 from ..utils import atomic_write_text, write_json
+from .features import FEATURE_NAMES
+from .gate import gate_labels
 from .locate import LocateParams, locate_cells
 
 #: Crop side in red-cell diameters: a blast (up to ~2 d across) plus a ring of context.
@@ -112,7 +116,7 @@ def write_crops(
     if any(r.blasts is None for r in records):
         raise LeukoError("Crops need ALL-IDB1 photographs with blast annotations (xyc files); index the data as allidb1.")
     (out_dir / "crops").mkdir(parents=True, exist_ok=True)
-    rows, photos, hashes = [], {}, {}
+    rows, photos, hashes, located = [], {}, {}, []
     dropped = 0
     for record in tqdm(records, desc="crops", disable=not progress):
         try:
@@ -126,6 +130,11 @@ def write_crops(
         loc = locate_cells(rgb, params)
         cells_xy = np.array([[c.x, c.y] for c in loc.cells], dtype=float).reshape(-1, 2)
         points = label_points(record, cells_xy, loc.rbc_diameter, cfg)
+        # Without the "other" annotations an unannotated cell may be an intact white cell: no gate labels.
+        gate = (np.full(len(cells_xy), -1) if record.others is None else
+                gate_labels(cells_xy, record.blasts or (), record.others, loc.rbc_diameter, match=cfg.match_radius, far=cfg.unannotated_radius))
+        located += [{"photo": record.path.stem, "x": x, "y": y, "gate_label": int(g), **dict(zip(FEATURE_NAMES, map(float, f)))}
+                    for (x, y), g, f in zip(cells_xy, gate, loc.features)]
         dropped += len(record.others or ()) - sum(kind == "other" for kind, *_ in points)
         photos[record.path.stem] = {"rbc_diameter": loc.rbc_diameter, "cells": len(loc.cells), "crops": len(points)}
         side = cfg.crop_factor * loc.rbc_diameter
@@ -141,6 +150,11 @@ def write_crops(
     for row in rows:
         row.pop("_record")
         writer.writerow({**row, "group": group_of[row["photo"]]})
+    cells_buffer = io.StringIO()
+    cells_writer = csv.DictWriter(cells_buffer, fieldnames=["photo", "x", "y", "gate_label", *FEATURE_NAMES])
+    cells_writer.writeheader()
+    cells_writer.writerows(located)
+    atomic_write_text(out_dir / "cells.csv", cells_buffer.getvalue())
     atomic_write_text(manifest, buffer.getvalue())
     counts = {k: sum(r["kind"] == k for r in rows) for k in ("blast", "other", "unannotated")}
     write_json(out_dir / "crops.json", {
@@ -160,3 +174,14 @@ def crop_records(manifest: Path, photos: set[str]) -> list[Record]:
             for row in csv.DictReader(handle) if row["photo"] in photos
         ]
 
+
+
+def located_cells(crops_dir: Path, photos: set[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, gate labels and photographs of the located cells of ``photos`` (from ``cells.csv``)."""
+    path = Path(crops_dir) / "cells.csv"
+    if not path.is_file():
+        raise LeukoError(f"{path} is missing (crops written by an older leukodetect): delete {Path(crops_dir)} and run again.")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["photo"] in photos]
+    features = np.array([[float(row[name]) for name in FEATURE_NAMES] for row in rows], dtype=np.float32).reshape(-1, len(FEATURE_NAMES))
+    return features, np.array([int(row["gate_label"]) for row in rows], dtype=int), np.array([row["photo"] for row in rows])

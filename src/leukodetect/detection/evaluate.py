@@ -13,7 +13,9 @@ Definitions (all radii in red-cell diameters d measured on the photograph itself
 * white-cell localisation (Im001_1..Im010_1, whose masks exist): a located centroid inside a mask
   region hits it, each region counts once; recall = regions hit / regions; precision = located
   cells inside some region / located cells (a second cell inside a region of touching cells is
-  not a false positive, because the mask merges touching cells);
+  not a false positive, because the mask merges touching cells). With the smudge gate
+  (:mod:`.gate`), the cells it calls smudge are not white cells: they are left out of these
+  figures, which are also reported for every located cell (``before_gate``);
 * blast detection: cells called blast vs annotated blasts within 0.5 d, one-to-one; a blast call on
   anything else (smudge cells included) is a false positive;
 * photograph level: positive = ALL; ``review`` verdicts are counted as ALL (a smear flagged for
@@ -40,7 +42,8 @@ from ..data.split import holdout_indices, kfold_indices
 from ..errors import BadImageError, LeukoError
 from ..evaluation.intervals import wilson_interval
 from ..utils import atomic_write_text, environment_facts, write_json
-from .crops import CropConfig, crop_records, write_crops
+from .crops import CropConfig, crop_records, located_cells, write_crops
+from .gate import fit_gate
 from .locate import LocateParams
 from .match import detection_scores, match_points, match_to_regions
 from .pipeline import VerdictRule, analyze
@@ -64,6 +67,8 @@ class DetectEvalConfig:
     review_band: tuple[float, float] = (0.3, 0.7)
     min_blasts: int = 1
     locate_only: bool = False
+    smudge_gate: bool = True
+    gate_keep: float = 0.99
     crop: CropConfig = field(default_factory=CropConfig)
     locate: LocateParams = field(default_factory=LocateParams)
 
@@ -94,15 +99,27 @@ def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
         "seconds": result["timing"]["total_s"] + result.get("read_s", 0.0),
     }
     mask_file = masks / f"{record.path.stem}_WBCs.tif" if masks else None
+    row["n_smudge"] = result.get("n_smudge", 0)
     if mask_file is not None and mask_file.is_file():
         regions, _ = ndi.label(np.asarray(Image.open(mask_file)).astype(bool))
-        row["mask"] = match_to_regions(xy, regions)
+        row["mask"] = match_to_regions([(c["x"], c["y"]) for c in cells if c["call"] != "smudge"], regions)
+        row["mask_before_gate"] = match_to_regions(xy, regions)
     return row
 
 
 def _prop(k: int, n: int) -> dict:
     low, high = wilson_interval(k, n)
     return {"value": k / n if n else None, "k": k, "n": n, "ci_low": None if n == 0 else low, "ci_high": None if n == 0 else high}
+
+
+def _white_cells(masked: list[dict]) -> dict:
+    inside = sum(m["tp"] + m["extra"] for m in masked)
+    return {
+        "photographs": len(masked),
+        "recall": _prop(sum(m["tp"] for m in masked), sum(m["regions"] for m in masked)),
+        "precision": _prop(inside, sum(m["detections"] for m in masked)),
+        "extra_in_merged_regions": sum(m["extra"] for m in masked),
+    }
 
 
 def aggregate(rows: list[dict], *, classified: bool) -> dict:
@@ -116,13 +133,10 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
     }
     masked = [r["mask"] for r in rows if "mask" in r]
     if masked:
-        inside = sum(m["tp"] + m["extra"] for m in masked)
-        out["white_cell_localisation"] = {
-            "photographs": len(masked),
-            "recall": _prop(sum(m["tp"] for m in masked), sum(m["regions"] for m in masked)),
-            "precision": _prop(inside, sum(m["detections"] for m in masked)),
-            "extra_in_merged_regions": sum(m["extra"] for m in masked),
-        }
+        out["white_cell_localisation"] = _white_cells(masked)
+        if any(r.get("n_smudge") for r in rows):
+            out["white_cell_localisation"]["before_gate"] = _white_cells([r["mask_before_gate"] for r in rows if "mask" in r])
+    out["smudge_calls"] = sum(r.get("n_smudge", 0) for r in rows)
     if classified:
         tp, fp, fn = (sum(r[f"blast_det_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
         out["blast_detection"] = {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn),
@@ -163,6 +177,15 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
     bundle = load_checkpoint(result.best_path)
     # The scale travels with the checkpoint: detection crops at the scale it was trained on.
     bundle["detection"] = {"crop_factor": cfg.crop.crop_factor, "crop_size": cfg.crop.size, "locate": asdict(cfg.locate)}
+    if cfg.smudge_gate:
+        features, gate_y, photos = located_cells(manifest.parent, {r.path.stem for r in train_photos})
+        try:
+            gate = fit_gate(features, gate_y, photos, keep=cfg.gate_keep, seed=cfg.seed)
+        except LeukoError as exc:
+            log(f"  no smudge gate: {exc}")
+        else:
+            bundle["detection"]["gate"] = gate.to_dict()
+            log(f"  smudge gate trained on {int((gate_y >= 0).sum())} located cells of {len(train_photos)} photographs.")
     save_checkpoint(bundle, result.best_path)
     return result.best_path
 
@@ -260,7 +283,8 @@ def run_train_detector(data: Path, out_dir: Path, cfg: DetectEvalConfig = Detect
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    flat = [{k: v for k, v in r.items() if k != "mask"} | {f"mask_{k}": v for k, v in r.get("mask", {}).items()} for r in rows]
+    flat = [{k: v for k, v in r.items() if not k.startswith("mask")}
+            | {f"{m}_{k}": v for m in ("mask", "mask_before_gate") for k, v in r.get(m, {}).items()} for r in rows]
     names = list(dict.fromkeys(k for r in flat for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=names)
@@ -291,6 +315,9 @@ def report_markdown(m: dict) -> str:
         w = m["white_cell_localisation"]
         lines += [f"| white-cell localisation recall ({w['photographs']} masked photographs) | {_fmt(w['recall'])} |",
                   f"| white-cell localisation precision | {_fmt(w['precision'])} |"]
+        if "before_gate" in w:
+            lines += [f"| - before the smudge gate: recall | {_fmt(w['before_gate']['recall'])} |",
+                      f"| - before the smudge gate: precision | {_fmt(w['before_gate']['precision'])} |"]
     if "blast_detection" in m:
         b = m["blast_detection"]
         lines += [f"| blast detection recall | {_fmt(b['recall_ci'])} |", f"| blast detection precision | {_fmt(b['precision_ci'])} |",
@@ -300,6 +327,9 @@ def report_markdown(m: dict) -> str:
                   f"| photograph specificity | {_fmt(p['specificity'])} |", "", f"Verdicts: {json.dumps(p['verdicts'])}", ""]
         lines += [f"Classifier: {cfg['arch']}, {cfg['epochs']} epochs, {cfg['image_size']} px crops of side "
                   f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}."]
+        if cfg.get("smudge_gate"):
+            lines += [f"Smudge gate: keeps {cfg['gate_keep']:.0%} of the annotated training cells; {m.get('smudge_calls', 0)} located "
+                      "objects called smudge (not counted as white cells or blasts)."]
     s = m["seconds_per_photograph"]
     lines += ["", f"Seconds per photograph (read + locate + classify): median {s['median']:.2f}, max {s['max']:.2f}.", ""]
     return "\n".join(lines)

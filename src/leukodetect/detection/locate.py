@@ -35,7 +35,7 @@ photograph, because the two ALL-IDB1 cameras (and any other microscope) differ i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
@@ -47,6 +47,8 @@ from skimage.measure import label, regionprops
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 from sklearn.cluster import KMeans
+
+from .features import FEATURE_NAMES, region_features, texture_maps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +123,7 @@ class Localisation:
         rbc_count: how many round red cells the scale was measured on (0 = default used).
         work_factor: the downscale factor of the working copy (working px per input px).
         stain_threshold: the B - G threshold used.
+        features: one row of :data:`.features.FEATURE_NAMES` per cell (same order), for the smudge gate.
     """
 
     cells: list[Cell]
@@ -128,6 +131,7 @@ class Localisation:
     rbc_count: int
     work_factor: float
     stain_threshold: float
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FEATURE_NAMES)), np.float32))
 
     def to_dict(self) -> dict:
         return {
@@ -309,19 +313,22 @@ def locate_cells(image: Image.Image | np.ndarray, params: LocateParams = LocateP
         factor = min(1.0, factor * params.min_work_diameter * 1.2 / diameter)
     labels = white_cell_labels(stained, diameter, params, stain)
     rbc_area = math.pi * diameter**2 / 4
-    cells = []
+    gray, laplacian = texture_maps(small)
+    found = []
     for region in regionprops(labels):
         if not params.min_area * rbc_area <= region.area <= params.max_area * rbc_area:
             continue
         y, x = region.centroid
         y0, x0, y1, x1 = region.bbox
-        cells.append(Cell(
+        cell = Cell(
             x=round(x / factor, 1), y=round(y / factor, 1),
             box=(int(x0 / factor), int(y0 / factor), min(width, math.ceil(x1 / factor)), min(height, math.ceil(y1 / factor))),
             area=round(region.area / factor**2, 1),
-        ))
-    cells.sort(key=lambda c: (c.y, c.x))
+        )
+        found.append((cell, region_features(small, stain, labels, region, level, diameter, gray, laplacian)))
+    found.sort(key=lambda item: (item[0].y, item[0].x))
     return Localisation(
-        cells=cells, rbc_diameter=round(diameter / factor, 2), rbc_count=count,
+        cells=[c for c, _ in found], rbc_diameter=round(diameter / factor, 2), rbc_count=count,
         work_factor=round(factor, 5), stain_threshold=level,
+        features=np.stack([f for _, f in found]) if found else np.zeros((0, len(FEATURE_NAMES)), np.float32),
     )

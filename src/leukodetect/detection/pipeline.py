@@ -25,10 +25,11 @@ from ..data.io import open_rgb
 from ..errors import BadImageError, LeukoError
 from ..utils import atomic_write_text
 from .crops import DEFAULT_CROP_FACTOR, crop_around
+from .gate import SmudgeGate
 from .locate import LEGACY_VALUES, LocateParams, as_array, locate_cells
 
 #: Box colours (RGB) by call.
-COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230)}
+COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230), "smudge": (120, 120, 120)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +75,13 @@ def locate_params_of(classifier) -> LocateParams:
     return LocateParams(**{**LEGACY_VALUES, **{k: v for k, v in stored.items() if k in known}})
 
 
+def gate_of(classifier) -> SmudgeGate | None:
+    """The smudge gate stored with ``classifier``'s checkpoint (:mod:`.gate`), or None."""
+    bundle = getattr(classifier, "bundle", None) or {}
+    raw = bundle.get("detection", {}).get("gate")
+    return None if raw is None else SmudgeGate.from_dict(raw)
+
+
 def call_of(prob: float | None, band: tuple[float, float]) -> str:
     """blast (P >= hi), normal (P < lo), review in between; "cell" when unclassified."""
     if prob is None:
@@ -99,6 +107,7 @@ def analyze(
     rule: VerdictRule = VerdictRule(),
     params: LocateParams | None = None,
     batch_size: int = 32,
+    use_gate: bool = True,
 ) -> dict:
     """Detect and classify the white cells of one smear photograph.
 
@@ -110,10 +119,12 @@ def analyze(
         rule: the photograph verdict rule.
         params: localisation settings; None: those stored with the classifier
             (:func:`locate_params_of`).
+        use_gate: apply the smudge gate stored with the classifier, if it has one (:mod:`.gate`):
+            a located object it rejects is called "smudge", shown but not counted as a white cell.
 
     Returns:
-        A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, call), counts, blast
-        fraction among the detected white cells, verdict and timing in seconds.
+        A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call),
+        counts, blast fraction among the white cells (smudge cells excluded), verdict and timing.
     """
     lo, hi = review_band
     if not 0 <= lo <= hi <= 1:
@@ -129,20 +140,26 @@ def analyze(
         size = classifier.preset.image_size
         crops = [crop_around(rgb, c.x, c.y, side, size) for c in loc.cells]
         probs = classify_crops(classifier, crops, batch_size)
+    gate = gate_of(classifier) if use_gate and classifier is not None else None
+    p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
     t2 = time.perf_counter()
     cells = [
-        {**c.to_dict(), "prob_blast": None if p is None else round(p, 5), "call": call_of(p, review_band)}
-        for c, p in zip(loc.cells, probs)
+        {**c.to_dict(), "prob_blast": None if p is None else round(p, 5),
+         "p_white_cell": None if q is None else round(float(q), 5),
+         "call": "smudge" if q is not None and q < gate.threshold else call_of(p, review_band)}
+        for c, p, q in zip(loc.cells, probs, p_cell)
     ]
-    counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal")}
+    counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
+    white = len(cells) - counts["smudge"]
     height, width = rgb.shape[:2]
     return {
         "width": width, "height": height,
         "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
         "crop_factor": factor, "crop_side": round(side, 1),
         "review_band": [lo, hi], "rule": asdict(rule),
-        "n_cells": len(cells), "n_blast": counts["blast"], "n_review": counts["review"], "n_normal": counts["normal"],
-        "blast_fraction": counts["blast"] / len(cells) if cells and classifier is not None else None,
+        "n_cells": white, "n_blast": counts["blast"], "n_review": counts["review"], "n_normal": counts["normal"],
+        "n_smudge": counts["smudge"], "smudge_gate": gate is not None,
+        "blast_fraction": counts["blast"] / white if white and classifier is not None else None,
         "verdict": rule(counts["blast"], counts["review"]) if classifier is not None else "not classified",
         "timing": {"locate_s": round(t1 - t0, 3), "classify_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3)},
         "cells": cells,
@@ -163,6 +180,8 @@ def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int
             cv2.putText(canvas, f"{cell['prob_blast']:.2f}", (x1 + 2, max(12, y0 + 12)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.4 * thick, colour, thick, cv2.LINE_AA)
     header = f"{result['verdict']}: {result['n_blast']} blast, {result['n_review']} review, {result['n_cells']} white cells"
+    if result.get("n_smudge"):
+        header += f", {result['n_smudge']} smudge"
     cv2.putText(canvas, header, (10, 30 * thick), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * thick, (0, 0, 0), thick + 1, cv2.LINE_AA)
     return Image.fromarray(canvas)
 
@@ -219,7 +238,7 @@ def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
     return result
 
 
-SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "blast_fraction", "rbc_diameter", "total_s", "error")
+SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smudge", "blast_fraction", "rbc_diameter", "total_s", "error")
 
 
 def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
@@ -294,7 +313,7 @@ class Detector:
 
     def analyze(self, image: Image.Image) -> dict:
         result = analyze(image, self.classifier, **self.kwargs)
-        result["counts"] = {k: result[f"n_{k}"] for k in ("blast", "review", "normal")}
+        result["counts"] = {k: result[f"n_{k}"] for k in ("blast", "review", "normal", "smudge")}
         result["cells"] = [{**c, "label": c["call"]} for c in result["cells"]]
         result["overlay"] = draw_overlay(image, result)
         result["gallery"] = draw_gallery(image, result)  # the reviewer's per-cell sheet, highest P(blast) first
