@@ -87,3 +87,10 @@ def test_white_cell_figures_leave_smudge_calls_out_and_keep_the_located_figures(
     assert white["recall"]["k"] == 8 and white["precision"]["value"] == 1.0
     assert white["before_gate"]["recall"]["k"] == 9 and white["before_gate"]["precision"]["k"] == 6 + 4
     assert white["before_gate"]["precision"]["n"] == 13 and out["smudge_calls"] == 5
+    # Photograph verdicts: review counts as ALL, and the decided photographs are scored on their own.
+    rows = [row(1, gated, gated, 0) | {"verdict": v} for v in ("ALL", "review", "healthy")]
+    rows += [row(0, gated, gated, 0) | {"verdict": v} for v in ("healthy", "review")]
+    photo = aggregate(rows, classified=True)["photograph"]
+    assert (photo["accuracy"]["k"], photo["sensitivity"]["k"], photo["specificity"]["k"]) == (3, 2, 1)
+    assert (photo["decided_accuracy"]["k"], photo["decided_accuracy"]["n"]) == (2, 3)
+    assert (photo["review_share"]["k"], photo["review_share"]["n"]) == (2, 5)

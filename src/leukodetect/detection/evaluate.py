@@ -152,6 +152,10 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
             "verdicts": {v: {"ALL_photographs": sum(r["verdict"] == v for r in pos), "healthy_photographs": sum(r["verdict"] == v for r in neg)}
                          for v in ("ALL", "review", "healthy")},
         }
+        # As an analyser is used: the photographs it decides on its own, and how many it leaves to a person.
+        decided = [r for r in rows if r["verdict"] != "review"]
+        out["photograph"]["decided_accuracy"] = _prop(sum((r["verdict"] == "ALL") == (r["label"] == 1) for r in decided), len(decided))
+        out["photograph"]["review_share"] = _prop(len(rows) - len(decided), len(rows))
     return out
 
 
@@ -324,7 +328,10 @@ def report_markdown(m: dict) -> str:
                   f"| blast detection F1 | {b['f1']:.3f} (TP {b['tp']}, FP {b['fp']}, FN {b['fn']}) |" if b["f1"] is not None else "| blast detection F1 | n/a |"]
         p = m["photograph"]
         lines += [f"| photograph accuracy (review = ALL) | {_fmt(p['accuracy'])} |", f"| photograph sensitivity | {_fmt(p['sensitivity'])} |",
-                  f"| photograph specificity | {_fmt(p['specificity'])} |", "", f"Verdicts: {json.dumps(p['verdicts'])}", ""]
+                  f"| photograph specificity | {_fmt(p['specificity'])} |",
+                  f"| photographs left for review | {_fmt(p['review_share'])} |",
+                  f"| accuracy on the photographs decided (ALL or healthy) | {_fmt(p['decided_accuracy'])} |",
+                  "", f"Verdicts: {json.dumps(p['verdicts'])}", ""]
         lines += [f"Classifier: {cfg['arch']}, {cfg['epochs']} epochs, {cfg['image_size']} px crops of side "
                   f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}."]
         if cfg.get("smudge_gate"):
