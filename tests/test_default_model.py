@@ -60,6 +60,12 @@ def test_serve_without_options_analyzes_smears_with_the_shipped_detector(smear_p
     assert DEFAULT_DETECTOR.stat().st_size < 50 * 2**20
     bundle = load_checkpoint(DEFAULT_DETECTOR)
     assert bundle["arch"] == "googlenet" and bundle["detection"]["crop_factor"] == 3.0
+    # It carries its smudge gate and the locator settings it was evaluated with (clump cutting on).
+    from leukodetect.detection.gate import SmudgeGate
+
+    gate = SmudgeGate.from_dict(bundle["detection"]["gate"])
+    assert 0 < gate.threshold < 1 and gate.keep == 0.99
+    assert bundle["detection"]["locate"]["clump_area"] > 0
     with TestClient(build_app(None, backend="torch", torch_threads=1, log=lambda _: None)) as client:
         with open(smear_png, "rb") as f:
             response = client.post("/v1/analyze", files={"file": ("smear.png", f, "image/png")})
