@@ -175,7 +175,6 @@ def crop_records(manifest: Path, photos: set[str]) -> list[Record]:
         ]
 
 
-
 def located_cells(crops_dir: Path, photos: set[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features, gate labels and photographs of the located cells of ``photos`` (from ``cells.csv``)."""
     path = Path(crops_dir) / "cells.csv"
