@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 from typer.testing import CliRunner
 
@@ -298,3 +299,20 @@ def test_bad_cross_options_are_one_sentence_before_any_training(tiny_tree, tmp_p
     result = invoke("compare", "--data", tiny_tree, "--out", tmp_path / "b", "--archs", "tiny", "--stain-reference", tiny_tree)
     assert result.exit_code == 2 and "add --cross-data" in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_without_lr_each_architecture_trains_at_its_own_rate(tiny_tree, tmp_path):
+    if "tiny_slow" not in list_models():
+        register_model(ModelSpec("tiny_slow", lambda n, pretrained: TinyWide(n), "fc", "features", "tests only", scratch_lr=0.02))
+    out = tmp_path / "own-rates"
+    result = invoke("compare", "--data", tiny_tree, "--out", out, "--archs", "tiny_slow,tiny", "--protocol", "clean",
+                    "--folds", 2, "--epochs", 1, "--image-size", 24, "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    for arch, lr in (("tiny_slow", 0.02), ("tiny", 1e-3)):
+        for fold in (0, 1):
+            saved = yaml.safe_load((out / "clean" / arch / f"fold_{fold}" / "config.yaml").read_text())
+            assert saved["train"]["lr"] == lr
+    assert "each architecture's own: tiny_slow 0.02, tiny 0.001" in (out / "report.md").read_text()
+    again = invoke("compare", "--data", tiny_tree, "--out", out, "--archs", "tiny_slow,tiny", "--protocol", "clean",
+                   "--folds", 2, "--epochs", 1, "--image-size", 24, "--batch-size", 8)
+    assert again.exit_code == 0 and again.output.count("already finished") == 2  # resolved rates resume cleanly

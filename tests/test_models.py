@@ -73,3 +73,17 @@ def test_pickled_code_is_never_executed(tmp_path, capsys):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(BadCheckpointError, match="does not exist"):
         create_model("tiny", weights=tmp_path / "nope.pt")
+
+
+def test_each_architecture_has_its_own_learning_rate_unless_one_is_given():
+    from leukodetect.config import RunConfig
+
+    cfg = RunConfig.from_dict({"model": {"arch": "vgg16"}})
+    assert cfg.train.lr is None  # left out: the architecture decides
+    assert cfg.resolved().train.lr == get_spec("vgg16").scratch_lr == 1e-4  # no batch norm: 1e-3 diverges
+    cfg.model.arch = "resnet50"
+    assert cfg.resolved().train.lr == 1e-3
+    cfg.train.lr = 0.05
+    assert cfg.resolved().train.lr == 0.05  # an explicit rate wins
+    with pytest.raises(LeukoError, match="must be positive"):
+        RunConfig.from_dict({"train": {"lr": 0}})

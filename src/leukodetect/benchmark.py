@@ -233,12 +233,13 @@ def _ratio(a: float, b: float) -> float | None:
 def bench_training(arch: str, cfg: BenchmarkConfig, flops: int, peak: float) -> dict[str, Any]:
     """Our training step against the naive one, same initial weights, batch and optimiser."""
     from .config import TrainConfig
-    from .models import create_model
+    from .models import create_model, get_spec
     from .training.device import autocast_dtype, channels_last, resolve_device
     from .training.engine import train_one_epoch
     from .training.fit import OPTIMIZERS
 
     tc = TrainConfig()
+    lr = get_spec(arch).scratch_lr
     device = resolve_device(tc.device)
     amp_dtype = autocast_dtype(device, tc.precision)
     use_cl = channels_last(device)
@@ -252,7 +253,7 @@ def bench_training(arch: str, cfg: BenchmarkConfig, flops: int, peak: float) -> 
     ours = copy.deepcopy(base).to(device)
     if use_cl:
         ours = ours.to(memory_format=torch.channels_last)
-    ours_opt = OPTIMIZERS["adamw"](ours.parameters(), tc.lr, tc.weight_decay)
+    ours_opt = OPTIMIZERS["adamw"](ours.parameters(), lr, tc.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
 
     def our_step() -> None:
@@ -260,7 +261,7 @@ def bench_training(arch: str, cfg: BenchmarkConfig, flops: int, peak: float) -> 
                         channels_last=use_cl, progress=False)
 
     naive = copy.deepcopy(base).to(device).train()
-    naive_opt = OPTIMIZERS["adamw"](naive.parameters(), tc.lr, tc.weight_decay)
+    naive_opt = OPTIMIZERS["adamw"](naive.parameters(), lr, tc.weight_decay)
 
     def naive_step() -> None:
         xb, yb = x.to(device), y.to(device)

@@ -64,7 +64,9 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 16
     optimizer: str = "adamw"
-    lr: float = 1e-3
+    # Peak learning rate; None takes the architecture's own (``ModelSpec.scratch_lr``: 1e-3, 1e-4 for
+    # the VGGs, which have no batch norm). Training writes the number it used into config.yaml.
+    lr: float | None = None
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     # Exponential moving average of the weights, updated after every optimizer step (0: off). The
@@ -111,6 +113,15 @@ class RunConfig:
         cfg.validate()
         return cfg
 
+    def resolved(self) -> RunConfig:
+        """A copy with every per-architecture default filled in (the learning rate)."""
+        from .models.registry import get_spec
+
+        cfg = RunConfig.from_dict(self.to_dict())
+        if cfg.train.lr is None:
+            cfg.train.lr = get_spec(cfg.model.arch).scratch_lr
+        return cfg
+
     def validate(self) -> None:
         if self.data.protocol not in PROTOCOLS:
             raise LeukoError(f"Unknown protocol '{self.data.protocol}': use one of {PROTOCOLS}.")
@@ -122,6 +133,8 @@ class RunConfig:
             raise LeukoError("Epochs and batch size must be at least 1.")
         if self.train.checkpoint_every < 1:
             raise LeukoError(f"--checkpoint-every {self.train.checkpoint_every} must be at least 1 (epochs between resume points).")
+        if self.train.lr is not None and not self.train.lr > 0:
+            raise LeukoError(f"--lr {self.train.lr} must be positive (or left out for the architecture's own).")
         if not 0 <= self.train.ema < 1:
             raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 

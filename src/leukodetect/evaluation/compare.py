@@ -119,7 +119,7 @@ def run_config(cfg: RunConfig, *, arch: str, protocol: str) -> RunConfig:
     """A copy of the shared configuration for one (protocol, architecture) run."""
     one = RunConfig.from_dict(cfg.to_dict())
     one.model.arch, one.data.protocol = arch, protocol
-    return one
+    return one.resolved()  # without --lr each architecture trains at its own rate (1e-4 for the VGGs)
 
 
 def _check_run_folder(run_dir: Path, cfg: RunConfig, folds: int) -> None:

@@ -27,6 +27,9 @@ class ModelSpec:
         head: dotted path of the final ``nn.Linear``.
         cam_layer: dotted path of the layer whose activations Grad-CAM uses.
         description: one line for ``leukodetect models``.
+        scratch_lr: the peak AdamW learning rate used when training from scratch and no ``--lr`` is
+            given. 1e-3 suits the batch-normalised networks; the VGGs have no batch norm and
+            diverge at 1e-3 from scratch, so theirs is 1e-4.
     """
 
     name: str
@@ -34,6 +37,7 @@ class ModelSpec:
     head: str
     cam_layer: str
     description: str
+    scratch_lr: float = 1e-3
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -35,7 +35,8 @@ register_model(
     )
 )
 for _name in ("vgg16", "vgg19"):
-    register_model(ModelSpec(_name, _torchvision(_name), "classifier.6", "features", f"torchvision {_name} (no batch norm)"))
+    register_model(ModelSpec(_name, _torchvision(_name), "classifier.6", "features", f"torchvision {_name} (no batch norm)",
+                             scratch_lr=1e-4))
 
 
 class TinyNet(nn.Module):

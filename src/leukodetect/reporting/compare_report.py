@@ -385,6 +385,15 @@ def render_html(title: str, sections: list[Section], out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _learning_rates(lr, archs) -> str:
+    """One rate for all, or each architecture's own (``ModelSpec.scratch_lr``) when --lr was left out."""
+    if lr is not None:
+        return f"{lr:g}"
+    from ..models import get_spec
+
+    return "each architecture's own: " + ", ".join(f"{a} {get_spec(a).scratch_lr:g}" for a in archs)
+
+
 def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict, *, command: str = "") -> tuple[Path, Path]:
     """Draw the figures into ``out_dir/figures`` and write ``report.md`` and ``report.html``.
 
@@ -405,7 +414,7 @@ def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict,
         "epochs": cfg["train"]["epochs"],
         "image size": cfg["data"]["image_size"],
         "batch size": cfg["train"]["batch_size"],
-        "optimizer, learning rate": f"{cfg['train']['optimizer']}, {cfg['train']['lr']}",
+        "optimizer, learning rate": f"{cfg['train']['optimizer']}, {_learning_rates(cfg['train']['lr'], settings['archs'])}",
         "seed": cfg["train"]["seed"],
         "paper protocol total": cfg["data"]["paper_total"] if "paper" in settings["protocols"] else "not run",
         "same folds for every architecture": ", ".join(f"{p}: {'yes' if v else 'NO'}" for p, v in summary["same_folds"].items()),

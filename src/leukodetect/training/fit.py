@@ -162,6 +162,7 @@ def train_model(
         dist: this process's place in a torchrun launch (:func:`.distributed.init_from_env`);
             None for a single process. Every rank must call ``train_model`` with the same arguments.
     """
+    cfg = cfg.resolved()  # the learning rate actually used is what config.yaml and the checkpoint record
     ctx = dist or DistContext()
     local_batch_size(cfg.train.batch_size, ctx)
     out_dir = Path(out_dir)
