@@ -305,14 +305,19 @@ def test_without_lr_each_architecture_trains_at_its_own_rate(tiny_tree, tmp_path
     if "tiny_slow" not in list_models():
         register_model(ModelSpec("tiny_slow", lambda n, pretrained: TinyWide(n), "fc", "features", "tests only", scratch_lr=0.02))
     out = tmp_path / "own-rates"
-    result = invoke("compare", "--data", tiny_tree, "--out", out, "--archs", "tiny_slow,tiny", "--protocol", "clean",
-                    "--folds", 2, "--epochs", 1, "--image-size", 24, "--batch-size", 8)
+    common = ("compare", "--data", tiny_tree, "--out", out, "--archs", "tiny_slow,tiny", "--protocol", "clean",
+              "--folds", 2, "--epochs", 1, "--image-size", 24, "--batch-size", 8, "--label-smoothing", 0.1)
+    result = invoke(*common, "--workers", 0)
     assert result.exit_code == 0, result.output
     for arch, lr in (("tiny_slow", 0.02), ("tiny", 1e-3)):
         for fold in (0, 1):
             saved = yaml.safe_load((out / "clean" / arch / f"fold_{fold}" / "config.yaml").read_text())
-            assert saved["train"]["lr"] == lr
-    assert "each architecture's own: tiny_slow 0.02, tiny 0.001" in (out / "report.md").read_text()
-    again = invoke("compare", "--data", tiny_tree, "--out", out, "--archs", "tiny_slow,tiny", "--protocol", "clean",
-                   "--folds", 2, "--epochs", 1, "--image-size", 24, "--batch-size", 8)
-    assert again.exit_code == 0 and again.output.count("already finished") == 2  # resolved rates resume cleanly
+            assert saved["train"]["lr"] == lr and saved["train"]["label_smoothing"] == 0.1
+    report = (out / "report.md").read_text()
+    assert "each architecture's own: tiny_slow 0.02, tiny 0.001" in report
+    assert "| weight decay, label smoothing, EMA | 0.0001, 0.1, off |" in report
+    # Where and how fast it runs may change on a rerun; the resolved rates resume cleanly.
+    again = invoke(*common, "--workers", 1, "--checkpoint-every", 3)
+    assert again.exit_code == 0 and again.output.count("already finished") == 2, again.output
+    other = runner.invoke(app, [str(a) for a in (*common[:-1], 0.2)])
+    assert other.exit_code != 0 and "different settings" in other.output and "label_smoothing" in other.output

@@ -352,12 +352,18 @@ def compare(
     epochs: Optional[int] = typer.Option(None),
     image_size: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="One peak learning rate for every architecture (default: each its own, "
+                                       "1e-3; 1e-4 for the VGGs)."),
+    label_smoothing: Optional[float] = typer.Option(None),
+    ema: Optional[float] = EmaOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
     seed: Optional[int] = typer.Option(None),
     group_by: Optional[str] = GroupByOpt,
     allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
     device: Optional[str] = typer.Option(None),
+    precision: Optional[str] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per training job (augmentation)."),
     devices: str = DevicesOpt,
     config: Optional[Path] = typer.Option(None, help="YAML with defaults (e.g. data: {paper_total: 2470})."),
     cross_data: Optional[Path] = typer.Option(None, "--cross-data", help="Labelled images from another lab (e.g. C-NMC): every "
@@ -371,7 +377,8 @@ def compare(
     from .reporting.report import format_value
 
     cfg = _config(config, path=data, format=fmt, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-                  seed=seed, group_by=group_by, allidb1=allidb1, device=device)
+                  label_smoothing=label_smoothing, ema=ema, checkpoint_every=checkpoint_every, seed=seed, group_by=group_by,
+                  allidb1=allidb1, device=device, precision=precision, num_workers=workers)
     result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocol), folds=folds,
                             command=_command_line(), progress=_progress(), cross_data=cross_data, stain_reference=stain_reference,
                             devices=devices, log=_log)

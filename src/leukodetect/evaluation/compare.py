@@ -38,7 +38,8 @@ from .intervals import METRIC_NAMES
 PAPER_ARCHS = ("resnet50", "googlenet", "resnet101", "resnet152", "vgg16", "vgg19")
 
 #: Settings that change where or how fast a run happens, not what it computes: a rerun may differ.
-IGNORED_SETTINGS = (("train", "device"), ("data", "num_workers"))
+# Settings that change where and how fast a comparison runs, not its results: a rerun may change them.
+IGNORED_SETTINGS = (("train", "device"), ("data", "num_workers"), ("train", "checkpoint_every"))
 
 PAPER_FIGURES = Path(__file__).with_name("paper_figures.yaml")
 

@@ -415,6 +415,8 @@ def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict,
         "image size": cfg["data"]["image_size"],
         "batch size": cfg["train"]["batch_size"],
         "optimizer, learning rate": f"{cfg['train']['optimizer']}, {_learning_rates(cfg['train']['lr'], settings['archs'])}",
+        "weight decay, label smoothing, EMA": f"{cfg['train']['weight_decay']:g}, {cfg['train']['label_smoothing']:g}, "
+                                              f"{cfg['train']['ema'] or 'off'}",
         "seed": cfg["train"]["seed"],
         "paper protocol total": cfg["data"]["paper_total"] if "paper" in settings["protocols"] else "not run",
         "same folds for every architecture": ", ".join(f"{p}: {'yes' if v else 'NO'}" for p, v in summary["same_folds"].items()),
