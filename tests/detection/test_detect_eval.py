@@ -1,5 +1,6 @@
 """detect-eval and train-detector end to end on a synthetic ALL-IDB1 tree with the tiny model."""
 
+import csv
 import json
 
 import pytest
@@ -47,6 +48,15 @@ def test_detect_eval_scores_every_photograph_once(smear_tree, tmp_path):
     rows = (out / "photographs.csv").read_text().splitlines()
     assert len(rows) == 9 and {json.loads(f.read_text())[0]["fold"] for f in out.glob("fold_*/rows.json")} == {0, 1}
     assert "blast localisation recall" in (out / "report.md").read_text()
+    # Every located cell is listed with its call and what it was annotated as: the 12 blasts once each.
+    with (out / "cells.csv").open(newline="") as fh:
+        cells = list(csv.DictReader(fh))
+    assert sum(c["annotated"] == "blast" for c in cells) == 12
+    assert {c["annotated"] for c in cells} <= {"blast", "unknown"}  # no "other" annotations in this tree
+    assert all(c["call"] in ("blast", "review", "normal", "smudge") and 0 <= float(c["prob_blast"]) <= 1 for c in cells)
+    with (out / "photographs.csv").open(newline="") as fh:
+        photos = list(csv.DictReader(fh))
+    assert sum(int(r["n_cells"]) + int(r["n_smudge"]) for r in photos) == len(cells)
     # A finished evaluation is never overwritten.
     again = runner.invoke(app, args)
     assert again.exit_code != 0 and "already holds" in again.output
@@ -94,3 +104,18 @@ def test_white_cell_figures_leave_smudge_calls_out_and_keep_the_located_figures(
     assert (photo["accuracy"]["k"], photo["sensitivity"]["k"], photo["specificity"]["k"]) == (3, 2, 1)
     assert (photo["decided_accuracy"]["k"], photo["decided_accuracy"]["n"]) == (2, 3)
     assert (photo["review_share"]["k"], photo["review_share"]["n"]) == (2, 5)
+
+
+def test_cell_rows_say_what_each_located_cell_was_annotated_as():
+    from leukodetect.detection.evaluate import cell_rows
+    from leukodetect.detection.match import match_points
+
+    cells = [{"x": x, "y": 0.0, "prob_blast": p, "p_white_cell": 0.9, "call": call}
+             for x, p, call in ((0, 0.9, "blast"), (100, 0.8, "blast"), (200, 0.1, "normal"), (300, 0.5, "review"))]
+    blasts = [(2.0, 0.0), (500.0, 0.0)]  # the first cell is on a blast; the second blast was not located
+    others = [(101.0, 0.0), (203.0, 0.0), (3.0, 0.0)]  # the third lies on the blast cell, already taken
+    loc = match_points([(c["x"], c["y"]) for c in cells], blasts, 10.0)
+    got = [r["annotated"] for r in cell_rows(cells, loc, others, 10.0)]
+    assert got == ["blast", "other", "other", "none"]
+    assert [r["annotated"] for r in cell_rows(cells, loc, None, 10.0)] == ["blast", "unknown", "unknown", "unknown"]
+    assert cell_rows(cells, loc, (), 10.0)[3]["annotated"] == "none"  # annotated, but nothing near it

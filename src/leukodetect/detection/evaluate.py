@@ -98,6 +98,7 @@ def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
         "n_blast": result["n_blast"], "n_review": result["n_review"], "verdict": result["verdict"],
         "seconds": result["timing"]["total_s"] + result.get("read_s", 0.0),
     }
+    row["cells"] = cell_rows(cells, loc, record.others, radius * d)
     mask_file = masks / f"{record.path.stem}_WBCs.tif" if masks else None
     row["n_smudge"] = result.get("n_smudge", 0)
     if mask_file is not None and mask_file.is_file():
@@ -105,6 +106,28 @@ def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
         row["mask"] = match_to_regions([(c["x"], c["y"]) for c in cells if c["call"] != "smudge"], regions)
         row["mask_before_gate"] = match_to_regions(xy, regions)
     return row
+
+
+def cell_rows(cells: list[dict], blast_matching, others, radius: float) -> list[dict]:
+    """One record per located cell: where it is, what the pipeline said, and what it was annotated as.
+
+    ``annotated`` is ``blast`` when the cell is paired with an annotated blast (the one-to-one
+    matching of the localisation recall), else ``other`` when it lies within ``radius`` of an
+    annotated other object (one-to-one among the remaining cells), ``none`` when neither, and
+    ``unknown`` where the photograph has no "other" annotations (so "none" cannot be told).
+    """
+    blast_of = dict(blast_matching.pairs)
+    rest = [i for i in range(len(cells)) if i not in blast_of]
+    other_hits: set[int] = set()
+    if others:
+        other = match_points([(cells[i]["x"], cells[i]["y"]) for i in rest], list(others), radius)
+        other_hits = {rest[j] for j, _ in other.pairs}
+    out = []
+    for i, c in enumerate(cells):
+        annotated = "blast" if i in blast_of else "other" if i in other_hits else "none" if others is not None else "unknown"
+        out.append({"x": c["x"], "y": c["y"], "prob_blast": c.get("prob_blast"), "p_white_cell": c.get("p_white_cell"),
+                    "call": c["call"], "annotated": annotated})
+    return out
 
 
 def _prop(k: int, n: int) -> dict:
@@ -250,6 +273,7 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
     }
     write_json(out_dir / "metrics.json", metrics)
     _write_rows(out_dir / "photographs.csv", rows)
+    _write_cells(out_dir / "cells.csv", rows)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics))
     return metrics
 
@@ -287,8 +311,17 @@ def run_train_detector(data: Path, out_dir: Path, cfg: DetectEvalConfig = Detect
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    flat = [{k: v for k, v in r.items() if not k.startswith("mask")}
+    flat = [{k: v for k, v in r.items() if not k.startswith("mask") and k != "cells"}
             | {f"{m}_{k}": v for m in ("mask", "mask_before_gate") for k, v in r.get(m, {}).items()} for r in rows]
+    _write_csv(path, flat)
+
+
+def _write_cells(path: Path, rows: list[dict]) -> None:
+    """Every located cell of every held-out photograph (:func:`cell_rows`), for analyses beyond the report."""
+    _write_csv(path, [{"photo": r["photo"], "label": r["label"], "fold": r.get("fold"), **c} for r in rows for c in r.get("cells", ())])
+
+
+def _write_csv(path: Path, flat: list[dict]) -> None:
     names = list(dict.fromkeys(k for r in flat for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=names)
