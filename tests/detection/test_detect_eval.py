@@ -119,3 +119,24 @@ def test_cell_rows_say_what_each_located_cell_was_annotated_as():
     assert got == ["blast", "other", "other", "none"]
     assert [r["annotated"] for r in cell_rows(cells, loc, None, 10.0)] == ["blast", "unknown", "unknown", "unknown"]
     assert cell_rows(cells, loc, (), 10.0)[3]["annotated"] == "none"  # annotated, but nothing near it
+
+
+def test_blast_flagging_counts_review_calls_as_shown_to_a_person():
+    from pathlib import Path
+
+    from leukodetect.data.records import Record
+    from leukodetect.detection.evaluate import aggregate, photo_row
+
+    record = Record(path=Path("Im001_1.jpg"), label=1, group="Im001_1", blasts=((0, 0), (100, 0), (200, 0)), others=())
+    calls = (("blast", 0), ("review", 100), ("review", 300), ("normal", 200), ("smudge", 400))
+    result = {"rbc_diameter": 20.0, "width": 500, "n_cells": 4, "n_blast": 1, "n_review": 2, "verdict": "ALL", "n_smudge": 1,
+              "timing": {"total_s": 0.1},
+              "cells": [{"x": x, "y": 0, "prob_blast": 0.5, "p_white_cell": 0.9, "call": call} for call, x in calls]}
+    row = photo_row(record, result, None, 0.5)
+    assert (row["blast_det_tp"], row["blast_det_fp"], row["blast_det_fn"]) == (1, 0, 2)
+    assert (row["blast_flag_tp"], row["blast_flag_fp"], row["blast_flag_fn"]) == (2, 1, 1)
+    assert [c["annotated"] for c in row["cells"]] == ["blast", "blast", "none", "blast", "none"]
+    flagging = aggregate([row, {**row, "fold": 1}], classified=True)["blast_flagging"]
+    assert (flagging["tp"], flagging["fp"], flagging["fn"]) == (4, 2, 2) and flagging["f1"] == 8 / 12
+    old = {k: v for k, v in row.items() if not k.startswith("blast_flag")}  # a fold finished by an older version
+    assert "blast_flagging" not in aggregate([row, old], classified=True)

@@ -17,7 +17,8 @@ Definitions (all radii in red-cell diameters d measured on the photograph itself
   (:mod:`.gate`), the cells it calls smudge are not white cells: they are left out of these
   figures, which are also reported for every located cell (``before_gate``);
 * blast detection: cells called blast vs annotated blasts within 0.5 d, one-to-one; a blast call on
-  anything else (smudge cells included) is a false positive;
+  anything else (smudge cells included) is a false positive; blast flagging: the same with the
+  cells called blast or review (what a person reviewing the analyser's flags is shown);
 * photograph level: positive = ALL; ``review`` verdicts are counted as ALL (a smear flagged for
   review goes to a person), and also reported on their own.
 """
@@ -91,10 +92,13 @@ def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
     loc = match_points(xy, blasts, radius * d)
     called = [(c["x"], c["y"]) for c in cells if c["call"] == "blast"]
     det = match_points(called, blasts, radius * d)
+    # As an analyser is used, a person sees the review cells too: blast or review calls are "flagged".
+    flag = match_points([(c["x"], c["y"]) for c in cells if c["call"] in ("blast", "review")], blasts, radius * d)
     row = {
         "photo": record.path.stem, "label": record.label, "group": record.group, "width": result["width"],
         "rbc_diameter": d, "n_cells": result["n_cells"], "n_annotated_blasts": len(blasts),
         "blast_loc_tp": loc.tp, "blast_det_tp": det.tp, "blast_det_fp": det.fp, "blast_det_fn": det.fn,
+        "blast_flag_tp": flag.tp, "blast_flag_fp": flag.fp, "blast_flag_fn": flag.fn,
         "n_blast": result["n_blast"], "n_review": result["n_review"], "verdict": result["verdict"],
         "seconds": result["timing"]["total_s"] + result.get("read_s", 0.0),
     }
@@ -164,6 +168,10 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
         tp, fp, fn = (sum(r[f"blast_det_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
         out["blast_detection"] = {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn),
                                   "recall_ci": _prop(tp, tp + fn), "precision_ci": _prop(tp, tp + fp)}
+        if all("blast_flag_tp" in r for r in rows):  # rows of folds finished before this figure existed lack it
+            tp, fp, fn = (sum(r[f"blast_flag_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
+            out["blast_flagging"] = {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn),
+                                     "recall_ci": _prop(tp, tp + fn), "precision_ci": _prop(tp, tp + fp)}
         pos = [r for r in rows if r["label"] == 1]
         neg = [r for r in rows if r["label"] == 0]
         flagged = lambda r: r["verdict"] in ("ALL", "review")  # noqa: E731
@@ -359,6 +367,12 @@ def report_markdown(m: dict) -> str:
         b = m["blast_detection"]
         lines += [f"| blast detection recall | {_fmt(b['recall_ci'])} |", f"| blast detection precision | {_fmt(b['precision_ci'])} |",
                   f"| blast detection F1 | {b['f1']:.3f} (TP {b['tp']}, FP {b['fp']}, FN {b['fn']}) |" if b["f1"] is not None else "| blast detection F1 | n/a |"]
+        if "blast_flagging" in m:
+            f = m["blast_flagging"]
+            lines += [f"| blast flagging (blast or review calls) recall | {_fmt(f['recall_ci'])} |",
+                      f"| blast flagging precision | {_fmt(f['precision_ci'])} |",
+                      f"| blast flagging F1 | {f['f1']:.3f} (TP {f['tp']}, FP {f['fp']}, FN {f['fn']}) |" if f["f1"] is not None
+                      else "| blast flagging F1 | n/a |"]
         p = m["photograph"]
         lines += [f"| photograph accuracy (review = ALL) | {_fmt(p['accuracy'])} |", f"| photograph sensitivity | {_fmt(p['sensitivity'])} |",
                   f"| photograph specificity | {_fmt(p['specificity'])} |",
