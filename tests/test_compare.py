@@ -316,7 +316,11 @@ def test_without_lr_each_architecture_trains_at_its_own_rate(tiny_tree, tmp_path
     report = (out / "report.md").read_text()
     assert "each architecture's own: tiny_slow 0.02, tiny 0.001" in report
     assert "| weight decay, label smoothing, EMA | 0.0001, 0.1, off |" in report
-    # Where and how fast it runs may change on a rerun; the resolved rates resume cleanly.
+    # Where and how fast it runs may change on a rerun, also against a record written before
+    # --checkpoint-every was ignored; the resolved rates resume cleanly.
+    record = json.loads((out / "compare.json").read_text())
+    record["settings"]["config"]["train"]["checkpoint_every"] = 1
+    (out / "compare.json").write_text(json.dumps(record))
     again = invoke(*common, "--workers", 1, "--checkpoint-every", 3)
     assert again.exit_code == 0 and again.output.count("already finished") == 2, again.output
     other = runner.invoke(app, [str(a) for a in (*common[:-1], 0.2)])

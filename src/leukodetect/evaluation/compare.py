@@ -99,7 +99,9 @@ def check_or_store_settings(out_dir: Path, settings: dict, command: str) -> bool
         try:
             stored = json.loads(path.read_text())
             old = stored["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            for section, key in IGNORED_SETTINGS:  # a record written before a setting was ignored may hold it
+                old["config"].get(section, {}).pop(key, None)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LeukoError(f"{path} is not a comparison record ({exc}): choose another --out.") from exc
         diff = _differences(old, settings)
         if diff:
