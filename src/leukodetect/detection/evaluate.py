@@ -149,6 +149,11 @@ def _white_cells(masked: list[dict]) -> dict:
     }
 
 
+def _blast_counts(rows: list[dict], prefix: str) -> dict:
+    tp, fp, fn = (sum(r[f"{prefix}_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
+    return {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn), "recall_ci": _prop(tp, tp + fn), "precision_ci": _prop(tp, tp + fp)}
+
+
 def aggregate(rows: list[dict], *, classified: bool) -> dict:
     """Pool per-photograph rows into the metrics of ``metrics.json``."""
     n_blasts = sum(r["n_annotated_blasts"] for r in rows)
@@ -165,13 +170,9 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
             out["white_cell_localisation"]["before_gate"] = _white_cells([r["mask_before_gate"] for r in rows if "mask" in r])
     out["smudge_calls"] = sum(r.get("n_smudge", 0) for r in rows)
     if classified:
-        tp, fp, fn = (sum(r[f"blast_det_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
-        out["blast_detection"] = {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn),
-                                  "recall_ci": _prop(tp, tp + fn), "precision_ci": _prop(tp, tp + fp)}
+        out["blast_detection"] = _blast_counts(rows, "blast_det")
         if all("blast_flag_tp" in r for r in rows):  # rows of folds finished before this figure existed lack it
-            tp, fp, fn = (sum(r[f"blast_flag_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
-            out["blast_flagging"] = {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn),
-                                     "recall_ci": _prop(tp, tp + fn), "precision_ci": _prop(tp, tp + fp)}
+            out["blast_flagging"] = _blast_counts(rows, "blast_flag")
         pos = [r for r in rows if r["label"] == 1]
         neg = [r for r in rows if r["label"] == 0]
         flagged = lambda r: r["verdict"] in ("ALL", "review")  # noqa: E731
@@ -364,15 +365,12 @@ def report_markdown(m: dict) -> str:
             lines += [f"| - before the smudge gate: recall | {_fmt(w['before_gate']['recall'])} |",
                       f"| - before the smudge gate: precision | {_fmt(w['before_gate']['precision'])} |"]
     if "blast_detection" in m:
-        b = m["blast_detection"]
-        lines += [f"| blast detection recall | {_fmt(b['recall_ci'])} |", f"| blast detection precision | {_fmt(b['precision_ci'])} |",
-                  f"| blast detection F1 | {b['f1']:.3f} (TP {b['tp']}, FP {b['fp']}, FN {b['fn']}) |" if b["f1"] is not None else "| blast detection F1 | n/a |"]
-        if "blast_flagging" in m:
-            f = m["blast_flagging"]
-            lines += [f"| blast flagging (blast or review calls) recall | {_fmt(f['recall_ci'])} |",
-                      f"| blast flagging precision | {_fmt(f['precision_ci'])} |",
-                      f"| blast flagging F1 | {f['f1']:.3f} (TP {f['tp']}, FP {f['fp']}, FN {f['fn']}) |" if f["f1"] is not None
-                      else "| blast flagging F1 | n/a |"]
+        for key, name in (("blast_detection", "blast detection"), ("blast_flagging", "blast flagging (blast or review calls)")):
+            if key in m:
+                b = m[key]
+                f1 = f"{b['f1']:.3f} (TP {b['tp']}, FP {b['fp']}, FN {b['fn']})" if b["f1"] is not None else "n/a"
+                lines += [f"| {name} recall | {_fmt(b['recall_ci'])} |", f"| {name} precision | {_fmt(b['precision_ci'])} |",
+                          f"| {name} F1 | {f1} |"]
         p = m["photograph"]
         lines += [f"| photograph accuracy (review = ALL) | {_fmt(p['accuracy'])} |", f"| photograph sensitivity | {_fmt(p['sensitivity'])} |",
                   f"| photograph specificity | {_fmt(p['specificity'])} |",

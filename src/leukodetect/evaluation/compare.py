@@ -38,7 +38,6 @@ from .intervals import METRIC_NAMES
 PAPER_ARCHS = ("resnet50", "googlenet", "resnet101", "resnet152", "vgg16", "vgg19")
 
 #: Settings that change where or how fast a run happens, not what it computes: a rerun may differ.
-# Settings that change where and how fast a comparison runs, not its results: a rerun may change them.
 IGNORED_SETTINGS = (("train", "device"), ("data", "num_workers"), ("train", "checkpoint_every"))
 
 PAPER_FIGURES = Path(__file__).with_name("paper_figures.yaml")
@@ -99,8 +98,7 @@ def check_or_store_settings(out_dir: Path, settings: dict, command: str) -> bool
         try:
             stored = json.loads(path.read_text())
             old = stored["settings"]
-            for section, key in IGNORED_SETTINGS:  # a record written before a setting was ignored may hold it
-                old["config"].get(section, {}).pop(key, None)
+            old["config"] = _comparable(old["config"])  # a record written before a setting was ignored may hold it
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise LeukoError(f"{path} is not a comparison record ({exc}): choose another --out.") from exc
         diff = _differences(old, settings)
