@@ -47,7 +47,7 @@ def main() -> None:
     records = index_dataset(args.data, "allidb1")
     crop = CropConfig(crop_factor=float(detection.get("crop_factor", 3.0)), size=int(detection.get("crop_size", 96)))
     write_crops(records, args.work, crop, params=params, progress=True)
-    features, labels, photos = located_cells(args.work, {r.path.stem for r in records})
+    features, labels, photos, _ = located_cells(args.work, {r.path.stem for r in records})
     gate = fit_gate(features, labels, photos, keep=args.keep)
     kept = gate.is_cell(features)
     print(f"Gate fitted on {int((labels >= 0).sum())} located cells of {len(set(photos.tolist()))} photographs "

@@ -54,6 +54,13 @@ def _log(message: str) -> None:
 
 # Options shared by train and cv; None means "keep the configuration's default".
 DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
+# Detector training (detect-eval and train-detector train the same recipe).
+SmudgeGateTrainOpt = typer.Option(True, "--smudge-gate/--no-smudge-gate",
+                                  help="Also train the smudge-cell gate and store it with the classifier.")
+GateKeepOpt = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps.")
+CellScorerTrainOpt = typer.Option(True, "--cell-scorer/--no-cell-scorer",
+                                  help="Also train the cell scorer (region measurements combined with the crop classifier).")
+CropFactorOpt = typer.Option(3.0, min=1.0, help="Crop side in red-cell diameters, measured on each photograph.")
 FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
 GroupByOpt = typer.Option(None, "--group-by", help="default, or source: ALL-IDB2 crops of one ALL-IDB1 photograph stay together.")
 AllIdb1Opt = typer.Option(None, "--allidb1", help="ALL-IDB1 folder for --group-by source (default: found beside --data).")
@@ -430,6 +437,8 @@ def detect(
     review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
     smudge_gate: bool = typer.Option(True, "--smudge-gate/--no-smudge-gate",
                                      help="Call smudge the located objects the detector's smudge gate rejects (when it has one)."),
+    cell_scorer: bool = typer.Option(True, "--cell-scorer/--no-cell-scorer",
+                                     help="Combine P(blast) with the region measurements through the detector's cell scorer (when it has one)."),
     as_json: bool = typer.Option(False, "--json", help="Print each image's result as a JSON line."),
     backend: str = BackendOpt,
 ):
@@ -442,7 +451,7 @@ def detect(
     if checkpoint is None and not locate_only:
         _log("No detector crop classifier in this installation: locating cells only (pass --checkpoint from train-detector).")
     rows = run_detect(image_or_dir, checkpoint, out_dir, backend=backend, review_band=(review_low, review_high),
-                      use_gate=smudge_gate, progress=_progress(), log=_log)
+                      use_gate=smudge_gate, use_scorer=cell_scorer, progress=_progress(), log=_log)
     for r in rows:
         if as_json:
             print(json.dumps({k: v for k, v in r.items() if k != "cells"} | {"cells": r.get("cells", [])}))
@@ -467,15 +476,18 @@ def detect_eval(
     arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
     batch_size: int = typer.Option(32),
     locate_only: bool = typer.Option(False, help="Score localisation only (no classifier): fast."),
-    smudge_gate: bool = typer.Option(True, "--smudge-gate/--no-smudge-gate", help="Train and apply the smudge-cell gate with each fold's classifier."),
-    gate_keep: float = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps."),
+    crop_factor: float = CropFactorOpt,
+    smudge_gate: bool = SmudgeGateTrainOpt,
+    gate_keep: float = GateKeepOpt,
+    cell_scorer: bool = CellScorerTrainOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
+    from .detection.crops import CropConfig
     from .detection.evaluate import DetectEvalConfig, run_detect_eval
 
     cfg = DetectEvalConfig(folds=folds, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
-                           smudge_gate=smudge_gate, gate_keep=gate_keep)
+                           smudge_gate=smudge_gate, gate_keep=gate_keep, cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor))
     metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     if as_json:
         print(json.dumps(metrics, indent=2, default=str))
@@ -492,13 +504,17 @@ def train_detector(
     image_size: int = typer.Option(64, help="Crop classifier input size."),
     arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
     batch_size: int = typer.Option(32),
-    smudge_gate: bool = typer.Option(True, "--smudge-gate/--no-smudge-gate", help="Also train the smudge-cell gate and store it with the model."),
-    gate_keep: float = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps."),
+    crop_factor: float = CropFactorOpt,
+    smudge_gate: bool = SmudgeGateTrainOpt,
+    gate_keep: float = GateKeepOpt,
+    cell_scorer: bool = CellScorerTrainOpt,
 ):
     """Train the crop classifier for 'detect' on every photograph of an ALL-IDB1-style folder (detect-eval's recipe)."""
+    from .detection.crops import CropConfig
     from .detection.evaluate import DetectEvalConfig, run_train_detector
 
-    cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, smudge_gate=smudge_gate, gate_keep=gate_keep)
+    cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, smudge_gate=smudge_gate, gate_keep=gate_keep,
+                           cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor))
     best = run_train_detector(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     out.print(f"Detector crop classifier: {best} (use: leukodetect detect IMAGE --checkpoint {best}).", highlight=False)
 

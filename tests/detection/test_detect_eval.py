@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
+from leukodetect.training.checkpoint import load_checkpoint
 from leukodetect.weights import resolve_detector
 
 from smear_images import WHITE, synthetic_smear
@@ -48,12 +49,15 @@ def test_detect_eval_scores_every_photograph_once(smear_tree, tmp_path):
     rows = (out / "photographs.csv").read_text().splitlines()
     assert len(rows) == 9 and {json.loads(f.read_text())[0]["fold"] for f in out.glob("fold_*/rows.json")} == {0, 1}
     assert "blast localisation recall" in (out / "report.md").read_text()
+    # Each fold trains on four photographs, six annotated blasts: too few for the cell scorer, which is said.
+    assert result.output.count("no cell scorer: Too few located cells") == 2
     # Every located cell is listed with its call and what it was annotated as: the 12 blasts once each.
     with (out / "cells.csv").open(newline="") as fh:
         cells = list(csv.DictReader(fh))
     assert sum(c["annotated"] == "blast" for c in cells) == 12
     assert {c["annotated"] for c in cells} <= {"blast", "unknown"}  # no "other" annotations in this tree
     assert all(c["call"] in ("blast", "review", "normal", "smudge") and 0 <= float(c["prob_blast"]) <= 1 for c in cells)
+    assert "prob_crop" not in cells[0]  # no scorer, so P(blast) is the crop classifier's own
     with (out / "photographs.csv").open(newline="") as fh:
         photos = list(csv.DictReader(fh))
     assert sum(int(r["n_cells"]) + int(r["n_smudge"]) for r in photos) == len(cells)
@@ -65,7 +69,7 @@ def test_detect_eval_scores_every_photograph_once(smear_tree, tmp_path):
 def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     out = tmp_path / "det"
     result = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--epochs", "1", "--image-size", "24",
-                                 "--arch", "tiny", "--batch-size", "8", "--out", str(out)])
+                                 "--arch", "tiny", "--batch-size", "8", "--crop-factor", "2.5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     checkpoint = out / "model" / "best.pt"
     assert checkpoint.is_file() and json.loads((out / "train_detector.json").read_text())["photographs"] == 8
@@ -74,6 +78,11 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     cells = (out / "crops" / "cells.csv").read_text().splitlines()
     assert len(cells) == 1 + 8 * 3 and all(line.split(",")[3] == "-1" for line in cells[1:])
     assert "no smudge gate: Too few located cells" in result.output
+    # The cell scorer needs only the blast annotations: 12 of the 24 located cells are blasts.
+    assert "cell scorer trained on 24 located cells (12 blasts) of 8 photographs" in result.output
+    detection = load_checkpoint(checkpoint)["detection"]
+    assert len(detection["scorer"]["coef"]) == 12
+    assert detection["crop_factor"] == 2.5 and json.loads((out / "crops" / "crops.json").read_text())["config"]["crop_factor"] == 2.5
     detected = runner.invoke(app, ["detect", str(smear_tree / "im" / "Im001_1.jpg"), "--checkpoint", str(checkpoint),
                                    "--out", str(tmp_path / "o"), "--json"])
     assert detected.exit_code == 0, detected.output

@@ -175,12 +175,13 @@ def crop_records(manifest: Path, photos: set[str]) -> list[Record]:
         ]
 
 
-def located_cells(crops_dir: Path, photos: set[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features, gate labels and photographs of the located cells of ``photos`` (from ``cells.csv``)."""
+def located_cells(crops_dir: Path, photos: set[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Features, gate labels, photographs and centroids (x, y) of the located cells of ``photos`` (from ``cells.csv``)."""
     path = Path(crops_dir) / "cells.csv"
     if not path.is_file():
         raise LeukoError(f"{path} is missing (crops written by an older leukodetect): delete {Path(crops_dir)} and run again.")
     with path.open(newline="", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if row["photo"] in photos]
     features = np.array([[float(row[name]) for name in FEATURE_NAMES] for row in rows], dtype=np.float32).reshape(-1, len(FEATURE_NAMES))
-    return features, np.array([int(row["gate_label"]) for row in rows], dtype=int), np.array([row["photo"] for row in rows])
+    xy = np.array([[float(row["x"]), float(row["y"])] for row in rows], dtype=float).reshape(-1, 2)
+    return features, np.array([int(row["gate_label"]) for row in rows], dtype=int), np.array([row["photo"] for row in rows]), xy

@@ -48,6 +48,7 @@ from .gate import fit_gate
 from .locate import LocateParams
 from .match import detection_scores, match_points, match_to_regions
 from .pipeline import VerdictRule, analyze
+from .scorer import blast_labels, fit_scorer
 
 MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
 
@@ -70,6 +71,7 @@ class DetectEvalConfig:
     locate_only: bool = False
     smudge_gate: bool = True
     gate_keep: float = 0.99
+    cell_scorer: bool = True
     crop: CropConfig = field(default_factory=CropConfig)
     locate: LocateParams = field(default_factory=LocateParams)
 
@@ -130,7 +132,7 @@ def cell_rows(cells: list[dict], blast_matching, others, radius: float) -> list[
     for i, c in enumerate(cells):
         annotated = "blast" if i in blast_of else "other" if i in other_hits else "none" if others is not None else "unknown"
         out.append({"x": c["x"], "y": c["y"], "prob_blast": c.get("prob_blast"), "p_white_cell": c.get("p_white_cell"),
-                    "call": c["call"], "annotated": annotated})
+                    "call": c["call"], "annotated": annotated} | ({"prob_crop": c["prob_crop"]} if "prob_crop" in c else {}))
     return out
 
 
@@ -213,8 +215,9 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
     bundle = load_checkpoint(result.best_path)
     # The scale travels with the checkpoint: detection crops at the scale it was trained on.
     bundle["detection"] = {"crop_factor": cfg.crop.crop_factor, "crop_size": cfg.crop.size, "locate": asdict(cfg.locate)}
+    features, gate_y, photos, xy = located_cells(manifest.parent, {r.path.stem for r in train_photos})
+    gate = None
     if cfg.smudge_gate:
-        features, gate_y, photos = located_cells(manifest.parent, {r.path.stem for r in train_photos})
         try:
             gate = fit_gate(features, gate_y, photos, keep=cfg.gate_keep, seed=cfg.seed)
         except LeukoError as exc:
@@ -222,8 +225,29 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
         else:
             bundle["detection"]["gate"] = gate.to_dict()
             log(f"  smudge gate trained on {int((gate_y >= 0).sum())} located cells of {len(train_photos)} photographs.")
+    if cfg.cell_scorer:
+        _add_scorer(bundle, manifest.parent, train_photos, features, photos, xy, gate, cfg.radius, log)
     save_checkpoint(bundle, result.best_path)
     return result.best_path
+
+
+def _add_scorer(bundle: dict, crops_dir: Path, train_photos: list, features, photos, xy, gate, radius: float, log) -> None:
+    """Fit the cell scorer on the training photographs' located cells (those the gate keeps) and store it in ``bundle``."""
+    diameters = json.loads((crops_dir / "crops.json").read_text())["photos"]
+    labels = np.zeros(len(xy), dtype=int)
+    for record in train_photos:
+        stem = record.path.stem
+        rows = np.flatnonzero(photos == stem)
+        if len(rows) and stem in diameters:
+            labels[rows] = blast_labels(xy[rows], record.blasts or (), radius * diameters[stem]["rbc_diameter"])
+    keep = gate.is_cell(features) if gate is not None else np.ones(len(labels), bool)
+    try:
+        scorer = fit_scorer(features[keep], labels[keep])
+    except LeukoError as exc:
+        log(f"  no cell scorer: {exc}")
+        return
+    bundle["detection"]["scorer"] = scorer.to_dict()
+    log(f"  cell scorer trained on {int(keep.sum())} located cells ({int(labels[keep].sum())} blasts) of {len(train_photos)} photographs.")
 
 
 def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log) -> list[dict]:
@@ -382,6 +406,10 @@ def report_markdown(m: dict) -> str:
         if cfg.get("smudge_gate"):
             lines += [f"Smudge gate: keeps {cfg['gate_keep']:.0%} of the annotated training cells; {m.get('smudge_calls', 0)} located "
                       "objects called smudge (not counted as white cells or blasts)."]
+        if cfg.get("cell_scorer"):
+            lines += ["Cell scorer: each fold's P(blast) combines the crop classifier with a logistic regression on the located "
+                      "regions' measurements, fitted on the training photographs (cells.csv keeps the crop classifier's own "
+                      "probability as prob_crop)."]
     s = m["seconds_per_photograph"]
     lines += ["", f"Seconds per photograph (read + locate + classify): median {s['median']:.2f}, max {s['max']:.2f}.", ""]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from ..utils import atomic_write_text
 from .crops import DEFAULT_CROP_FACTOR, crop_around
 from .gate import SmudgeGate
 from .locate import LEGACY_VALUES, LocateParams, as_array, locate_cells
+from .scorer import CellScorer
 
 #: Box colours (RGB) by call.
 COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230), "smudge": (120, 120, 120)}
@@ -82,6 +83,13 @@ def gate_of(classifier) -> SmudgeGate | None:
     return None if raw is None else SmudgeGate.from_dict(raw)
 
 
+def scorer_of(classifier) -> CellScorer | None:
+    """The cell scorer stored with ``classifier``'s checkpoint (:mod:`.scorer`), or None."""
+    bundle = getattr(classifier, "bundle", None) or {}
+    raw = bundle.get("detection", {}).get("scorer")
+    return None if raw is None else CellScorer.from_dict(raw)
+
+
 def call_of(prob: float | None, band: tuple[float, float]) -> str:
     """blast (P >= hi), normal (P < lo), review in between; "cell" when unclassified."""
     if prob is None:
@@ -108,6 +116,7 @@ def analyze(
     params: LocateParams | None = None,
     batch_size: int = 32,
     use_gate: bool = True,
+    use_scorer: bool = True,
 ) -> dict:
     """Detect and classify the white cells of one smear photograph.
 
@@ -121,6 +130,9 @@ def analyze(
             (:func:`locate_params_of`).
         use_gate: apply the smudge gate stored with the classifier, if it has one (:mod:`.gate`):
             a located object it rejects is called "smudge", shown but not counted as a white cell.
+        use_scorer: combine the crop classifier's P(blast) with the region measurements through the
+            cell scorer stored with the classifier, if it has one (:mod:`.scorer`); each cell then
+            also carries the crop classifier's own probability as ``prob_crop``.
 
     Returns:
         A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call),
@@ -140,6 +152,10 @@ def analyze(
         size = classifier.preset.image_size
         crops = [crop_around(rgb, c.x, c.y, side, size) for c in loc.cells]
         probs = classify_crops(classifier, crops, batch_size)
+    scorer = scorer_of(classifier) if use_scorer and classifier is not None else None
+    crop_probs = probs
+    if scorer is not None and loc.cells:
+        probs = [float(p) for p in scorer.combine(crop_probs, loc.features)]
     gate = gate_of(classifier) if use_gate and classifier is not None else None
     p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
     t2 = time.perf_counter()
@@ -147,7 +163,8 @@ def analyze(
         {**c.to_dict(), "prob_blast": None if p is None else round(p, 5),
          "p_white_cell": None if q is None else round(float(q), 5),
          "call": "smudge" if q is not None and q < gate.threshold else call_of(p, review_band)}
-        for c, p, q in zip(loc.cells, probs, p_cell)
+        | ({"prob_crop": round(float(pc), 5)} if scorer is not None else {})
+        for c, p, q, pc in zip(loc.cells, probs, p_cell, crop_probs)
     ]
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
@@ -158,7 +175,7 @@ def analyze(
         "crop_factor": factor, "crop_side": round(side, 1),
         "review_band": [lo, hi], "rule": asdict(rule),
         "n_cells": white, "n_blast": counts["blast"], "n_review": counts["review"], "n_normal": counts["normal"],
-        "n_smudge": counts["smudge"], "smudge_gate": gate is not None,
+        "n_smudge": counts["smudge"], "smudge_gate": gate is not None, "cell_scorer": scorer is not None,
         "blast_fraction": counts["blast"] / white if white and classifier is not None else None,
         "verdict": rule(counts["blast"], counts["review"]) if classifier is not None else "not classified",
         "timing": {"locate_s": round(t1 - t0, 3), "classify_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3)},
