@@ -66,6 +66,11 @@ def test_serve_without_options_analyzes_smears_with_the_shipped_detector(smear_p
     gate = SmudgeGate.from_dict(bundle["detection"]["gate"])
     assert 0 < gate.threshold < 1 and gate.keep == 0.99
     assert bundle["detection"]["locate"]["clump_area"] > 0
+    # And its cell scorer, which leaves the camera-dependent colours out.
+    from leukodetect.detection.scorer import CellScorer
+
+    scorer = CellScorer.from_dict(bundle["detection"]["scorer"])
+    assert "red" not in scorer.feature_names and scorer.coef[scorer.feature_names.index("log_area")] != 0
     with TestClient(build_app(None, backend="torch", torch_threads=1, log=lambda _: None)) as client:
         with open(smear_png, "rb") as f:
             response = client.post("/v1/analyze", files={"file": ("smear.png", f, "image/png")})
