@@ -96,3 +96,21 @@ def test_a_cell_cut_in_two_is_merged_but_two_touching_cells_are_not():
     pair = _clump([(70.0, 100.0)], d=40) + 2 * _clump([(110.0, 100.0)], d=40)  # tangent discs: a waist
     assert set(np.unique(merge_oversplit(pair, rbc_area, params))) == {0, 1, 2}
     assert len(np.unique(merge_oversplit(halves, rbc_area, LocateParams(merge_area=1.0)))) == 3  # union too large
+
+
+def test_cell_centre_follows_the_stain_not_a_pale_edge():
+    """A lone white cell whose dark nucleus sits to one side of its pale cytoplasm."""
+    from smear_images import _disc
+
+    img = synthetic_smear().astype(float)
+    _disc(img, 90, 90, 45, (225, 222, 205))  # remove the first white cell
+    _disc(img, 90, 90, 50, (185, 150, 195))  # pale cytoplasm, above the stain threshold
+    _disc(img, 78, 90, 28, (80, 20, 135))  # dark nucleus 12 px left of the centre
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    plain = locate_cells(img, LocateParams(stain_centre=False))
+    weighted = locate_cells(img)
+    near = lambda loc: min(loc.cells, key=lambda c: (c.x - 90) ** 2 + (c.y - 90) ** 2)  # noqa: E731
+    p, w = near(plain), near(weighted)
+    assert abs(p.x - 90) < 3 and abs(p.y - 90) < 3  # the region's centre
+    assert 78 <= w.x < p.x - 4 and abs(w.y - 90) < 3  # pulled towards the nucleus
+    assert len(plain.cells) == len(weighted.cells) == 3 and p.box == w.box
