@@ -29,7 +29,9 @@ photograph, because the two ALL-IDB1 cameras (and any other microscope) differ i
    ``clump_solidity`` (0.95) convex is left whole: packed cells leave waists between them, one
    large round cell does not. The price: a large cell that is not round, and a large smudge cell,
    is still cut in two.
-6. Regions between ``min_area`` and ``max_area`` (25 red-cell areas) are cells.
+6. Regions between ``min_area`` and ``max_area`` (25 red-cell areas) are cells. A cell's centre is
+   its region's stain-weighted centroid (``stain_centre``): the nucleus, not the middle of a pale
+   edge or of an uneven clump part, so the crop is centred where an annotator clicks.
 """
 
 from __future__ import annotations
