@@ -66,6 +66,13 @@ def test_serve_without_options_analyzes_smears_with_the_shipped_detector(smear_p
     gate = SmudgeGate.from_dict(bundle["detection"]["gate"])
     assert 0 < gate.threshold < 1 and gate.keep == 0.99
     assert bundle["detection"]["locate"]["clump_area"] > 0
+    # It was evaluated with the plain centroid, so it keeps it although the locator's default moved on.
+    from types import SimpleNamespace
+
+    from leukodetect.detection.locate import LocateParams
+    from leukodetect.detection.pipeline import locate_params_of
+
+    assert LocateParams().stain_centre and not locate_params_of(SimpleNamespace(bundle=bundle)).stain_centre
     # And its cell scorer, which leaves the camera-dependent colours out.
     from leukodetect.detection.scorer import CellScorer
 
