@@ -41,6 +41,12 @@ C = 1.0
 _EPS = 1e-6
 
 
+def _columns(features: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """The ``names`` columns of rows of all :data:`.features.FEATURE_NAMES`, as float64."""
+    x = np.asarray(features, dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
+    return x[:, [FEATURE_NAMES.index(name) for name in names]]
+
+
 def _logit(p) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
     return np.log(p / (1 - p))
@@ -57,13 +63,9 @@ class CellScorer:
     intercept: float
     prior_logit: float
 
-    def _columns(self, features: np.ndarray) -> np.ndarray:
-        x = np.asarray(features, dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
-        return x[:, [FEATURE_NAMES.index(name) for name in self.feature_names]]
-
     def feature_logit(self, features: np.ndarray) -> np.ndarray:
         """Log odds of a blast from the measurements alone, one per row of ``features`` (all FEATURE_NAMES columns)."""
-        z = (self._columns(features) - np.asarray(self.mean)) / np.asarray(self.scale)
+        z = (_columns(features, self.feature_names) - np.asarray(self.mean)) / np.asarray(self.scale)
         return z @ np.asarray(self.coef) + self.intercept
 
     def combine(self, p_crop: Sequence[float], features: np.ndarray) -> np.ndarray:
@@ -110,7 +112,7 @@ def fit_scorer(features: np.ndarray, labels: Sequence[int]) -> CellScorer:
     if min((y == 1).sum(), (y == 0).sum()) < 10:
         raise LeukoError(f"Too few located cells to train the cell scorer ({(y == 1).sum()} blasts, {(y == 0).sum()} others; "
                          "at least 10 of each are needed).")
-    x = np.asarray(features, dtype=np.float64).reshape(-1, len(FEATURE_NAMES))[:, [FEATURE_NAMES.index(n) for n in SCORER_FEATURES]]
+    x = _columns(features, SCORER_FEATURES)
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
     model = LogisticRegression(C=C, max_iter=5000).fit((x - mean) / scale, y)
