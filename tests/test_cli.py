@@ -266,3 +266,29 @@ def test_relative_out_folder(tiny_tree, tmp_path, monkeypatch):
     result = invoke("train", "--data", tiny_tree, "--out", "runs/rel", "--epochs", 1, *TINY)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "rel" / "test" / "report.html").is_file()
+
+
+def test_cv_without_a_validation_part_trains_on_every_training_image_and_keeps_the_last_epoch(tiny_tree, tmp_path):
+    out = tmp_path / "cv0"
+    result = invoke("cv", "--data", tiny_tree, "--out", out, "--folds", 3, "--epochs", 2, *TINY, "--val-fraction", 0,
+                    "--devices", "off")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("0 validation") == 3
+    plan = json.loads((out / "cv_plan.json").read_text())["test"]
+    for k in range(3):
+        best = torch.load(out / f"fold_{k}" / "best.pt", weights_only=True)
+        assert best["epoch"] == 2 and all(row["val_loss"] is None for row in best["history"])
+        assert len(best["trained_on"]) == 29 - len(plan[k])  # the fold's whole training part
+        assert best["config"]["data"]["val_fraction"] == 0
+    bad = invoke("cv", "--data", tiny_tree, "--out", tmp_path / "bad", *TINY, "--val-fraction", 1)
+    assert bad.exit_code == 2 and "--val-fraction 1" in bad.output
+
+
+def test_train_with_mixup_and_cutmix_records_them(tiny_tree, tmp_path):
+    result = invoke("train", "--data", tiny_tree, "--out", tmp_path / "mix", "--epochs", 1, *TINY, "--mixup", 0.2, "--cutmix", 1.0)
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(tmp_path / "mix" / "best.pt", weights_only=True)
+    assert ckpt["config"]["train"]["mixup"] == 0.2 and ckpt["config"]["train"]["cutmix"] == 1.0
+    assert 0 <= ckpt["history"][0]["train_acc"] <= 1
+    bad = invoke("train", "--data", tiny_tree, "--out", tmp_path / "bad", *TINY, "--mixup", -1)
+    assert bad.exit_code == 2 and "--mixup -1" in bad.output

@@ -70,6 +70,11 @@ StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a
                                  "are used), of the model's training data: the stain to normalise toward.")
 EmaOpt = typer.Option(None, "--ema", help="Decay of an exponential moving average of the weights, updated every step "
                       "(e.g. 0.98; default 0, off); the average is what is validated and saved.")
+ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of the training images held out to choose the epoch by "
+                              "validation loss (default 0.15); 0: none, every training image trains and the last epoch is kept.")
+MixupOpt = typer.Option(None, "--mixup", help="MixUp on each training batch with this Beta parameter (e.g. 0.2; default 0, off).")
+CutmixOpt = typer.Option(None, "--cutmix", help="CutMix on each training batch with this Beta parameter (e.g. 1.0; default 0, off); "
+                         "with --mixup too, each batch gets one of the two.")
 CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Write last.pt, the resume point, every N epochs "
                                   "(default 1; more on a GPU, where saving can take longer than an epoch).")
 DevicesOpt = typer.Option(
@@ -89,7 +94,7 @@ def _config(config: Optional[Path], **overrides):
                  "group_by", "allidb1"),
         "model": ("arch", "weights"),
         "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "weight_decay", "ema",
-                  "checkpoint_every"),
+                  "mixup", "cutmix", "checkpoint_every"),
     }
     for section, keys in sections.items():
         for key in keys:
@@ -113,6 +118,9 @@ def train(
     optimizer: Optional[str] = typer.Option(None, help="adamw or sgd."),
     label_smoothing: Optional[float] = typer.Option(None),
     ema: Optional[float] = EmaOpt,
+    mixup: Optional[float] = MixupOpt,
+    cutmix: Optional[float] = CutmixOpt,
+    val_fraction: Optional[float] = ValFractionOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     weights: Optional[str] = typer.Option(None, help="None (from scratch, default), 'imagenet' or a weights file."),
     protocol: Optional[str] = typer.Option(None, help="clean (split first, default) or paper (augment to 2470, then split)."),
@@ -132,7 +140,7 @@ def train(
     from .training.workflows import run_train
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   split_file=split_file, seed=seed, device=device, precision=precision, num_workers=workers)
     result = run_train(cfg, out_dir, resume=resume, progress=_progress(), command=_command_line(), log=_log)
     _print_result(result, as_json, result["test"], f"Test split of {out_dir}")
@@ -152,6 +160,9 @@ def cv(
     optimizer: Optional[str] = typer.Option(None),
     label_smoothing: Optional[float] = typer.Option(None),
     ema: Optional[float] = EmaOpt,
+    mixup: Optional[float] = MixupOpt,
+    cutmix: Optional[float] = CutmixOpt,
+    val_fraction: Optional[float] = ValFractionOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     weights: Optional[str] = typer.Option(None),
     protocol: Optional[str] = typer.Option(None, help="clean (default) or paper."),
@@ -171,7 +182,7 @@ def cv(
     from .training.workflows import run_cv
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
+                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
                   seed=seed, device=device, precision=precision, num_workers=workers)
     result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), devices=devices, log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
@@ -363,6 +374,9 @@ def compare(
                                        "1e-3; 1e-4 for the VGGs)."),
     label_smoothing: Optional[float] = typer.Option(None),
     ema: Optional[float] = EmaOpt,
+    mixup: Optional[float] = MixupOpt,
+    cutmix: Optional[float] = CutmixOpt,
+    val_fraction: Optional[float] = ValFractionOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     seed: Optional[int] = typer.Option(None),
     group_by: Optional[str] = GroupByOpt,
@@ -384,7 +398,7 @@ def compare(
     from .reporting.report import format_value
 
     cfg = _config(config, path=data, format=fmt, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-                  label_smoothing=label_smoothing, ema=ema, checkpoint_every=checkpoint_every, seed=seed, group_by=group_by,
+                  label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, seed=seed, group_by=group_by,
                   allidb1=allidb1, device=device, precision=precision, num_workers=workers)
     result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocol), folds=folds,
                             command=_command_line(), progress=_progress(), cross_data=cross_data, stain_reference=stain_reference,

@@ -32,6 +32,8 @@ class DataConfig:
     format: str = "auto"
     image_size: int = 224
     test_fraction: float = 0.2
+    # Share of the images held out to select the epoch (validation loss); 0: none, the last epoch is kept
+    # (how the shipped default model is trained, on every image).
     val_fraction: float = 0.15
     split_file: str | None = None
     protocol: str = "clean"
@@ -72,6 +74,11 @@ class TrainConfig:
     # Exponential moving average of the weights, updated after every optimizer step (0: off). The
     # averaged weights are the ones validated, selected and saved.
     ema: float = 0.0
+    # Batch mixing (torchvision.transforms.v2 MixUp / CutMix): the Beta(alpha, alpha) parameter of each, 0 off.
+    # With both on, each batch gets one of the two at random. Targets become soft, so the training
+    # accuracy is measured against the larger share of each mixed image.
+    mixup: float = 0.0
+    cutmix: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16
@@ -135,6 +142,10 @@ class RunConfig:
             raise LeukoError(f"--checkpoint-every {self.train.checkpoint_every} must be at least 1 (epochs between resume points).")
         if self.train.lr is not None and not self.train.lr > 0:
             raise LeukoError(f"--lr {self.train.lr} must be positive (or left out for the architecture's own).")
+        if not 0 <= self.data.val_fraction < 1:
+            raise LeukoError(f"--val-fraction {self.data.val_fraction} must be at least 0 (no validation part) and below 1.")
+        if self.train.mixup < 0 or self.train.cutmix < 0:
+            raise LeukoError(f"--mixup {self.train.mixup} and --cutmix {self.train.cutmix} must be 0 (off) or a positive Beta parameter such as 0.2 or 1.0.")
         if not 0 <= self.train.ema < 1:
             raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 

@@ -49,10 +49,15 @@ def holdout_indices(labels, groups, *, fraction: float, seed: int) -> tuple[np.n
 
 
 def train_val_test_indices(labels, groups, *, val_fraction: float, test_fraction: float, seed: int):
-    """Three disjoint index arrays: train, validation (model selection) and test (reported)."""
+    """Three disjoint index arrays: train, validation (model selection) and test (reported).
+
+    ``val_fraction=0`` gives an empty validation part (training then keeps its last epoch).
+    """
     labels = np.asarray(labels)
     groups = np.asarray(groups)
     rest, test = holdout_indices(labels, groups, fraction=test_fraction, seed=seed)
+    if val_fraction == 0:
+        return rest, rest[:0], test
     inner = val_fraction / (1 - test_fraction)
     tr, va = holdout_indices(labels[rest], groups[rest], fraction=inner, seed=seed + 1)
     return rest[tr], rest[va], test

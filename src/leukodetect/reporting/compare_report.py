@@ -417,6 +417,9 @@ def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict,
         "optimizer, learning rate": f"{cfg['train']['optimizer']}, {_learning_rates(cfg['train']['lr'], settings['archs'])}",
         "weight decay, label smoothing, EMA": f"{cfg['train']['weight_decay']:g}, {cfg['train']['label_smoothing']:g}, "
                                               f"{cfg['train']['ema'] or 'off'}",
+        "MixUp, CutMix (Beta parameter)": f"{cfg['train'].get('mixup') or 'off'}, {cfg['train'].get('cutmix') or 'off'}",
+        "model selection": ("last epoch (no validation part)" if cfg["data"].get("val_fraction", 0.15) == 0 else
+                            f"lowest validation loss ({cfg['data'].get('val_fraction', 0.15):g} of the images held out of each training fold)"),
         "seed": cfg["train"]["seed"],
         "paper protocol total": cfg["data"]["paper_total"] if "paper" in settings["protocols"] else "not run",
         "same folds for every architecture": ", ".join(f"{p}: {'yes' if v else 'NO'}" for p, v in summary["same_folds"].items()),

@@ -15,6 +15,17 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def batch_mixer(mixup: float, cutmix: float, num_classes: int = 2):
+    """MixUp and/or CutMix (torchvision.transforms.v2) with these Beta parameters; None when both are 0."""
+    from torchvision.transforms import v2
+
+    mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + (
+        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -29,11 +40,14 @@ def train_one_epoch(
     progress: bool = True,
     reduce_sum=None,
     after_step=None,
+    mix=None,
 ) -> tuple[float, float]:
     """Returns mean loss and accuracy over the epoch's training images.
 
     Args:
         after_step: called after every optimizer step (e.g. to update a weight average).
+        mix: a batch transform ``(images, labels) -> (images, soft targets)`` such as
+            :func:`batch_mixer`'s; the accuracy is then counted against each image's larger share.
         reduce_sum: in a distributed run, sums ``[loss * n, correct, n]`` over ranks so the figures
             cover every rank's images (``DistContext.all_reduce_sum``); None for a single process.
     """
@@ -41,9 +55,13 @@ def train_one_epoch(
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
         x, y = _to_device(x, device, channels_last), y.to(device)
+        target = y
+        if mix is not None:
+            x, target = mix(x, y)
+            y = target.argmax(1)
         with autocast(device, amp_dtype):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # float16 on CUDA needs loss scaling; bfloat16 does not
             scaler.scale(loss).backward()

@@ -42,7 +42,7 @@ from ..utils import write_json
 from .checkpoint import load_checkpoint, make_bundle, save_checkpoint
 from .device import autocast_dtype, channels_last, resolve_device
 from .distributed import DistContext, sync_batch_norm
-from .engine import loss_and_accuracy, predict_logits, train_one_epoch
+from .engine import batch_mixer, loss_and_accuracy, predict_logits, train_one_epoch
 
 OPTIMIZERS = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
@@ -208,6 +208,7 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    mix = batch_mixer(cfg.train.mixup, cfg.train.cutmix)
 
     history: list[dict] = []
     best_loss, best_epoch, start = float("inf"), 0, 1
@@ -244,7 +245,7 @@ def train_model(
             device=device, amp_dtype=amp_dtype, scaler=scaler, channels_last=use_cl,
             desc=f"epoch {epoch}/{cfg.train.epochs}", progress=progress and ctx.is_main,
             reduce_sum=ctx.all_reduce_sum if ctx.distributed else None,
-            after_step=(lambda: ema.update_parameters(model)) if ema is not None else None,
+            after_step=(lambda: ema.update_parameters(model)) if ema is not None else None, mix=mix,
         )
         scheduler.step()
         # The plain module, not the DDP wrapper: evaluation issues no collective calls.
@@ -261,7 +262,8 @@ def train_model(
         score = val_loss if val_loss == val_loss else -epoch
         if score <= best_loss:
             best_loss, best_epoch = score, epoch
-            if ctx.is_main:
+            # Without validation images every epoch is the new best: write it only where last.pt is written.
+            if ctx.is_main and (len(val_ds) or epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs):
                 save_checkpoint(bundle_for(scored, history=history, extra={"epoch": epoch}), best_path)
         if not ctx.is_main:
             continue
