@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -32,6 +33,14 @@ def test_safetensors_round_trip_keeps_the_description_and_predictions(tiny_tree,
     b = Classifier.from_checkpoint(tmp_path / "half.safetensors").predict_paths(paths)
     # float16 weights: probabilities agree within 2e-3 (stated tolerance for the shipped model)
     assert max(abs(x.prob_blast - y.prob_blast) for x, y in zip(a, b)) < 2e-3
+    # Loading (float16 -> float32) and saving again (-> float16) changes no weight: how a model card is
+    # rewritten without touching the model (scripts/train_default_model.py --update-card).
+    half["model_card"] = {"intended_use": "research, card rewritten"}
+    save_safetensors(half, tmp_path / "again.safetensors")
+    with safe_open(str(tmp_path / "half.safetensors"), "pt") as f1, safe_open(str(tmp_path / "again.safetensors"), "pt") as f2:
+        assert set(f1.keys()) == set(f2.keys())
+        assert all(torch.equal(f1.get_tensor(k), f2.get_tensor(k)) for k in f1.keys())
+    assert load_checkpoint(tmp_path / "again.safetensors")["model_card"]["intended_use"] == "research, card rewritten"
 
 
 def test_bare_safetensors_is_refused_with_one_sentence(tmp_path):
