@@ -60,6 +60,9 @@ SmudgeGateTrainOpt = typer.Option(True, "--smudge-gate/--no-smudge-gate",
 GateKeepOpt = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps.")
 CellScorerTrainOpt = typer.Option(True, "--cell-scorer/--no-cell-scorer",
                                   help="Also train the cell scorer (region measurements combined with the crop classifier).")
+DetValFractionOpt = typer.Option(0.15, "--val-fraction", min=0.0, max=0.9, help="Share of the training photographs held out to choose "
+                                 "the crop classifier's epoch; 0: none, every training photograph trains and the last epoch is kept.")
+DetLabelSmoothingOpt = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5, help="Label smoothing of the crop classifier's loss.")
 CropFactorOpt = typer.Option(3.0, min=1.0, help="Crop side in red-cell diameters, measured on each photograph.")
 FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
 GroupByOpt = typer.Option(None, "--group-by", help="default, or source: ALL-IDB2 crops of one ALL-IDB1 photograph stay together.")
@@ -494,6 +497,8 @@ def detect_eval(
     smudge_gate: bool = SmudgeGateTrainOpt,
     gate_keep: float = GateKeepOpt,
     cell_scorer: bool = CellScorerTrainOpt,
+    val_fraction: float = DetValFractionOpt,
+    label_smoothing: float = DetLabelSmoothingOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
@@ -501,7 +506,8 @@ def detect_eval(
     from .detection.evaluate import DetectEvalConfig, run_detect_eval
 
     cfg = DetectEvalConfig(folds=folds, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
-                           smudge_gate=smudge_gate, gate_keep=gate_keep, cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor))
+                           smudge_gate=smudge_gate, gate_keep=gate_keep, cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor),
+                           val_fraction=val_fraction, label_smoothing=label_smoothing)
     metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     if as_json:
         print(json.dumps(metrics, indent=2, default=str))
@@ -522,13 +528,16 @@ def train_detector(
     smudge_gate: bool = SmudgeGateTrainOpt,
     gate_keep: float = GateKeepOpt,
     cell_scorer: bool = CellScorerTrainOpt,
+    val_fraction: float = DetValFractionOpt,
+    label_smoothing: float = DetLabelSmoothingOpt,
 ):
     """Train the crop classifier for 'detect' on every photograph of an ALL-IDB1-style folder (detect-eval's recipe)."""
     from .detection.crops import CropConfig
     from .detection.evaluate import DetectEvalConfig, run_train_detector
 
     cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, smudge_gate=smudge_gate, gate_keep=gate_keep,
-                           cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor))
+                           cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor), val_fraction=val_fraction,
+                           label_smoothing=label_smoothing)
     best = run_train_detector(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     out.print(f"Detector crop classifier: {best} (use: leukodetect detect IMAGE --checkpoint {best}).", highlight=False)
 

@@ -69,8 +69,13 @@ def test_detect_eval_scores_every_photograph_once(smear_tree, tmp_path):
 def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     out = tmp_path / "det"
     result = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--epochs", "1", "--image-size", "24",
-                                 "--arch", "tiny", "--batch-size", "8", "--crop-factor", "2.5", "--out", str(out)])
+                                 "--arch", "tiny", "--batch-size", "8", "--crop-factor", "2.5", "--out", str(out),
+                                 "--val-fraction", "0", "--label-smoothing", "0.1"])
     assert result.exit_code == 0, result.output
+    # No validation photographs: all eight photographs' crops train, and the last epoch is kept.
+    assert "training on 24 crops of 8 photographs, validating on 0 crops of 0" in result.output
+    trained = load_checkpoint(out / "model" / "best.pt")
+    assert trained["config"]["train"]["label_smoothing"] == 0.1 and trained["history"][-1]["val_loss"] is None
     checkpoint = out / "model" / "best.pt"
     assert checkpoint.is_file() and json.loads((out / "train_detector.json").read_text())["photographs"] == 8
     assert resolve_detector(checkpoint) == checkpoint

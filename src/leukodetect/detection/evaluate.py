@@ -64,7 +64,10 @@ class DetectEvalConfig:
     image_size: int = 64
     batch_size: int = 32
     lr: float = 1e-3
+    # Share of the training photographs held out to choose the crop classifier's epoch; 0: none, every
+    # training photograph's crops train and the last epoch is kept.
     val_fraction: float = 0.15
+    label_smoothing: float = 0.0
     radius: float = 0.5
     review_band: tuple[float, float] = (0.3, 0.7)
     min_blasts: int = 1
@@ -200,11 +203,15 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
 
     labels = np.array([r.label for r in train_photos])
     groups = np.array([r.group for r in train_photos])
-    tr, va = holdout_indices(labels, groups, fraction=cfg.val_fraction, seed=cfg.seed)
+    if cfg.val_fraction == 0:
+        tr, va = np.arange(len(train_photos)), np.arange(0)
+    else:
+        tr, va = holdout_indices(labels, groups, fraction=cfg.val_fraction, seed=cfg.seed)
     run = RunConfig()
     run.data.path, run.data.format, run.data.image_size = str(manifest), "manifest", cfg.image_size
     run.model.arch = cfg.arch
     run.train.epochs, run.train.batch_size, run.train.lr, run.train.seed = cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed
+    run.train.label_smoothing = cfg.label_smoothing
     run.validate()
     stems = lambda idx: {train_photos[i].path.stem for i in idx}  # noqa: E731
     train_crops, val_crops = crop_records(manifest, stems(tr)), crop_records(manifest, stems(va))
@@ -328,7 +335,7 @@ def run_train_detector(data: Path, out_dir: Path, cfg: DetectEvalConfig = Detect
 
     The recipe is the one ``detect-eval`` cross-validates with the same ``cfg``: its figures are this
     model's expected performance. A share of the photographs (``cfg.val_fraction``, whole groups) is
-    held out for choosing the epoch. Returns the path of the checkpoint (``OUT/model/best.pt``), which
+    held out for choosing the epoch (none with 0: the last epoch is kept). Returns the path of the checkpoint (``OUT/model/best.pt``), which
     carries the crop scale under ``"detection"``; ``leukodetect detect --checkpoint`` takes it.
     """
     out_dir = Path(out_dir)
@@ -402,7 +409,10 @@ def report_markdown(m: dict) -> str:
                   f"| accuracy on the photographs decided (ALL or healthy) | {_fmt(p['decided_accuracy'])} |",
                   "", f"Verdicts: {json.dumps(p['verdicts'])}", ""]
         lines += [f"Classifier: {cfg['arch']}, {cfg['epochs']} epochs, {cfg['image_size']} px crops of side "
-                  f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}."]
+                  f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}.",
+                  "Epoch: the last one (no validation photographs)." if cfg.get("val_fraction", 0.15) == 0 else
+                  f"Epoch: lowest validation loss on {cfg.get('val_fraction', 0.15):.0%} of each fold's training photographs."
+                  + (f" Label smoothing {cfg['label_smoothing']:g}." if cfg.get("label_smoothing") else "")]
         if cfg.get("smudge_gate"):
             lines += [f"Smudge gate: keeps {cfg['gate_keep']:.0%} of the annotated training cells; {m.get('smudge_calls', 0)} located "
                       "objects called smudge (not counted as white cells or blasts)."]
