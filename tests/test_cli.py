@@ -284,11 +284,14 @@ def test_cv_without_a_validation_part_trains_on_every_training_image_and_keeps_t
     assert bad.exit_code == 2 and "--val-fraction 1" in bad.output
 
 
-def test_train_with_mixup_and_cutmix_records_them(tiny_tree, tmp_path):
-    result = invoke("train", "--data", tiny_tree, "--out", tmp_path / "mix", "--epochs", 1, *TINY, "--mixup", 0.2, "--cutmix", 1.0)
+def test_train_with_mixup_cutmix_and_no_validation_part(tiny_tree, tmp_path):
+    result = invoke("train", "--data", tiny_tree, "--out", tmp_path / "mix", "--epochs", 2, *TINY, "--mixup", 0.2, "--cutmix", 1.0,
+                    "--val-fraction", 0)
     assert result.exit_code == 0, result.output
     ckpt = torch.load(tmp_path / "mix" / "best.pt", weights_only=True)
     assert ckpt["config"]["train"]["mixup"] == 0.2 and ckpt["config"]["train"]["cutmix"] == 1.0
+    split = json.loads((tmp_path / "mix" / "split.json").read_text())
+    assert split["val"] == [] and len(split["train"]) + len(split["test"]) == 29 and ckpt["epoch"] == 2
     assert 0 <= ckpt["history"][0]["train_acc"] <= 1
     bad = invoke("train", "--data", tiny_tree, "--out", tmp_path / "bad", *TINY, "--mixup", -1)
     assert bad.exit_code == 2 and "--mixup -1" in bad.output
