@@ -29,7 +29,10 @@ from leukodetect.training.fit import _train_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4  # measured max difference: see the test's assertion message
-ARGS = ["--arch", "tiny", "--epochs", "2", "--image-size", "24", "--batch-size", "8", "--lr", "0.01", "--device", "cpu"]
+# float32 on every CPU: the comparison is about the global batch, not bfloat16 rounding (auto picks
+# bfloat16 on CPUs with AVX512-BF16); the bfloat16 path is checked on its own below.
+ARGS = ["--arch", "tiny", "--epochs", "2", "--image-size", "24", "--batch-size", "8", "--lr", "0.01", "--device", "cpu",
+        "--precision", "fp32"]
 
 
 def _run(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
@@ -103,3 +106,24 @@ def test_ranks_share_each_global_batch_and_the_batch_size_is_global():
     cfg.train.batch_size = 7
     with pytest.raises(LeukoError, match="global batch"):
         _train_loader(ds, cfg, DistContext(world_size=2, rank=0), epoch=1)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="this torch build has no gloo backend")
+def test_global_batch_norm_takes_bfloat16_activations(tmp_path):
+    """Under CPU bfloat16 autocast the activations reaching batch norm are bfloat16; the global
+    statistics are taken in float32 and match plain batch norm on one process."""
+    from leukodetect.training.distributed import GlobalBatchNorm2d
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 5, 5).to(torch.bfloat16)
+        ours, plain = GlobalBatchNorm2d(3), torch.nn.BatchNorm2d(3)
+        y = ours(x)
+        expected = plain(x.float())
+        assert torch.allclose(y, expected, atol=1e-5)
+        assert torch.allclose(ours.running_mean, plain.running_mean, atol=1e-6)
+        assert torch.allclose(ours.running_var, plain.running_var, atol=1e-6)
+        y.sum().backward()  # differentiable through the cast
+    finally:
+        dist.destroy_process_group()

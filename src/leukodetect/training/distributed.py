@@ -129,6 +129,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        # Statistics in float32 whatever autocast gave (bfloat16 on CPUs with AVX512-BF16), as
+        # F.batch_norm computes them; the running buffers are float32 too.
+        x = x.float()
         dims, shape = (0, 2, 3), (1, -1, 1, 1)
         local = torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])])
         total = all_reduce(local)
