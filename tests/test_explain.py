@@ -28,7 +28,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clf(checkpoint):
-    return Classifier.from_checkpoint(checkpoint)
+    # float32 also on CPUs with native bfloat16, where the default would autocast: Grad-CAM runs in float32.
+    return Classifier.from_checkpoint(checkpoint, precision="fp32")
 
 
 @pytest.fixture

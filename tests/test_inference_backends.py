@@ -27,7 +27,12 @@ from model_helpers import tiny_with_batchnorm_statistics
 
 @pytest.fixture
 def real_default(monkeypatch):
+    """What a user gets on a CPU without native bfloat16 (where ``auto`` means ONNX Runtime). On a CPU
+    with AVX512-BF16 or AMX ``auto`` keeps PyTorch with bfloat16 autocast instead
+    (``test_backend_choice`` checks that choice); the end-to-end tests here pin the float32 case
+    so that they run the ONNX path on every machine."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr("leukodetect.training.device.cpu_has_fast_bf16", lambda: False)
 
 
 @pytest.fixture
