@@ -493,6 +493,7 @@ def detect_eval(
     arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
     batch_size: int = typer.Option(32),
     locate_only: bool = typer.Option(False, help="Score localisation only (no classifier): fast."),
+    seed: int = typer.Option(0, help="Seed of the folds, the crop classifier, the gate and the scorer (repeat with others to see the spread)."),
     crop_factor: float = CropFactorOpt,
     smudge_gate: bool = SmudgeGateTrainOpt,
     gate_keep: float = GateKeepOpt,
@@ -505,7 +506,7 @@ def detect_eval(
     from .detection.crops import CropConfig
     from .detection.evaluate import DetectEvalConfig, run_detect_eval
 
-    cfg = DetectEvalConfig(folds=folds, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
+    cfg = DetectEvalConfig(folds=folds, seed=seed, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
                            smudge_gate=smudge_gate, gate_keep=gate_keep, cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor),
                            val_fraction=val_fraction, label_smoothing=label_smoothing)
     metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)

@@ -34,11 +34,11 @@ def smear_tree(tmp_path_factory):
 def test_detect_eval_scores_every_photograph_once(smear_tree, tmp_path):
     out = tmp_path / "eval"
     args = ["detect-eval", "--data", str(smear_tree), "--folds", "2", "--epochs", "1", "--image-size", "24",
-            "--arch", "tiny", "--batch-size", "8", "--out", str(out), "--json"]
+            "--arch", "tiny", "--batch-size", "8", "--seed", "1", "--out", str(out), "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["photographs"] == 8
+    assert metrics["photographs"] == 8 and metrics["config"]["seed"] == 1
     # Every annotated blast (3 per ALL photograph) is counted, and the located cells sit on them.
     assert metrics["blast_localisation_recall"]["n"] == 12
     assert metrics["blast_localisation_recall"]["k"] == 12
