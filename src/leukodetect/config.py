@@ -142,6 +142,8 @@ class RunConfig:
             raise LeukoError(f"--checkpoint-every {self.train.checkpoint_every} must be at least 1 (epochs between resume points).")
         if self.train.lr is not None and not self.train.lr > 0:
             raise LeukoError(f"--lr {self.train.lr} must be positive (or left out for the architecture's own).")
+        if not 0 < self.data.test_fraction < 1:
+            raise LeukoError(f"test_fraction {self.data.test_fraction} must be above 0 and below 1: the test part is what is scored.")
         if not 0 <= self.data.val_fraction < 1:
             raise LeukoError(f"--val-fraction {self.data.val_fraction} must be at least 0 (no validation part) and below 1.")
         if self.train.mixup < 0 or self.train.cutmix < 0:

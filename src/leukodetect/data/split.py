@@ -36,7 +36,12 @@ def kfold_indices(labels, groups, *, folds: int, seed: int) -> list[tuple[np.nda
 
 
 def holdout_indices(labels, groups, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split off about ``fraction`` of the images (whole groups, stratified) as a held-out part (more on small data)."""
+    """Split off about ``fraction`` of the images (whole groups, stratified) as a held-out part (more on small data).
+
+    ``fraction=0`` holds nothing out: every index is in the first part.
+    """
+    if fraction == 0:
+        return np.arange(len(labels)), np.arange(0)
     if not 0 < fraction < 1:
         raise LeukoError(f"A held-out fraction must be between 0 and 1, got {fraction}.")
     # On small data the held-out part grows (down to half) rather than failing: every class
@@ -56,8 +61,6 @@ def train_val_test_indices(labels, groups, *, val_fraction: float, test_fraction
     labels = np.asarray(labels)
     groups = np.asarray(groups)
     rest, test = holdout_indices(labels, groups, fraction=test_fraction, seed=seed)
-    if val_fraction == 0:
-        return rest, rest[:0], test
     inner = val_fraction / (1 - test_fraction)
     tr, va = holdout_indices(labels[rest], groups[rest], fraction=inner, seed=seed + 1)
     return rest[tr], rest[va], test

@@ -203,10 +203,7 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
 
     labels = np.array([r.label for r in train_photos])
     groups = np.array([r.group for r in train_photos])
-    if cfg.val_fraction == 0:
-        tr, va = np.arange(len(train_photos)), np.arange(0)
-    else:
-        tr, va = holdout_indices(labels, groups, fraction=cfg.val_fraction, seed=cfg.seed)
+    tr, va = holdout_indices(labels, groups, fraction=cfg.val_fraction, seed=cfg.seed)
     run = RunConfig()
     run.data.path, run.data.format, run.data.image_size = str(manifest), "manifest", cfg.image_size
     run.model.arch = cfg.arch

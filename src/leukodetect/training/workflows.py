@@ -270,10 +270,7 @@ def start_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext | None 
         if resume and ctx.broadcast((fold_dir / "predictions.json").exists()):
             log(f"Fold {k}: already finished, reusing its predictions.")
             continue
-        if cfg.data.val_fraction == 0:  # no validation part: the whole training part trains, the last epoch is kept
-            inner_train, inner_val = np.arange(len(train_all)), np.arange(0)
-        else:
-            inner_train, inner_val = holdout_indices(labels[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
+        inner_train, inner_val = holdout_indices(labels[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
         todo.append(FoldJob(
             cfg=cfg, fold_dir=fold_dir, fold=k, folds=folds,
             train=[prep.records[i] for i in train_all[inner_train]], val=[prep.records[i] for i in train_all[inner_val]],
