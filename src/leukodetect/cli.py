@@ -60,6 +60,9 @@ SmudgeGateTrainOpt = typer.Option(True, "--smudge-gate/--no-smudge-gate",
 GateKeepOpt = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps.")
 CellScorerTrainOpt = typer.Option(True, "--cell-scorer/--no-cell-scorer",
                                   help="Also train the cell scorer (region measurements combined with the crop classifier).")
+PhotoContextOpt = typer.Option(False, "--photo-context/--no-photo-context",
+                               help="The cell scorer also weighs the photograph's white-cell density (white cells per red-cell area); "
+                               "off by default: on ALL-IDB1 it called two sparse ALL photographs healthy (docs/detection.md).")
 DetValFractionOpt = typer.Option(0.15, "--val-fraction", min=0.0, max=0.9, help="Share of the training photographs held out to choose "
                                  "the crop classifier's epoch; 0: none, every training photograph trains and the last epoch is kept.")
 DetLabelSmoothingOpt = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5, help="Label smoothing of the crop classifier's loss.")
@@ -498,6 +501,7 @@ def detect_eval(
     smudge_gate: bool = SmudgeGateTrainOpt,
     gate_keep: float = GateKeepOpt,
     cell_scorer: bool = CellScorerTrainOpt,
+    photo_context: bool = PhotoContextOpt,
     val_fraction: float = DetValFractionOpt,
     label_smoothing: float = DetLabelSmoothingOpt,
     as_json: bool = typer.Option(False, "--json"),
@@ -508,7 +512,7 @@ def detect_eval(
 
     cfg = DetectEvalConfig(folds=folds, seed=seed, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
                            smudge_gate=smudge_gate, gate_keep=gate_keep, cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor),
-                           val_fraction=val_fraction, label_smoothing=label_smoothing)
+                           val_fraction=val_fraction, label_smoothing=label_smoothing, photo_context=photo_context)
     metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     if as_json:
         print(json.dumps(metrics, indent=2, default=str))
@@ -529,6 +533,7 @@ def train_detector(
     smudge_gate: bool = SmudgeGateTrainOpt,
     gate_keep: float = GateKeepOpt,
     cell_scorer: bool = CellScorerTrainOpt,
+    photo_context: bool = PhotoContextOpt,
     val_fraction: float = DetValFractionOpt,
     label_smoothing: float = DetLabelSmoothingOpt,
 ):
@@ -538,7 +543,7 @@ def train_detector(
 
     cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, smudge_gate=smudge_gate, gate_keep=gate_keep,
                            cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor), val_fraction=val_fraction,
-                           label_smoothing=label_smoothing)
+                           label_smoothing=label_smoothing, photo_context=photo_context)
     best = run_train_detector(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     out.print(f"Detector crop classifier: {best} (use: leukodetect detect IMAGE --checkpoint {best}).", highlight=False)
 

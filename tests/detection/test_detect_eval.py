@@ -70,12 +70,13 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     out = tmp_path / "det"
     result = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--epochs", "1", "--image-size", "24",
                                  "--arch", "tiny", "--batch-size", "8", "--crop-factor", "2.5", "--out", str(out),
-                                 "--val-fraction", "0", "--label-smoothing", "0.1"])
+                                 "--val-fraction", "0", "--label-smoothing", "0.1", "--photo-context"])
     assert result.exit_code == 0, result.output
     # No validation photographs: all eight photographs' crops train, and the last epoch is kept.
     assert "training on 24 crops of 8 photographs, validating on 0 crops of 0" in result.output
     trained = load_checkpoint(out / "model" / "best.pt")
     assert trained["config"]["train"]["label_smoothing"] == 0.1 and trained["history"][-1]["val_loss"] is None
+    assert trained["config"]["data"]["val_fraction"] == 0  # the stored recipe says how the epoch was chosen
     checkpoint = out / "model" / "best.pt"
     assert checkpoint.is_file() and json.loads((out / "train_detector.json").read_text())["photographs"] == 8
     assert resolve_detector(checkpoint) == checkpoint
@@ -86,13 +87,18 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     # The cell scorer needs only the blast annotations: 12 of the 24 located cells are blasts.
     assert "cell scorer trained on 24 located cells (12 blasts) of 8 photographs" in result.output
     detection = load_checkpoint(checkpoint)["detection"]
-    assert len(detection["scorer"]["coef"]) == 12
+    # Twelve region measurements and the photograph's white-cell density.
+    assert len(detection["scorer"]["coef"]) == 13 and detection["scorer"]["feature_names"][-1] == "log_white_density"
     assert detection["crop_factor"] == 2.5 and json.loads((out / "crops" / "crops.json").read_text())["config"]["crop_factor"] == 2.5
     detected = runner.invoke(app, ["detect", str(smear_tree / "im" / "Im001_1.jpg"), "--checkpoint", str(checkpoint),
                                    "--out", str(tmp_path / "o"), "--json"])
     assert detected.exit_code == 0, detected.output
     row = json.loads(detected.stdout.splitlines()[0])
-    assert row["n_cells"] == 3 and row["verdict"] in ("ALL", "healthy", "review")
+    assert row["n_cells"] == 3 and row["verdict"] in ("ALL", "healthy", "review") and row["white_density"] < 0
+    without = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--epochs", "1", "--image-size", "24", "--arch", "tiny",
+                                  "--batch-size", "8", "--out", str(tmp_path / "plain")])  # the density is off by default
+    assert without.exit_code == 0, without.output
+    assert "log_white_density" not in load_checkpoint(tmp_path / "plain" / "model" / "best.pt")["detection"]["scorer"]["feature_names"]
     refused = runner.invoke(app, ["train-detector", "--data", str(smear_tree), "--out", str(out), "--arch", "tiny"])
     assert refused.exit_code != 0 and "already holds" in refused.output
 

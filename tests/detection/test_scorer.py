@@ -6,10 +6,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from leukodetect.detection.features import FEATURE_NAMES
 from leukodetect.detection.pipeline import analyze
-from leukodetect.detection.scorer import SCORER_FEATURES, CellScorer, blast_labels, fit_scorer
+from leukodetect.detection.scorer import CONTEXT, SCORER_FEATURES, CellScorer, blast_labels, fit_scorer, white_density
 from leukodetect.errors import LeukoError
 from leukodetect.inference import Classifier
 from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint
@@ -94,12 +95,24 @@ def test_add_scorer_labels_training_cells_by_the_blast_annotations(tmp_path):
     records = [SimpleNamespace(path=Path(f"{stem}.jpg"), blasts=[tuple(p) for p in xy[(photos == stem) & (y == 1)] + 3])
                for stem in sorted(set(photos))]
     (tmp_path / "crops.json").write_text(json.dumps({"photos": {r.path.stem: {"rbc_diameter": 20.0} for r in records}}))
+    for i, r in enumerate(records):  # photographs of two sizes: the density is read off each one's size
+        r.path = tmp_path / r.path.name
+        Image.new("RGB", (200, 100 * (1 + i % 2))).save(r.path)
     bundle = {"detection": {}}
     logged = []
-    _add_scorer(bundle, tmp_path, records, x, photos, xy, None, 0.5, logged.append)
+    _add_scorer(bundle, tmp_path, records, x, photos, xy, None, 0.5, logged.append, context=True)
     scorer = CellScorer.from_dict(bundle["detection"]["scorer"])
     assert "80 located cells (40 blasts) of 4 photographs" in logged[0]
     assert scorer.coef[SCORER_FEATURES.index("log_area")] > 1.0
+    # The photograph's white-cell density is the last input: 20 kept cells on 200 x 100 or 200 x 200 pixels.
+    assert scorer.feature_names == (*SCORER_FEATURES, CONTEXT) and scorer.uses_density
+    densities = sorted({white_density(20, 200, h, 20.0) for h in (100, 200)})
+    assert scorer.mean[-1] == pytest.approx(np.mean(densities)) and scorer.scale[-1] == pytest.approx(np.std(densities))
+    with pytest.raises(LeukoError, match="white-cell density"):
+        scorer.combine(np.full(len(y), 0.5), x)
+    bundle = {"detection": {}}
+    _add_scorer(bundle, tmp_path, records, x, photos, xy, None, 0.5, logged.append, context=False)
+    assert tuple(bundle["detection"]["scorer"]["feature_names"]) == SCORER_FEATURES
     # Annotations farther than the radius (0.5 x 20 px) label nothing: no scorer, and a note why.
     for r in records:
         r.blasts = [(bx + 30, by) for bx, by in r.blasts]
@@ -128,3 +141,27 @@ def test_detection_applies_the_stored_scorer_and_keeps_the_crop_probability(crop
         assert s["prob_blast"] == pytest.approx(odds / (1 + odds), abs=1e-4)
     off = analyze(image, Classifier.from_checkpoint(_scored_checkpoint(crop_checkpoint, tmp_path), device="cpu"), use_scorer=False)
     assert not off["cell_scorer"] and [c["prob_blast"] for c in off["cells"]] == [c["prob_blast"] for c in plain["cells"]]
+
+
+def test_white_density_counts_cells_per_red_cell_area_whatever_the_magnification():
+    base = white_density(9, 1000, 800, 50.0)
+    assert base == pytest.approx(np.log(10 / (1000 * 800 / (np.pi / 4 * 50.0**2))))
+    assert white_density(9, 2000, 1600, 100.0) == pytest.approx(base)  # the same field photographed at twice the scale
+    assert white_density(19, 1000, 800, 50.0) > base > white_density(9, 2000, 1600, 50.0)  # more cells; a larger field
+    assert np.isfinite(white_density(0, 10, 10, 50.0))  # a field smaller than one red cell, no white cell
+
+
+def test_detection_gives_the_scorer_the_photographs_white_cell_density(crop_checkpoint, tmp_path):
+    bundle = load_checkpoint(crop_checkpoint)
+    names = (*SCORER_FEATURES, CONTEXT)
+    n = len(names)
+    # Only the density counts: the crop odds are multiplied by e^density.
+    scorer = CellScorer(feature_names=names, mean=(0.0,) * n, scale=(1.0,) * n, coef=(0.0,) * (n - 1) + (1.0,), intercept=0.0, prior_logit=0.0)
+    bundle["detection"] = {**bundle["detection"], "scorer": scorer.to_dict()}
+    image = synthetic_smear()
+    result = analyze(image, Classifier.from_checkpoint(save_checkpoint(bundle, tmp_path / "dense.pt"), device="cpu"))
+    height, width = np.asarray(image).shape[:2]
+    assert result["white_density"] == pytest.approx(white_density(3, width, height, result["rbc_diameter"]), abs=1e-4)
+    for cell in result["cells"]:
+        odds = cell["prob_crop"] / (1 - cell["prob_crop"]) * np.exp(result["white_density"])
+        assert cell["prob_blast"] == pytest.approx(odds / (1 + odds), abs=1e-4)

@@ -48,7 +48,7 @@ from .gate import fit_gate
 from .locate import LocateParams
 from .match import detection_scores, match_points, match_to_regions
 from .pipeline import VerdictRule, analyze
-from .scorer import blast_labels, fit_scorer
+from .scorer import blast_labels, fit_scorer, white_density
 
 MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
 
@@ -75,6 +75,9 @@ class DetectEvalConfig:
     smudge_gate: bool = True
     gate_keep: float = 0.99
     cell_scorer: bool = True
+    # The scorer also weighs the photograph's white-cell density (scorer.CONTEXT). Off by default: it buys
+    # specificity with sensitivity (ALL photographs with few white cells), see docs/detection.md.
+    photo_context: bool = False
     crop: CropConfig = field(default_factory=CropConfig)
     locate: LocateParams = field(default_factory=LocateParams)
 
@@ -206,6 +209,7 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
     tr, va = holdout_indices(labels, groups, fraction=cfg.val_fraction, seed=cfg.seed)
     run = RunConfig()
     run.data.path, run.data.format, run.data.image_size = str(manifest), "manifest", cfg.image_size
+    run.data.val_fraction = cfg.val_fraction  # so the checkpoint's stored config says how the epoch was chosen
     run.model.arch = cfg.arch
     run.train.epochs, run.train.batch_size, run.train.lr, run.train.seed = cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed
     run.train.label_smoothing = cfg.label_smoothing
@@ -230,23 +234,33 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
             bundle["detection"]["gate"] = gate.to_dict()
             log(f"  smudge gate trained on {int((gate_y >= 0).sum())} located cells of {len(train_photos)} photographs.")
     if cfg.cell_scorer:
-        _add_scorer(bundle, manifest.parent, train_photos, features, photos, xy, gate, cfg.radius, log)
+        _add_scorer(bundle, manifest.parent, train_photos, features, photos, xy, gate, cfg.radius, log,
+                    context=cfg.photo_context)
     save_checkpoint(bundle, result.best_path)
     return result.best_path
 
 
-def _add_scorer(bundle: dict, crops_dir: Path, train_photos: list, features, photos, xy, gate, radius: float, log) -> None:
-    """Fit the cell scorer on the training photographs' located cells (those the gate keeps) and store it in ``bundle``."""
+def _add_scorer(bundle: dict, crops_dir: Path, train_photos: list, features, photos, xy, gate, radius: float, log,
+                *, context: bool = False) -> None:
+    """Fit the cell scorer on the training photographs' located cells (those the gate keeps) and store it in ``bundle``.
+
+    With ``context`` it also weighs each photograph's white-cell density, counted as ``analyze`` counts it.
+    """
     diameters = json.loads((crops_dir / "crops.json").read_text())["photos"]
     labels = np.zeros(len(xy), dtype=int)
+    keep = gate.is_cell(features) if gate is not None else np.ones(len(labels), bool)
+    density = np.zeros(len(xy))
     for record in train_photos:
         stem = record.path.stem
         rows = np.flatnonzero(photos == stem)
         if len(rows) and stem in diameters:
-            labels[rows] = blast_labels(xy[rows], record.blasts or (), radius * diameters[stem]["rbc_diameter"])
-    keep = gate.is_cell(features) if gate is not None else np.ones(len(labels), bool)
+            d = diameters[stem]["rbc_diameter"]
+            labels[rows] = blast_labels(xy[rows], record.blasts or (), radius * d)
+            if context:
+                with Image.open(record.path) as image:  # the header only: the size
+                    density[rows] = white_density(int(keep[rows].sum()), *image.size, d)
     try:
-        scorer = fit_scorer(features[keep], labels[keep])
+        scorer = fit_scorer(features[keep], labels[keep], density[keep] if context else None)
     except LeukoError as exc:
         log(f"  no cell scorer: {exc}")
         return
@@ -407,16 +421,16 @@ def report_markdown(m: dict) -> str:
                   "", f"Verdicts: {json.dumps(p['verdicts'])}", ""]
         lines += [f"Classifier: {cfg['arch']}, {cfg['epochs']} epochs, {cfg['image_size']} px crops of side "
                   f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}.",
-                  "Epoch: the last one (no validation photographs)." if cfg.get("val_fraction", 0.15) == 0 else
-                  f"Epoch: lowest validation loss on {cfg.get('val_fraction', 0.15):.0%} of each fold's training photographs."
+                  ("Epoch: the last one (no validation photographs)." if cfg.get("val_fraction", 0.15) == 0 else
+                   f"Epoch: lowest validation loss on {cfg.get('val_fraction', 0.15):.0%} of each fold's training photographs.")
                   + (f" Label smoothing {cfg['label_smoothing']:g}." if cfg.get("label_smoothing") else "")]
         if cfg.get("smudge_gate"):
             lines += [f"Smudge gate: keeps {cfg['gate_keep']:.0%} of the annotated training cells; {m.get('smudge_calls', 0)} located "
                       "objects called smudge (not counted as white cells or blasts)."]
         if cfg.get("cell_scorer"):
             lines += ["Cell scorer: each fold's P(blast) combines the crop classifier with a logistic regression on the located "
-                      "regions' measurements, fitted on the training photographs (cells.csv keeps the crop classifier's own "
-                      "probability as prob_crop)."]
+                      "regions' measurements" + (" and the photograph's white-cell density" if cfg.get("photo_context") else "")
+                      + ", fitted on the training photographs (cells.csv keeps the crop classifier's own probability as prob_crop)."]
     s = m["seconds_per_photograph"]
     lines += ["", f"Seconds per photograph (read + locate + classify): median {s['median']:.2f}, max {s['max']:.2f}.", ""]
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from ..utils import atomic_write_text
 from .crops import DEFAULT_CROP_FACTOR, crop_around
 from .gate import SmudgeGate
 from .locate import LEGACY_VALUES, LocateParams, as_array, locate_cells
-from .scorer import CellScorer
+from .scorer import CellScorer, white_density
 
 #: Box colours (RGB) by call.
 COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230), "smudge": (120, 120, 120)}
@@ -132,11 +132,13 @@ def analyze(
             a located object it rejects is called "smudge", shown but not counted as a white cell.
         use_scorer: combine the crop classifier's P(blast) with the region measurements through the
             cell scorer stored with the classifier, if it has one (:mod:`.scorer`); each cell then
-            also carries the crop classifier's own probability as ``prob_crop``.
+            also carries the crop classifier's own probability as ``prob_crop``. A scorer trained
+            with the photograph's white-cell density uses it (``white_density`` in the result).
 
     Returns:
         A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call),
-        counts, blast fraction among the white cells (smudge cells excluded), verdict and timing.
+        counts, blast fraction among the white cells (smudge cells excluded), white-cell density
+        (:func:`~leukodetect.detection.scorer.white_density`), verdict and timing.
     """
     lo, hi = review_band
     if not 0 <= lo <= hi <= 1:
@@ -152,12 +154,15 @@ def analyze(
         size = classifier.preset.image_size
         crops = [crop_around(rgb, c.x, c.y, side, size) for c in loc.cells]
         probs = classify_crops(classifier, crops, batch_size)
+    gate = gate_of(classifier) if use_gate and classifier is not None else None
+    p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
+    height, width = rgb.shape[:2]
+    n_kept = sum(q is None or q >= gate.threshold for q in p_cell)
+    density = white_density(n_kept, width, height, loc.rbc_diameter)
     scorer = scorer_of(classifier) if use_scorer and classifier is not None else None
     crop_probs = probs
     if scorer is not None and loc.cells:
-        probs = [float(p) for p in scorer.combine(crop_probs, loc.features)]
-    gate = gate_of(classifier) if use_gate and classifier is not None else None
-    p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
+        probs = [float(p) for p in scorer.combine(crop_probs, loc.features, density)]
     t2 = time.perf_counter()
     cells = [
         {**c.to_dict(), "prob_blast": None if p is None else round(p, 5),
@@ -168,7 +173,6 @@ def analyze(
     ]
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
-    height, width = rgb.shape[:2]
     return {
         "width": width, "height": height,
         "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
@@ -176,6 +180,7 @@ def analyze(
         "review_band": [lo, hi], "rule": asdict(rule),
         "n_cells": white, "n_blast": counts["blast"], "n_review": counts["review"], "n_normal": counts["normal"],
         "n_smudge": counts["smudge"], "smudge_gate": gate is not None, "cell_scorer": scorer is not None,
+        "white_density": round(density, 4),
         "blast_fraction": counts["blast"] / white if white and classifier is not None else None,
         "verdict": rule(counts["blast"], counts["review"]) if classifier is not None else "not classified",
         "timing": {"locate_s": round(t1 - t0, 3), "classify_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3)},
