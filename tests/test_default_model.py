@@ -75,13 +75,15 @@ def test_serve_without_options_analyzes_smears_with_the_shipped_detector(smear_p
     gate = SmudgeGate.from_dict(bundle["detection"]["gate"])
     assert 0 < gate.threshold < 1 and gate.keep == 0.99
     assert bundle["detection"]["locate"]["clump_area"] > 0
-    # It was evaluated with the plain centroid, so it keeps it although the locator's default moved on.
+    # It was trained and evaluated with the locator's current settings (the stain-weighted centre included), stored in it.
     from types import SimpleNamespace
 
     from leukodetect.detection.locate import LocateParams
     from leukodetect.detection.pipeline import locate_params_of
 
-    assert LocateParams().stain_centre and not locate_params_of(SimpleNamespace(bundle=bundle)).stain_centre
+    assert locate_params_of(SimpleNamespace(bundle=bundle)) == LocateParams() and LocateParams().stain_centre
+    # No validation photographs: every photograph's crops trained and the last of the 30 epochs was kept.
+    assert bundle["config"]["data"]["val_fraction"] == 0 and bundle["epoch"] == 30 == bundle["config"]["train"]["epochs"]
     # And its cell scorer, which leaves the camera-dependent colours out.
     from leukodetect.detection.scorer import CellScorer
 
