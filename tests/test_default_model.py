@@ -68,7 +68,7 @@ def test_serve_without_options_analyzes_smears_with_the_shipped_detector(smear_p
 
     assert DEFAULT_DETECTOR.stat().st_size < 50 * 2**20
     bundle = load_checkpoint(DEFAULT_DETECTOR)
-    assert bundle["arch"] == "googlenet" and bundle["detection"]["crop_factor"] == 3.0
+    assert bundle["arch"] == "googlenet" and bundle["detection"]["crop_factor"] == 2.0 and bundle["image_size"] == 96
     # It carries its smudge gate and the locator settings it was evaluated with (clump cutting on).
     from leukodetect.detection.gate import SmudgeGate
 
