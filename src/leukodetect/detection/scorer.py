@@ -20,13 +20,13 @@ camera and the staining batch, not the cell, and would not travel to another lab
 
 A scorer may also weigh one measurement of the photograph rather than the cell (:data:`CONTEXT`;
 ``--photo-context``, off by default): how many white cells it holds per red-cell area of field,
-the smear's white-cell density. A small lymphoid cell is a
-blast more often in a smear crowded with white cells than in one with three: some ALL smears'
-blasts are small, with scant cytoplasm, and look like lymphocytes cell by cell. The density is
-counted over the located cells the smudge gate keeps, and the field in red-cell areas measured on
-the photograph, so it does not depend on the camera's magnification. On ALL-IDB1 it made the
-healthy photographs' verdicts right more often but called ALL photographs with few white cells
-healthy (docs/detection.md), which is why it is not the default.
+the smear's white-cell density. A small lymphoid cell is a blast more often in a smear crowded
+with white cells than in one with three: some ALL smears' blasts are small, with scant cytoplasm,
+and look like lymphocytes cell by cell. The density is counted over the located cells the smudge
+gate keeps, and the field in red-cell areas measured on the photograph, so it does not depend on
+the camera's magnification. On ALL-IDB1 it made the healthy photographs' verdicts right more
+often but called ALL photographs with few white cells healthy (docs/detection.md), which is why
+it is not the default.
 
 Stored as plain numbers under the detector checkpoint's ``"detection"`` entry, like the gate.
 """
