@@ -54,7 +54,11 @@ def _log(message: str) -> None:
 
 # Options shared by train and cv; None means "keep the configuration's default".
 DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
-# Detector training (detect-eval and train-detector train the same recipe).
+# Detector training (detect-eval and train-detector train the same recipe). The defaults are the shipped
+# detector's recipe, DetectEvalConfig's defaults (a test holds the two equal).
+DetEpochsOpt = typer.Option(30, "--epochs", help="Crop classifier epochs.")
+DetImageSizeOpt = typer.Option(96, "--image-size", help="Crop classifier input size; crops are cut at this size.")
+DetArchOpt = typer.Option("googlenet", "--arch", help="Crop classifier architecture (see 'leukodetect models').")
 SmudgeGateTrainOpt = typer.Option(True, "--smudge-gate/--no-smudge-gate",
                                   help="Also train the smudge-cell gate and store it with the classifier.")
 GateKeepOpt = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps.")
@@ -63,10 +67,10 @@ CellScorerTrainOpt = typer.Option(True, "--cell-scorer/--no-cell-scorer",
 PhotoContextOpt = typer.Option(False, "--photo-context/--no-photo-context",
                                help="The cell scorer also weighs the photograph's white-cell density (white cells per red-cell area); "
                                "off by default: on ALL-IDB1 it called two sparse ALL photographs healthy (docs/detection.md).")
-DetValFractionOpt = typer.Option(0.15, "--val-fraction", min=0.0, max=0.9, help="Share of the training photographs held out to choose "
+DetValFractionOpt = typer.Option(0.0, "--val-fraction", min=0.0, max=0.9, help="Share of the training photographs held out to choose "
                                  "the crop classifier's epoch; 0: none, every training photograph trains and the last epoch is kept.")
 DetLabelSmoothingOpt = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5, help="Label smoothing of the crop classifier's loss.")
-CropFactorOpt = typer.Option(3.0, min=1.0, help="Crop side in red-cell diameters, measured on each photograph.")
+CropFactorOpt = typer.Option(2.0, min=1.0, help="Crop side in red-cell diameters, measured on each photograph.")
 FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
 GroupByOpt = typer.Option(None, "--group-by", help="default, or source: ALL-IDB2 crops of one ALL-IDB1 photograph stay together.")
 AllIdb1Opt = typer.Option(None, "--allidb1", help="ALL-IDB1 folder for --group-by source (default: found beside --data).")
@@ -491,9 +495,9 @@ def detect_eval(
     data: Path = DataOpt,
     out_dir: Path = typer.Option(..., "--out", help="New folder for crops, fold models, metrics.json and report.md."),
     folds: int = typer.Option(5, help="Folds, split by photograph."),
-    epochs: int = typer.Option(10),
-    image_size: int = typer.Option(64, help="Crop classifier input size."),
-    arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
+    epochs: int = DetEpochsOpt,
+    image_size: int = DetImageSizeOpt,
+    arch: str = DetArchOpt,
     batch_size: int = typer.Option(32),
     locate_only: bool = typer.Option(False, help="Score localisation only (no classifier): fast."),
     seed: int = typer.Option(0, help="Seed of the folds, the crop classifier, the gate and the scorer (repeat with others to see the spread)."),
@@ -525,9 +529,9 @@ def detect_eval(
 def train_detector(
     data: Path = DataOpt,
     out_dir: Path = typer.Option(..., "--out", help="New folder for the crops and the model (rerun to continue an interrupted run)."),
-    epochs: int = typer.Option(10),
-    image_size: int = typer.Option(64, help="Crop classifier input size."),
-    arch: str = typer.Option("resnet50", help="Crop classifier architecture."),
+    epochs: int = DetEpochsOpt,
+    image_size: int = DetImageSizeOpt,
+    arch: str = DetArchOpt,
     batch_size: int = typer.Option(32),
     crop_factor: float = CropFactorOpt,
     smudge_gate: bool = SmudgeGateTrainOpt,

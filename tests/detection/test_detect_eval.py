@@ -90,6 +90,8 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     # Twelve region measurements and the photograph's white-cell density.
     assert len(detection["scorer"]["coef"]) == 13 and detection["scorer"]["feature_names"][-1] == "log_white_density"
     assert detection["crop_factor"] == 2.5 and json.loads((out / "crops" / "crops.json").read_text())["config"]["crop_factor"] == 2.5
+    # Training crops are cut at the classifier's input size, as detect cuts them (not at a fixed size, then resized).
+    assert detection["crop_size"] == 24 and {Image.open(f).size for f in (out / "crops" / "crops").glob("*.png")} == {(24, 24)}
     detected = runner.invoke(app, ["detect", str(smear_tree / "im" / "Im001_1.jpg"), "--checkpoint", str(checkpoint),
                                    "--out", str(tmp_path / "o"), "--json"])
     assert detected.exit_code == 0, detected.output
@@ -160,3 +162,24 @@ def test_blast_flagging_counts_review_calls_as_shown_to_a_person():
     assert (flagging["tp"], flagging["fp"], flagging["fn"]) == (4, 2, 2) and flagging["f1"] == 8 / 12
     old = {k: v for k, v in row.items() if not k.startswith("blast_flag")}  # a fold finished by an older version
     assert "blast_flagging" not in aggregate([row, old], classified=True)
+
+
+@pytest.mark.parametrize("command", ["detect-eval", "train-detector"])
+def test_detector_commands_default_to_the_shipped_recipe(command):
+    """With no options, detect-eval evaluates (and train-detector trains) the recipe of the shipped detector."""
+    import typer
+
+    from leukodetect.detection.evaluate import DetectEvalConfig
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
+    cfg = DetectEvalConfig()
+    shipped = load_checkpoint(resolve_detector(None))
+    assert (cfg.arch, cfg.epochs, cfg.image_size, cfg.val_fraction, cfg.crop.crop_factor, cfg.batch_size, cfg.lr) == (
+        shipped["arch"], shipped["config"]["train"]["epochs"], shipped["image_size"], shipped["config"]["data"]["val_fraction"],
+        shipped["detection"]["crop_factor"], shipped["config"]["train"]["batch_size"], shipped["config"]["train"]["lr"])
+    assert cfg.crop.size == cfg.image_size
+    for name in ("epochs", "image_size", "arch", "batch_size", "seed", "folds", "gate_keep", "smudge_gate", "cell_scorer",
+                 "photo_context", "val_fraction", "label_smoothing", "locate_only"):
+        if name in params:
+            assert params[name] == getattr(cfg, name), name
+    assert params["crop_factor"] == cfg.crop.crop_factor

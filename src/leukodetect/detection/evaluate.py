@@ -29,7 +29,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,18 +55,23 @@ MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
 
 @dataclass(kw_only=True)
 class DetectEvalConfig:
-    """Settings of ``leukodetect detect-eval``."""
+    """Settings of ``leukodetect detect-eval`` and ``train-detector``.
+
+    The defaults are the shipped detector's recipe (``weights/DETECTOR_CARD.md``), so that
+    ``detect-eval`` with no options evaluates the detector ``detect`` uses. Training crops are cut at
+    the crop classifier's input size (``crop.size`` follows ``image_size``), as ``detect`` cuts them.
+    """
 
     folds: int = 5
     seed: int = 0
-    arch: str = "resnet50"
-    epochs: int = 10
-    image_size: int = 64
+    arch: str = "googlenet"
+    epochs: int = 30
+    image_size: int = 96
     batch_size: int = 32
     lr: float = 1e-3
     # Share of the training photographs held out to choose the crop classifier's epoch; 0: none, every
     # training photograph's crops train and the last epoch is kept.
-    val_fraction: float = 0.15
+    val_fraction: float = 0.0
     label_smoothing: float = 0.0
     radius: float = 0.5
     review_band: tuple[float, float] = (0.3, 0.7)
@@ -78,8 +83,13 @@ class DetectEvalConfig:
     # The scorer also weighs the photograph's white-cell density (scorer.CONTEXT). Off by default: it buys
     # specificity with sensitivity (ALL photographs with few white cells), see docs/detection.md.
     photo_context: bool = False
-    crop: CropConfig = field(default_factory=CropConfig)
+    crop: CropConfig = field(default_factory=lambda: CropConfig(crop_factor=2.0))
     locate: LocateParams = field(default_factory=LocateParams)
+
+    def __post_init__(self):
+        # Crops are written at the size the classifier reads them: a larger input then sees more of the cell,
+        # not an upsampled copy, and training sees what ``detect`` will show it.
+        self.crop = replace(self.crop, size=self.image_size)
 
 
 def find_masks(data: Path) -> Path | None:
@@ -331,8 +341,6 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
 
 def _crop_manifest(records: list, crops_dir: Path, cfg: DetectEvalConfig, progress: bool, log) -> tuple[Path, list]:
     """The crops of ``records`` (written once into ``crops_dir``) and the records carrying their split group."""
-    from dataclasses import replace
-
     manifest = crops_dir / "manifest.csv"
     if not manifest.exists():
         write_crops(records, crops_dir, cfg.crop, params=cfg.locate, progress=progress, log=log)
