@@ -24,7 +24,11 @@ from leukodetect.data.indexers import index_dataset
 from leukodetect.detection.crops import CropConfig, located_cells, write_crops
 from leukodetect.detection.gate import fit_gate
 from leukodetect.detection.pipeline import locate_params_of
-from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+from leukodetect.runtime.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    save_safetensors,
+)
 
 
 class _Holder:

@@ -22,10 +22,10 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from leukodetect.data.indexers import index_dataset
-from leukodetect.data.io import open_rgb
 from leukodetect.data.stain import MacenkoStain, foreground
 from leukodetect.evaluation.intervals import auc_rows, bootstrap_interval
-from leukodetect.inference import Classifier
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import open_rgb
 
 
 def white_background(image: Image.Image) -> Image.Image:

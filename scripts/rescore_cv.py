@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from leukodetect.data.indexers import index_dataset
-from leukodetect.data.io import open_rgb
 from leukodetect.evaluation.intervals import binary_report
-from leukodetect.inference import Classifier
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import open_rgb
 
 
 def d4_views(batch: torch.Tensor) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from leukodetect.config import RunConfig, load_config
 from leukodetect.data.duplicates import hash_records
 from leukodetect.data.indexers import index_dataset
-from leukodetect.training.checkpoint import load_checkpoint, save_safetensors
+from leukodetect.runtime.checkpoint import load_checkpoint, save_safetensors
 from leukodetect.training.fit import train_model
 from leukodetect.weights import DEFAULT_MODEL
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from smear_images import synthetic_smear
 
 from leukodetect.config import RunConfig
 from leukodetect.data.indexers import index_dataset
-from smear_images import synthetic_smear
 
 # Tests use the tiny model on tiny images; one thread avoids oversubscribing a 2-core machine.
 torch.set_num_threads(1)
@@ -82,7 +82,7 @@ def smear_png(tmp_path_factory):
 @pytest.fixture(scope="session")
 def crop_checkpoint(tiny_tree, tmp_path_factory):
     """A tiny-model checkpoint (1 epoch on 24 px cells) with detection metadata."""
-    from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint
+    from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
     from leukodetect.training.fit import train_model
 
     records = index_dataset(tiny_tree, "folders")

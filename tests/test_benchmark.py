@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from leukodetect.benchmark import BenchmarkConfig, render_benchmark, run_benchmark
 from leukodetect.cli import app
 from leukodetect.errors import LeukoError
+from leukodetect.jobs.benchmark import BenchmarkConfig, render_benchmark, run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_ratios_and_fractions_follow_from_the_reported_figures(result):
 def test_forward_flops_counts_a_multiply_add_as_two():
     from torch import nn
 
-    from leukodetect.benchmark import forward_flops
+    from leukodetect.jobs.benchmark import forward_flops
 
     # A 1x1 convolution 3 -> 4 channels on 8x8: 8*8*4*3 multiply-adds, then a 4 -> 2 linear layer.
     model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
@@ -86,12 +86,11 @@ def test_classifier_with_folded_batch_norm_matches_the_plain_model():
     """The speed-up in Classifier (batch norm folded into convolutions) keeps P(blast) within 1e-5."""
     import numpy as np
     import torch
+    from model_helpers import tiny_with_batchnorm_statistics
     from torch import nn
 
-    from model_helpers import tiny_with_batchnorm_statistics
-
-    from leukodetect.inference import Classifier, fuse_batch_norm
-    from leukodetect.training.checkpoint import make_bundle
+    from leukodetect.runtime.checkpoint import make_bundle
+    from leukodetect.runtime.classifier import Classifier, fuse_batch_norm
 
     model = tiny_with_batchnorm_statistics()
     bundle = make_bundle(model, arch="tiny", image_size=24, mean=(0.5,) * 3, std=(0.25,) * 3, config={}, temperature=2.0)

@@ -175,7 +175,7 @@ def test_a_run_stopped_before_its_first_resume_point_is_not_overwritten_silently
 
 def test_resume_keeps_a_better_best_checkpoint_from_after_the_resume_point(tmp_path):
     from leukodetect.models import create_model
-    from leukodetect.training.checkpoint import make_bundle, save_checkpoint
+    from leukodetect.runtime.checkpoint import make_bundle, save_checkpoint
     from leukodetect.training.fit import _kept_best
 
     history = [{"epoch": e, "val_loss": loss} for e, loss in [(1, 0.9), (2, 0.7), (3, 0.4)]]

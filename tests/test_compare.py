@@ -6,14 +6,13 @@ import re
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from torch import nn
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
-from leukodetect.evaluation.compare import gallery_selection, model_cost
 from leukodetect.evaluation.intervals import METRIC_NAMES
+from leukodetect.jobs.compare import gallery_selection, model_cost
 from leukodetect.models import list_models, register_model
 from leukodetect.models.registry import ModelSpec
 from leukodetect.reporting.compare_report import QUOTED, table2_rows
@@ -217,7 +216,7 @@ def test_cross_metrics_are_those_of_the_fold_averaged_probability(crossed):
     from leukodetect.data.indexers import index_dataset
     from leukodetect.data.stain import MacenkoStain, pick_evenly
     from leukodetect.evaluation.intervals import binary_report
-    from leukodetect.inference import Classifier
+    from leukodetect.runtime.classifier import Classifier
 
     cross = crossed["summary"]["cross_dataset"]
     stain = cross["stain_normalization"]

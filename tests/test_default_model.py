@@ -10,10 +10,14 @@ from typer.testing import CliRunner
 
 from leukodetect.cli import app
 from leukodetect.errors import BadCheckpointError
-from leukodetect.inference import Classifier
 from leukodetect.models import create_model
+from leukodetect.runtime.checkpoint import (
+    load_checkpoint,
+    make_bundle,
+    save_safetensors,
+)
+from leukodetect.runtime.classifier import Classifier
 from leukodetect.sample import sample_dir
-from leukodetect.training.checkpoint import load_checkpoint, make_bundle, save_safetensors
 from leukodetect.weights import DEFAULT_MODEL
 
 

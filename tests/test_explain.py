@@ -10,10 +10,11 @@ from typer.testing import CliRunner
 
 from leukodetect.cli import app
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.explain import explain_file, explain_many, gradcam, overlay
-from leukodetect.inference import Classifier
+from leukodetect.jobs.explain import explain_file, explain_many
 from leukodetect.models import create_model
-from leukodetect.training.checkpoint import make_bundle, save_checkpoint
+from leukodetect.reporting.gradcam import gradcam, overlay
+from leukodetect.runtime.checkpoint import make_bundle, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,15 @@ from leukodetect.cli import app
 from leukodetect.config import RunConfig
 from leukodetect.data.indexers import index_dataset
 from leukodetect.errors import LeukoError
-from leukodetect.export import DEFAULT_ATOL, EXTRA_FILE, META_KEY, ExportedClassifier, export_model
-from leukodetect.inference import Classifier
-from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.export import (
+    DEFAULT_ATOL,
+    EXTRA_FILE,
+    META_KEY,
+    ExportedClassifier,
+    export_model,
+)
 from leukodetect.training.fit import train_model
 
 runner = CliRunner()
@@ -87,7 +93,7 @@ def test_exported_models_match_pytorch_on_real_images(exported, checkpoint, tiny
 
 def test_predict_with_an_exported_model_gives_the_checkpoints_calls(exported, checkpoint, tiny_tree, monkeypatch):
     # The checkpoint in float32 as the export was checked against, also on CPUs with native bfloat16.
-    monkeypatch.setattr("leukodetect.training.device.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("leukodetect.runtime.device.cpu_has_fast_bf16", lambda: False)
     def rows(*option):
         result = invoke("predict", tiny_tree / "blast", *option, "--json")
         assert result.exit_code == 0, result.output

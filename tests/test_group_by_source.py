@@ -1,6 +1,5 @@
 """--group-by source: ALL-IDB2-style crops cut from one photograph never straddle a fold."""
 
-import json
 
 import numpy as np
 from PIL import Image

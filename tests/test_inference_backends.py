@@ -14,15 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_helpers import tiny_with_batchnorm_statistics
 from torch import nn
 from typer.testing import CliRunner
 
-from leukodetect import export
+from leukodetect.runtime import export
 from leukodetect.cli import app
 from leukodetect.errors import LeukoError
-from leukodetect.inference import BACKEND_ATOL, BACKEND_ENV, Classifier, auto_backend
-from leukodetect.training.checkpoint import make_bundle, save_checkpoint
-from model_helpers import tiny_with_batchnorm_statistics
+from leukodetect.runtime.checkpoint import make_bundle, save_checkpoint
+from leukodetect.runtime.classifier import (
+    BACKEND_ATOL,
+    BACKEND_ENV,
+    Classifier,
+    auto_backend,
+)
 
 
 @pytest.fixture
@@ -32,7 +37,7 @@ def real_default(monkeypatch):
     (``test_backend_choice`` checks that choice); the end-to-end tests here pin the float32 case
     so that they run the ONNX path on every machine."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    monkeypatch.setattr("leukodetect.training.device.cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr("leukodetect.runtime.device.cpu_has_fast_bf16", lambda: False)
 
 
 @pytest.fixture

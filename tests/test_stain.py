@@ -11,9 +11,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
-from leukodetect.data.stain import BACKGROUND_LEVEL, MacenkoStain, pick_evenly, reference_paths, stain_from_options
+from leukodetect.data.stain import (
+    BACKGROUND_LEVEL,
+    MacenkoStain,
+    pick_evenly,
+    reference_paths,
+    stain_from_options,
+)
 from leukodetect.errors import LeukoError
-from leukodetect.inference import Classifier
+from leukodetect.runtime.classifier import Classifier
 
 runner = CliRunner()
 

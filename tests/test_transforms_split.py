@@ -8,7 +8,8 @@ from leukodetect.data.dataset import ImageDataset
 from leukodetect.data.duplicates import effective_groups, hash_records
 from leukodetect.data.indexers import index_dataset
 from leukodetect.data.split import kfold_indices, train_val_test_indices
-from leukodetect.data.transforms import EvalPreset, TrainPreset, channel_stats
+from leukodetect.data.transforms import TrainPreset, channel_stats
+from leukodetect.runtime.preprocess import EvalPreset
 
 
 def _train_ds(tree, seed):

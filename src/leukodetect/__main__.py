@@ -1,3 +1,3 @@
-from .cli import main
+from leukodetect.cli import main
 
 main()

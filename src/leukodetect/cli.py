@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import LeukoError
+from leukodetect.errors import LeukoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Detect acute lymphoblastic leukemia in blood-smear images.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data sets.")
@@ -96,7 +96,7 @@ DevicesOpt = typer.Option(
 
 
 def _config(config: Optional[Path], **overrides):
-    from .config import RunConfig, load_config
+    from leukodetect.config import RunConfig, load_config
 
     cfg = load_config(config) if config else RunConfig()
     sections = {
@@ -147,7 +147,7 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Train on a stratified, group- and duplicate-aware split and score the held-out test part."""
-    from .training.workflows import run_train
+    from leukodetect.jobs.train import run_train
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
                   lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
@@ -189,7 +189,7 @@ def cv(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Stratified group k-fold cross-validation: every image predicted once, out of fold."""
-    from .training.workflows import run_cv
+    from leukodetect.jobs.train import run_cv
 
     cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
                   lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
@@ -212,9 +212,9 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Metrics with 95% intervals, ROC, confusion matrix and training curves for a checkpoint."""
-    from .data.stain import stain_from_options
-    from .evaluation.evaluate import evaluate_checkpoint
-    from .utils import fresh_dir
+    from leukodetect.data.stain import stain_from_options
+    from leukodetect.jobs.evaluate import evaluate_checkpoint
+    from leukodetect.utils import fresh_dir
 
     stain = stain_from_options(stain_normalize, stain_reference)
     target = fresh_dir(out_dir or Path(checkpoint).parent / f"eval-{Path(data).name}")
@@ -235,8 +235,8 @@ def predict(
     backend: str = BackendOpt,
 ):
     """Blast probability and call per image; unreadable files are reported and skipped."""
-    from .data.io import IMAGE_SUFFIXES
-    from .inference import Classifier
+    from leukodetect.runtime.classifier import Classifier
+    from leukodetect.runtime.images import IMAGE_SUFFIXES
 
     if checkpoint is not None and model is not None:
         raise LeukoError("Pass either --checkpoint (a best.pt) or --model (a file from 'leukodetect export'), not both.")
@@ -249,11 +249,11 @@ def predict(
     if not paths:
         raise LeukoError(f"{', '.join(map(str, images))} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     if model is not None:
-        from .export import ExportedClassifier
+        from leukodetect.runtime.export import ExportedClassifier
 
         clf = ExportedClassifier.from_file(model)
     else:
-        from .weights import resolve_checkpoint
+        from leukodetect.weights import resolve_checkpoint
 
         clf = Classifier.from_checkpoint(resolve_checkpoint(checkpoint), backend=backend, log=_log)
     preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress())
@@ -291,9 +291,9 @@ def augment(
     fmt: Optional[str] = FormatOpt,
 ):
     """The paper's offline expansion to a balanced set; every file records its source image."""
-    from .config import AugmentConfig
-    from .data.augment import expand_dataset
-    from .data.indexers import index_dataset
+    from leukodetect.config import AugmentConfig
+    from leukodetect.data.augment import expand_dataset
+    from leukodetect.data.indexers import index_dataset
 
     records = index_dataset(src, fmt or "auto")
     written = expand_dataset(records, dest, total=total, augment=AugmentConfig(), seed=seed, progress=_progress(), log=_log)
@@ -310,8 +310,8 @@ def explain(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Grad-CAM overlay: the regions of the image that drove the model's score."""
-    from .explain import explain_file
-    from .weights import resolve_checkpoint
+    from leukodetect.jobs.explain import explain_file
+    from leukodetect.weights import resolve_checkpoint
 
     result = explain_file(resolve_checkpoint(checkpoint), image, out_file, target_class=target_class)
     if as_json:
@@ -332,8 +332,8 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Fit a temperature and a threshold for a target sensitivity; write them into a new checkpoint."""
-    from .data.indexers import index_dataset
-    from .evaluation.calibration import calibrate_checkpoint, select_split
+    from leukodetect.data.indexers import index_dataset
+    from leukodetect.jobs.calibrate import calibrate_checkpoint, select_split
 
     records = index_dataset(data, fmt or "auto")
     if split_file:
@@ -359,7 +359,7 @@ def export(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Export to ONNX or TorchScript with the preprocessing stored inside; reload and check it against PyTorch."""
-    from .export import export_model
+    from leukodetect.runtime.export import export_model
 
     result = export_model(checkpoint, out_file, fmt=fmt, opset=opset, atol=atol)
     if as_json:
@@ -404,8 +404,8 @@ def compare(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """The paper's Table 2: cross-validate several architectures with the same folds and budget; one report."""
-    from .evaluation.compare import parse_archs, parse_protocols, run_comparison
-    from .reporting.report import format_value
+    from leukodetect.jobs.compare import parse_archs, parse_protocols, run_comparison
+    from leukodetect.reporting.report import format_value
 
     cfg = _config(config, path=data, format=fmt, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
                   label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, seed=seed, group_by=group_by,
@@ -444,7 +444,7 @@ def serve(
     backend: str = BackendOpt,
 ):
     """The lab service: web page at /, HTTP API at /v1 (see /docs), one model loaded once."""
-    from .serving import serve as run_service
+    from leukodetect.serving import serve as run_service
 
     run_service(checkpoint, detector_checkpoint=detector_checkpoint, host=host, port=port, threads=threads, backend=backend,
                 log=_log)
@@ -467,9 +467,8 @@ def detect(
     backend: str = BackendOpt,
 ):
     """Whole-smear detection: find white cells, classify each crop, count blasts, draw an overlay."""
-    from .detection.pipeline import run_detect
-
-    from .weights import resolve_detector
+    from leukodetect.jobs.detect import run_detect
+    from leukodetect.weights import resolve_detector
 
     checkpoint = None if locate_only else resolve_detector(checkpoint)
     if checkpoint is None and not locate_only:
@@ -511,8 +510,8 @@ def detect_eval(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
-    from .detection.crops import CropConfig
-    from .detection.evaluate import DetectEvalConfig, run_detect_eval
+    from leukodetect.detection.crops import CropConfig
+    from leukodetect.jobs.detect_eval import DetectEvalConfig, run_detect_eval
 
     cfg = DetectEvalConfig(folds=folds, seed=seed, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
                            smudge_gate=smudge_gate, gate_keep=gate_keep, cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor),
@@ -542,8 +541,8 @@ def train_detector(
     label_smoothing: float = DetLabelSmoothingOpt,
 ):
     """Train the crop classifier for 'detect' on every photograph of an ALL-IDB1-style folder (detect-eval's recipe)."""
-    from .detection.crops import CropConfig
-    from .detection.evaluate import DetectEvalConfig, run_train_detector
+    from leukodetect.detection.crops import CropConfig
+    from leukodetect.jobs.detect_eval import DetectEvalConfig, run_train_detector
 
     cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, smudge_gate=smudge_gate, gate_keep=gate_keep,
                            cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor), val_fraction=val_fraction,
@@ -566,8 +565,12 @@ def benchmark(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON to this file."),
 ):
     """Training, inference and data-pipeline speed of our paths against a naive float32 baseline."""
-    from .benchmark import BenchmarkConfig, render_benchmark, run_benchmark
-    from .utils import write_json
+    from leukodetect.jobs.benchmark import (
+        BenchmarkConfig,
+        render_benchmark,
+        run_benchmark,
+    )
+    from leukodetect.utils import write_json
 
     cfg = BenchmarkConfig(archs=tuple(a.strip() for a in archs.split(",") if a.strip()), image_size=image_size,
                           batch_size=batch_size, steps=steps, data=str(data) if data else None, num_workers=workers, onnx=onnx)
@@ -585,7 +588,7 @@ def benchmark(
 @_errors_to_exit
 def models():
     """List the registered architectures."""
-    from .models import get_spec, list_models
+    from leukodetect.models import get_spec, list_models
 
     table = Table("name", "description")
     for name in list_models():
@@ -601,7 +604,7 @@ def data_check(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Counts, sizes, modes, duplicates and every unreadable file, with reasons."""
-    from .data.check import check_dataset, render_check
+    from leukodetect.data.check import check_dataset, render_check
 
     report = check_dataset(path, fmt or "auto", progress=_progress())
     if as_json:
@@ -618,7 +621,7 @@ def demo(
     image_size: int = typer.Option(160),
 ):
     """Train ResNet-50 on the bundled C-NMC sample, evaluate it and predict a few images."""
-    from .demo import run_demo
+    from leukodetect.jobs.demo import run_demo
 
     run_demo(out_dir, epochs=epochs, image_size=image_size, command=_command_line(), log=_log, progress=_progress(), console=out)
 
@@ -634,7 +637,7 @@ def _print_result(result: dict, as_json: bool, report: dict, title: str, folds: 
 
 
 def metrics_table(report: dict, title: str, folds: dict | None = None) -> Table:
-    from .reporting.report import format_value
+    from leukodetect.reporting.report import format_value
 
     table = Table("metric", "value", "95% CI", *(["fold mean ± sd"] if folds else []), title=title)
     for name, e in report["metrics"].items():

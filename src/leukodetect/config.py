@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LeukoError
+from leukodetect.errors import LeukoError
 
 PROTOCOLS = ("clean", "paper")
 GROUP_BY = ("default", "source")
@@ -122,7 +122,7 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """A copy with every per-architecture default filled in (the learning rate)."""
-        from .models.registry import get_spec
+        from leukodetect.models.registry import get_spec
 
         cfg = RunConfig.from_dict(self.to_dict())
         if cfg.train.lr is None:
@@ -153,7 +153,7 @@ class RunConfig:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from .utils import atomic_write_text
+    from leukodetect.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -59,7 +59,7 @@ def environment_facts() -> dict[str, str]:
     import torch
     import torchvision
 
-    from . import __version__
+    from leukodetect import __version__
 
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from leukodetect.data.io import IMAGE_SUFFIXES, open_rgb, pixel_hash
 from leukodetect.errors import BadImageError
+from leukodetect.runtime.images import IMAGE_SUFFIXES, open_rgb, pixel_hash
 
 
 def _truncate(path: Path, keep: float = 0.5) -> Path:

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from leukodetect.data import indexers
-from leukodetect.data.indexers import FORMATS, detect_format, index_dataset, read_xyc, register_format
+from leukodetect.data.indexers import (
+    FORMATS,
+    detect_format,
+    index_dataset,
+    read_xyc,
+    register_format,
+)
 from leukodetect.errors import LeukoError
 
 

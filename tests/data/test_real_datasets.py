@@ -7,7 +7,7 @@ from collections import Counter
 from leukodetect.data.check import check_dataset
 from leukodetect.data.duplicates import hash_records
 from leukodetect.data.indexers import detect_format, index_dataset
-from leukodetect.data.io import open_rgb
+from leukodetect.runtime.images import open_rgb
 
 
 def test_allidb2_index(real_datasets):

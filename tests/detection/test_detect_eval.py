@@ -5,13 +5,12 @@ import json
 
 import pytest
 from PIL import Image
+from smear_images import WHITE, synthetic_smear
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
-from leukodetect.training.checkpoint import load_checkpoint
+from leukodetect.runtime.checkpoint import load_checkpoint
 from leukodetect.weights import resolve_detector
-
-from smear_images import WHITE, synthetic_smear
 
 runner = CliRunner()
 
@@ -106,7 +105,7 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
 
 
 def test_white_cell_figures_leave_smudge_calls_out_and_keep_the_located_figures():
-    from leukodetect.detection.evaluate import aggregate
+    from leukodetect.jobs.detect_eval import aggregate
 
     def row(label, mask, before, smudge):
         return {"n_annotated_blasts": 1, "blast_loc_tp": 1, "seconds": 0.5, "label": label, "verdict": "ALL" if label else "healthy",
@@ -129,8 +128,8 @@ def test_white_cell_figures_leave_smudge_calls_out_and_keep_the_located_figures(
 
 
 def test_cell_rows_say_what_each_located_cell_was_annotated_as():
-    from leukodetect.detection.evaluate import cell_rows
     from leukodetect.detection.match import match_points
+    from leukodetect.jobs.detect_eval import cell_rows
 
     cells = [{"x": x, "y": 0.0, "prob_blast": p, "p_white_cell": 0.9, "call": call}
              for x, p, call in ((0, 0.9, "blast"), (100, 0.8, "blast"), (200, 0.1, "normal"), (300, 0.5, "review"))]
@@ -147,7 +146,7 @@ def test_blast_flagging_counts_review_calls_as_shown_to_a_person():
     from pathlib import Path
 
     from leukodetect.data.records import Record
-    from leukodetect.detection.evaluate import aggregate, photo_row
+    from leukodetect.jobs.detect_eval import aggregate, photo_row
 
     record = Record(path=Path("Im001_1.jpg"), label=1, group="Im001_1", blasts=((0, 0), (100, 0), (200, 0)), others=())
     calls = (("blast", 0), ("review", 100), ("review", 300), ("normal", 200), ("smudge", 400))
@@ -169,7 +168,7 @@ def test_detector_commands_default_to_the_shipped_recipe(command):
     """With no options, detect-eval evaluates (and train-detector trains) the recipe of the shipped detector."""
     import typer
 
-    from leukodetect.detection.evaluate import DetectEvalConfig
+    from leukodetect.jobs.detect_eval import DetectEvalConfig
 
     params = {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
     cfg = DetectEvalConfig()

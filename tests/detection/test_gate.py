@@ -4,16 +4,15 @@ import json
 
 import numpy as np
 import pytest
+from smear_images import WHITE, _disc, synthetic_smear
 
 from leukodetect.detection.features import FEATURE_NAMES
 from leukodetect.detection.gate import SmudgeGate, fit_gate, gate_labels
 from leukodetect.detection.locate import locate_cells
 from leukodetect.detection.pipeline import analyze, draw_overlay
 from leukodetect.errors import LeukoError
-from leukodetect.inference import Classifier
-from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint
-
-from smear_images import WHITE, _disc, synthetic_smear
+from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
 
 SMUDGE_XY = (302.0, 126.0)
 

@@ -1,13 +1,17 @@
 """The locator on a synthetic smear with known white cells, red cells and platelets."""
 
 import numpy as np
-
-from leukodetect.detection.crops import CropConfig, crop_around, label_points
-from leukodetect.detection.locate import LocateParams, locate_cells, merge_oversplit, split_clumps
-from leukodetect.detection.match import match_points
-from leukodetect.data.records import Record
-
 from smear_images import PLATELETS, RBC_D, WHITE, synthetic_smear
+
+from leukodetect.data.records import Record
+from leukodetect.detection.crops import CropConfig, crop_around, label_points
+from leukodetect.detection.locate import (
+    LocateParams,
+    locate_cells,
+    merge_oversplit,
+    split_clumps,
+)
+from leukodetect.detection.match import match_points
 
 
 def test_finds_the_three_white_cells_and_separates_the_touching_pair():

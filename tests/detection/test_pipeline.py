@@ -2,13 +2,12 @@
 
 import json
 
+from smear_images import synthetic_smear
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
 from leukodetect.detection.pipeline import VerdictRule, analyze, call_of
-from leukodetect.inference import Classifier
-
-from smear_images import synthetic_smear
+from leukodetect.runtime.classifier import Classifier
 
 runner = CliRunner()
 

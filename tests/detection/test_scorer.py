@@ -7,15 +7,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from smear_images import synthetic_smear
 
 from leukodetect.detection.features import FEATURE_NAMES
 from leukodetect.detection.pipeline import analyze
-from leukodetect.detection.scorer import CONTEXT, SCORER_FEATURES, CellScorer, blast_labels, fit_scorer, white_density
+from leukodetect.detection.scorer import (
+    CONTEXT,
+    SCORER_FEATURES,
+    CellScorer,
+    blast_labels,
+    fit_scorer,
+    white_density,
+)
 from leukodetect.errors import LeukoError
-from leukodetect.inference import Classifier
-from leukodetect.training.checkpoint import load_checkpoint, save_checkpoint
-
-from smear_images import synthetic_smear
+from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
 
 AREA = FEATURE_NAMES.index("log_area")
 RED = FEATURE_NAMES.index("red")
@@ -87,7 +93,7 @@ def test_scorer_round_trips_and_refuses_foreign_measurements_and_too_few_cells()
 
 
 def test_add_scorer_labels_training_cells_by_the_blast_annotations(tmp_path):
-    from leukodetect.detection.evaluate import _add_scorer
+    from leukodetect.jobs.detect_eval import _add_scorer
 
     x, y = _cells(n=80)
     photos = np.array([f"Im{i % 4:03d}_1" for i in range(80)])

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from leukodetect.detection import load_detector
-from leukodetect.inference import Classifier
+from leukodetect.runtime.classifier import Classifier
 from leukodetect.serving import create_app
 
 

@@ -9,21 +9,21 @@ from sklearn.calibration import calibration_curve
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
-from leukodetect.data.io import open_rgb
 from leukodetect.data.indexers import index_dataset
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.calibration import (
-    calibrate_checkpoint,
     expected_calibration_error,
     fit_temperature,
     nll,
     reliability_curve,
     threshold_for_sensitivity,
 )
-from leukodetect.inference import Classifier
+from leukodetect.jobs.calibrate import calibrate_checkpoint
 from leukodetect.models import create_model
 from leukodetect.reporting.calibration_plots import plot_reliability
-from leukodetect.training.checkpoint import load_checkpoint, make_bundle, save_checkpoint
+from leukodetect.runtime.checkpoint import load_checkpoint, make_bundle, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import open_rgb
 
 # Hand example, 10 equal-width bins:
 #   bin (0.1, 0.2]: p = 0.15, 0.15, labels 0, 1 -> |0.50 - 0.15| * 2/5 = 0.14

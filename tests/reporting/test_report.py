@@ -6,9 +6,9 @@ import pytest
 
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.intervals import binary_report, summarize_folds
+from leukodetect.evaluation.metrics import Confusion
 from leukodetect.reporting import report
 from leukodetect.reporting.plots import plot_confusion, save_figure
-from leukodetect.evaluation.metrics import Confusion
 
 pytestmark = pytest.mark.usefixtures("close_figures")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leukodetect.inference import Classifier
 from leukodetect.models import create_model
-from leukodetect.training.checkpoint import make_bundle, save_checkpoint
+from leukodetect.runtime.checkpoint import make_bundle, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
 
 MODEL_CARD = {"intended_use": "Research use only, not for diagnosis (test card).", "metrics": {"accuracy": 0.5}}
 

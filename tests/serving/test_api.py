@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from leukodetect import __version__
 from leukodetect.cli import app as cli_app
-from leukodetect.inference import ImageClassifier
+from leukodetect.runtime.base import ImageClassifier
 from leukodetect.serving import create_app
 
 try:  # Starlette 1.x's TestClient uses httpx2 (httpx's successor); older releases use httpx

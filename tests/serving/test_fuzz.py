@@ -16,10 +16,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from leukodetect.inference import Classifier
 from leukodetect.models import create_model
+from leukodetect.runtime.checkpoint import make_bundle
+from leukodetect.runtime.classifier import Classifier
 from leukodetect.serving import create_app
-from leukodetect.training.checkpoint import make_bundle
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install -e '.[dev]')")
 from schemathesis.checks import not_a_server_error  # noqa: E402

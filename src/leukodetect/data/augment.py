@@ -25,10 +25,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from leukodetect.config import AugmentConfig
-from leukodetect.data.io import open_rgb
-from leukodetect.data.records import CLASS_NAMES, Record
+from leukodetect.data.records import Record
 from leukodetect.data.transforms import augment_geometry
 from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.runtime.checkpoint import CLASS_NAMES
+from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import atomic_write, atomic_write_text
 
 #: PNG text-chunk keys written into every expanded image.

@@ -15,8 +15,9 @@ from rich.progress import track
 
 from leukodetect.data.duplicates import duplicate_sets, effective_groups
 from leukodetect.data.indexers import detect_format, index_dataset
-from leukodetect.data.io import IMAGE_SUFFIXES, open_rgb, pixel_hash
-from leukodetect.data.records import CLASS_NAMES, Record
+from leukodetect.data.records import Record
+from leukodetect.runtime.checkpoint import CLASS_NAMES
+from leukodetect.runtime.images import IMAGE_SUFFIXES, open_rgb, pixel_hash
 
 #: Files expected beside images (annotations, readmes, label lists): not reported as skipped.
 _COMPANION_SUFFIXES = frozenset({".md", ".csv", ".txt", ".xyc"})

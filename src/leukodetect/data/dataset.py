@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .io import open_rgb
-from .records import Record
-from .transforms import EvalPreset, TrainPreset
+from leukodetect.data.records import Record
+from leukodetect.data.transforms import TrainPreset
+from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.preprocess import EvalPreset
 
 
 class ImageDataset(Dataset):

@@ -16,9 +16,9 @@ from rich.progress import track
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from leukodetect.data.io import open_rgb, pixel_hash
 from leukodetect.data.records import Record
 from leukodetect.errors import BadImageError
+from leukodetect.runtime.images import open_rgb, pixel_hash
 
 
 def hash_records(records: Sequence[Record], *, progress: bool = False) -> dict[Path, str | None]:

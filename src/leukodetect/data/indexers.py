@@ -13,9 +13,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from leukodetect.data.io import IMAGE_SUFFIXES
 from leukodetect.data.records import Point, Record
 from leukodetect.errors import LeukoError
+from leukodetect.runtime.images import IMAGE_SUFFIXES
 
 Indexer = Callable[[Path], list[Record]]
 

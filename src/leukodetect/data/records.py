@@ -5,10 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Class names in label order. Label 1 is the positive class: a blast (cell level) or an ALL
-#: photograph (whole-smear level).
-CLASS_NAMES: tuple[str, str] = ("normal", "blast")
-
 Point = tuple[float, float]
 
 

@@ -34,9 +34,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from leukodetect.data.indexers import index_dataset
-from leukodetect.data.io import open_rgb
 from leukodetect.data.records import Record
 from leukodetect.errors import LeukoError
+from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import cache_dir
 
 #: Full-resolution score from which a crop counts as found in a photograph. On ALL-IDB2 every

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ..errors import LeukoError
+from leukodetect.errors import LeukoError
 
 
 def _group_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int):

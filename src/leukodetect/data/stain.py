@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import LeukoError
-from .io import IMAGE_SUFFIXES, open_rgb
+from leukodetect.errors import LeukoError
+from leukodetect.runtime.images import IMAGE_SUFFIXES, open_rgb
 
 #: A pixel whose R, G and B are all at most this is background (C-NMC's black), not stain.
 BACKGROUND_LEVEL = 10

@@ -1,5 +1,5 @@
 """Whole-smear pipeline: find white cells, crop, classify, count, overlay (see :mod:`.pipeline`)."""
 
-from .pipeline import Detector, analyze, load_detector
+from leukodetect.detection.pipeline import Detector, analyze, load_detector
 
 __all__ = ["Detector", "analyze", "load_detector"]

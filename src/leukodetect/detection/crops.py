@@ -37,14 +37,14 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from tqdm.auto import tqdm
 
-from ..data.duplicates import effective_groups
-from ..data.io import open_rgb, pixel_hash
-from ..data.records import Record
-from ..errors import BadImageError, LeukoError
-from ..utils import atomic_write_text, write_json
-from .features import FEATURE_NAMES
-from .gate import gate_labels
-from .locate import LocateParams, locate_cells
+from leukodetect.data.duplicates import effective_groups
+from leukodetect.data.records import Record
+from leukodetect.detection.features import FEATURE_NAMES
+from leukodetect.detection.gate import gate_labels
+from leukodetect.detection.locate import LocateParams, locate_cells
+from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.runtime.images import open_rgb, pixel_hash
+from leukodetect.utils import atomic_write_text, write_json
 
 #: Crop side in red-cell diameters: a blast (up to ~2 d across) plus a ring of context.
 DEFAULT_CROP_FACTOR = 3.0

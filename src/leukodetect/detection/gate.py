@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from ..errors import LeukoError
-from .features import FEATURE_NAMES
+from leukodetect.detection.features import FEATURE_NAMES
+from leukodetect.errors import LeukoError
 
 #: Hidden layer sizes and L2 penalty of the gate's network.
 HIDDEN = (32, 16)

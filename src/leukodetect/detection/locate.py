@@ -50,7 +50,7 @@ from skimage.morphology import disk
 from skimage.segmentation import watershed
 from sklearn.cluster import KMeans
 
-from .features import FEATURE_NAMES, region_features, texture_maps
+from leukodetect.detection.features import FEATURE_NAMES, region_features, texture_maps
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,6 @@ scale the crop classifier was trained at (stored in its checkpoint under ``"dete
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -19,15 +18,17 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
-from ..data.io import open_rgb
-from ..errors import BadImageError, LeukoError
-from ..utils import atomic_write_text
-from .crops import DEFAULT_CROP_FACTOR, crop_around
-from .gate import SmudgeGate
-from .locate import LEGACY_VALUES, LocateParams, as_array, locate_cells
-from .scorer import CellScorer, white_density
+from leukodetect.detection.crops import DEFAULT_CROP_FACTOR, crop_around
+from leukodetect.detection.gate import SmudgeGate
+from leukodetect.detection.locate import (
+    LEGACY_VALUES,
+    LocateParams,
+    as_array,
+    locate_cells,
+)
+from leukodetect.detection.scorer import CellScorer, white_density
+from leukodetect.errors import LeukoError
 
 #: Box colours (RGB) by call.
 COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230), "smudge": (120, 120, 120)}
@@ -122,7 +123,7 @@ def analyze(
 
     Args:
         image: full-resolution RGB photograph.
-        classifier: an :class:`~leukodetect.inference.ImageClassifier` trained on cell crops
+        classifier: an :class:`~leukodetect.runtime.base.ImageClassifier` trained on cell crops
             (see :mod:`.crops`); None locates cells only (calls "cell", verdict "not classified").
         review_band: (lo, hi): P(blast) >= hi is a blast, < lo normal, in between review.
         rule: the photograph verdict rule.
@@ -226,106 +227,6 @@ def draw_gallery(image: Image.Image | np.ndarray, result: dict, *, tile: int = 9
     return sheet
 
 
-def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
-    """Where :func:`analyze_file` writes for ``image_path``."""
-    stem = Path(image_path).stem
-    return {"json": out_dir / f"{stem}.json", "overlay": out_dir / f"{stem}_overlay.png", "gallery": out_dir / f"{stem}_gallery.png"}
-
-
-def check_free(paths: Sequence[Path]) -> None:
-    """Refuse to overwrite: one sentence naming the first output that already exists."""
-    for path in paths:
-        if Path(path).exists():
-            raise LeukoError(f"{path} already exists; choose another --out folder or delete the old outputs first.")
-
-
-def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
-    """Analyse one image file and write its JSON, overlay PNG and gallery PNG into ``out_dir``.
-
-    Raises:
-        BadImageError: the file cannot be read (one sentence naming it).
-        LeukoError: an output already exists.
-    """
-    path = Path(path)
-    targets = output_paths(path, Path(out_dir))
-    check_free(list(targets.values()))
-    notes: list[str] = []
-    image = open_rgb(path, notes=notes)
-    result = {"image": str(path), **analyze(image, classifier, **kwargs), "notes": notes}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, result).save(targets["overlay"])
-    draw_gallery(image, result).save(targets["gallery"])
-    result["outputs"] = {k: str(v) for k, v in targets.items()}
-    atomic_write_text(targets["json"], json.dumps(result, indent=2) + "\n")
-    return result
-
-
-SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smudge", "blast_fraction", "rbc_diameter", "total_s", "error")
-
-
-def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
-    """Analyse many files; an unreadable one is reported through ``log`` and skipped.
-
-    With more than one file a ``summary.csv`` (one row per file, errors included) is written too.
-    Nothing is overwritten: every output is checked before the first image is read.
-    """
-    out_dir = Path(out_dir)
-    summary = out_dir / "summary.csv"
-    check_free([summary] * (len(paths) > 1) + [p for path in paths for p in output_paths(path, out_dir).values()])
-    rows: list[dict] = []
-    for path in tqdm(paths, desc="detect", disable=not progress):
-        try:
-            result = analyze_file(path, classifier, out_dir, **kwargs)
-        except BadImageError as exc:
-            log(f"skipped: {exc}")
-            rows.append({"image": str(path), "error": str(exc)})
-            continue
-        rows.append(result)
-    if len(paths) > 1:
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS})
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(summary, buffer.getvalue())
-    return rows
-
-
-def image_paths(image_or_dir: Path) -> list[Path]:
-    """The image itself, or the image files under a folder (sorted); one clear sentence otherwise."""
-    from ..data.io import IMAGE_SUFFIXES
-
-    image_or_dir = Path(image_or_dir)
-    if not image_or_dir.exists():
-        raise LeukoError(f"{image_or_dir} does not exist: pass a smear photograph or a folder of them.")
-    if image_or_dir.is_file():
-        return [image_or_dir]
-    paths = sorted(p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise LeukoError(f"{image_or_dir} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    return paths
-
-
-def run_detect(
-    image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, backend: str = "auto", progress: bool = False, log=print, **kwargs,
-) -> list[dict]:
-    """``leukodetect detect``: load the classifier (if any) once, analyse every image, write outputs.
-
-    ``backend`` is :class:`~leukodetect.inference.Classifier`'s (auto: ONNX Runtime on CPU).
-    """
-    paths = image_paths(image_or_dir)
-    classifier = None
-    if checkpoint is not None:
-        from ..inference import Classifier
-
-        classifier = Classifier.from_checkpoint(Path(checkpoint), backend=backend, log=log)
-    return detect_paths(paths, classifier, Path(out_dir), progress=progress, log=log, **kwargs)
-
-
 class Detector:
     """The whole-smear detector served at ``/v1/analyze``: :func:`analyze` plus the overlay image."""
 
@@ -345,8 +246,8 @@ class Detector:
 def load_detector(path: Path, **classifier_kwargs) -> Detector:
     """A :class:`Detector` around the crop classifier checkpoint at ``path``.
 
-    ``classifier_kwargs`` go to :class:`~leukodetect.inference.Classifier` (backend, threads, log).
+    ``classifier_kwargs`` go to :class:`~leukodetect.runtime.classifier.Classifier` (backend, threads, log).
     """
-    from ..inference import Classifier
+    from leukodetect.runtime.classifier import Classifier
 
     return Detector(Classifier.from_checkpoint(Path(path), **classifier_kwargs))

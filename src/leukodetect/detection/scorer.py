@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import LeukoError
-from .features import FEATURE_NAMES
-from .match import match_points
+from leukodetect.detection.features import FEATURE_NAMES
+from leukodetect.detection.match import match_points
+from leukodetect.errors import LeukoError
 
 #: Region measurements that depend on the camera and the stain batch rather than on the cell.
 ABSOLUTE_COLOUR = ("gray_mean", "red", "green", "blue", "ring_red", "ring_green", "ring_blue")

@@ -10,24 +10,19 @@ The first part is pure functions of labels, probabilities and logits:
   of blasts, and says what specificity that costs.
 
 :func:`calibrate_checkpoint` wires them up: validation logits from a checkpoint, a temperature, a
-threshold, written into a copy of the checkpoint that :class:`~leukodetect.inference.Classifier`
+threshold, written into a copy of the checkpoint that :class:`~leukodetect.runtime.classifier.Classifier`
 then applies.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
-
-from ..errors import LeukoError
 
 #: Search range of the temperature: far wider than any trained network needs.
 T_BOUNDS = (0.05, 20.0)
@@ -118,134 +113,3 @@ def threshold_for_sensitivity(y_true, prob, target: float = 0.99) -> dict:
     fpr, tpr, thresholds = roc_curve(y, np.asarray(prob, dtype=float), drop_intermediate=False)
     i = int(np.argmax(tpr >= target - 1e-12))  # tpr is non-decreasing and ends at 1
     return {"threshold": float(thresholds[i]), "sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i])}
-
-
-# --- Wiring: a checkpoint and validation images in, a calibrated copy of the checkpoint out. ---
-
-
-def select_split(records, split_file: str | Path, part: str = "val") -> list:
-    """The records named in one part of a run's ``split.json`` (by resolved path)."""
-    try:
-        wanted = {str(Path(p).resolve()) for p in json.loads(Path(split_file).read_text())[part]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LeukoError(f"Cannot read the '{part}' part of {split_file} ({exc}): pass a split.json written by 'leukodetect train'.") from exc
-    chosen = [r for r in records if str(Path(r.path).resolve()) in wanted]
-    if not chosen:
-        raise LeukoError(f"No image of the '{part}' part of {split_file} is in the data: pass the --data the run was trained on.")
-    return chosen
-
-
-def validation_logits(clf, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 logits (N, C) and labels (N,) of the readable images; unreadable ones are logged and skipped."""
-    import torch
-
-    from ..data.io import open_rgb
-    from ..errors import BadImageError
-    from ..training.engine import predict_logits
-
-    items = []
-    for path, label in pairs:
-        try:
-            items.append((clf.preset(open_rgb(path)), label))
-        except BadImageError as exc:
-            log(f"skipped: {exc}")
-    batches = [
-        (torch.stack([x for x, _ in items[i : i + batch_size]]), torch.tensor([y for _, y in items[i : i + batch_size]]))
-        for i in range(0, len(items), batch_size)
-    ]
-    # No autocast: temperature and threshold are fitted on float32 logits.
-    # The model ``probabilities`` runs, so the chosen threshold sits on the same numbers the calls use.
-    return predict_logits(getattr(clf, "inference_model", clf.model), batches, device=clf.device, amp_dtype=None,
-                          channels_last=clf.channels_last)
-
-
-def calibrate_checkpoint(
-    checkpoint: str | Path,
-    val,
-    out: str | Path | None = None,
-    *,
-    target_sensitivity: float = 0.99,
-    n_bins: int = 10,
-    device: str = "auto",
-    log=print,
-) -> dict:
-    """Fit a temperature and a decision threshold on validation images; save them in a new checkpoint.
-
-    The temperature is fitted on raw (float32) logits, so it replaces any earlier one. The threshold
-    is the highest whose validation sensitivity reaches ``target_sensitivity``, on probabilities with
-    the new temperature applied, exactly as :class:`~leukodetect.inference.Classifier` will compute them.
-
-    Args:
-        checkpoint: the checkpoint to calibrate; it is never modified.
-        val: labelled validation images, as records (``.path``, ``.label``) or (path, label) pairs.
-            Use images the model was not trained on, e.g. the run's validation part.
-        out: the new checkpoint; it must not exist. None writes ``<name>-calibrated.pt`` beside the
-            original (``-calibrated-2.pt``... if taken).
-
-    Returns:
-        {"out", "temperature", "threshold", "calibration": {ece_before, ece_after,
-        target_sensitivity, sensitivity, specificity, n_val, n_blast, temperature_at_bound,
-        calibrated_from}}.
-    """
-    from ..inference import Classifier
-    from ..training.checkpoint import load_checkpoint, save_checkpoint
-
-    if not 0.0 < target_sensitivity <= 1.0:
-        raise LeukoError(f"Target sensitivity {target_sensitivity} is not a fraction: pass a value in (0, 1], e.g. 0.99.")
-    checkpoint = Path(checkpoint)
-    target = _output_path(checkpoint, out)
-    pairs = [(Path(r.path), r.label) if hasattr(r, "path") else (Path(r[0]), r[1]) for r in val]
-    pairs = [(p, int(label)) for p, label in pairs if label is not None]
-    bundle = load_checkpoint(checkpoint)
-    clf = Classifier(bundle, device=device, precision="fp32", source=str(checkpoint), backend="torch")  # reads logits
-    logits, y = validation_logits(clf, pairs, log=log)
-    if len(set(y.tolist())) < 2:
-        raise LeukoError(
-            f"Calibration needs readable validation images of both classes (got {len(y)} images, "
-            f"{int(y.sum())} blasts): pass a labelled validation set holding normal cells and blasts."
-        )
-    temperature = fit_temperature(logits, y)
-    at_bound = not T_BOUNDS[0] * 1.01 < temperature < T_BOUNDS[1] / 1.01
-    if at_bound:
-        log(f"warning: the temperature ran to the edge of its search range ({temperature:.3g}): the {len(y)} "
-            "validation images are separated perfectly or not at all; calibrate on more images.")
-    before = _blast_prob(logits, float(bundle["temperature"]))
-    after = _blast_prob(logits, temperature)
-    choice = threshold_for_sensitivity(y, after, target_sensitivity)
-    calibration = {
-        "ece_before": expected_calibration_error(y, before, n_bins),
-        "ece_after": expected_calibration_error(y, after, n_bins),
-        "target_sensitivity": float(target_sensitivity),
-        "sensitivity": choice["sensitivity"],
-        "specificity": choice["specificity"],
-        "n_val": int(len(y)),
-        "n_blast": int(y.sum()),
-        "temperature_at_bound": at_bound,
-        "calibrated_from": str(checkpoint),
-    }
-    bundle.update(temperature=temperature, threshold=choice["threshold"], calibration=calibration)
-    if target.exists():  # checked again: another process may have written it meanwhile
-        raise LeukoError(f"{target} already exists: choose another --out; checkpoints are never overwritten.")
-    save_checkpoint(bundle, target)
-    return {"out": str(target), "temperature": temperature, "threshold": choice["threshold"], "calibration": calibration}
-
-
-def _blast_prob(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Blast probability computed exactly as the Classifier will (float32 torch), so an image whose
-    probability equals the chosen threshold is still called blast after deployment."""
-    import torch
-
-    return torch.softmax(torch.from_numpy(logits).float() / temperature, dim=1)[:, 1].numpy().astype(float)
-
-
-def _output_path(checkpoint: Path, out: str | Path | None) -> Path:
-    if out is None:
-        candidate, n = checkpoint.with_name(f"{checkpoint.stem}-calibrated{checkpoint.suffix}"), 1
-        while candidate.exists():
-            n += 1
-            candidate = checkpoint.with_name(f"{checkpoint.stem}-calibrated-{n}{checkpoint.suffix}")
-        return candidate
-    out = Path(out)
-    if out.exists():
-        raise LeukoError(f"{out} already exists: choose another --out; checkpoints are never overwritten.")
-    return out

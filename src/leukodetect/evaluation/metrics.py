@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
-from leukodetect.data.records import CLASS_NAMES
+from leukodetect.runtime.checkpoint import CLASS_NAMES
 
 
 @dataclass(frozen=True)

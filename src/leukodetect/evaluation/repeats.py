@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LeukoError
-from . import metrics as m
-from .intervals import binary_report
+from leukodetect.errors import LeukoError
+from leukodetect.evaluation import metrics as m
+from leukodetect.evaluation.intervals import binary_report
 
 
 def read_predictions(run_dir: Path) -> dict[str, tuple[int, float]]:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import BadCheckpointError, LeukoError
+from leukodetect.errors import BadCheckpointError, LeukoError
 
 
 @dataclass(frozen=True)

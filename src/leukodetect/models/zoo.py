@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
-from .registry import ModelSpec, register_model
+from leukodetect.models.registry import ModelSpec, register_model
 
 
 def _torchvision(name: str, **scratch_kwargs):

@@ -9,7 +9,10 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from leukodetect.evaluation.calibration import expected_calibration_error, reliability_curve
+from leukodetect.evaluation.calibration import (
+    expected_calibration_error,
+    reliability_curve,
+)
 
 
 def plot_reliability(y_true, prob, ax=None, *, n_bins: int = 10) -> Figure:

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import RocCurveDisplay
 
-from .report import PERCENT_METRICS
+from leukodetect.reporting.report import PERCENT_METRICS
 
 
 def _axes(ax, **figure_kw):

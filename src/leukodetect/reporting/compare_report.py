@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..evaluation.intervals import METRIC_NAMES
-from ..evaluation.metrics import confusion
-from ..utils import atomic_write, atomic_write_text, environment_facts
-from .calibration_plots import plot_reliability
-from .compare_plots import (
+from leukodetect.evaluation.intervals import METRIC_NAMES
+from leukodetect.evaluation.metrics import confusion
+from leukodetect.reporting.calibration_plots import plot_reliability
+from leukodetect.reporting.compare_plots import (
     grid_axes,
     mean_history,
     plot_gallery,
@@ -35,8 +34,9 @@ from .compare_plots import (
     plot_metric_grid,
     plot_roc_comparison,
 )
-from .plots import plot_confusion, save_figure
-from .report import format_value
+from leukodetect.reporting.plots import plot_confusion, save_figure
+from leukodetect.reporting.report import format_value
+from leukodetect.utils import atomic_write, atomic_write_text, environment_facts
 
 #: Column headings of Table 2.
 LABELS = {
@@ -248,7 +248,7 @@ def build_sections(summary: dict, figs: dict, facts: dict) -> list[Section]:
         f"The paper's figures ({QUOTED}) beside ours",
         paragraphs=[f"The 'paper' column is {QUOTED} ({source}); leukodetect did not compute it. The paper augmented "
                     "before splitting, so compare it with our paper-protocol column; the clean column is the honest estimate. "
-                    "'not recorded here' means the figure has not been entered into evaluation/paper_figures.yaml."],
+                    "'not recorded here' means the figure has not been entered into jobs/paper_figures.yaml."],
         tables=[("Quoted vs ours", ("architecture", "metric", f"paper ({QUOTED})", "ours, paper protocol (95% CI)",
                                     "ours, clean protocol (95% CI)"), quoted_rows(summary))],
     ))
@@ -389,7 +389,7 @@ def _learning_rates(lr, archs) -> str:
     """One rate for all, or each architecture's own (``ModelSpec.scratch_lr``) when --lr was left out."""
     if lr is not None:
         return f"{lr:g}"
-    from ..models import get_spec
+    from leukodetect.models import get_spec
 
     return "each architecture's own: " + ", ".join(f"{a} {get_spec(a).scratch_lr:g}" for a in archs)
 
@@ -399,8 +399,8 @@ def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict,
 
     Args:
         summary: the dict of ``comparison.json``.
-        results: the :class:`~leukodetect.evaluation.compare.RunResult` of every run (for the arrays).
-        galleries: protocol -> :func:`~leukodetect.evaluation.compare.explain_gallery` result.
+        results: the :class:`~leukodetect.jobs.compare.RunResult` of every run (for the arrays).
+        galleries: protocol -> :func:`~leukodetect.jobs.compare.explain_gallery` result.
     """
     out_dir = Path(out_dir)
     settings = summary["settings"]

@@ -16,7 +16,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
-from leukodetect.evaluation.metrics import CLASS_NAMES, Confusion
+from leukodetect.evaluation.metrics import Confusion
+from leukodetect.runtime.checkpoint import CLASS_NAMES
 
 
 def _axes(ax, **figure_kw):

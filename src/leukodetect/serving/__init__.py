@@ -1,6 +1,6 @@
 """The lab service: an HTTP API and a web page over one loaded model (``leukodetect serve``)."""
 
-from .app import create_app
-from .server import serve
+from leukodetect.serving.app import create_app
+from leukodetect.serving.server import serve
 
 __all__ = ["create_app", "serve"]

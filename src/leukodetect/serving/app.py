@@ -7,7 +7,7 @@ description at ``/openapi.json`` and ``/docs`` (Swagger UI served from the insta
 ``swagger-ui-py`` package, never from a CDN, so the page works without internet).
 
 Uploads are bounded before they are parsed (:class:`BodyLimit`: declared Content-Length, then bytes
-counted as they arrive) and decoded with :func:`leukodetect.data.io.open_rgb`, which checks the
+counted as they arrive) and decoded with :func:`leukodetect.runtime.images.open_rgb`, which checks the
 content, not the extension, and refuses images over ``max_pixels`` from their header. They live in
 memory and, for the moment it takes to decode them, in a temporary folder; nothing is kept after the
 answer. All model work runs in one worker thread (:mod:`leukodetect.serving.worker`).
@@ -16,7 +16,6 @@ answer. All model work runs in one worker thread (:mod:`leukodetect.serving.work
 from __future__ import annotations
 
 import asyncio
-
 import base64
 import io
 import re
@@ -40,11 +39,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
-from ..data.io import DEFAULT_MAX_PIXELS, open_rgb
-from ..errors import LeukoError
-from ..inference import ImageClassifier
-from .worker import Busy, InferenceWorker
+from leukodetect import __version__
+from leukodetect.errors import LeukoError
+from leukodetect.runtime.base import ImageClassifier
+from leukodetect.runtime.images import DEFAULT_MAX_PIXELS, open_rgb
+from leukodetect.serving.worker import Busy, InferenceWorker
 
 DEFAULT_MAX_BYTES = 25 * 2**20
 #: Shown on the page and in every answer unless the checkpoint's model card says otherwise.
@@ -132,8 +131,8 @@ def create_app(
     """Build the service around an already loaded classifier (loaded once, never per request).
 
     Args:
-        classifier: a :class:`~leukodetect.inference.Classifier` (Grad-CAM available) or an exported
-            model (:class:`~leukodetect.export.ExportedClassifier`).
+        classifier: a :class:`~leukodetect.runtime.classifier.Classifier` (Grad-CAM available) or an exported
+            model (:class:`~leukodetect.runtime.export.ExportedClassifier`).
         max_bytes: largest request body, all files together; larger ones get 413.
         max_pixels: largest image (width x height), checked from the header before decoding; a larger
             one gets 422 naming the file.
@@ -452,7 +451,7 @@ def _settle(future, result, exc) -> None:
 
 
 def _gradcam_png(classifier, image: Image.Image) -> str:
-    from ..explain import gradcam, overlay
+    from leukodetect.reporting.gradcam import gradcam, overlay
 
     return _png_base64(overlay(image, gradcam(classifier, image, target_class=1)))
 

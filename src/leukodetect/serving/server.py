@@ -9,14 +9,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import LeukoError
-
 LOOPBACK = "127.0.0.1"
 
 
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
     """The checkpoint to serve: the one given, else the model shipped with leukodetect."""
-    from ..weights import resolve_checkpoint as resolve
+    from leukodetect.weights import resolve_checkpoint as resolve
 
     return resolve(checkpoint)
 
@@ -34,13 +32,13 @@ def build_app(
 
     ``torch_threads`` (default: every available core) is both PyTorch's thread count in the inference
     thread and ONNX Runtime's intra-op thread count; ``backend`` is
-    :class:`~leukodetect.inference.Classifier`'s (auto: ONNX Runtime on CPU).
+    :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
     """
-    from ..detection.pipeline import load_detector
-    from ..inference import Classifier
-    from ..weights import resolve_detector
-    from .app import create_app
-    from .worker import available_cores
+    from leukodetect.detection.pipeline import load_detector
+    from leukodetect.runtime.classifier import Classifier
+    from leukodetect.serving.app import create_app
+    from leukodetect.serving.worker import available_cores
+    from leukodetect.weights import resolve_detector
 
     threads = torch_threads or available_cores()
     options = {"backend": backend, "threads": threads, "log": log}
@@ -66,7 +64,7 @@ def serve(
     PyTorch and ONNX Runtime. Use 1 where other jobs keep the cores busy: PyTorch's threads wait for
     each other at every layer, and a 2-thread forward pass of the tiny model went from 1.7 ms to
     130 ms on 2 cores shared with a training run (measured 2026-11-25). ``backend``: see
-    :class:`~leukodetect.inference.Classifier` (auto: ONNX Runtime on CPU; ``GET /v1/model`` says which).
+    :class:`~leukodetect.runtime.classifier.Classifier` (auto: ONNX Runtime on CPU; ``GET /v1/model`` says which).
     """
     import uvicorn
 

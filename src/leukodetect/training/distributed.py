@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import LeukoError
-from .device import resolve_device
+from leukodetect.errors import LeukoError
+from leukodetect.runtime.device import resolve_device
 
 
 @dataclass(frozen=True)

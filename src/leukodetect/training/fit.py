@@ -32,17 +32,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import RunConfig, save_config
-from ..data.dataset import ImageDataset
-from ..data.records import Record
-from ..data.transforms import EvalPreset, TrainPreset, channel_stats
-from ..errors import LeukoError
-from ..models import create_model
-from ..utils import write_json
-from .checkpoint import load_checkpoint, make_bundle, save_checkpoint
-from .device import autocast_dtype, channels_last, resolve_device
-from .distributed import DistContext, sync_batch_norm
-from .engine import batch_mixer, loss_and_accuracy, predict_logits, train_one_epoch
+from leukodetect.config import RunConfig, save_config
+from leukodetect.data.dataset import ImageDataset
+from leukodetect.data.records import Record
+from leukodetect.data.transforms import TrainPreset, channel_stats
+from leukodetect.errors import LeukoError
+from leukodetect.models import create_model
+from leukodetect.runtime.checkpoint import load_checkpoint, make_bundle, save_checkpoint
+from leukodetect.runtime.device import autocast_dtype, channels_last, resolve_device
+from leukodetect.runtime.preprocess import EvalPreset
+from leukodetect.training.distributed import DistContext, sync_batch_norm
+from leukodetect.training.engine import (
+    batch_mixer,
+    loss_and_accuracy,
+    predict_logits,
+    train_one_epoch,
+)
+from leukodetect.utils import write_json
 
 OPTIMIZERS = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),

@@ -22,7 +22,7 @@ from multiprocessing import get_context
 
 import torch
 
-from ..errors import LeukoError
+from leukodetect.errors import LeukoError
 
 _device: str | None = None  # the device of this worker process, set once by _pin_worker
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LeukoError
+from leukodetect.errors import LeukoError
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "resnet50_allidb2.safetensors"
 #: The crop classifier of whole-smear detection, trained on ALL-IDB1 photographs (see DETECTOR_CARD.md).

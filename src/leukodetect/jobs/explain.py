@@ -13,50 +13,20 @@ a :class:`LeukoError`; names made up here (``<image>_gradcam.png``) move on to `
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from .data.io import open_rgb
-from .errors import BadImageError, LeukoError
-from .inference import Classifier
-from .models.registry import get_spec
+from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.reporting.gradcam import gradcam_batch, overlay
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import open_rgb
 
 SUFFIX = "_gradcam"
-
-
-def gradcam(classifier: Classifier, image: Image.Image, target_class: int = 1) -> np.ndarray:
-    """Grad-CAM heatmap of ``target_class`` (1 = blast) for one RGB image.
-
-    Returns:
-        float32 array (H, W) of the image's own size, scaled to [0, 1] (all zeros where no
-        location raises the class score).
-    """
-    heatmaps, _ = _gradcam_batch(classifier, [image], target_class)
-    return heatmaps[0]
-
-
-def overlay(image: Image.Image, heatmap: np.ndarray, *, image_weight: float = 0.5) -> Image.Image:
-    """The heatmap in the jet colour map blended over the image (red = looked at most).
-
-    A heatmap of another size than the image is resized to it first.
-    """
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    heatmap = np.asarray(heatmap, dtype=np.float32)
-    if heatmap.shape != rgb.shape[:2]:
-        import cv2
-
-        heatmap = cv2.resize(heatmap, image.size, interpolation=cv2.INTER_LINEAR)
-    return Image.fromarray(show_cam_on_image(rgb, np.clip(heatmap, 0.0, 1.0), use_rgb=True, image_weight=image_weight))
 
 
 def explain_file(
@@ -87,7 +57,7 @@ def explain_file(
     if out is not None and Path(out).exists():
         raise _exists(out)
     image = open_rgb(path)
-    heatmaps, probs = _gradcam_batch(clf, [image], target_class)
+    heatmaps, probs = gradcam_batch(clf, [image], target_class)
     png = _png_bytes(overlay(image, heatmaps[0]))
     if out is None:
         written = _write_fresh(path.parent / f"{path.stem}{SUFFIX}.png", png)
@@ -128,7 +98,7 @@ def explain_many(
                 results[i]["error"] = str(exc)
         if not chunk:
             continue
-        heatmaps, probs = _gradcam_batch(clf, [image for _, image in chunk], target_class)
+        heatmaps, probs = gradcam_batch(clf, [image for _, image in chunk], target_class)
         for (i, image), heatmap, prob in zip(chunk, heatmaps, probs):
             target = out_dir / f"{Path(paths[i]).stem}{SUFFIX}.png"
             written = _write_fresh(target, _png_bytes(overlay(image, heatmap)))
@@ -142,31 +112,6 @@ def _exists(out) -> LeukoError:
 
 def _classifier(obj: Classifier | str | Path) -> Classifier:
     return obj if isinstance(obj, Classifier) else Classifier.from_checkpoint(Path(obj), backend="torch")  # Grad-CAM runs PyTorch
-
-
-def _gradcam_batch(clf: Classifier, images: Sequence[Image.Image], target_class: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Heatmaps (each at its image's size) and blast probabilities for a batch of images."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import scale_cam_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    n_classes = len(clf.class_names)
-    if not 0 <= target_class < n_classes:
-        names = ", ".join(f"{i} = {name}" for i, name in enumerate(clf.class_names))
-        raise LeukoError(f"Target class {target_class} does not exist: this model's classes are {names}.")
-    layer = clf.model.get_submodule(get_spec(clf.bundle["arch"]).cam_layer)
-    x = torch.stack([clf.preset(image) for image in images]).to(clf.device, torch.float32)
-    # Grad-CAM needs gradients: enable them even if a caller runs under no_grad, and keep float32
-    # (no autocast) so low-precision gradients do not blur the map. A channels-last model is fine.
-    autocast_off = torch.autocast(clf.device.type, enabled=False) if clf.device.type in ("cpu", "cuda") else contextlib.nullcontext()
-    with torch.enable_grad(), autocast_off, GradCAM(model=clf.model, target_layers=[layer]) as cam:
-        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(images))
-        logits = cam.outputs.detach().float()
-    clf.model.zero_grad(set_to_none=True)
-    probs = torch.softmax(logits / clf.temperature, dim=1)[:, 1].cpu().numpy()
-    # Back from the model's square input to each image's own size (and rescaled to [0, 1]).
-    heatmaps = [scale_cam_image(m[None], target_size=image.size)[0] for m, image in zip(maps, images)]
-    return heatmaps, probs
 
 
 def _png_bytes(image: Image.Image) -> bytes:

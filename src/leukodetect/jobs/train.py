@@ -22,18 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RunConfig
-from ..data.duplicates import effective_groups, hash_records
-from ..data.indexers import index_dataset
-from ..data.records import Record
-from ..data.split import holdout_indices, kfold_indices, train_val_test_indices
-from ..errors import LeukoError
-from ..evaluation.evaluate import write_evaluation
-from ..evaluation.intervals import binary_report, summarize_folds
-from ..inference import Classifier
-from ..utils import write_json
-from . import distributed, parallel
-from .fit import local_batch_size, train_model
+from leukodetect.config import RunConfig
+from leukodetect.data.duplicates import effective_groups, hash_records
+from leukodetect.data.indexers import index_dataset
+from leukodetect.data.records import Record
+from leukodetect.data.split import (
+    holdout_indices,
+    kfold_indices,
+    train_val_test_indices,
+)
+from leukodetect.errors import LeukoError
+from leukodetect.evaluation.intervals import binary_report, summarize_folds
+from leukodetect.jobs.evaluate import write_evaluation
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.training import distributed, parallel
+from leukodetect.training.fit import local_batch_size, train_model
+from leukodetect.utils import write_json
 
 
 @dataclass
@@ -59,7 +63,7 @@ def prepare(cfg: RunConfig, out_dir: Path, *, log=print) -> Prepared:
     if not records:
         raise LeukoError(f"{cfg.data.path} has no readable labelled images: run 'leukodetect data check {cfg.data.path}'.")
     if cfg.data.protocol == "paper":
-        from ..data.augment import expand_dataset
+        from leukodetect.data.augment import expand_dataset
 
         expanded_dir = Path(out_dir) / "paper-expanded"
         manifest = expanded_dir / "manifest.csv"
@@ -92,8 +96,8 @@ def find_allidb1(data_path: Path) -> Path | None:
 
 def _group_by_source(cfg: RunConfig, records: list[Record], *, log=print) -> list[Record]:
     """Give ALL-IDB2 crops cut from one ALL-IDB1 photograph (or from overlapping ones) one group."""
-    from ..data.indexers import detect_format
-    from ..data.sources import source_groups
+    from leukodetect.data.indexers import detect_format
+    from leukodetect.data.sources import source_groups
 
     fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.path)
     if fmt != "allidb2":

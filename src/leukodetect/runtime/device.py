@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from ..errors import LeukoError
+from leukodetect.errors import LeukoError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -16,10 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.records import CLASS_NAMES
-from ..errors import BadCheckpointError
-from ..models import create_model
-from ..utils import atomic_write, environment_facts
+from leukodetect.errors import BadCheckpointError
+from leukodetect.models import create_model
+from leukodetect.utils import atomic_write, environment_facts
+
+#: Class names in label order. Label 1 is the positive class: a blast (cell level) or an ALL
+#: photograph (whole-smear level).
+CLASS_NAMES: tuple[str, str] = ("normal", "blast")
 
 FORMAT = "leukodetect.checkpoint"
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from leukodetect.errors import BadImageError
+from leukodetect.errors import BadImageError, LeukoError
 
 #: Largest image (width x height) opened by default: whole smears reach 50 megapixels.
 DEFAULT_MAX_PIXELS = 60_000_000
@@ -236,3 +236,18 @@ def _note(notes: list[str] | None, sentence: str) -> None:
     """Append a conversion note when the caller asked for notes."""
     if notes is not None:
         notes.append(sentence)
+
+
+def image_paths(image_or_dir: Path) -> list[Path]:
+    """The image itself, or the image files under a folder (sorted); one clear sentence otherwise."""
+    image_or_dir = Path(image_or_dir)
+    if not image_or_dir.exists():
+        raise LeukoError(f"{image_or_dir} does not exist: pass a smear photograph or a folder of them.")
+    if image_or_dir.is_file():
+        return [image_or_dir]
+    paths = sorted(p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise LeukoError(f"{image_or_dir} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return paths
+
+

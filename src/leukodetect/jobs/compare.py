@@ -1,6 +1,6 @@
 """``leukodetect compare``: the paper's Table 2, every architecture under the same folds and budget.
 
-One :func:`~leukodetect.training.workflows.run_cv` per (protocol, architecture) into
+One :func:`~leukodetect.jobs.train.run_cv` per (protocol, architecture) into
 ``OUT/<protocol>/<arch>/``, all with one seed, so every architecture sees the same folds, the same
 augmentation and the same number of epochs. The resolved settings are stored in ``OUT/compare.json``:
 rerunning the same command continues where it stopped (finished runs are reused, finished folds are
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..config import PROTOCOLS, RunConfig
-from ..errors import LeukoError
-from ..utils import write_json
-from .intervals import METRIC_NAMES
+from leukodetect.config import PROTOCOLS, RunConfig
+from leukodetect.errors import LeukoError
+from leukodetect.evaluation.intervals import METRIC_NAMES
+from leukodetect.utils import write_json
 
 #: The architectures of the paper's Table 2, in its order (ResNet-50 is the paper's model).
 PAPER_ARCHS = ("resnet50", "googlenet", "resnet101", "resnet152", "vgg16", "vgg19")
@@ -54,7 +54,7 @@ def parse_protocols(protocol: str) -> tuple[str, ...]:
 
 def parse_archs(archs: str | list[str]) -> tuple[str, ...]:
     """A comma-separated list (or a list) of registered architecture names, without repeats."""
-    from ..models import get_spec
+    from leukodetect.models import get_spec
 
     names = [a.strip() for a in (archs.split(",") if isinstance(archs, str) else archs) if a.strip()]
     if not names:
@@ -226,7 +226,7 @@ def model_cost(arch: str, image_size: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..models import create_model
+    from leukodetect.models import create_model
 
     model = create_model(arch, num_classes=2).eval()
     params = sum(p.numel() for p in model.parameters())
@@ -243,14 +243,14 @@ def training_seconds(histories: list[list[dict]]) -> float:
 def inference_ms_per_image(checkpoint: Path, *, batch_size: int = 8, repeats: int = 5, device: str = "auto") -> dict:
     """Median milliseconds per image of the checkpoint's forward pass on one batch (eval, no grad).
 
-    Times what :class:`~leukodetect.inference.Classifier`'s PyTorch backend runs on a preprocessed
+    Times what :class:`~leukodetect.runtime.classifier.Classifier`'s PyTorch backend runs on a preprocessed
     batch (its device, memory format and precision), after one warm-up pass; image decoding is not
     included. PyTorch rather than the CPU default, ONNX Runtime, so that a comparison of six
     architectures does not export six models; docs/benchmarks.md compares the two backends.
     """
     import torch
 
-    from ..inference import Classifier
+    from leukodetect.runtime.classifier import Classifier
 
     clf = Classifier.from_checkpoint(Path(checkpoint), device=device, backend="torch")
     size = int(clf.bundle["image_size"])
@@ -289,7 +289,10 @@ def run_cost(result: RunResult, image_size: int, *, device: str = "auto") -> dic
 
 def calibration_summary(y_true, prob, *, target_sensitivity: float = 0.99) -> dict:
     """ECE of the pooled out-of-fold probabilities and the threshold reaching the target sensitivity."""
-    from .calibration import expected_calibration_error, threshold_for_sensitivity
+    from leukodetect.evaluation.calibration import (
+        expected_calibration_error,
+        threshold_for_sensitivity,
+    )
 
     out = {"ece": expected_calibration_error(y_true, prob), "target_sensitivity": target_sensitivity}
     try:
@@ -382,7 +385,7 @@ def explain_gallery(result: RunResult, out_dir: Path, *, n_correct: int = 4) -> 
     ``out_dir`` is emptied first: explain_many never overwrites, and a rerun must not pile up copies.
     Returns {"correct": [...], "misclassified": [...]}, each item a predictions.csv row plus ``overlay``.
     """
-    from ..explain import explain_many
+    from leukodetect.jobs.explain import explain_many
 
     picked = gallery_selection(result.rows, n_correct=n_correct)
     items = [dict(r, kind=kind) for kind, rows in picked.items() for r in rows]
@@ -433,7 +436,7 @@ def run_comparison(
         archs: architecture names; the first gets the Grad-CAM gallery.
         protocols: a subset of ("clean", "paper").
         cross_data: a labelled data set from another lab: every run's fold models predict it,
-            without and with Macenko stain normalisation (:mod:`leukodetect.evaluation.cross`).
+            without and with Macenko stain normalisation (:mod:`leukodetect.jobs.cross_data`).
         stain_reference: an image or folder of the training domain to normalise toward (default:
             a few images of ``cfg.data.path``).
         devices: ``auto``, ``off`` or a device list (:func:`~leukodetect.training.parallel.parse_devices`);
@@ -442,9 +445,14 @@ def run_comparison(
     Returns:
         the dict written to ``OUT/comparison.json``, with ``report`` (the report paths) added.
     """
-    from ..reporting.compare_report import write_compare_report
-    from ..training.parallel import parse_devices
-    from ..training.workflows import finish_cv, run_cv, start_cv, train_folds_on_devices
+    from leukodetect.jobs.train import (
+        finish_cv,
+        run_cv,
+        start_cv,
+        train_folds_on_devices,
+    )
+    from leukodetect.reporting.compare_report import write_compare_report
+    from leukodetect.training.parallel import parse_devices
 
     archs, protocols = parse_archs(list(archs)), tuple(protocols)
     for p in protocols:
@@ -457,7 +465,7 @@ def run_comparison(
     out_dir = Path(out_dir).absolute()
     cross = None
     if cross_data is not None:  # checked and fitted first: a bad path should not wait for hours of training
-        from .cross import prepare_cross_data
+        from leukodetect.jobs.cross_data import prepare_cross_data
 
         cross = prepare_cross_data(cross_data, training_data=Path(cfg.data.path), training_format=cfg.data.format,
                                    stain_reference=stain_reference)
@@ -516,7 +524,7 @@ def run_comparison(
                 galleries[r.protocol] = explain_gallery(r, out_dir / "figures" / "gradcam" / r.protocol)
     cross_entry = None
     if cross is not None:
-        from .cross import cross_summary
+        from leukodetect.jobs.cross_data import cross_summary
 
         cross_entry = cross_summary(cross, results, folds=folds, image_size=cfg.data.image_size, device=cfg.train.device, log=log)
     summary = {

@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.indexers import index_dataset
-from ..data.io import open_rgb
-from ..data.records import Record
-from ..data.stain import REFERENCE_IMAGES, MacenkoStain, pick_evenly
-from ..data.transforms import EvalPreset
-from ..errors import BadImageError, LeukoError
-from ..utils import atomic_write_text, write_json
-from .intervals import binary_report
+from leukodetect.data.indexers import index_dataset
+from leukodetect.data.records import Record
+from leukodetect.data.stain import REFERENCE_IMAGES, MacenkoStain, pick_evenly
+from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.evaluation.intervals import binary_report
+from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.preprocess import EvalPreset
+from leukodetect.utils import atomic_write_text, write_json
 
 #: Without normalisation, then with it.
 VARIANTS = ("none", "macenko")
@@ -152,7 +152,7 @@ class HeldOutImages:
 
 def fold_probabilities(checkpoint: Path, images: torch.Tensor, *, device: str = "auto", batch_size: int = 32) -> np.ndarray:
     """P(blast) of one checkpoint for uint8 images already resized to its input size."""
-    from ..inference import Classifier
+    from leukodetect.runtime.classifier import Classifier
 
     clf = Classifier.from_checkpoint(checkpoint, device=device)
     if int(clf.bundle["image_size"]) != images.shape[-1]:
@@ -180,7 +180,7 @@ def control(result, checkpoints: list[Path], held_out: HeldOutImages, *, device:
 
 def cross_run(result, folds: int, cross: CrossData, image_size: int, images: Callable[[], CrossImages],
               held_out: Callable[[], HeldOutImages], *, device: str = "auto") -> dict:
-    """The cross-dataset result of one run (a :class:`~leukodetect.evaluation.compare.RunResult`),
+    """The cross-dataset result of one run (a :class:`~leukodetect.jobs.compare.RunResult`),
     from its cache when nothing it depends on changed.
 
     Writes ``cross_dataset.json`` (metrics per variant and the Macenko control, with the key) and

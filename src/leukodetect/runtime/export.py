@@ -5,16 +5,16 @@ What the exported graph computes: a normalised float32 batch ``image`` (N, 3, S,
 applied inside the graph, so a consumer needs no post-processing beyond the threshold. The batch axis
 is dynamic. Preprocessing (resize to S x S, scale to [0, 1], normalise with mean/std) stays outside
 the graph, because it runs on PIL images, but travels with the file as JSON (format
-``leukodetect.export``): in the ONNX ``metadata_props`` under the key ``leukodetect`` and, for
+``leukodetect.runtime.export``): in the ONNX ``metadata_props`` under the key ``leukodetect`` and, for
 TorchScript, as the extra file ``leukodetect.json`` inside the archive. :class:`ExportedClassifier`
-reads that JSON and classifies images exactly as :class:`leukodetect.inference.Classifier` does.
+reads that JSON and classifies images exactly as :class:`leukodetect.runtime.classifier.Classifier` does.
 
 Every export checks itself: the written file is reloaded (ONNX Runtime on CPU, or ``torch.jit.load``),
 fed a random batch of 4 inputs and compared with the PyTorch model in float32 eval mode; a largest
 absolute difference in P(blast) above ``atol`` (default 1e-4) discards the file and raises.
 
 :func:`cached_onnx_classifier` is what makes ONNX Runtime the default inference backend on the CPU
-(see :class:`leukodetect.inference.Classifier`): it exports a checkpoint once, through the same
+(see :class:`leukodetect.runtime.classifier.Classifier`): it exports a checkpoint once, through the same
 self-checking export, into a cache keyed by a hash of what decides the outputs, and reuses the file.
 """
 
@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .data.transforms import EvalPreset
-from .errors import BadCheckpointError, LeukoError
-from .inference import ImageClassifier
-from .training.checkpoint import load_checkpoint, model_from_checkpoint
-from .utils import atomic_write, cache_dir
+from leukodetect import __version__
+from leukodetect.errors import BadCheckpointError, LeukoError
+from leukodetect.runtime.base import ImageClassifier
+from leukodetect.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from leukodetect.runtime.preprocess import EvalPreset
+from leukodetect.utils import atomic_write, cache_dir
 
 FORMATS = ("onnx", "torchscript")
-META_FORMAT = "leukodetect.export"
+META_FORMAT = "leukodetect.runtime.export"
 META_FORMAT_VERSION = 1
 META_KEY = "leukodetect"  # ONNX metadata_props key
 EXTRA_FILE = "leukodetect.json"  # TorchScript extra file

@@ -6,20 +6,23 @@ import copy
 import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .data.io import open_rgb
-from .data.transforms import EvalPreset
-from .errors import BadImageError, LeukoError
-from .training.checkpoint import load_checkpoint, model_from_checkpoint
-from .training.device import autocast, autocast_dtype, channels_last, resolve_device
+from leukodetect.errors import LeukoError
+from leukodetect.runtime.base import ImageClassifier
+from leukodetect.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from leukodetect.runtime.device import (
+    autocast,
+    autocast_dtype,
+    channels_last,
+    resolve_device,
+)
+from leukodetect.runtime.preprocess import EvalPreset
 
 BACKENDS = ("auto", "torch", "onnx")
 #: Read by ``backend="auto"`` only: ``torch`` or ``onnx`` there overrides the automatic choice (the
@@ -30,72 +33,6 @@ BACKEND_ENV = "LEUKODETECT_BACKEND"
 BACKEND_ATOL = 1e-4
 
 
-@dataclass
-class Prediction:
-    """One image's result: a probability and call, or the reason it could not be read."""
-
-    path: str
-    prob_blast: float | None = None
-    label: str | None = None
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "prob_blast": self.prob_blast, "error": self.error, "notes": self.notes}
-
-
-class ImageClassifier:
-    """What every classifier shares: preprocessing, threshold and class names, and ``predict_paths``.
-
-    Subclasses set ``preset``, ``threshold`` and ``class_names`` and implement ``probabilities``; the
-    PyTorch :class:`Classifier` and the exported models (:mod:`leukodetect.export`) both build on it,
-    so files are read, batched and called the same way whatever runs the network.
-    """
-
-    preset: EvalPreset
-    threshold: float
-    class_names: list[str]
-
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
-        raise NotImplementedError
-
-    def call(self, prob: float) -> str:
-        return self.class_names[1] if prob >= self.threshold else self.class_names[0]
-
-    def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False, stain=None) -> list[Prediction]:
-        """Classify files; an unreadable file gets an error entry and the others go on.
-
-        ``stain`` (e.g. a :class:`~leukodetect.data.stain.MacenkoStain`) re-renders each decoded image
-        before the model's own preprocessing; it notes, never raises, where it cannot.
-        """
-        results = [Prediction(path=str(p)) for p in paths]
-        pending: list[tuple[int, torch.Tensor]] = []
-
-        def flush() -> None:
-            if not pending:
-                return
-            probs = self.probabilities(torch.stack([t for _, t in pending]))
-            for (i, _), p in zip(pending, probs):
-                results[i].prob_blast = float(p)
-                results[i].label = self.call(float(p))
-            pending.clear()
-
-        for i, path in enumerate(tqdm(paths, desc="predict", disable=not progress)):
-            try:
-                image = open_rgb(path, notes=results[i].notes)
-            except BadImageError as exc:
-                results[i].error = str(exc)
-                continue
-            if stain is not None:
-                image = stain(image, notes=results[i].notes)
-            pending.append((i, self.preset(image)))
-            if len(pending) >= batch_size:
-                flush()
-        flush()
-        return results
-
-
 class Classifier(ImageClassifier):
     """A checkpoint ready for inference: model in eval mode plus its preprocessing and threshold.
 
@@ -103,7 +40,7 @@ class Classifier(ImageClassifier):
     from the same weights and agree within ``BACKEND_ATOL`` (1e-4) in P(blast):
 
     - ``"onnx"``: ONNX Runtime on the CPU, running the checkpoint's ONNX export (exported once per
-      checkpoint content and cached, see :func:`leukodetect.export.cached_onnx_classifier`). The
+      checkpoint content and cached, see :func:`leukodetect.runtime.export.cached_onnx_classifier`). The
       fastest path measured on CPU (docs/benchmarks.md).
     - ``"torch"``: the PyTorch module with batch norm folded, channels-last, autocast where the
       device computes reduced precision natively.
@@ -158,7 +95,7 @@ class Classifier(ImageClassifier):
         return cls(load_checkpoint(path), source=str(path), **kwargs)
 
     def _open_onnx(self, source: str, threads: int | None, log: Callable[[str], None], *, explicit: bool):
-        from .export import cached_onnx_classifier
+        from leukodetect.runtime.export import cached_onnx_classifier
 
         try:
             return cached_onnx_classifier(self.bundle, source=source, threads=threads, log=log)

@@ -6,7 +6,7 @@ For each architecture, in one process and on the same model, batch and optimiser
 - training: our step (:func:`~leukodetect.training.engine.train_one_epoch` on one batch, with the
   device, precision and channels-last choices ``train`` makes, AdamW) against a naive step (eager
   float32, NCHW, AdamW);
-- inference: our PyTorch path (:class:`~leukodetect.inference.Classifier` with ``backend="torch"``,
+- inference: our PyTorch path (:class:`~leukodetect.runtime.classifier.Classifier` with ``backend="torch"``,
   what ``predict``, ``detect`` and ``serve`` run on a GPU or with ``--backend torch``), the naive
   path (eval, float32, NCHW, ``no_grad``) and ONNX Runtime (the file ``leukodetect export`` writes,
   in the same session settings as the ``onnx`` backend, their default on CPU), batched and at
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LeukoError
+from leukodetect.errors import LeukoError
 
 TARGETS = {"train_speedup": 5.0, "inference_speedup": 5.0, "latency_p50_ms": 25.0}
 
@@ -77,7 +77,7 @@ class BenchmarkConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from .models import get_spec
+        from leukodetect.models import get_spec
 
         if not self.archs:
             raise LeukoError("No architecture given: pass --archs, e.g. --archs resnet50,googlenet.")
@@ -108,8 +108,8 @@ def machine_info() -> dict[str, Any]:
     """CPU, threads, native bfloat16, load and versions: what the figures depend on."""
     import torchvision
 
-    from . import __version__
-    from .training.device import cpu_has_fast_bf16
+    from leukodetect import __version__
+    from leukodetect.runtime.device import cpu_has_fast_bf16
 
     try:
         import onnxruntime
@@ -232,11 +232,11 @@ def _ratio(a: float, b: float) -> float | None:
 
 def bench_training(arch: str, cfg: BenchmarkConfig, flops: int, peak: float) -> dict[str, Any]:
     """Our training step against the naive one, same initial weights, batch and optimiser."""
-    from .config import TrainConfig
-    from .models import create_model, get_spec
-    from .training.device import autocast_dtype, channels_last, resolve_device
-    from .training.engine import train_one_epoch
-    from .training.fit import OPTIMIZERS
+    from leukodetect.config import TrainConfig
+    from leukodetect.models import create_model, get_spec
+    from leukodetect.runtime.device import autocast_dtype, channels_last, resolve_device
+    from leukodetect.training.engine import train_one_epoch
+    from leukodetect.training.fit import OPTIMIZERS
 
     tc = TrainConfig()
     lr = get_spec(arch).scratch_lr
@@ -296,9 +296,9 @@ def _add_gflops(entry: dict[str, Any], flops_per_image: int, peak: float) -> Non
 
 def bench_inference(arch: str, cfg: BenchmarkConfig, flops: int, peak: float, workdir: Path) -> dict[str, Any]:
     """Our Classifier's PyTorch backend, the naive eval path and ONNX Runtime on one set of weights."""
-    from .inference import Classifier
-    from .models import create_model
-    from .training.checkpoint import make_bundle
+    from leukodetect.models import create_model
+    from leukodetect.runtime.checkpoint import make_bundle
+    from leukodetect.runtime.classifier import Classifier
 
     torch.manual_seed(cfg.seed)
     model = create_model(arch, num_classes=2).eval()
@@ -344,8 +344,8 @@ def bench_inference(arch: str, cfg: BenchmarkConfig, flops: int, peak: float, wo
 
 def _onnx_path(bundle: dict, arch: str, workdir: Path):
     """Export with ``leukodetect export`` (which checks itself) and open it as ``predict --model`` does."""
-    from .export import ExportedClassifier, export_model
-    from .training.checkpoint import save_checkpoint
+    from leukodetect.runtime.checkpoint import save_checkpoint
+    from leukodetect.runtime.export import ExportedClassifier, export_model
 
     try:
         import onnxruntime  # noqa: F401
@@ -368,11 +368,11 @@ def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Decode + resize + training augmentation of real images through a DataLoader, cold and warm."""
     from torch.utils.data import DataLoader
 
-    from .config import AugmentConfig
-    from .data.dataset import ImageDataset
-    from .data.indexers import index_dataset
-    from .data.transforms import TrainPreset
-    from .sample import sample_dir
+    from leukodetect.config import AugmentConfig
+    from leukodetect.data.dataset import ImageDataset
+    from leukodetect.data.indexers import index_dataset
+    from leukodetect.data.transforms import TrainPreset
+    from leukodetect.sample import sample_dir
 
     path = Path(cfg.data) if cfg.data else sample_dir()
     records = index_dataset(path)
@@ -415,8 +415,8 @@ def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
 
 def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure everything the module docstring lists; returns a JSON-ready dict."""
-    from .models import create_model
-    from .training.device import resolve_device
+    from leukodetect.models import create_model
+    from leukodetect.runtime.device import resolve_device
 
     cfg.validate()
     machine = machine_info()

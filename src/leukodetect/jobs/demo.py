@@ -6,11 +6,11 @@ import json
 import time
 from pathlib import Path
 
-from .config import RunConfig
-from .inference import Classifier
-from .sample import sample_dir
-from .training.workflows import run_train
-from .utils import fresh_dir
+from leukodetect.config import RunConfig
+from leukodetect.jobs.train import run_train
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.sample import sample_dir
+from leukodetect.utils import fresh_dir
 
 
 def run_demo(out_dir: Path, *, epochs: int = 20, image_size: int = 160, command: str = "", log=print, progress=False, console=None) -> dict:

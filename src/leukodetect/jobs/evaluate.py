@@ -9,15 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.duplicates import hash_records
-from ..data.indexers import index_dataset
-from ..errors import LeukoError
-from ..inference import Classifier
-from ..reporting.plots import plot_confusion, plot_history, plot_roc, save_figure
-from ..reporting.report import write_report
-from ..utils import atomic_write_text, environment_facts, write_json
-from . import metrics as m
-from .intervals import binary_report
+from leukodetect.data.duplicates import hash_records
+from leukodetect.data.indexers import index_dataset
+from leukodetect.errors import LeukoError
+from leukodetect.evaluation import metrics as m
+from leukodetect.evaluation.intervals import binary_report
+from leukodetect.reporting.plots import (
+    plot_confusion,
+    plot_history,
+    plot_roc,
+    save_figure,
+)
+from leukodetect.reporting.report import write_report
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.utils import atomic_write_text, environment_facts, write_json
 
 
 def write_predictions_csv(path: Path, rows: Sequence[dict]) -> Path:
@@ -88,7 +93,7 @@ def evaluate_checkpoint(
 
     Images the checkpoint was trained or validated on (recognised by pixel hash) are left out unless
     ``include_training``: scoring a model on its own training images is what inflates published
-    figures. ``backend`` is :class:`~leukodetect.inference.Classifier`'s (auto: ONNX Runtime on CPU).
+    figures. ``backend`` is :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
     With ``stain`` (a :class:`~leukodetect.data.stain.MacenkoStain`), every image is
     stain-normalised first; ``metrics.json`` then says how many images it could not normalise.
     """

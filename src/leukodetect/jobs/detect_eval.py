@@ -36,19 +36,24 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from ..config import RunConfig
-from ..data.indexers import index_dataset
-from ..data.io import open_rgb
-from ..data.split import holdout_indices, kfold_indices
-from ..errors import BadImageError, LeukoError
-from ..evaluation.intervals import wilson_interval
-from ..utils import atomic_write_text, environment_facts, write_json
-from .crops import CropConfig, crop_records, located_cells, write_crops
-from .gate import fit_gate
-from .locate import LocateParams
-from .match import detection_scores, match_points, match_to_regions
-from .pipeline import VerdictRule, analyze
-from .scorer import blast_labels, fit_scorer, white_density
+from leukodetect.config import RunConfig
+from leukodetect.data.indexers import index_dataset
+from leukodetect.data.split import holdout_indices, kfold_indices
+from leukodetect.detection.crops import (
+    CropConfig,
+    crop_records,
+    located_cells,
+    write_crops,
+)
+from leukodetect.detection.gate import fit_gate
+from leukodetect.detection.locate import LocateParams
+from leukodetect.detection.match import detection_scores, match_points, match_to_regions
+from leukodetect.detection.pipeline import VerdictRule, analyze
+from leukodetect.detection.scorer import blast_labels, fit_scorer, white_density
+from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.evaluation.intervals import wilson_interval
+from leukodetect.runtime.images import open_rgb
+from leukodetect.utils import atomic_write_text, environment_facts, write_json
 
 MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
 
@@ -211,8 +216,8 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
 
 def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_dir: Path, progress: bool, log):
     """Train the crop classifier on the training photographs' crops; return its best checkpoint's path."""
-    from ..training.checkpoint import load_checkpoint, save_checkpoint
-    from ..training.fit import train_model
+    from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from leukodetect.training.fit import train_model
 
     labels = np.array([r.label for r in train_photos])
     groups = np.array([r.group for r in train_photos])
@@ -310,7 +315,7 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
             if progress and (i + 1) % 10 == 0:
                 log(f"  located {i + 1}/{len(records)} photographs")
     else:
-        from ..inference import Classifier
+        from leukodetect.runtime.classifier import Classifier
 
         manifest, records = _crop_manifest(records, out_dir / "crops", cfg, progress, log)
         groups = np.array([r.group for r in records])

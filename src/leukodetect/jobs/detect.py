@@ -1,0 +1,106 @@
+"""``leukodetect detect``: analyse smear photographs and write each one's JSON, overlay and gallery.
+
+The library call is :func:`leukodetect.detection.pipeline.analyze` (an image in memory, a result
+out); this job adds reading files, writing outputs that never overwrite anything, and a
+``summary.csv`` for a folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from leukodetect.detection.pipeline import analyze, draw_gallery, draw_overlay
+from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.runtime.images import image_paths, open_rgb
+from leukodetect.utils import atomic_write_text
+
+
+def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
+    """Where :func:`analyze_file` writes for ``image_path``."""
+    stem = Path(image_path).stem
+    return {"json": out_dir / f"{stem}.json", "overlay": out_dir / f"{stem}_overlay.png", "gallery": out_dir / f"{stem}_gallery.png"}
+
+
+def check_free(paths: Sequence[Path]) -> None:
+    """Refuse to overwrite: one sentence naming the first output that already exists."""
+    for path in paths:
+        if Path(path).exists():
+            raise LeukoError(f"{path} already exists; choose another --out folder or delete the old outputs first.")
+
+
+def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
+    """Analyse one image file and write its JSON, overlay PNG and gallery PNG into ``out_dir``.
+
+    Raises:
+        BadImageError: the file cannot be read (one sentence naming it).
+        LeukoError: an output already exists.
+    """
+    path = Path(path)
+    targets = output_paths(path, Path(out_dir))
+    check_free(list(targets.values()))
+    notes: list[str] = []
+    image = open_rgb(path, notes=notes)
+    result = {"image": str(path), **analyze(image, classifier, **kwargs), "notes": notes}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    draw_overlay(image, result).save(targets["overlay"])
+    draw_gallery(image, result).save(targets["gallery"])
+    result["outputs"] = {k: str(v) for k, v in targets.items()}
+    atomic_write_text(targets["json"], json.dumps(result, indent=2) + "\n")
+    return result
+
+
+SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smudge", "blast_fraction", "rbc_diameter", "total_s", "error")
+
+
+def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
+    """Analyse many files; an unreadable one is reported through ``log`` and skipped.
+
+    With more than one file a ``summary.csv`` (one row per file, errors included) is written too.
+    Nothing is overwritten: every output is checked before the first image is read.
+    """
+    out_dir = Path(out_dir)
+    summary = out_dir / "summary.csv"
+    check_free([summary] * (len(paths) > 1) + [p for path in paths for p in output_paths(path, out_dir).values()])
+    rows: list[dict] = []
+    for path in tqdm(paths, desc="detect", disable=not progress):
+        try:
+            result = analyze_file(path, classifier, out_dir, **kwargs)
+        except BadImageError as exc:
+            log(f"skipped: {exc}")
+            rows.append({"image": str(path), "error": str(exc)})
+            continue
+        rows.append(result)
+    if len(paths) > 1:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(summary, buffer.getvalue())
+    return rows
+
+
+def run_detect(
+    image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, backend: str = "auto", progress: bool = False, log=print, **kwargs,
+) -> list[dict]:
+    """``leukodetect detect``: load the classifier (if any) once, analyse every image, write outputs.
+
+    ``backend`` is :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
+    """
+    paths = image_paths(image_or_dir)
+    classifier = None
+    if checkpoint is not None:
+        from leukodetect.runtime.classifier import Classifier
+
+        classifier = Classifier.from_checkpoint(Path(checkpoint), backend=backend, log=log)
+    return detect_paths(paths, classifier, Path(out_dir), progress=progress, log=log, **kwargs)
+
+
