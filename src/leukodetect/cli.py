@@ -1,4 +1,10 @@
-"""The ``leukodetect`` command: thin commands that parse, build a config, call the library, print."""
+"""The ``leukodetect`` command: thin commands that parse, build a config, call a job, print.
+
+Each command imports its job when it runs, not at the top of this module: importing every job
+(PyTorch, scikit-learn, scikit-image, FastAPI...) takes 5.8 s on two cores, against 0.14 s for
+``leukodetect --help`` (measured 2026-12-04). This is the one module allowed to import the
+project's own modules inside functions (tests/test_layers.py holds the rule).
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from leukodetect.errors import LeukoError
+from leukodetect.models.registry import get_spec
+from leukodetect.utils import atomic_write_text
 
 PROTOCOLS = ("clean", "paper")
 GROUP_BY = ("default", "source")
@@ -122,7 +124,6 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """A copy with every per-architecture default filled in (the learning rate)."""
-        from leukodetect.models.registry import get_spec
 
         cfg = RunConfig.from_dict(self.to_dict())
         if cfg.train.lr is None:
@@ -153,7 +154,6 @@ class RunConfig:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from leukodetect.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -10,6 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy
+import sklearn
+import torch
+import torchvision
+
+from leukodetect import __version__
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Write a file through ``write(tmp_path)`` then rename it into place.
@@ -54,12 +61,7 @@ def cache_dir() -> Path:
 
 def environment_facts() -> dict[str, str]:
     """Machine, date and library versions, for reports and checkpoints."""
-    import numpy
-    import sklearn
-    import torch
-    import torchvision
 
-    from leukodetect import __version__
 
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

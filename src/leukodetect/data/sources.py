@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 from rich.progress import track
@@ -35,7 +36,6 @@ from scipy.sparse.csgraph import connected_components
 
 from leukodetect.data.indexers import index_dataset
 from leukodetect.data.records import Record
-from leukodetect.errors import LeukoError
 from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import cache_dir
 
@@ -101,7 +101,6 @@ def find_sources(
         scales: crop scales to try (photograph pixels per crop pixel).
         progress: show progress bars.
     """
-    cv2 = _cv2()
     crops, photos = [Path(c) for c in crops], [Path(p) for p in photos]
     if not crops:
         return []
@@ -235,18 +234,6 @@ def cache_file() -> Path:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _cv2():
-    """Import OpenCV, or say how to install it."""
-    try:
-        import cv2
-    except ImportError:
-        raise LeukoError(
-            "Matching crops to photographs needs OpenCV; install it with "
-            "'pip install opencv-python-headless'."
-        ) from None
-    return cv2
 
 
 def _gray(image: Image.Image) -> np.ndarray:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torchstain
 from PIL import Image
 
 from leukodetect.errors import LeukoError
@@ -47,8 +48,6 @@ def foreground(rgb: np.ndarray) -> np.ndarray:
 
 
 def _macenko():
-    import torchstain
-
     return torchstain.normalizers.MacenkoNormalizer(backend="numpy")
 
 

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.spatial.distance import cdist
+from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.neural_network import MLPClassifier
 
 from leukodetect.detection.features import FEATURE_NAMES
 from leukodetect.errors import LeukoError
@@ -90,8 +92,6 @@ def gate_labels(cells_xy, blasts, others, rbc_diameter: float, *, match: float =
 
 
 def _network(seed: int):
-    from sklearn.neural_network import MLPClassifier
-
     return MLPClassifier(HIDDEN, alpha=ALPHA, max_iter=2000, random_state=seed)
 
 
@@ -104,8 +104,6 @@ def fit_gate(features: np.ndarray, labels: Sequence[int], groups: Sequence[str],
     Raises:
         LeukoError: too little to learn from (fewer than 10 cells of a kind, or fewer than 3 photographs).
     """
-    from sklearn.model_selection import GroupKFold, cross_val_predict
-
     if not 0 < keep < 1:
         raise LeukoError(f"The smudge gate's kept share must be between 0 and 1 (e.g. 0.99), got {keep}.")
     x = np.asarray(features, dtype=np.float64)

@@ -29,6 +29,7 @@ from leukodetect.detection.locate import (
 )
 from leukodetect.detection.scorer import CellScorer, white_density
 from leukodetect.errors import LeukoError
+from leukodetect.runtime.classifier import Classifier
 
 #: Box colours (RGB) by call.
 COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230), "smudge": (120, 120, 120)}
@@ -248,6 +249,5 @@ def load_detector(path: Path, **classifier_kwargs) -> Detector:
 
     ``classifier_kwargs`` go to :class:`~leukodetect.runtime.classifier.Classifier` (backend, threads, log).
     """
-    from leukodetect.runtime.classifier import Classifier
 
     return Detector(Classifier.from_checkpoint(Path(path), **classifier_kwargs))

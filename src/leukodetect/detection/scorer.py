@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from leukodetect.detection.features import FEATURE_NAMES
 from leukodetect.detection.match import match_points
@@ -141,8 +142,6 @@ def fit_scorer(features: np.ndarray, labels: Sequence[int], density=None) -> Cel
     Raises:
         LeukoError: fewer than 10 cells of either kind.
     """
-    from sklearn.linear_model import LogisticRegression
-
     y = np.asarray(labels, dtype=int)
     if min((y == 1).sum(), (y == 0).sum()) < 10:
         raise LeukoError(f"Too few located cells to train the cell scorer ({(y == 1).sum()} blasts, {(y == 0).sum()} others; "

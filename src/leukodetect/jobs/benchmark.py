@@ -41,9 +41,31 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
+from rich.table import Table
 from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
+from leukodetect import __version__
+from leukodetect.config import AugmentConfig, TrainConfig
+from leukodetect.data.dataset import ImageDataset
+from leukodetect.data.indexers import index_dataset
+from leukodetect.data.transforms import TrainPreset
 from leukodetect.errors import LeukoError
+from leukodetect.models import create_model, get_spec
+from leukodetect.runtime.checkpoint import make_bundle, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.device import (
+    autocast_dtype,
+    channels_last,
+    cpu_has_fast_bf16,
+    resolve_device,
+)
+from leukodetect.runtime.export import ExportedClassifier, export_model
+from leukodetect.sample import sample_dir
+from leukodetect.training.engine import train_one_epoch
+from leukodetect.training.fit import OPTIMIZERS
 
 TARGETS = {"train_speedup": 5.0, "inference_speedup": 5.0, "latency_p50_ms": 25.0}
 
@@ -77,7 +99,6 @@ class BenchmarkConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from leukodetect.models import get_spec
 
         if not self.archs:
             raise LeukoError("No architecture given: pass --archs, e.g. --archs resnet50,googlenet.")
@@ -106,13 +127,10 @@ def cpu_model() -> str:
 
 def machine_info() -> dict[str, Any]:
     """CPU, threads, native bfloat16, load and versions: what the figures depend on."""
-    import torchvision
 
-    from leukodetect import __version__
-    from leukodetect.runtime.device import cpu_has_fast_bf16
 
     try:
-        import onnxruntime
+        import onnxruntime  # optional backend, imported where used
 
         ort_version = onnxruntime.__version__
     except ImportError:
@@ -163,7 +181,6 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: t
 
 def forward_flops(model: nn.Module, image_size: int) -> int:
     """FLOPs of one image's forward pass (a multiply-add = 2), convolutions and matrix products."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
@@ -232,11 +249,6 @@ def _ratio(a: float, b: float) -> float | None:
 
 def bench_training(arch: str, cfg: BenchmarkConfig, flops: int, peak: float) -> dict[str, Any]:
     """Our training step against the naive one, same initial weights, batch and optimiser."""
-    from leukodetect.config import TrainConfig
-    from leukodetect.models import create_model, get_spec
-    from leukodetect.runtime.device import autocast_dtype, channels_last, resolve_device
-    from leukodetect.training.engine import train_one_epoch
-    from leukodetect.training.fit import OPTIMIZERS
 
     tc = TrainConfig()
     lr = get_spec(arch).scratch_lr
@@ -296,9 +308,6 @@ def _add_gflops(entry: dict[str, Any], flops_per_image: int, peak: float) -> Non
 
 def bench_inference(arch: str, cfg: BenchmarkConfig, flops: int, peak: float, workdir: Path) -> dict[str, Any]:
     """Our Classifier's PyTorch backend, the naive eval path and ONNX Runtime on one set of weights."""
-    from leukodetect.models import create_model
-    from leukodetect.runtime.checkpoint import make_bundle
-    from leukodetect.runtime.classifier import Classifier
 
     torch.manual_seed(cfg.seed)
     model = create_model(arch, num_classes=2).eval()
@@ -344,11 +353,9 @@ def bench_inference(arch: str, cfg: BenchmarkConfig, flops: int, peak: float, wo
 
 def _onnx_path(bundle: dict, arch: str, workdir: Path):
     """Export with ``leukodetect export`` (which checks itself) and open it as ``predict --model`` does."""
-    from leukodetect.runtime.checkpoint import save_checkpoint
-    from leukodetect.runtime.export import ExportedClassifier, export_model
 
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (optional backend: imported where used, so its absence is one sentence)
     except ImportError:
         return None, "onnxruntime is not installed"
     ckpt = save_checkpoint(bundle, workdir / f"{arch}.pt")
@@ -366,13 +373,7 @@ def _onnx_path(bundle: dict, arch: str, workdir: Path):
 
 def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Decode + resize + training augmentation of real images through a DataLoader, cold and warm."""
-    from torch.utils.data import DataLoader
 
-    from leukodetect.config import AugmentConfig
-    from leukodetect.data.dataset import ImageDataset
-    from leukodetect.data.indexers import index_dataset
-    from leukodetect.data.transforms import TrainPreset
-    from leukodetect.sample import sample_dir
 
     path = Path(cfg.data) if cfg.data else sample_dir()
     records = index_dataset(path)
@@ -415,8 +416,6 @@ def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
 
 def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure everything the module docstring lists; returns a JSON-ready dict."""
-    from leukodetect.models import create_model
-    from leukodetect.runtime.device import resolve_device
 
     cfg.validate()
     machine = machine_info()
@@ -469,7 +468,6 @@ def _targets(train: dict, infer: dict) -> dict[str, bool | None]:
 
 def render_benchmark(result: dict[str, Any]) -> list:
     """Rich tables for the terminal: machine, per-architecture figures, data pipeline."""
-    from rich.table import Table
 
     m, hw, d = result["machine"], result["hardware"], result["data"]
     head = Table("machine", "value", title="leukodetect benchmark")

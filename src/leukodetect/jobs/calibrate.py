@@ -9,14 +9,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from leukodetect.errors import LeukoError
+from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.calibration import (
     T_BOUNDS,
     expected_calibration_error,
     fit_temperature,
     threshold_for_sensitivity,
 )
+from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import open_rgb
+from leukodetect.training.engine import predict_logits
 
 
 def select_split(records, split_file: str | Path, part: str = "val") -> list:
@@ -33,11 +38,7 @@ def select_split(records, split_file: str | Path, part: str = "val") -> list:
 
 def validation_logits(clf, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16, log=print) -> tuple[np.ndarray, np.ndarray]:
     """Float32 logits (N, C) and labels (N,) of the readable images; unreadable ones are logged and skipped."""
-    import torch
 
-    from leukodetect.errors import BadImageError
-    from leukodetect.runtime.images import open_rgb
-    from leukodetect.training.engine import predict_logits
 
     items = []
     for path, label in pairs:
@@ -83,8 +84,6 @@ def calibrate_checkpoint(
         target_sensitivity, sensitivity, specificity, n_val, n_blast, temperature_at_bound,
         calibrated_from}}.
     """
-    from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
-    from leukodetect.runtime.classifier import Classifier
 
     if not 0.0 < target_sensitivity <= 1.0:
         raise LeukoError(f"Target sensitivity {target_sensitivity} is not a fraction: pass a value in (0, 1], e.g. 0.99.")
@@ -129,7 +128,6 @@ def calibrate_checkpoint(
 def _blast_prob(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Blast probability computed exactly as the Classifier will (float32 torch), so an image whose
     probability equals the chosen threshold is still called blast after deployment."""
-    import torch
 
     return torch.softmax(torch.from_numpy(logits).float() / temperature, dim=1)[:, 1].numpy().astype(float)
 

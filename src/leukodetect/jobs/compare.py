@@ -27,11 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from leukodetect.config import PROTOCOLS, RunConfig
 from leukodetect.errors import LeukoError
+from leukodetect.evaluation.calibration import (
+    expected_calibration_error,
+    threshold_for_sensitivity,
+)
 from leukodetect.evaluation.intervals import METRIC_NAMES
+from leukodetect.jobs.cross_data import cross_summary, prepare_cross_data
+from leukodetect.jobs.explain import explain_many
+from leukodetect.jobs.train import finish_cv, run_cv, start_cv, train_folds_on_devices
+from leukodetect.models import create_model, get_spec
+from leukodetect.reporting.compare_report import write_compare_report
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.training.parallel import parse_devices
 from leukodetect.utils import write_json
 
 #: The architectures of the paper's Table 2, in its order (ResNet-50 is the paper's model).
@@ -54,7 +67,6 @@ def parse_protocols(protocol: str) -> tuple[str, ...]:
 
 def parse_archs(archs: str | list[str]) -> tuple[str, ...]:
     """A comma-separated list (or a list) of registered architecture names, without repeats."""
-    from leukodetect.models import get_spec
 
     names = [a.strip() for a in (archs.split(",") if isinstance(archs, str) else archs) if a.strip()]
     if not names:
@@ -223,10 +235,7 @@ def model_cost(arch: str, image_size: int) -> dict:
     ``torch.utils.flop_counter.FlopCounterMode`` counts a multiply-add as 2 FLOPs, so GFLOPs here
     are twice the "GMACs" some papers quote.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from leukodetect.models import create_model
 
     model = create_model(arch, num_classes=2).eval()
     params = sum(p.numel() for p in model.parameters())
@@ -248,9 +257,7 @@ def inference_ms_per_image(checkpoint: Path, *, batch_size: int = 8, repeats: in
     included. PyTorch rather than the CPU default, ONNX Runtime, so that a comparison of six
     architectures does not export six models; docs/benchmarks.md compares the two backends.
     """
-    import torch
 
-    from leukodetect.runtime.classifier import Classifier
 
     clf = Classifier.from_checkpoint(Path(checkpoint), device=device, backend="torch")
     size = int(clf.bundle["image_size"])
@@ -289,10 +296,6 @@ def run_cost(result: RunResult, image_size: int, *, device: str = "auto") -> dic
 
 def calibration_summary(y_true, prob, *, target_sensitivity: float = 0.99) -> dict:
     """ECE of the pooled out-of-fold probabilities and the threshold reaching the target sensitivity."""
-    from leukodetect.evaluation.calibration import (
-        expected_calibration_error,
-        threshold_for_sensitivity,
-    )
 
     out = {"ece": expected_calibration_error(y_true, prob), "target_sensitivity": target_sensitivity}
     try:
@@ -385,7 +388,6 @@ def explain_gallery(result: RunResult, out_dir: Path, *, n_correct: int = 4) -> 
     ``out_dir`` is emptied first: explain_many never overwrites, and a rerun must not pile up copies.
     Returns {"correct": [...], "misclassified": [...]}, each item a predictions.csv row plus ``overlay``.
     """
-    from leukodetect.jobs.explain import explain_many
 
     picked = gallery_selection(result.rows, n_correct=n_correct)
     items = [dict(r, kind=kind) for kind, rows in picked.items() for r in rows]
@@ -445,14 +447,6 @@ def run_comparison(
     Returns:
         the dict written to ``OUT/comparison.json``, with ``report`` (the report paths) added.
     """
-    from leukodetect.jobs.train import (
-        finish_cv,
-        run_cv,
-        start_cv,
-        train_folds_on_devices,
-    )
-    from leukodetect.reporting.compare_report import write_compare_report
-    from leukodetect.training.parallel import parse_devices
 
     archs, protocols = parse_archs(list(archs)), tuple(protocols)
     for p in protocols:
@@ -465,7 +459,6 @@ def run_comparison(
     out_dir = Path(out_dir).absolute()
     cross = None
     if cross_data is not None:  # checked and fitted first: a bad path should not wait for hours of training
-        from leukodetect.jobs.cross_data import prepare_cross_data
 
         cross = prepare_cross_data(cross_data, training_data=Path(cfg.data.path), training_format=cfg.data.format,
                                    stain_reference=stain_reference)
@@ -524,7 +517,6 @@ def run_comparison(
                 galleries[r.protocol] = explain_gallery(r, out_dir / "figures" / "gradcam" / r.protocol)
     cross_entry = None
     if cross is not None:
-        from leukodetect.jobs.cross_data import cross_summary
 
         cross_entry = cross_summary(cross, results, folds=folds, image_size=cfg.data.image_size, device=cfg.train.device, log=log)
     summary = {

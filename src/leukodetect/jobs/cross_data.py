@@ -36,6 +36,7 @@ from leukodetect.data.records import Record
 from leukodetect.data.stain import REFERENCE_IMAGES, MacenkoStain, pick_evenly
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import binary_report
+from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.preprocess import EvalPreset
 from leukodetect.utils import atomic_write_text, write_json
@@ -152,7 +153,6 @@ class HeldOutImages:
 
 def fold_probabilities(checkpoint: Path, images: torch.Tensor, *, device: str = "auto", batch_size: int = 32) -> np.ndarray:
     """P(blast) of one checkpoint for uint8 images already resized to its input size."""
-    from leukodetect.runtime.classifier import Classifier
 
     clf = Classifier.from_checkpoint(checkpoint, device=device)
     if int(clf.bundle["image_size"]) != images.shape[-1]:

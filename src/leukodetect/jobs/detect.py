@@ -7,6 +7,8 @@ out); this job adds reading files, writing outputs that never overwrite anything
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 
 from leukodetect.detection.pipeline import analyze, draw_gallery, draw_overlay
 from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths, open_rgb
 from leukodetect.utils import atomic_write_text
 
@@ -75,8 +78,6 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
             continue
         rows.append(result)
     if len(paths) > 1:
-        import csv
-        import io
 
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
@@ -98,7 +99,6 @@ def run_detect(
     paths = image_paths(image_or_dir)
     classifier = None
     if checkpoint is not None:
-        from leukodetect.runtime.classifier import Classifier
 
         classifier = Classifier.from_checkpoint(Path(checkpoint), backend=backend, log=log)
     return detect_paths(paths, classifier, Path(out_dir), progress=progress, log=log, **kwargs)

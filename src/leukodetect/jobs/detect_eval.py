@@ -52,7 +52,10 @@ from leukodetect.detection.pipeline import VerdictRule, analyze
 from leukodetect.detection.scorer import blast_labels, fit_scorer, white_density
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
+from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
+from leukodetect.training.fit import train_model
 from leukodetect.utils import atomic_write_text, environment_facts, write_json
 
 MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
@@ -216,8 +219,6 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
 
 def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_dir: Path, progress: bool, log):
     """Train the crop classifier on the training photographs' crops; return its best checkpoint's path."""
-    from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
-    from leukodetect.training.fit import train_model
 
     labels = np.array([r.label for r in train_photos])
     groups = np.array([r.group for r in train_photos])
@@ -315,7 +316,6 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
             if progress and (i + 1) % 10 == 0:
                 log(f"  located {i + 1}/{len(records)} photographs")
     else:
-        from leukodetect.runtime.classifier import Classifier
 
         manifest, records = _crop_manifest(records, out_dir / "crops", cfg, progress, log)
         groups = np.array([r.group for r in records])

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from leukodetect.config import RunConfig
+from leukodetect.data.augment import expand_dataset
 from leukodetect.data.duplicates import effective_groups, hash_records
-from leukodetect.data.indexers import index_dataset
+from leukodetect.data.indexers import detect_format, index_dataset
 from leukodetect.data.records import Record
+from leukodetect.data.sources import source_groups
 from leukodetect.data.split import (
     holdout_indices,
     kfold_indices,
@@ -63,7 +65,6 @@ def prepare(cfg: RunConfig, out_dir: Path, *, log=print) -> Prepared:
     if not records:
         raise LeukoError(f"{cfg.data.path} has no readable labelled images: run 'leukodetect data check {cfg.data.path}'.")
     if cfg.data.protocol == "paper":
-        from leukodetect.data.augment import expand_dataset
 
         expanded_dir = Path(out_dir) / "paper-expanded"
         manifest = expanded_dir / "manifest.csv"
@@ -96,8 +97,6 @@ def find_allidb1(data_path: Path) -> Path | None:
 
 def _group_by_source(cfg: RunConfig, records: list[Record], *, log=print) -> list[Record]:
     """Give ALL-IDB2 crops cut from one ALL-IDB1 photograph (or from overlapping ones) one group."""
-    from leukodetect.data.indexers import detect_format
-    from leukodetect.data.sources import source_groups
 
     fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.path)
     if fmt != "allidb2":

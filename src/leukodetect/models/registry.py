@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from leukodetect.errors import BadCheckpointError, LeukoError
@@ -109,7 +110,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise BadCheckpointError(f"Weights file {path} does not exist: check the path given to --weights.")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -24,6 +24,7 @@ from PIL import Image
 
 from leukodetect.evaluation.intervals import METRIC_NAMES
 from leukodetect.evaluation.metrics import confusion
+from leukodetect.models import get_spec
 from leukodetect.reporting.calibration_plots import plot_reliability
 from leukodetect.reporting.compare_plots import (
     grid_axes,
@@ -389,7 +390,6 @@ def _learning_rates(lr, archs) -> str:
     """One rate for all, or each architecture's own (``ModelSpec.scratch_lr``) when --lr was left out."""
     if lr is not None:
         return f"{lr:g}"
-    from leukodetect.models import get_spec
 
     return "each architecture's own: " + ", ".join(f"{a} {get_spec(a).scratch_lr:g}" for a in archs)
 

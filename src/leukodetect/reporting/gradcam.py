@@ -13,9 +13,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from leukodetect.errors import LeukoError
 from leukodetect.models import get_spec
@@ -38,12 +42,10 @@ def overlay(image: Image.Image, heatmap: np.ndarray, *, image_weight: float = 0.
 
     A heatmap of another size than the image is resized to it first.
     """
-    from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     heatmap = np.asarray(heatmap, dtype=np.float32)
     if heatmap.shape != rgb.shape[:2]:
-        import cv2
 
         heatmap = cv2.resize(heatmap, image.size, interpolation=cv2.INTER_LINEAR)
     return Image.fromarray(show_cam_on_image(rgb, np.clip(heatmap, 0.0, 1.0), use_rgb=True, image_weight=image_weight))
@@ -51,9 +53,6 @@ def overlay(image: Image.Image, heatmap: np.ndarray, *, image_weight: float = 0.
 
 def gradcam_batch(clf: Classifier, images: Sequence[Image.Image], target_class: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Heatmaps (each at its image's size) and blast probabilities for a batch of images."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import scale_cam_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     n_classes = len(clf.class_names)
     if not 0 <= target_class < n_classes:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from leukodetect.errors import BadCheckpointError
@@ -78,7 +80,6 @@ def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -
     Used for the shipped default model: half the size of a float32 .pt, and a format that holds
     tensors and strings only.
     """
-    from safetensors.torch import save_file
 
     meta = {k: v for k, v in bundle.items() if k not in ("state_dict", "optimizer", "scheduler")}
     tensors = {
@@ -89,7 +90,6 @@ def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = (f.metadata() or {}).get(SAFETENSORS_KEY)

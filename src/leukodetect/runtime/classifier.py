@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from leukodetect.errors import LeukoError
 from leukodetect.runtime.base import ImageClassifier
@@ -22,6 +23,7 @@ from leukodetect.runtime.device import (
     channels_last,
     resolve_device,
 )
+from leukodetect.runtime.export import cached_onnx_classifier
 from leukodetect.runtime.preprocess import EvalPreset
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -95,7 +97,6 @@ class Classifier(ImageClassifier):
         return cls(load_checkpoint(path), source=str(path), **kwargs)
 
     def _open_onnx(self, source: str, threads: int | None, log: Callable[[str], None], *, explicit: bool):
-        from leukodetect.runtime.export import cached_onnx_classifier
 
         try:
             return cached_onnx_classifier(self.bundle, source=source, threads=threads, log=log)
@@ -144,7 +145,7 @@ def _env_backend() -> str | None:
 
 def _has_onnxruntime() -> bool:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (optional backend: imported where used, so its absence is one sentence)
     except ImportError:
         return False
     return True
@@ -163,8 +164,6 @@ def fuse_batch_norm(model: nn.Module) -> nn.Module:
     unfused model to float32 rounding (tests/test_benchmark.py checks 1e-5). A model torch.fx cannot
     trace is returned unfused, in eval mode.
     """
-    from torch.fx.experimental.optimization import fuse
-
     model.eval()
     try:
         return fuse(copy.deepcopy(model)).eval()

@@ -215,7 +215,7 @@ def cached_onnx_classifier(
         LeukoError: onnxruntime is missing, or torch cannot export this architecture.
     """
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (optional backend: imported where used, so its absence is one sentence)
     except ImportError:
         raise LeukoError("onnxruntime is not installed: install it (pip install onnxruntime) or use --backend torch.") from None
     path = onnx_cache_path(bundle)
@@ -316,7 +316,7 @@ def _onnx_session(path: Path, *, threads: int | None = None):
     """An ONNX Runtime CPU session: ``threads`` intra-op threads (default: PyTorch's thread count,
     the same budget), one inter-op thread and sequential execution, since a classifier is a chain of
     layers with nothing to run side by side."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional backend, imported where used
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -41,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leukodetect import __version__
 from leukodetect.errors import LeukoError
+from leukodetect.reporting.gradcam import gradcam, overlay
 from leukodetect.runtime.base import ImageClassifier
 from leukodetect.runtime.images import DEFAULT_MAX_PIXELS, open_rgb
 from leukodetect.serving.worker import Busy, InferenceWorker
@@ -391,10 +393,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_docs(app: FastAPI) -> None:
     """Swagger UI at /docs from the JavaScript and CSS shipped in the ``swagger-ui-py`` package."""
     try:
-        import swagger_ui
+        import swagger_ui  # optional: without it the service still answers, with no /docs page
     except ImportError:  # then there is no /docs, only /openapi.json
         return
-    from fastapi.openapi.docs import get_swagger_ui_html
 
     assets = Path(swagger_ui.__file__).parent / "static"
     app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
@@ -451,7 +452,6 @@ def _settle(future, result, exc) -> None:
 
 
 def _gradcam_png(classifier, image: Image.Image) -> str:
-    from leukodetect.reporting.gradcam import gradcam, overlay
 
     return _png_base64(overlay(image, gradcam(classifier, image, target_class=1)))
 

@@ -9,12 +9,20 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import uvicorn
+
+from leukodetect.detection.pipeline import load_detector
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.serving.app import create_app
+from leukodetect.serving.worker import available_cores
+from leukodetect.weights import resolve_checkpoint as resolve
+from leukodetect.weights import resolve_detector
+
 LOOPBACK = "127.0.0.1"
 
 
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
     """The checkpoint to serve: the one given, else the model shipped with leukodetect."""
-    from leukodetect.weights import resolve_checkpoint as resolve
 
     return resolve(checkpoint)
 
@@ -34,11 +42,6 @@ def build_app(
     thread and ONNX Runtime's intra-op thread count; ``backend`` is
     :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
     """
-    from leukodetect.detection.pipeline import load_detector
-    from leukodetect.runtime.classifier import Classifier
-    from leukodetect.serving.app import create_app
-    from leukodetect.serving.worker import available_cores
-    from leukodetect.weights import resolve_detector
 
     threads = torch_threads or available_cores()
     options = {"backend": backend, "threads": threads, "log": log}
@@ -66,7 +69,6 @@ def serve(
     130 ms on 2 cores shared with a training run (measured 2026-11-25). ``backend``: see
     :class:`~leukodetect.runtime.classifier.Classifier` (auto: ONNX Runtime on CPU; ``GET /v1/model`` says which).
     """
-    import uvicorn
 
     app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, torch_threads=threads, backend=backend, log=log)
     if host not in (LOOPBACK, "localhost", "::1"):
@@ -82,7 +84,6 @@ def running(app, *, host: str = LOOPBACK, port: int = 0, log_level: str = "warni
     For the browser test and the load benchmark: the socket is bound before the thread starts, so
     the port is known and no other process can take it in between.
     """
-    import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
@@ -52,7 +54,6 @@ class InferenceWorker:
 
     def _init_thread(self) -> None:
         if self.torch_threads:
-            import torch
 
             torch.set_num_threads(self.torch_threads)
 

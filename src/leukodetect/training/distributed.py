@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 
 from leukodetect.errors import LeukoError
 from leukodetect.runtime.device import resolve_device
@@ -127,8 +128,6 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized():
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         # Statistics in float32 whatever autocast gave (bfloat16 on CPUs with AVX512-BF16), as
         # F.batch_norm computes them; the running buffers are float32 too.
         x = x.float()

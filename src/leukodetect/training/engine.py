@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from leukodetect.runtime.device import autocast
@@ -17,8 +18,6 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 def batch_mixer(mixup: float, cutmix: float, num_classes: int = 2):
     """MixUp and/or CutMix (torchvision.transforms.v2) with these Beta parameters; None when both are 0."""
-    from torchvision.transforms import v2
-
     mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + (
         [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
     if not mixers:
