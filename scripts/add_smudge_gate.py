@@ -16,6 +16,7 @@ weights are those of the input, so a float16 input is copied exactly), else as a
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,11 @@ from leukodetect.detection.crops import CropConfig, located_cells, write_crops
 from leukodetect.detection.gate import fit_gate
 from leukodetect.detection.pipeline import locate_params_of
 from leukodetect.runtime.checkpoint import (
+    DetectorSettings,
     load_checkpoint,
     save_checkpoint,
     save_safetensors,
 )
-
-
-class _Holder:
-    def __init__(self, bundle: dict) -> None:
-        self.bundle = bundle
 
 
 def main() -> None:
@@ -46,10 +43,10 @@ def main() -> None:
     args = parser.parse_args()
 
     bundle = load_checkpoint(args.detector)
-    detection = bundle.get("detection", {})
-    params = locate_params_of(_Holder(bundle))
+    settings = DetectorSettings.of(bundle) or DetectorSettings()
+    params = locate_params_of(settings)
     records = index_dataset(args.data, "allidb1")
-    crop = CropConfig(crop_factor=float(detection.get("crop_factor", 3.0)), size=int(detection.get("crop_size", 96)))
+    crop = CropConfig(crop_factor=settings.crop_factor, size=settings.crop_size or 96)
     write_crops(records, args.work, crop, params=params, progress=True)
     features, labels, photos, _ = located_cells(args.work, {r.path.stem for r in records})
     gate = fit_gate(features, labels, photos, keep=args.keep)
@@ -57,7 +54,7 @@ def main() -> None:
     print(f"Gate fitted on {int((labels >= 0).sum())} located cells of {len(set(photos.tolist()))} photographs "
           f"(threshold {gate.threshold:.4f}); in-sample it keeps {kept[labels == 1].mean():.1%} of the annotated cells "
           f"and rejects {(~kept[labels == 0]).mean():.1%} of the unannotated objects.")
-    bundle["detection"] = {**detection, "gate": gate.to_dict()}
+    bundle["detection"] = replace(settings, gate=gate.to_dict()).to_dict()
     if args.out.suffix == ".safetensors":
         save_safetensors(bundle, args.out)
     else:

@@ -80,12 +80,12 @@ def test_serve_without_options_analyzes_smears_with_the_shipped_detector(smear_p
     assert 0 < gate.threshold < 1 and gate.keep == 0.99
     assert bundle["detection"]["locate"]["clump_area"] > 0
     # It was trained and evaluated with the locator's current settings (the stain-weighted centre included), stored in it.
-    from types import SimpleNamespace
 
     from leukodetect.detection.locate import LocateParams
     from leukodetect.detection.pipeline import locate_params_of
+    from leukodetect.runtime.checkpoint import DetectorSettings
 
-    assert locate_params_of(SimpleNamespace(bundle=bundle)) == LocateParams() and LocateParams().stain_centre
+    assert locate_params_of(DetectorSettings.of(bundle)) == LocateParams() and LocateParams().stain_centre
     # No validation photographs: every photograph's crops trained and the last of the 30 epochs was kept.
     assert bundle["config"]["data"]["val_fraction"] == 0 and bundle["epoch"] == 30 == bundle["config"]["train"]["epochs"]
     # And its cell scorer, which leaves the camera-dependent colours out.

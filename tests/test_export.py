@@ -142,3 +142,34 @@ def test_bad_arguments_and_files_get_one_sentence(exported, checkpoint, tiny_tre
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert "--format onnx or --format torchscript" in invoke(
         "export", "--checkpoint", checkpoint, "--format", "tflite", "--out", tmp_path / "m.tflite").output
+
+
+def test_a_detectors_settings_survive_onnx_export(checkpoint, tmp_path):
+    """Crop scale, localisation, gate and scorer travel in the ONNX metadata and come back typed."""
+    from leukodetect.runtime.checkpoint import DetectorSettings
+
+    settings = DetectorSettings(crop_factor=2.0, crop_size=24, locate={"min_area": 0.4}, gate={"threshold": 0.1}, scorer=None)
+    bundle = load_checkpoint(checkpoint)
+    bundle["detection"] = settings.to_dict()
+    detector = save_checkpoint(bundle, tmp_path / "detector.pt")
+    export_model(detector, tmp_path / "detector.onnx", fmt="onnx")
+    reloaded = ExportedClassifier.from_file(tmp_path / "detector.onnx")
+    assert reloaded.detector == settings == Classifier.from_checkpoint(detector, backend="torch").detector
+    assert "scorer" not in reloaded.meta["detection"]  # unset entries are left out, as in the checkpoint
+    plain = export_model(checkpoint, tmp_path / "plain.onnx", fmt="onnx")
+    assert ExportedClassifier.from_file(plain["path"]).detector is None
+
+
+def test_image_probabilities_match_predict_paths_at_any_batch_size(checkpoint, tiny_tree):
+    """The one batched method: PIL images, arrays and files give the same P(blast), batch by batch."""
+    from leukodetect.runtime.images import open_rgb
+
+    clf = Classifier.from_checkpoint(checkpoint, backend="torch", precision="fp32")
+    paths = [r.path for r in index_dataset(tiny_tree, "folders")][:7]
+    images = [open_rgb(p) for p in paths]
+    by_path = np.array([p.prob_blast for p in clf.predict_paths(paths, batch_size=3)])
+    np.testing.assert_allclose(clf.image_probabilities(images, batch_size=2), by_path, atol=1e-6)
+    np.testing.assert_allclose(clf.image_probabilities([np.asarray(im) for im in images], batch_size=7), by_path, atol=1e-6)
+    assert clf.image_probabilities([], batch_size=4).shape == (0,)
+    logits = clf.image_logits(images, batch_size=4)
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits) / clf.temperature, 1)[:, 1].numpy(), by_path, atol=1e-5)

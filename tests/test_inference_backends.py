@@ -18,9 +18,9 @@ from model_helpers import tiny_with_batchnorm_statistics
 from torch import nn
 from typer.testing import CliRunner
 
-from leukodetect.runtime import export
 from leukodetect.cli import app
 from leukodetect.errors import LeukoError
+from leukodetect.runtime import export
 from leukodetect.runtime.checkpoint import make_bundle, save_checkpoint
 from leukodetect.runtime.classifier import (
     BACKEND_ATOL,

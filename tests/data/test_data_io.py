@@ -168,3 +168,23 @@ def test_pixel_hash_ignores_format_and_name(write_image, tmp_path):
 
 def test_image_suffixes_are_lower_case():
     assert {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"} == set(IMAGE_SUFFIXES)
+
+
+def test_open_rgb_decodes_bytes_and_names_the_upload(tmp_path):
+    """An upload is decoded from memory; errors and notes name it as the service shows it."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (5, 4), 200).save(buffer, format="PNG")
+    notes: list[str] = []
+    image = open_rgb(buffer.getvalue(), name="cell.png", notes=notes)
+    assert image.mode == "RGB" and image.size == (5, 4) and notes == ["cell.png: grayscale (L) image converted to RGB."]
+    tiff = io.BytesIO()
+    Image.new("RGB", (3, 3), (10, 20, 30)).save(tiff, format="TIFF")
+    assert open_rgb(tiff.getvalue(), name="x").getpixel((1, 1)) == (10, 20, 30)
+    with pytest.raises(BadImageError, match=r"^Image 'notes\.txt' is not an image"):
+        open_rgb(b"hello, not an image", name="notes.txt")
+    with pytest.raises(BadImageError, match=r"^Image 'empty\.png' is empty"):
+        open_rgb(b"", name="empty.png")

@@ -82,18 +82,18 @@ def test_detect_single_bad_file_fails_with_one_sentence(tmp_path):
 
 def test_detection_runs_with_the_localisation_settings_stored_with_its_classifier():
     from dataclasses import asdict
-    from types import SimpleNamespace
 
     from leukodetect.detection.locate import LocateParams
     from leukodetect.detection.pipeline import locate_params_of
+    from leukodetect.runtime.checkpoint import DetectorSettings
 
     assert locate_params_of(None) == LocateParams()
     stored = asdict(LocateParams(min_area=0.4, clump_area=5.0))
-    assert locate_params_of(SimpleNamespace(bundle={"detection": {"locate": stored}})) == LocateParams(min_area=0.4, clump_area=5.0)
+    assert locate_params_of(DetectorSettings(locate=stored)) == LocateParams(min_area=0.4, clump_area=5.0)
     # A detector trained before clump cutting existed keeps the locator it was evaluated with.
     older = {k: v for k, v in stored.items() if k not in ("clump_area", "cell_area")}
-    assert locate_params_of(SimpleNamespace(bundle={"detection": {"locate": older}})).clump_area == 0.0
+    assert locate_params_of(DetectorSettings(locate=older)).clump_area == 0.0
     # One trained with clump cutting but before the convexity guard cuts by area alone, as evaluated.
     before_guard = {k: v for k, v in stored.items() if k not in ("clump_solidity", "merge_area", "merge_solidity")}
-    params = locate_params_of(SimpleNamespace(bundle={"detection": {"locate": before_guard}}))
+    params = locate_params_of(DetectorSettings(locate=before_guard))
     assert (params.clump_area, params.clump_solidity, params.merge_area) == (5.0, 1.0, 0.0)

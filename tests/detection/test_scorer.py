@@ -92,8 +92,8 @@ def test_scorer_round_trips_and_refuses_foreign_measurements_and_too_few_cells()
         fit_scorer(x, (np.arange(60) < 3).astype(int))
 
 
-def test_add_scorer_labels_training_cells_by_the_blast_annotations(tmp_path):
-    from leukodetect.jobs.detect_eval import _add_scorer
+def test_fit_cell_scorer_labels_training_cells_by_the_blast_annotations(tmp_path):
+    from leukodetect.jobs.detect_eval import fit_cell_scorer
 
     x, y = _cells(n=80)
     photos = np.array([f"Im{i % 4:03d}_1" for i in range(80)])
@@ -104,10 +104,8 @@ def test_add_scorer_labels_training_cells_by_the_blast_annotations(tmp_path):
     for i, r in enumerate(records):  # photographs of two sizes: the density is read off each one's size
         r.path = tmp_path / r.path.name
         Image.new("RGB", (200, 100 * (1 + i % 2))).save(r.path)
-    bundle = {"detection": {}}
     logged = []
-    _add_scorer(bundle, tmp_path, records, x, photos, xy, None, 0.5, logged.append, context=True)
-    scorer = CellScorer.from_dict(bundle["detection"]["scorer"])
+    scorer = fit_cell_scorer(tmp_path, records, x, photos, xy, None, 0.5, logged.append, context=True)
     assert "80 located cells (40 blasts) of 4 photographs" in logged[0]
     assert scorer.coef[SCORER_FEATURES.index("log_area")] > 1.0
     # The photograph's white-cell density is the last input: 20 kept cells on 200 x 100 or 200 x 200 pixels.
@@ -116,15 +114,13 @@ def test_add_scorer_labels_training_cells_by_the_blast_annotations(tmp_path):
     assert scorer.mean[-1] == pytest.approx(np.mean(densities)) and scorer.scale[-1] == pytest.approx(np.std(densities))
     with pytest.raises(LeukoError, match="white-cell density"):
         scorer.combine(np.full(len(y), 0.5), x)
-    bundle = {"detection": {}}
-    _add_scorer(bundle, tmp_path, records, x, photos, xy, None, 0.5, logged.append, context=False)
-    assert tuple(bundle["detection"]["scorer"]["feature_names"]) == SCORER_FEATURES
+    scorer = fit_cell_scorer(tmp_path, records, x, photos, xy, None, 0.5, logged.append, context=False)
+    assert tuple(scorer.to_dict()["feature_names"]) == SCORER_FEATURES
     # Annotations farther than the radius (0.5 x 20 px) label nothing: no scorer, and a note why.
     for r in records:
         r.blasts = [(bx + 30, by) for bx, by in r.blasts]
-    bundle = {"detection": {}}
-    _add_scorer(bundle, tmp_path, records, x, photos, xy, None, 0.5, logged.append)
-    assert "scorer" not in bundle["detection"] and "no cell scorer: Too few" in logged[-1]
+    assert fit_cell_scorer(tmp_path, records, x, photos, xy, None, 0.5, logged.append) is None
+    assert "no cell scorer: Too few" in logged[-1]
 
 
 def _scored_checkpoint(crop_checkpoint, tmp_path):

@@ -10,13 +10,11 @@ scale the crop classifier was trained at (stored in its checkpoint under ``"dete
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from leukodetect.detection.crops import DEFAULT_CROP_FACTOR, crop_around
@@ -29,6 +27,7 @@ from leukodetect.detection.locate import (
 )
 from leukodetect.detection.scorer import CellScorer, white_density
 from leukodetect.errors import LeukoError
+from leukodetect.runtime.checkpoint import DetectorSettings
 from leukodetect.runtime.classifier import Classifier
 
 #: Box colours (RGB) by call.
@@ -56,40 +55,28 @@ class VerdictRule:
         return "review"
 
 
-def crop_factor_of(classifier) -> float:
-    """The crop side, in red-cell diameters, that ``classifier`` was trained on."""
-    bundle = getattr(classifier, "bundle", None) or {}
-    return float(bundle.get("detection", {}).get("crop_factor", DEFAULT_CROP_FACTOR))
+def locate_params_of(settings: DetectorSettings | None) -> LocateParams:
+    """The localisation settings a detector was trained and evaluated with (its checkpoint's).
 
-
-def locate_params_of(classifier) -> LocateParams:
-    """The localisation settings ``classifier`` was trained and evaluated with (its checkpoint's).
-
-    A detector checkpoint stores them under ``"detection"``; settings it lacks take their defaults,
-    except the steps added later (:data:`~leukodetect.detection.locate.LEGACY_VALUES`), which a
-    checkpoint from before them was never evaluated with: those are off.
-    Without a stored record (no classifier, a plain checkpoint) the defaults apply.
+    Settings it lacks take their defaults, except the steps added later
+    (:data:`~leukodetect.detection.locate.LEGACY_VALUES`), which a checkpoint from before them was
+    never evaluated with: those are off. Without a stored record (no classifier, a plain cell
+    classifier) the defaults apply.
     """
-    bundle = getattr(classifier, "bundle", None) or {}
-    stored = bundle.get("detection", {}).get("locate")
-    if stored is None:
+    if settings is None or settings.locate is None:
         return LocateParams()
     known = {f.name for f in fields(LocateParams)}
-    return LocateParams(**{**LEGACY_VALUES, **{k: v for k, v in stored.items() if k in known}})
+    return LocateParams(**{**LEGACY_VALUES, **{k: v for k, v in settings.locate.items() if k in known}})
 
 
-def gate_of(classifier) -> SmudgeGate | None:
-    """The smudge gate stored with ``classifier``'s checkpoint (:mod:`.gate`), or None."""
-    bundle = getattr(classifier, "bundle", None) or {}
-    raw = bundle.get("detection", {}).get("gate")
-    return None if raw is None else SmudgeGate.from_dict(raw)
+def gate_of(settings: DetectorSettings | None) -> SmudgeGate | None:
+    """The smudge gate stored with a detector (:mod:`.gate`), or None."""
+    return None if settings is None or settings.gate is None else SmudgeGate.from_dict(dict(settings.gate))
 
 
-def scorer_of(classifier) -> CellScorer | None:
-    """The cell scorer stored with ``classifier``'s checkpoint (:mod:`.scorer`), or None."""
-    bundle = getattr(classifier, "bundle", None) or {}
-    raw = bundle.get("detection", {}).get("scorer")
-    return None if raw is None else CellScorer.from_dict(raw)
+def scorer_of(settings: DetectorSettings | None) -> CellScorer | None:
+    """The cell scorer stored with a detector (:mod:`.scorer`), or None."""
+    return None if settings is None or settings.scorer is None else CellScorer.from_dict(dict(settings.scorer))
 
 
 def call_of(prob: float | None, band: tuple[float, float]) -> str:
@@ -98,15 +85,6 @@ def call_of(prob: float | None, band: tuple[float, float]) -> str:
         return "cell"
     lo, hi = band
     return "blast" if prob >= hi else "normal" if prob < lo else "review"
-
-
-def classify_crops(classifier, crops: Sequence[np.ndarray], batch_size: int = 32) -> list[float]:
-    """Blast probability of each crop, with the classifier's own preprocessing."""
-    probs: list[float] = []
-    for start in range(0, len(crops), batch_size):
-        batch = torch.stack([classifier.preset(Image.fromarray(c)) for c in crops[start:start + batch_size]])
-        probs.extend(float(p) for p in classifier.probabilities(batch))
-    return probs
 
 
 def analyze(
@@ -147,21 +125,22 @@ def analyze(
         raise LeukoError(f"Review band {review_band} must satisfy 0 <= lo <= hi <= 1.")
     t0 = time.perf_counter()
     rgb = as_array(image)
-    loc = locate_cells(rgb, params if params is not None else locate_params_of(classifier))
+    settings = classifier.detector if classifier is not None else None
+    loc = locate_cells(rgb, params if params is not None else locate_params_of(settings))
     t1 = time.perf_counter()
-    factor = crop_factor_of(classifier) if classifier is not None else DEFAULT_CROP_FACTOR
+    factor = settings.crop_factor if settings is not None else DEFAULT_CROP_FACTOR
     side = factor * loc.rbc_diameter
     probs: list[float | None] = [None] * len(loc.cells)
     if classifier is not None and loc.cells:
         size = classifier.preset.image_size
         crops = [crop_around(rgb, c.x, c.y, side, size) for c in loc.cells]
-        probs = classify_crops(classifier, crops, batch_size)
-    gate = gate_of(classifier) if use_gate and classifier is not None else None
+        probs = [float(p) for p in classifier.image_probabilities(crops, batch_size=batch_size)]
+    gate = gate_of(settings) if use_gate else None
     p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
     height, width = rgb.shape[:2]
     n_kept = sum(q is None or q >= gate.threshold for q in p_cell)
     density = white_density(n_kept, width, height, loc.rbc_diameter)
-    scorer = scorer_of(classifier) if use_scorer and classifier is not None else None
+    scorer = scorer_of(settings) if use_scorer else None
     crop_probs = probs
     if scorer is not None and loc.cells:
         probs = [float(p) for p in scorer.combine(crop_probs, loc.features, density)]

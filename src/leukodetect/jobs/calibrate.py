@@ -21,7 +21,6 @@ from leukodetect.evaluation.calibration import (
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
-from leukodetect.training.engine import predict_logits
 
 
 def select_split(records, split_file: str | Path, part: str = "val") -> list:
@@ -36,24 +35,16 @@ def select_split(records, split_file: str | Path, part: str = "val") -> list:
     return chosen
 
 
-def validation_logits(clf, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16, log=print) -> tuple[np.ndarray, np.ndarray]:
+def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16, log=print) -> tuple[np.ndarray, np.ndarray]:
     """Float32 logits (N, C) and labels (N,) of the readable images; unreadable ones are logged and skipped."""
-
-
-    items = []
+    images, labels = [], []
     for path, label in pairs:
         try:
-            items.append((clf.preset(open_rgb(path)), label))
+            images.append(open_rgb(path))
+            labels.append(label)
         except BadImageError as exc:
             log(f"skipped: {exc}")
-    batches = [
-        (torch.stack([x for x, _ in items[i : i + batch_size]]), torch.tensor([y for _, y in items[i : i + batch_size]]))
-        for i in range(0, len(items), batch_size)
-    ]
-    # No autocast: temperature and threshold are fitted on float32 logits.
-    # The model ``probabilities`` runs, so the chosen threshold sits on the same numbers the calls use.
-    return predict_logits(getattr(clf, "inference_model", clf.model), batches, device=clf.device, amp_dtype=None,
-                          channels_last=clf.channels_last)
+    return clf.image_logits(images, batch_size=batch_size), np.array(labels, dtype=np.int64)
 
 
 def calibrate_checkpoint(

@@ -158,9 +158,7 @@ def fold_probabilities(checkpoint: Path, images: torch.Tensor, *, device: str = 
     if int(clf.bundle["image_size"]) != images.shape[-1]:
         raise LeukoError(f"{checkpoint} takes {clf.bundle['image_size']}-pixel inputs, not {images.shape[-1]}: "
                          "rerun the comparison in a new --out.")
-    finish = clf.preset.finish()
-    return np.concatenate([clf.probabilities(torch.stack([finish(x) for x in images[i:i + batch_size]]))
-                           for i in range(0, len(images), batch_size)])
+    return clf.image_probabilities(images, batch_size=batch_size)
 
 
 def control(result, checkpoints: list[Path], held_out: HeldOutImages, *, device: str = "auto") -> dict:

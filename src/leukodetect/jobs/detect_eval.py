@@ -49,10 +49,19 @@ from leukodetect.detection.gate import fit_gate
 from leukodetect.detection.locate import LocateParams
 from leukodetect.detection.match import detection_scores, match_points, match_to_regions
 from leukodetect.detection.pipeline import VerdictRule, analyze
-from leukodetect.detection.scorer import blast_labels, fit_scorer, white_density
+from leukodetect.detection.scorer import (
+    CellScorer,
+    blast_labels,
+    fit_scorer,
+    white_density,
+)
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
-from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.checkpoint import (
+    DetectorSettings,
+    load_checkpoint,
+    save_checkpoint,
+)
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
 from leukodetect.training.fit import train_model
@@ -238,7 +247,7 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
     result = train_model(run, train_crops, val_crops, fold_dir / "model", resume=resume, progress=progress, log=log)
     bundle = load_checkpoint(result.best_path)
     # The scale travels with the checkpoint: detection crops at the scale it was trained on.
-    bundle["detection"] = {"crop_factor": cfg.crop.crop_factor, "crop_size": cfg.crop.size, "locate": asdict(cfg.locate)}
+    settings = DetectorSettings(crop_factor=cfg.crop.crop_factor, crop_size=cfg.crop.size, locate=asdict(cfg.locate))
     features, gate_y, photos, xy = located_cells(manifest.parent, {r.path.stem for r in train_photos})
     gate = None
     if cfg.smudge_gate:
@@ -247,18 +256,20 @@ def _train_fold(cfg: DetectEvalConfig, manifest: Path, train_photos: list, fold_
         except LeukoError as exc:
             log(f"  no smudge gate: {exc}")
         else:
-            bundle["detection"]["gate"] = gate.to_dict()
+            settings = replace(settings, gate=gate.to_dict())
             log(f"  smudge gate trained on {int((gate_y >= 0).sum())} located cells of {len(train_photos)} photographs.")
     if cfg.cell_scorer:
-        _add_scorer(bundle, manifest.parent, train_photos, features, photos, xy, gate, cfg.radius, log,
-                    context=cfg.photo_context)
+        scorer = fit_cell_scorer(manifest.parent, train_photos, features, photos, xy, gate, cfg.radius, log, context=cfg.photo_context)
+        if scorer is not None:
+            settings = replace(settings, scorer=scorer.to_dict())
+    bundle["detection"] = settings.to_dict()
     save_checkpoint(bundle, result.best_path)
     return result.best_path
 
 
-def _add_scorer(bundle: dict, crops_dir: Path, train_photos: list, features, photos, xy, gate, radius: float, log,
-                *, context: bool = False) -> None:
-    """Fit the cell scorer on the training photographs' located cells (those the gate keeps) and store it in ``bundle``.
+def fit_cell_scorer(crops_dir: Path, train_photos: list, features, photos, xy, gate, radius: float, log,
+                    *, context: bool = False) -> CellScorer | None:
+    """Fit the cell scorer on the training photographs' located cells (those the gate keeps); None where it cannot be.
 
     With ``context`` it also weighs each photograph's white-cell density, counted as ``analyze`` counts it.
     """
@@ -279,9 +290,9 @@ def _add_scorer(bundle: dict, crops_dir: Path, train_photos: list, features, pho
         scorer = fit_scorer(features[keep], labels[keep], density[keep] if context else None)
     except LeukoError as exc:
         log(f"  no cell scorer: {exc}")
-        return
-    bundle["detection"]["scorer"] = scorer.to_dict()
+        return None
     log(f"  cell scorer trained on {int(keep.sum())} located cells ({int(labels[keep].sum())} blasts) of {len(train_photos)} photographs.")
+    return scorer
 
 
 def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log) -> list[dict]:

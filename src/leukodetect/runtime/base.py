@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from leukodetect.errors import BadImageError
+from leukodetect.runtime.checkpoint import DetectorSettings
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.preprocess import EvalPreset
 
@@ -37,7 +39,7 @@ class Prediction:
 
 
 class ImageClassifier:
-    """What every classifier shares: preprocessing, threshold and class names, and ``predict_paths``.
+    """What every classifier shares: preprocessing, threshold, class names, ``image_probabilities`` and ``predict_paths``.
 
     Subclasses set ``preset``, ``threshold`` and ``class_names`` and implement ``probabilities``; the
     PyTorch :class:`Classifier` and the exported models (:mod:`leukodetect.runtime.export`) both build on it,
@@ -47,6 +49,8 @@ class ImageClassifier:
     preset: EvalPreset
     threshold: float
     class_names: list[str]
+    #: How a whole-smear detector cuts and judges its crops (None for a plain cell classifier).
+    detector: DetectorSettings | None = None
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
@@ -55,6 +59,23 @@ class ImageClassifier:
     def call(self, prob: float) -> str:
         return self.class_names[1] if prob >= self.threshold else self.class_names[0]
 
+    def preprocessed_batches(self, images: Sequence[Image.Image | np.ndarray | torch.Tensor], batch_size: int = 16):
+        """Yield float tensors (n, 3, S, S) of at most ``batch_size`` images, with the checkpoint's preprocessing.
+
+        Images may be PIL images, (H, W, 3) uint8 arrays or (3, H, W) uint8 tensors (one already
+        resized to the input size is left as it is). Only one batch of preprocessed tensors exists
+        at a time, which bounds memory whatever the number of images.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        for i in range(0, len(images), batch_size):
+            yield torch.stack([self.preset(image) for image in images[i:i + batch_size]])
+
+    def image_probabilities(self, images: Sequence[Image.Image | np.ndarray | torch.Tensor], *, batch_size: int = 16) -> np.ndarray:
+        """Blast probability (N,) of decoded images, temperature applied, ``batch_size`` at a time."""
+        probs = [np.asarray(self.probabilities(batch)) for batch in self.preprocessed_batches(images, batch_size)]
+        return np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
+
     def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False, stain=None) -> list[Prediction]:
         """Classify files; an unreadable file gets an error entry and the others go on.
 
@@ -62,13 +83,10 @@ class ImageClassifier:
         before the model's own preprocessing; it notes, never raises, where it cannot.
         """
         results = [Prediction(path=str(p)) for p in paths]
-        pending: list[tuple[int, torch.Tensor]] = []
+        pending: list[tuple[int, Image.Image]] = []  # decoded images waiting for a full batch
 
         def flush() -> None:
-            if not pending:
-                return
-            probs = self.probabilities(torch.stack([t for _, t in pending]))
-            for (i, _), p in zip(pending, probs):
+            for (i, _), p in zip(pending, self.image_probabilities([image for _, image in pending], batch_size=batch_size)):
                 results[i].prob_blast = float(p)
                 results[i].label = self.call(float(p))
             pending.clear()
@@ -81,7 +99,7 @@ class ImageClassifier:
                 continue
             if stain is not None:
                 image = stain(image, notes=results[i].notes)
-            pending.append((i, self.preset(image)))
+            pending.append((i, image))
             if len(pending) >= batch_size:
                 flush()
         flush()

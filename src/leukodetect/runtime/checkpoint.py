@@ -10,6 +10,8 @@ trained and validated on (so ``evaluate`` can refuse to score a model on its own
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,51 @@ from leukodetect.utils import atomic_write, environment_facts
 #: Class names in label order. Label 1 is the positive class: a blast (cell level) or an ALL
 #: photograph (whole-smear level).
 CLASS_NAMES: tuple[str, str] = ("normal", "blast")
+
+#: Crop side, in red-cell diameters, of detector checkpoints that do not record one (the first recipe).
+LEGACY_CROP_FACTOR = 3.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectorSettings:
+    """What a crop classifier for whole-smear detection was trained with, stored under ``"detection"``.
+
+    ``detect``, ``serve`` and the exported models read these from the checkpoint (or the export's
+    metadata) and never restate them, so a detector is always run at the scale and with the
+    localisation, gate and scorer it was evaluated with. The runtime only carries the last three; the
+    detection package gives them meaning (``LocateParams``, ``SmudgeGate``, ``CellScorer``).
+
+    Attributes:
+        crop_factor: crop side in red-cell diameters, measured on each photograph.
+        crop_size: the crop's side in pixels when it was cut for training (None: not recorded).
+        locate: the localisation settings as a dict (None: the defaults of the day it was trained).
+        gate: the smudge gate's numbers (None: no gate).
+        scorer: the cell scorer's numbers (None: no scorer).
+    """
+
+    crop_factor: float = LEGACY_CROP_FACTOR
+    crop_size: int | None = None
+    locate: Mapping[str, Any] | None = None
+    gate: Mapping[str, Any] | None = None
+    scorer: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> DetectorSettings | None:
+        """The settings stored in a checkpoint or export (None where it is no detector); unknown keys are ignored."""
+        if raw is None:
+            return None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def of(cls, bundle: Mapping[str, Any]) -> DetectorSettings | None:
+        """The settings of a checkpoint bundle, or None for a plain cell classifier."""
+        return cls.from_dict(bundle.get("detection"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a checkpoint or an export's JSON; unset entries are left out."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
 
 FORMAT = "leukodetect.checkpoint"
 FORMAT_VERSION = 1

@@ -16,7 +16,11 @@ from torch.fx.experimental.optimization import fuse
 
 from leukodetect.errors import LeukoError
 from leukodetect.runtime.base import ImageClassifier
-from leukodetect.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from leukodetect.runtime.checkpoint import (
+    DetectorSettings,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from leukodetect.runtime.device import (
     autocast,
     autocast_dtype,
@@ -82,6 +86,7 @@ class Classifier(ImageClassifier):
         self.threshold = float(bundle["threshold"])
         self.temperature = float(bundle["temperature"])
         self.class_names = list(bundle["class_names"])
+        self.detector = DetectorSettings.of(bundle)
         if backend not in BACKENDS:
             raise LeukoError(f"Unknown backend '{backend}': use --backend auto, torch or onnx.")
         requested = (_env_backend() or "auto") if backend == "auto" else backend
@@ -129,6 +134,22 @@ class Classifier(ImageClassifier):
         with autocast(self.device, self.amp_dtype):
             logits = self.inference_model(x)
         return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
+
+
+    @torch.inference_mode()
+    def image_logits(self, images, *, batch_size: int = 16) -> np.ndarray:
+        """Float32 logits (N, C) of decoded images, without autocast: what calibration fits.
+
+        They come from ``inference_model``, the network the PyTorch backend runs, so a threshold
+        chosen on them sits on the numbers the calls use.
+        """
+        out = []
+        for batch in self.preprocessed_batches(images, batch_size):
+            x = batch.to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(self.inference_model(x).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
 
 
 def auto_backend(device: torch.device, amp_dtype: torch.dtype | None) -> str:

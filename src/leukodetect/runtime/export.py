@@ -37,7 +37,11 @@ from torch import nn
 from leukodetect import __version__
 from leukodetect.errors import BadCheckpointError, LeukoError
 from leukodetect.runtime.base import ImageClassifier
-from leukodetect.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+from leukodetect.runtime.checkpoint import (
+    DetectorSettings,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from leukodetect.runtime.preprocess import EvalPreset
 from leukodetect.utils import atomic_write, cache_dir
 
@@ -66,7 +70,12 @@ class BlastProbability(nn.Module):
 
 
 def export_metadata(bundle: dict[str, Any], *, fmt: str, source: Path) -> dict[str, Any]:
-    """The JSON stored with an exported file: what a runner needs to preprocess and call."""
+    """The JSON stored with an exported file: what a runner needs to preprocess and call.
+
+    A detector's crop scale, localisation settings, smudge gate and cell scorer
+    (:class:`~leukodetect.runtime.checkpoint.DetectorSettings`) travel too, under ``"detection"``.
+    """
+    detector = DetectorSettings.of(bundle)
     return {
         "format": META_FORMAT,
         "format_version": META_FORMAT_VERSION,
@@ -79,6 +88,7 @@ def export_metadata(bundle: dict[str, Any], *, fmt: str, source: Path) -> dict[s
         "trained_with": bundle.get("versions", {}),
         "exported_with": {"leukodetect": __version__, "torch": str(torch.__version__)},
         "exported": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **({"detection": detector.to_dict()} if detector is not None else {}),
     }
 
 
@@ -357,6 +367,7 @@ class ExportedClassifier(ImageClassifier):
         self.threshold = float(meta["threshold"])
         self.temperature = float(meta["temperature"])
         self.class_names = list(meta["class_names"])
+        self.detector = DetectorSettings.from_dict(meta.get("detection"))
 
     @classmethod
     def from_file(cls, path: Path) -> ExportedClassifier:

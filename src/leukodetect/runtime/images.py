@@ -8,7 +8,10 @@ rest of the code can assume 8-bit RGB.
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ DEFAULT_MAX_PIXELS = 60_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 
 _TIFF_SUFFIXES = {".tif", ".tiff"}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 _GRAY_MODES = {"L", "1"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -32,12 +36,13 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyErr
 
 
 def open_rgb(
-    path: str | Path,
+    source: str | Path | bytes,
     *,
+    name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     notes: list[str] | None = None,
 ) -> Image.Image:
-    """Open an image file as a fully decoded 8-bit RGB image with EXIF orientation applied.
+    """Open an image file (or its bytes) as a fully decoded 8-bit RGB image with EXIF orientation applied.
 
     Odd modes are converted and one sentence per conversion is appended to ``notes``: grayscale
     and palettes become RGB, transparency is composited on white (the colour of an empty slide),
@@ -45,7 +50,9 @@ def open_rgb(
     :func:`_rescale_to_uint8`). The source mode is kept in ``image.info["original_mode"]``.
 
     Args:
-        path: the image file.
+        source: the image file, or its content (an upload) decoded from memory with no file written.
+        name: what errors and notes call an in-memory image (e.g. the uploaded file's name); a
+            file is called by its path.
         max_pixels: refuse images with more pixels than this; checked from the header, before
             decoding, so a decompression bomb costs nothing.
         notes: a list that receives a sentence for every conversion made.
@@ -54,48 +61,65 @@ def open_rgb(
         BadImageError: the file is missing, empty, not an image, truncated, too large or in a
             mode that cannot be converted.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BadImageError(f"Image {path} does not exist; check the path or re-index the data set.")
-    if path.stat().st_size == 0:
-        raise BadImageError(f"Image {path} is empty (0 bytes); download or copy it again, or delete it.")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        src = _Source(where=f"'{name or 'upload'}'", short=name or "upload", tiff=data[:4] in _TIFF_MAGIC, read=lambda: io.BytesIO(data))
+        if not data:
+            raise BadImageError(f"Image {src.where} is empty (0 bytes); send the file again.")
+    else:
+        path = Path(source)
+        src = _Source(where=str(path), short=path.name, tiff=path.suffix.lower() in _TIFF_SUFFIXES, read=lambda: path)
+        if not path.is_file():
+            raise BadImageError(f"Image {path} does not exist; check the path or re-index the data set.")
+        if path.stat().st_size == 0:
+            raise BadImageError(f"Image {path} is empty (0 bytes); download or copy it again, or delete it.")
 
     try:
         with warnings.catch_warnings():
             # Our own max_pixels guard below replaces Pillow's global decompression-bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data"
-            image = Image.open(path)
+            image = Image.open(src.read())
     except Image.DecompressionBombError as error:
         # Pillow refuses these at open, before our own guard can read the size.
         raise BadImageError(
-            f"Image {path} has more pixels than Pillow will ever open "
+            f"Image {src.where} has more pixels than Pillow will ever open "
             f"({2 * Image.MAX_IMAGE_PIXELS:,}); downscale or tile it first."
         ) from error
     except UnidentifiedImageError as error:
-        if path.suffix.lower() in _TIFF_SUFFIXES:
-            return _open_with_tifffile(path, max_pixels=max_pixels, notes=notes, cause=error)
-        raise _not_an_image(path) from error
+        if src.tiff:
+            return _open_with_tifffile(src, max_pixels=max_pixels, notes=notes, cause=error)
+        raise _not_an_image(src.where) from error
     except _DECODE_ERRORS as error:
-        raise _decode_error(path, error) from error
+        raise _decode_error(src.where, error) from error
 
     with image:
-        _check_pixels(path, image.size, max_pixels)
+        _check_pixels(src.where, image.size, max_pixels)
         if image.format == "TIFF" and image.mode not in _HIGH_DEPTH_MODES and _tiff_bits(image) > 8:
             # Pillow reads 16-bit RGB TIFFs by silently dropping the low byte; tifffile reads the
             # real samples so that the rescale (and its note) are ours.
-            return _open_with_tifffile(path, max_pixels=max_pixels, notes=notes, cause=None)
+            return _open_with_tifffile(src, max_pixels=max_pixels, notes=notes, cause=None)
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
         except _DECODE_ERRORS as error:
-            if path.suffix.lower() in _TIFF_SUFFIXES and "truncated" not in str(error).lower():
-                return _open_with_tifffile(path, max_pixels=max_pixels, notes=notes, cause=error)
-            raise _decode_error(path, error) from error
+            if src.tiff and "truncated" not in str(error).lower():
+                return _open_with_tifffile(src, max_pixels=max_pixels, notes=notes, cause=error)
+            raise _decode_error(src.where, error) from error
         original_mode = image.mode
-        rgb = _to_rgb(image, path, notes)
+        rgb = _to_rgb(image, src, notes)
     rgb.info["original_mode"] = original_mode
     return rgb
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where an image comes from: how messages name it, and how to read it again."""
+
+    where: str  # in error sentences: the path, or the quoted upload name
+    short: str  # in conversion notes: the file name
+    tiff: bool  # a TIFF by suffix (files) or by its first bytes (uploads): Pillow's failures go to tifffile
+    read: Callable[[], Path | io.BytesIO]
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -116,39 +140,39 @@ def _tiff_bits(image: Image.Image) -> int:
     return max(bits) if isinstance(bits, tuple) else int(bits)
 
 
-def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+def _check_pixels(where: str, size: tuple[int, int], max_pixels: int) -> None:
     """Refuse an image whose header declares more than ``max_pixels`` pixels."""
     width, height = size
     if width * height > max_pixels:
         raise BadImageError(
-            f"Image {path} has {width}x{height} = {width * height:,} pixels, more than the limit "
+            f"Image {where} has {width}x{height} = {width * height:,} pixels, more than the limit "
             f"of {max_pixels:,} pixels; downscale or tile it, or raise max_pixels."
         )
 
 
-def _not_an_image(path: Path) -> BadImageError:
+def _not_an_image(where: str) -> BadImageError:
     """The error for a file whose header no reader recognises."""
     return BadImageError(
-        f"Image {path} is not an image Pillow can read (or its header is damaged or truncated); "
+        f"Image {where} is not an image Pillow can read (or its header is damaged or truncated); "
         "replace it or remove it from the data set."
     )
 
 
-def _decode_error(path: Path, error: Exception) -> BadImageError:
+def _decode_error(where: str, error: Exception) -> BadImageError:
     """Turn a Pillow/tifffile decoding failure into one sentence naming the file."""
     text = str(error)
     if any(word in text.lower() for word in ("truncated", "broken data stream")) or isinstance(
         error, EOFError
     ):
         return BadImageError(
-            f"Image {path} is truncated (incomplete file: {text}); download or copy it again."
+            f"Image {where} is truncated (incomplete file: {text}); download or copy it again."
         )
     return BadImageError(
-        f"Image {path} could not be decoded ({text}); replace it or remove it from the data set."
+        f"Image {where} could not be decoded ({text}); replace it or remove it from the data set."
     )
 
 
-def _to_rgb(image: Image.Image, path: Path, notes: list[str] | None) -> Image.Image:
+def _to_rgb(image: Image.Image, src: _Source, notes: list[str] | None) -> Image.Image:
     """Convert a loaded Pillow image of any supported mode to RGB, noting what was done."""
     mode = image.mode
     if mode == "RGB":
@@ -156,44 +180,44 @@ def _to_rgb(image: Image.Image, path: Path, notes: list[str] | None) -> Image.Im
     if mode == "P" and "transparency" in image.info:
         image, mode = image.convert("RGBA"), "P with transparency"
     if image.mode in _ALPHA_MODES:
-        _note(notes, f"{path.name}: {mode} image composited on white to drop transparency.")
+        _note(notes, f"{src.short}: {mode} image composited on white to drop transparency.")
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in _GRAY_MODES or mode == "P":
         kind = "palette" if mode == "P" else "grayscale"
-        _note(notes, f"{path.name}: {kind} ({mode}) image converted to RGB.")
+        _note(notes, f"{src.short}: {kind} ({mode}) image converted to RGB.")
         return image.convert("RGB")
     if mode in _HIGH_DEPTH_MODES:
         array, source = _rescale_to_uint8(np.asarray(image))
-        _note(notes, f"{path.name}: {mode} image rescaled to 8 bit by {source} and converted to RGB.")
+        _note(notes, f"{src.short}: {mode} image rescaled to 8 bit by {source} and converted to RGB.")
         return Image.fromarray(array).convert("RGB")
     try:
         rgb = image.convert("RGB")
     except ValueError as error:
         raise BadImageError(
-            f"Image {path} has unsupported mode {mode}; convert it to 8-bit RGB first."
+            f"Image {src.where} has unsupported mode {mode}; convert it to 8-bit RGB first."
         ) from error
-    _note(notes, f"{path.name}: {mode} image converted to RGB.")
+    _note(notes, f"{src.short}: {mode} image converted to RGB.")
     return rgb
 
 
 def _open_with_tifffile(
-    path: Path, *, max_pixels: int, notes: list[str] | None, cause: Exception | None
+    src: _Source, *, max_pixels: int, notes: list[str] | None, cause: Exception | None
 ) -> Image.Image:
     """Read a TIFF Pillow cannot read faithfully (16-bit RGB, odd compressions) with tifffile."""
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(src.read()) as tif:
             page = tif.pages[0]
-            _check_pixels(path, (page.imagewidth, page.imagelength), max_pixels)
+            _check_pixels(src.where, (page.imagewidth, page.imagelength), max_pixels)
             array = page.asarray()
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
     except BadImageError:
         raise
     except Exception as error:  # tifffile raises many types; any of them means "unreadable"
         if isinstance(cause, UnidentifiedImageError):
-            raise _not_an_image(path) from error
-        raise _decode_error(path, cause or error) from error
+            raise _not_an_image(src.where) from error
+        raise _decode_error(src.where, cause or error) from error
     if planar and array.ndim == 3:
         array = np.moveaxis(array, 0, -1)  # (samples, height, width) -> (height, width, samples)
     channels = 1 if array.ndim == 2 else array.shape[-1]
@@ -202,12 +226,12 @@ def _open_with_tifffile(
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise BadImageError(
-            f"Image {path} has an unsupported TIFF layout {array.shape}; convert it to 8-bit RGB first."
+            f"Image {src.where} has an unsupported TIFF layout {array.shape}; convert it to 8-bit RGB first."
         )
     if array.dtype != np.uint8:
         array, source = _rescale_to_uint8(array)
-        _note(notes, f"{path.name}: {original_mode} image rescaled to 8 bit by {source}.")
-    rgb = _to_rgb(Image.fromarray(np.ascontiguousarray(array)), path, notes)
+        _note(notes, f"{src.short}: {original_mode} image rescaled to 8 bit by {source}.")
+    rgb = _to_rgb(Image.fromarray(np.ascontiguousarray(array)), src, notes)
     rgb.info["original_mode"] = original_mode
     return rgb
 

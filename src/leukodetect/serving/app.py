@@ -9,8 +9,7 @@ description at ``/openapi.json`` and ``/docs`` (Swagger UI served from the insta
 Uploads are bounded before they are parsed (:class:`BodyLimit`: declared Content-Length, then bytes
 counted as they arrive) and decoded with :func:`leukodetect.runtime.images.open_rgb`, which checks the
 content, not the extension, and refuses images over ``max_pixels`` from their header. They live in
-memory and, for the moment it takes to decode them, in a temporary folder; nothing is kept after the
-answer. All model work runs in one worker thread (:mod:`leukodetect.serving.worker`).
+memory only (decoded from their bytes, never written to disk); nothing is kept after the answer. All model work runs in one worker thread (:mod:`leukodetect.serving.worker`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import asyncio
 import base64
 import io
 import re
-import tempfile
 from collections import deque
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -28,7 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from fastapi import FastAPI, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -170,14 +167,10 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     def decode_all(uploads: Sequence[Upload]) -> list[tuple[Image.Image, list[str]]]:
-        with tempfile.TemporaryDirectory(prefix="leukodetect-upload-") as tmp:
-            return [_decode(u, i, Path(tmp), max_pixels) for i, u in enumerate(uploads)]
+        return [_decode(u, max_pixels) for u in uploads]
 
     def probabilities(images: Sequence[Image.Image]) -> np.ndarray:
-        return np.concatenate([
-            classifier.probabilities(torch.stack([classifier.preset(image) for image in images[i:i + _BATCH]]))
-            for i in range(0, len(images), _BATCH)
-        ]) if images else np.zeros(0)
+        return classifier.image_probabilities(images, batch_size=_BATCH)
 
     def result_rows(uploads, decoded, probs, with_gradcam: bool) -> list[dict]:
         return [
@@ -222,8 +215,7 @@ def create_app(
             loop.call_soon_threadsafe(_settle, future, rows, None)
 
     def analyze_upload(upload: Upload) -> dict:
-        with tempfile.TemporaryDirectory(prefix="leukodetect-upload-") as tmp:
-            image, notes = _decode(upload, 0, Path(tmp), max_pixels)
+        image, notes = _decode(upload, max_pixels)
         result = _jsonable(detector.analyze(image))
         return {"filename": upload.name, "notes": notes, "intended_use": intended_use, **result}
 
@@ -422,23 +414,11 @@ def _display_name(filename: str | None, index: int) -> str:
     return name[:200] or f"file {index + 1}"
 
 
-def _decode(upload: Upload, index: int, folder: Path, max_pixels: int) -> tuple[Image.Image, list[str]]:
-    """Decode an upload with ``open_rgb`` (content sniffed, pixels bounded); errors name the upload."""
-    suffix = ".tif" if upload.data[:4] in (b"II*\x00", b"MM\x00*") else ""  # open_rgb's TIFF fallback goes by suffix
-    path = folder / f"upload-{index}{suffix}"
-    path.write_bytes(upload.data)
+def _decode(upload: Upload, max_pixels: int) -> tuple[Image.Image, list[str]]:
+    """Decode an upload in memory with ``open_rgb`` (content sniffed, pixels bounded); errors name the upload."""
     notes: list[str] = []
-
-    def rename(text: str) -> str:
-        return text.replace(str(path), f"'{upload.name}'").replace(path.name, upload.name)
-
-    try:
-        image = open_rgb(path, max_pixels=max_pixels, notes=notes)
-    except LeukoError as exc:
-        raise LeukoError(rename(str(exc))) from None
-    finally:
-        path.unlink()
-    return image, [rename(n) for n in notes]
+    image = open_rgb(upload.data, name=upload.name, max_pixels=max_pixels, notes=notes)
+    return image, notes
 
 
 def _settle(future, result, exc) -> None:
