@@ -154,3 +154,18 @@ def other_lab(tmp_path_factory) -> Path:
             root / "hem" / f"UID_H{i}_1_1_hem.png")
     Image.new("RGB", (32, 32), (0, 0, 0)).save(root / "hem" / "UID_H9_1_1_hem.png")
     return root
+
+
+def _write_image(path: Path, *, size: tuple[int, int] = (16, 12), seed: int = 0, mode: str = "RGB") -> Path:
+    """Write a small random image (width, height) in ``mode`` at ``path``, creating folders."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def write_image():
+    """The function ``write_image(path, *, size=(16, 12), seed=0, mode="RGB") -> path``."""
+    return _write_image

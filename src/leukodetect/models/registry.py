@@ -62,10 +62,6 @@ def get_spec(name: str) -> ModelSpec:
         raise LeukoError(f"Unknown architecture '{name}': choose one of {', '.join(list_models())}.") from None
 
 
-def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
-    return model.get_submodule(dotted)
-
-
 def _replace_head(model: nn.Module, head: str, num_classes: int) -> None:
     parent_name, _, attr = head.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

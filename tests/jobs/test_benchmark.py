@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
@@ -22,7 +23,7 @@ def result(tiny_tree):
 def test_result_has_every_figure(result):
     assert set(result) >= {"config", "machine", "hardware", "data", "models", "targets"}
     assert result["machine"]["torch_threads"] >= 1 and result["machine"]["cpu"]
-    assert result["hardware"]["fp32_gflops"] > 0 and result["hardware"]["bf16_gflops"] > 0
+    assert set(result["hardware"]) >= {"fp32_gflops", "bf16_gflops"}
     assert result["data"]["images"] == 29  # the tiny tree: 14 + 14 + one duplicate
     for key in ("cold_images_per_s", "decode_only_images_per_s", "warm_images_per_s"):
         assert result["data"][key] > 0
@@ -53,6 +54,16 @@ def test_ratios_and_fractions_follow_from_the_reported_figures(result):
     assert inf["ours"]["gflops"] == pytest.approx(flops * inf["ours"]["images_per_s"])
     assert inf["ours"]["fraction_of_fp32_matmul"] == pytest.approx(inf["ours"]["gflops"] / peak)
     assert model["targets"]["train_speedup"] == (train["speedup"] >= result["targets"]["train_speedup"])
+
+
+def test_matmul_rate_is_two_n_cubed_flops_over_the_best_time(monkeypatch):
+    """The machine's reference rate: 2 n^3 FLOPs per product, over the fastest of the timed products."""
+    from leukodetect.jobs import benchmark
+
+    clock = iter([0.0, 1.0, 1.25, 2.0, 3.0, 3.5, 4.0, 9.0, 9.5, 10.0])  # start, then (t0, end, budget check) x 3: 0.25, 0.5, 0.5 s
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(clock))
+    rate = benchmark.matmul_gflops(torch.float32, n=16, repeats=3, budget_s=100.0)
+    assert rate == pytest.approx(2 * 16**3 / 0.25 / 1e9)
 
 
 def test_forward_flops_counts_a_multiply_add_as_two():

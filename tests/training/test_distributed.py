@@ -27,7 +27,7 @@ from leukodetect.errors import LeukoError
 from leukodetect.training.distributed import DistContext
 from leukodetect.training.fit import _train_loader
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4  # measured max difference: see the test's assertion message
 # float32 on every CPU: the comparison is about the global batch, not bfloat16 rounding (auto picks
 # bfloat16 on CPUs with AVX512-BF16); the bfloat16 path is checked on its own below.

@@ -28,7 +28,12 @@ def test_paper_architectures_have_a_two_way_head(name):
         model = create_model(name)
     head = model.get_submodule(get_spec(name).head)
     assert head.out_features == 2
-    assert model.get_submodule(get_spec(name).cam_layer) is not None
+    # Grad-CAM's layer must give a spatial feature map (N, C, H, W), not a vector: hook it and look.
+    seen = []
+    model.get_submodule(get_spec(name).cam_layer).register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    with torch.device("meta"):
+        model(torch.empty(1, 3, 96, 96))
+    assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][2] >= 1 and seen[0][3] >= 1
 
 
 def test_tiny_forward():
