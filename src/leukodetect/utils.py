@@ -1,14 +1,17 @@
-"""Small shared helpers: atomic file writes, run-folder naming, environment facts."""
+"""Small shared helpers: atomic file writes (text, JSON, CSV), run-folder naming, environment facts."""
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
+import io
 import json
 import os
 import platform
 import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy
 import sklearn
@@ -18,10 +21,17 @@ import torchvision
 from leukodetect import __version__
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write a file through ``write(tmp_path)`` then rename it into place.
+def atomic_write(path: Path, write: Callable[[Path], None], *, exclusive: bool = False) -> Path:
+    """Write a file through ``write(tmp_path)`` then move it into place.
 
-    A crash mid-write leaves the previous file intact instead of a half-written one.
+    A crash mid-write leaves the previous file intact instead of a half-written one. This is the
+    project's one temporary-file-and-rename writer; the helpers below build on it.
+
+    Args:
+        write: writes the whole file to the temporary path it is given (same folder as ``path``).
+        exclusive: refuse to replace an existing ``path`` (FileExistsError, the file untouched).
+            The temporary file is hard-linked into place, and the link fails if the name is taken,
+            so the check and the write are one step, even against another process.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +40,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the user's usual mode
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -44,11 +57,41 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
+    """Write ``text`` as UTF-8 atomically; line endings are written as given, never translated."""
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8", newline=""))
 
 
 def write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_csv(
+    path: Path,
+    rows: Iterable[Mapping[str, Any]],
+    fieldnames: Sequence[str] | None = None,
+    *,
+    lineterminator: str = "\r\n",
+) -> Path:
+    """Write dict rows as a CSV file with a header line, atomically.
+
+    Args:
+        rows: one mapping per line; a key missing from a row is written as an empty cell, a key
+            not in ``fieldnames`` is an error (csv.DictWriter's rules).
+        fieldnames: the columns in order; by default every key of the rows, in the order first seen.
+            With no rows and no fieldnames there are no columns, and the file is empty.
+        lineterminator: csv's default ``"\r\n"`` (RFC 4180); ``"\n"`` where a file is meant for
+            line-based tools.
+    """
+    rows = list(rows)
+    if fieldnames is None:
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+        if not fieldnames:
+            return atomic_write_text(path, "")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator=lineterminator)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def cache_dir() -> Path:

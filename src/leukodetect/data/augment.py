@@ -13,8 +13,6 @@ draws its randomness from its own seed, so a seed gives byte-identical files.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from leukodetect.data.transforms import augment_geometry
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.checkpoint import CLASS_NAMES
 from leukodetect.runtime.images import open_rgb
-from leukodetect.utils import atomic_write, atomic_write_text
+from leukodetect.utils import atomic_write, write_csv
 
 #: PNG text-chunk keys written into every expanded image.
 SOURCE_KEY = "leukodetect:source"
@@ -214,16 +212,9 @@ def _save_png(image: Image.Image, target: Path, info: PngImagePlugin.PngInfo) ->
 
 def _write_manifest(out_dir: Path, written: Sequence[tuple[Record, Path]]) -> None:
     """Write ``manifest.csv``: path (relative to out_dir), label, group, source."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(_MANIFEST_HEADER)
-    for record, target in sorted(written, key=lambda item: item[1]):
-        writer.writerow(
-            [
-                target.relative_to(out_dir).as_posix(),
-                record.label,
-                record.group,
-                str(Path(record.path).resolve()),
-            ]
-        )
-    atomic_write_text(out_dir / MANIFEST_NAME, buffer.getvalue())
+    rows = [
+        dict(zip(_MANIFEST_HEADER, (target.relative_to(out_dir).as_posix(), record.label, record.group,
+                                    str(Path(record.path).resolve()))))
+        for record, target in sorted(written, key=lambda item: item[1])
+    ]
+    write_csv(out_dir / MANIFEST_NAME, rows, _MANIFEST_HEADER, lineterminator="\n")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from scipy.sparse.csgraph import connected_components
 from leukodetect.data.indexers import index_dataset
 from leukodetect.data.records import Record
 from leukodetect.runtime.images import open_rgb
-from leukodetect.utils import cache_dir
+from leukodetect.utils import cache_dir, write_csv
 
 #: Full-resolution score from which a crop counts as found in a photograph. On ALL-IDB2 every
 #: crop scores >= 0.99999 in its source (the crops are exact pixel copies) and 0.979-0.995 in
@@ -326,16 +325,11 @@ def _read_cache(cache: Path, key: str) -> dict[tuple[str, int], dict[str, str]]:
 def _write_cache(cache: Path, key: str, matches: Sequence[SourceMatch]) -> None:
     """Write the matches to the cache CSV atomically; silently skip when that is impossible."""
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        with partial.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(_CACHE_COLUMNS)
-            for m in matches:
-                writer.writerow(
-                    [m.crop.name, m.photo.name if m.photo else "", f"{m.score:.6f}", m.x, m.y,
-                     m.scale, ";".join(p.name for p in m.also), m.crop.stat().st_size, key]
-                )
-        os.replace(partial, cache)
+        rows = [
+            dict(zip(_CACHE_COLUMNS, (m.crop.name, m.photo.name if m.photo else "", f"{m.score:.6f}", m.x, m.y,
+                                      m.scale, ";".join(p.name for p in m.also), m.crop.stat().st_size, key)))
+            for m in matches
+        ]
+        write_csv(cache, rows, _CACHE_COLUMNS)
     except OSError:
         pass  # a read-only home or cache folder: the next run simply matches again

@@ -26,7 +26,6 @@ and its :mod:`.features`), what the smudge gate (:mod:`.gate`) is trained on.
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from leukodetect.detection.gate import gate_labels
 from leukodetect.detection.locate import LocateParams, locate_cells
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.images import open_rgb, pixel_hash
-from leukodetect.utils import atomic_write_text, write_json
+from leukodetect.utils import write_csv, write_json
 
 #: Crop side in red-cell diameters: a blast (up to ~2 d across) plus a ring of context.
 DEFAULT_CROP_FACTOR = 3.0
@@ -144,18 +143,10 @@ def write_crops(
             rows.append({"path": name, "label": label, "photo": record.path.stem, "kind": kind, "x": round(x, 1), "y": round(y, 1), "_record": record})
     readable = [r for r in records if hashes.get(r.path) is not None]
     group_of = dict(zip((r.path.stem for r in readable), effective_groups(readable, hashes)))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["path", "label", "group", "kind", "photo", "x", "y"])
-    writer.writeheader()
     for row in rows:
         row.pop("_record")
-        writer.writerow({**row, "group": group_of[row["photo"]]})
-    cells_buffer = io.StringIO()
-    cells_writer = csv.DictWriter(cells_buffer, fieldnames=["photo", "x", "y", "gate_label", *FEATURE_NAMES])
-    cells_writer.writeheader()
-    cells_writer.writerows(located)
-    atomic_write_text(out_dir / "cells.csv", cells_buffer.getvalue())
-    atomic_write_text(manifest, buffer.getvalue())
+    write_csv(out_dir / "cells.csv", located, ["photo", "x", "y", "gate_label", *FEATURE_NAMES])
+    write_csv(manifest, [{**row, "group": group_of[row["photo"]]} for row in rows], ["path", "label", "group", "kind", "photo", "x", "y"])
     counts = {k: sum(r["kind"] == k for r in rows) for k in ("blast", "other", "unannotated")}
     write_json(out_dir / "crops.json", {
         "config": asdict(cfg), "locate": asdict(params), "counts": counts, "platelets_dropped": dropped,

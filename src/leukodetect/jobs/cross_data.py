@@ -20,9 +20,7 @@ what has changed.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from leukodetect.evaluation.intervals import binary_report
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.preprocess import EvalPreset
-from leukodetect.utils import atomic_write_text, write_json
+from leukodetect.utils import write_csv, write_json
 
 #: Without normalisation, then with it.
 VARIANTS = ("none", "macenko")
@@ -211,13 +209,11 @@ def cross_run(result, folds: int, cross: CrossData, image_size: int, images: Cal
         "predictions": str(run_dir / "cross_predictions.csv"),
         "training_data_macenko": control(result, checkpoints, held_out(), device=device),
     }
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "label", *(f"prob_blast_{v}" for v in VARIANTS), "stain_normalised"])
     failed = set(loaded.stain_failed)
-    for i, r in enumerate(loaded.records):
-        writer.writerow([r.path, r.label, *(f"{prob[v][i]:.6f}" for v in VARIANTS), int(str(r.path) not in failed)])
-    atomic_write_text(run_dir / "cross_predictions.csv", buf.getvalue())
+    write_csv(run_dir / "cross_predictions.csv", [
+        {"path": r.path, "label": r.label, **{f"prob_blast_{v}": f"{prob[v][i]:.6f}" for v in VARIANTS},
+         "stain_normalised": int(str(r.path) not in failed)} for i, r in enumerate(loaded.records)
+    ], ["path", "label", *(f"prob_blast_{v}" for v in VARIANTS), "stain_normalised"])
     write_json(path, {"key": key, "result": out})
     return out
 

@@ -7,8 +7,6 @@ out); this job adds reading files, writing outputs that never overwrite anything
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +17,7 @@ from leukodetect.detection.pipeline import analyze, draw_gallery, draw_overlay
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths, open_rgb
-from leukodetect.utils import atomic_write_text
+from leukodetect.utils import atomic_write_text, write_csv
 
 
 def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
@@ -78,14 +76,8 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
             continue
         rows.append(result)
     if len(paths) > 1:
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS})
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(summary, buffer.getvalue())
+        write_csv(summary, [{k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS}
+                            for row in rows], SUMMARY_COLUMNS)
     return rows
 
 

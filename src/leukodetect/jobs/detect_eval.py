@@ -25,8 +25,6 @@ Definitions (all radii in red-cell diameters d measured on the photograph itself
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -65,7 +63,12 @@ from leukodetect.runtime.checkpoint import (
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
 from leukodetect.training.fit import train_model
-from leukodetect.utils import atomic_write_text, environment_facts, write_json
+from leukodetect.utils import (
+    atomic_write_text,
+    environment_facts,
+    write_csv,
+    write_json,
+)
 
 MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
 
@@ -388,21 +391,12 @@ def run_train_detector(data: Path, out_dir: Path, cfg: DetectEvalConfig = Detect
 def _write_rows(path: Path, rows: list[dict]) -> None:
     flat = [{k: v for k, v in r.items() if not k.startswith("mask") and k != "cells"}
             | {f"{m}_{k}": v for m in ("mask", "mask_before_gate") for k, v in r.get(m, {}).items()} for r in rows]
-    _write_csv(path, flat)
+    write_csv(path, flat)  # columns: every key, in the order first seen
 
 
 def _write_cells(path: Path, rows: list[dict]) -> None:
     """Every located cell of every held-out photograph (:func:`cell_rows`), for analyses beyond the report."""
-    _write_csv(path, [{"photo": r["photo"], "label": r["label"], "fold": r.get("fold"), **c} for r in rows for c in r.get("cells", ())])
-
-
-def _write_csv(path: Path, flat: list[dict]) -> None:
-    names = list(dict.fromkeys(k for r in flat for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=names)
-    writer.writeheader()
-    writer.writerows(flat)
-    atomic_write_text(path, buffer.getvalue())
+    write_csv(path, [{"photo": r["photo"], "label": r["label"], "fold": r.get("fold"), **c} for r in rows for c in r.get("cells", ())])
 
 
 def _fmt(entry: dict | None) -> str:

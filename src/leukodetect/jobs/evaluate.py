@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,17 +20,12 @@ from leukodetect.reporting.plots import (
 )
 from leukodetect.reporting.report import write_report
 from leukodetect.runtime.classifier import Classifier
-from leukodetect.utils import atomic_write_text, environment_facts, write_json
+from leukodetect.utils import environment_facts, write_csv, write_json
 
 
 def write_predictions_csv(path: Path, rows: Sequence[dict]) -> Path:
-    if not rows:
-        return atomic_write_text(path, "")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
+    """One line per image (the rows' keys are the columns); no rows write an empty file."""
+    return write_csv(path, rows)
 
 
 def write_evaluation(

@@ -14,8 +14,6 @@ a :class:`LeukoError`; names made up here (``<image>_gradcam.png``) move on to `
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.reporting.gradcam import gradcam_batch, overlay
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
+from leukodetect.utils import atomic_write
 
 SUFFIX = "_gradcam"
 
@@ -123,18 +122,10 @@ def _png_bytes(image: Image.Image) -> bytes:
 def _write_new(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically, failing with FileExistsError if ``path`` exists.
 
-    The bytes go to a temporary file that is then hard-linked into place: the link fails rather than
-    replace a file, even one created by another process since we last looked.
+    Overlays are never overwritten, even by a file another process created since we last looked
+    (:func:`~leukodetect.utils.atomic_write` with ``exclusive=True``).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), exclusive=True)
 
 
 def _write_fresh(path: Path, data: bytes) -> Path:

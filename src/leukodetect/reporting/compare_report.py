@@ -12,11 +12,8 @@ Every number comes from ``comparison.json`` (itself copied from each run's ``met
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +33,7 @@ from leukodetect.reporting.compare_plots import (
     plot_roc_comparison,
 )
 from leukodetect.reporting.plots import plot_confusion, save_figure
+from leukodetect.reporting.render import Section, render_html, render_markdown
 from leukodetect.reporting.report import format_value
 from leukodetect.utils import atomic_write, atomic_write_text, environment_facts
 
@@ -55,14 +53,6 @@ figure img { max-width: 100%; }
 figcaption { color: #555; font-size: 0.9rem; }
 """
 GALLERY_PAGE = 36
-
-
-@dataclass
-class Section:
-    heading: str
-    paragraphs: list[str] = field(default_factory=list)
-    tables: list[tuple[str, tuple, list[tuple]]] = field(default_factory=list)  # (caption, header, rows)
-    figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, path relative to OUT)
 
 
 def _ci(name: str, e: dict) -> str:
@@ -347,45 +337,6 @@ def cross_section(cross: dict) -> Section:
     ])
 
 
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(title: str, sections: list[Section]) -> str:
-    lines = [f"# {title}", ""]
-    for s in sections:
-        lines += [f"## {s.heading}", ""]
-        for p in s.paragraphs:
-            lines += [p, ""]
-        for caption, header, rows in s.tables:
-            lines += [f"**{caption}**", "", "| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-            lines.append("")
-        for caption, rel in s.figures:
-            lines += [f"![{_md_cell(caption)}]({rel.as_posix()})", "", f"*{caption}*", ""]
-    return "\n".join(lines)
-
-
-def render_html(title: str, sections: list[Section], out_dir: Path) -> str:
-    e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{e(title)}</title>",
-             f"<style>{_CSS}</style>", "</head>", "<body>",
-             f"<h1>{e(title)}</h1>"]
-    for s in sections:
-        parts.append(f"<h2>{e(s.heading)}</h2>")
-        parts += [f"<p>{e(p)}</p>" for p in s.paragraphs]
-        for caption, header, rows in s.tables:
-            parts += [f"<h3>{e(caption)}</h3>", "<table>", "<tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>"]
-            parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows]
-            parts.append("</table>")
-        for caption, rel in s.figures:
-            data = base64.b64encode((out_dir / rel).read_bytes()).decode("ascii")
-            parts.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{e(caption)}</figcaption></figure>")
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
-
-
 def _learning_rates(lr, archs) -> str:
     """One rate for all, or each architecture's own (``ModelSpec.scratch_lr``) when --lr was left out."""
     if lr is not None:
@@ -431,5 +382,5 @@ def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict,
     title = "Architecture comparison: Shalini & Angel Viji (2022), Table 2, reproduced"
     md, page = out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(md, render_markdown(title, sections))
-    atomic_write_text(page, render_html(title, sections, out_dir))
+    atomic_write_text(page, render_html(title, sections, out_dir, css=_CSS))
     return md, page

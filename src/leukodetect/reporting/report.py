@@ -8,30 +8,16 @@ mailed or archived as one file.
 
 from __future__ import annotations
 
-import base64
-import html
-import os
-import tempfile
 from pathlib import Path
 
 from leukodetect.errors import LeukoError
+from leukodetect.reporting.render import Section, render_html, render_markdown
+from leukodetect.utils import atomic_write_text
 
 #: Metrics that are proportions, shown as percentages; other scores (F1, AUC) as decimals.
 PERCENT_METRICS = frozenset(
     {"accuracy", "sensitivity", "specificity", "precision", "npv", "fpr", "fnr"}
 )
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
-       color: #222; }
-table { border-collapse: collapse; margin: 1rem 0; }
-th, td { border: 1px solid #ccc; padding: 0.3rem 0.7rem; text-align: left; }
-th { background: #f3f3f3; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 1.5rem 0; }
-figure img { max-width: 100%; }
-figcaption { color: #555; font-size: 0.9rem; }
-"""
 
 
 def format_value(name: str, value) -> str:
@@ -55,19 +41,8 @@ def format_metric(name: str, entry: dict) -> str:
     return f"{name} {value} ({ci}, {method})"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _tables(metrics: dict | None, facts: dict, fold_summary: dict | None):
-    """Report content as (heading, header, rows) tables, shared by both renderers."""
+def _sections(metrics: dict | None, facts: dict, fold_summary: dict | None, figures: list[tuple[str, Path]]) -> list[Section]:
+    """Report content as sections, one per table, then the figures; both files render these."""
     tables = [("Facts", ("fact", "value"), [(str(k), str(v)) for k, v in facts.items()])]
     if metrics:
         conf_level = round(100 * metrics.get("confidence", 0.95))
@@ -85,49 +60,8 @@ def _tables(metrics: dict | None, facts: dict, fold_summary: dict | None):
             for n, s in fold_summary.items()
         ]
         tables.append(("Cross-validation folds", ("metric", "mean", "sd", "folds"), rows))
-    return tables
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown(title, tables, figures) -> str:
-    lines = [f"# {title}", ""]
-    for heading, header, rows in tables:
-        lines += [f"## {heading}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-        lines.append("")
-    if figures:
-        lines += ["## Figures", ""]
-        for caption, rel in figures:
-            lines += [f"![{_md_cell(caption)}]({rel.as_posix()})", "", f"*{caption}*", ""]
-    return "\n".join(lines)
-
-
-def _html(title, tables, figures, out_dir: Path) -> str:
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-        f"<h1>{e(title)}</h1>",
-    ]
-    for heading, header, rows in tables:
-        parts += [f"<h2>{e(heading)}</h2>", "<table>",
-                  "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
-        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
-        parts.append("</table>")
-    if figures:
-        parts.append("<h2>Figures</h2>")
-        for caption, rel in figures:
-            data = base64.b64encode((out_dir / rel).read_bytes()).decode("ascii")
-            parts.append(
-                f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{e(caption)}</figcaption></figure>"
-            )
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    sections = [Section(heading, tables=[(None, header, rows)]) for heading, header, rows in tables]
+    return sections + ([Section("Figures", figures=figures)] if figures else [])
 
 
 def _relative_figures(out_dir: Path, figures: dict) -> list[tuple[str, Path]]:
@@ -170,9 +104,8 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = _relative_figures(out_dir, figures)
-    tables = _tables(metrics, facts, fold_summary)
+    sections = _sections(metrics, facts, fold_summary, _relative_figures(out_dir, figures))
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    _write_atomic(md_path, _markdown(title, tables, figs))
-    _write_atomic(html_path, _html(title, tables, figs, out_dir))
+    atomic_write_text(md_path, render_markdown(title, sections))
+    atomic_write_text(html_path, render_html(title, sections, out_dir))
     return md_path, html_path
