@@ -9,7 +9,11 @@ description at ``/openapi.json`` and ``/docs`` (Swagger UI served from the insta
 Uploads are bounded before they are parsed (:class:`BodyLimit`: declared Content-Length, then bytes
 counted as they arrive) and decoded with :func:`leukodetect.runtime.images.open_rgb`, which checks the
 content, not the extension, and refuses images over ``max_pixels`` from their header. They live in
-memory only (decoded from their bytes, never written to disk); nothing is kept after the answer. All model work runs in one worker thread (:mod:`leukodetect.serving.worker`).
+memory only (decoded from their bytes, never written to disk); nothing is kept after the answer.
+
+All model work (decoding, classifying, analyzing: :class:`ModelWork`) runs in one worker thread
+(:mod:`leukodetect.serving.worker`); classify requests that wait for it are answered together by one
+forward pass. The routes are registered per area (cells, smears, service), the tags of ``/docs``.
 """
 
 from __future__ import annotations
@@ -117,6 +121,126 @@ class Upload:
     data: bytes
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """A classify request waiting for the model; its future is completed on its own event loop."""
+
+    uploads: Sequence[Upload]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class ModelWork:
+    """Everything the service asks of the models, run in the one worker thread: decode uploads,
+    classify them, analyze a smear.
+
+    Classify requests (without Grad-CAM) that arrive while the model is busy wait in ``waiting``; the
+    next turn of the worker (:meth:`classify_waiting`) takes all of them as one batch, so under load
+    one forward pass serves many clients instead of one pass per request.
+    """
+
+    def __init__(self, classifier: ImageClassifier, *, detector: Detector | None, max_pixels: int, intended_use: str) -> None:
+        self.classifier = classifier
+        self.detector = detector
+        self.max_pixels = max_pixels
+        self.intended_use = intended_use
+        self.waiting: deque[_Waiting] = deque()  # appended by the event loop, emptied by the worker thread
+
+    def classify(self, uploads: Sequence[Upload], with_gradcam: bool) -> list[dict]:
+        """One request's result rows, in upload order; a bad upload fails the whole request."""
+        decoded = self._decode_all(uploads)
+        return self._rows(uploads, decoded, self._probabilities([image for image, _ in decoded]), with_gradcam)
+
+    def classify_waiting(self) -> None:
+        """Answer every waiting request with one batched forward pass; a bad upload fails its own request only."""
+        jobs = []
+        while True:
+            try:
+                jobs.append(self.waiting.popleft())
+            except IndexError:
+                break
+        ready = []  # (job, decoded) of the requests whose files all decoded
+        for job in jobs:
+            try:
+                ready.append((job, self._decode_all(job.uploads)))
+            except Exception as exc:  # a bad upload fails its own request only
+                job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+        try:
+            probs = self._probabilities([image for _, decoded in ready for image, _ in decoded])
+        except Exception as exc:
+            for job, _ in ready:
+                job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+            return
+        start = 0
+        for job, decoded in ready:
+            rows = self._rows(job.uploads, decoded, probs[start:start + len(decoded)], False)
+            start += len(decoded)
+            job.loop.call_soon_threadsafe(_settle, job.future, rows, None)
+
+    def analyze(self, upload: Upload) -> dict:
+        """The detector's analysis of one smear, as JSON, with the file name and the intended use."""
+        image, notes = _decode(upload, self.max_pixels)
+        result = _jsonable(self.detector.analyze(image))
+        return {"filename": upload.name, "notes": notes, "intended_use": self.intended_use, **result}
+
+    def _decode_all(self, uploads: Sequence[Upload]) -> list[tuple[Image.Image, list[str]]]:
+        return [_decode(u, self.max_pixels) for u in uploads]
+
+    def _probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.classifier.image_probabilities(images, batch_size=_BATCH)
+
+    def _rows(self, uploads, decoded, probs, with_gradcam: bool) -> list[dict]:
+        classifier = self.classifier
+        return [
+            {"filename": upload.name, "label": classifier.call(float(prob)), "prob_blast": float(prob),
+             "threshold": float(classifier.threshold), "notes": notes,
+             "gradcam_png": _gradcam_png(classifier, image) if with_gradcam else None}
+            for upload, (image, notes), prob in zip(uploads, decoded, probs)
+        ]
+
+
+@dataclass
+class _Service:
+    """What the routes share: the loaded models and what they say about themselves, the limits, and
+    the worker thread that runs :class:`ModelWork`."""
+
+    classifier: ImageClassifier
+    detector: Detector | None
+    worker: InferenceWorker
+    work: ModelWork
+    meta: dict
+    card: dict | None
+    intended_use: str
+    can_gradcam: bool
+    limits: dict[str, int]
+
+    async def run(self, fn, *args):
+        """``fn(*args)`` in the worker thread; a full queue is 503, a bad upload 422 naming the file."""
+        try:
+            return await self.worker.run(fn, *args)
+        except Busy as exc:
+            raise HTTPException(503, f"The service is busy ({exc}); retry in a few seconds.",
+                                headers={"Retry-After": "5"}) from None
+        except LeukoError as exc:  # a bad upload: one sentence naming the file
+            raise HTTPException(422, str(exc)) from None
+
+    async def classify_batched(self, uploads: list[Upload]) -> list[dict]:
+        """One request's result rows, computed together with those of every other waiting request."""
+        loop = asyncio.get_running_loop()
+        job = _Waiting(uploads, loop.create_future(), loop)
+        self.work.waiting.append(job)
+        try:
+            await self.run(self.work.classify_waiting)  # may find this request already answered by an earlier turn
+        except HTTPException:  # busy: the request was never queued for the model
+            if job in self.work.waiting:
+                self.work.waiting.remove(job)
+            raise
+        try:
+            return await job.future
+        except LeukoError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+
 def create_app(
     classifier: ImageClassifier,
     *,
@@ -141,16 +265,20 @@ def create_app(
         max_pending: requests that may wait for the model at once; one more gets 503.
     """
     meta = _metadata(classifier)
-    worker = InferenceWorker(torch_threads=torch_threads, max_pending=max_pending)
     card = meta.get("model_card") if isinstance(meta.get("model_card"), dict) else None
     intended_use = str((card or {}).get("intended_use") or INTENDED_USE)
-    can_gradcam = hasattr(classifier, "model") and "arch" in meta
-    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels, "max_files": max_files}
+    service = _Service(
+        classifier=classifier, detector=detector,
+        worker=InferenceWorker(torch_threads=torch_threads, max_pending=max_pending),
+        work=ModelWork(classifier, detector=detector, max_pixels=max_pixels, intended_use=intended_use),
+        meta=meta, card=card, intended_use=intended_use, can_gradcam=hasattr(classifier, "model") and "arch" in meta,
+        limits={"max_bytes": max_bytes, "max_pixels": max_pixels, "max_files": max_files},
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         yield
-        worker.close()
+        service.worker.close()
 
     app = FastAPI(
         title="leukodetect lab service",
@@ -160,73 +288,22 @@ def create_app(
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.worker = worker
+    app.state.worker = service.worker
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     _add_error_handlers(app)
     _add_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_cell_routes(app, service)
+    _add_smear_routes(app, service)
+    _add_service_routes(app, service)
+    return app
 
-    def decode_all(uploads: Sequence[Upload]) -> list[tuple[Image.Image, list[str]]]:
-        return [_decode(u, max_pixels) for u in uploads]
 
-    def probabilities(images: Sequence[Image.Image]) -> np.ndarray:
-        return classifier.image_probabilities(images, batch_size=_BATCH)
+# ---- routes, by area (the tags of /docs) ----
 
-    def result_rows(uploads, decoded, probs, with_gradcam: bool) -> list[dict]:
-        return [
-            {"filename": upload.name, "label": classifier.call(float(prob)), "prob_blast": float(prob),
-             "threshold": float(classifier.threshold), "notes": notes,
-             "gradcam_png": _gradcam_png(classifier, image) if with_gradcam else None}
-            for upload, (image, notes), prob in zip(uploads, decoded, probs)
-        ]
 
-    def classify_uploads(uploads: Sequence[Upload], with_gradcam: bool) -> list[dict]:
-        decoded = decode_all(uploads)
-        return result_rows(uploads, decoded, probabilities([image for image, _ in decoded]), with_gradcam)
-
-    # Classify requests (without Grad-CAM) that arrive while the model is busy wait here; the next
-    # turn of the worker takes all of them as one batch, so under load one forward pass serves many
-    # clients instead of one pass per request.
-    waiting: deque = deque()
-
-    def classify_waiting() -> None:
-        jobs = []
-        while True:
-            try:
-                jobs.append(waiting.popleft())
-            except IndexError:
-                break
-        ready = []  # (uploads, decoded, future, loop) of the requests whose files all decoded
-        for uploads, future, loop in jobs:
-            try:
-                ready.append((uploads, decode_all(uploads), future, loop))
-            except Exception as exc:  # a bad upload fails its own request only
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-        try:
-            probs = probabilities([image for _, decoded, _, _ in ready for image, _ in decoded])
-        except Exception as exc:
-            for _, _, future, loop in ready:
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            return
-        start = 0
-        for uploads, decoded, future, loop in ready:
-            rows = result_rows(uploads, decoded, probs[start:start + len(decoded)], False)
-            start += len(decoded)
-            loop.call_soon_threadsafe(_settle, future, rows, None)
-
-    def analyze_upload(upload: Upload) -> dict:
-        image, notes = _decode(upload, max_pixels)
-        result = _jsonable(detector.analyze(image))
-        return {"filename": upload.name, "notes": notes, "intended_use": intended_use, **result}
-
-    async def run(fn, *args):
-        try:
-            return await worker.run(fn, *args)
-        except Busy as exc:
-            raise HTTPException(503, f"The service is busy ({exc}); retry in a few seconds.",
-                                headers={"Retry-After": "5"}) from None
-        except LeukoError as exc:  # a bad upload: one sentence naming the file
-            raise HTTPException(422, str(exc)) from None
+def _add_cell_routes(app: FastAPI, service: _Service) -> None:
+    max_files = service.limits["max_files"]
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, tags=["cells"])
     async def classify(
@@ -239,35 +316,29 @@ def create_app(
         """
         if len(files) > max_files:
             raise HTTPException(413, f"{len(files)} files were sent, more than the limit of {max_files}; send them in smaller batches.")
-        if gradcam and not can_gradcam:
+        if gradcam and not service.can_gradcam:
             raise HTTPException(400, "Grad-CAM needs a PyTorch checkpoint, and this service runs an exported model; call without gradcam=true.")
         uploads = [Upload(_display_name(f.filename, i), await f.read()) for i, f in enumerate(files)]
-        if gradcam:
-            return {"results": await run(classify_uploads, uploads, True), "intended_use": intended_use}
-        loop = asyncio.get_running_loop()
-        job = (uploads, loop.create_future(), loop)
-        waiting.append(job)
-        try:
-            await run(classify_waiting)  # may find this request already answered by an earlier turn
-        except HTTPException:  # busy: the request was never queued for the model
-            if job in waiting:
-                waiting.remove(job)
-            raise
-        future = job[1]
-        try:
-            results = await future
-        except LeukoError as exc:
-            raise HTTPException(422, str(exc)) from None
-        return {"results": results, "intended_use": intended_use}
+        if gradcam:  # Grad-CAM hooks the model per image: these requests are not batched with others
+            results = await service.run(service.work.classify, uploads, True)
+        else:
+            results = await service.classify_batched(uploads)
+        return {"results": results, "intended_use": service.intended_use}
 
+
+def _add_smear_routes(app: FastAPI, service: _Service) -> None:
     @app.post("/v1/analyze", responses={**_ERRORS, 501: {"model": ErrorBody}}, tags=["smears"])
     async def analyze(file: UploadFile = File(..., description="A whole blood-smear photograph.")) -> dict:
         """Whole-smear analysis: cells found, each classified, counts, verdict and an overlay."""
-        if detector is None:
+        if service.detector is None:
             raise HTTPException(501, "Whole-smear analysis needs the detection module, which this service was started without: "
                                      "start 'leukodetect serve' with --detector-checkpoint, or classify single-cell crops with /v1/classify.")
         upload = Upload(_display_name(file.filename, 0), await file.read())
-        return await run(analyze_upload, upload)
+        return await service.run(service.work.analyze, upload)
+
+
+def _add_service_routes(app: FastAPI, service: _Service) -> None:
+    classifier, meta = service.classifier, service.meta
 
     @app.get("/v1/model", response_model=ModelInfo, tags=["service"])
     async def model_info() -> dict:
@@ -280,24 +351,22 @@ def create_app(
             "std": [float(v) for v in meta.get("std", [])],
             "threshold": float(classifier.threshold),
             "temperature": float(getattr(classifier, "temperature", 1.0)),
-            "model_card": card,
-            "intended_use": intended_use,
+            "model_card": service.card,
+            "intended_use": service.intended_use,
             "leukodetect_version": __version__,
             "backend": str(getattr(classifier, "backend", "unknown")),
-            "gradcam": can_gradcam,
-            "smear_analysis": detector is not None,
-            "limits": limits,
+            "gradcam": service.can_gradcam,
+            "smear_analysis": service.detector is not None,
+            "limits": service.limits,
         }
 
     @app.get("/health", response_model=Health, tags=["service"])
     async def health() -> dict:
-        return {"status": "ok", "pending": worker.pending}
+        return {"status": "ok", "pending": service.worker.pending}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
-    return app
 
 
 # ---- request size ----
@@ -432,7 +501,6 @@ def _settle(future, result, exc) -> None:
 
 
 def _gradcam_png(classifier, image: Image.Image) -> str:
-
     return _png_base64(overlay(image, gradcam(classifier, image, target_class=1)))
 
 

@@ -14,6 +14,10 @@ W ranks follows the single-process run up to float rounding. The one difference:
 set is not a multiple of W, the last ``len % W`` images of each epoch's permutation are left out
 (padding with repeats would count them twice). Every rank scores the whole (small) validation set
 with identical weights, so all agree on the best epoch without communicating; only rank 0 writes.
+
+``train_model`` reads top to bottom: check the run folder, prepare what stays fixed (:class:`_Run`),
+build the training state (:class:`_TrainingState`) and restore it from last.pt when resuming
+(:func:`_restore`, the counterpart of :func:`_save_resume_point`), then run the epochs (:func:`_epoch`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -172,8 +175,119 @@ def train_model(
     ctx = dist or DistContext()
     local_batch_size(cfg.train.batch_size, ctx)
     out_dir = Path(out_dir)
+    has_run = _check_run_folder(out_dir, ctx, resume=resume, log=log)
+    if not ctx.is_main:
+        log = _quiet
+    torch.manual_seed(cfg.train.seed)
+    run, saved = _prepare(cfg, ctx, out_dir, train_records, val_records, trained_on, has_run=has_run)
+    state = _new_state(run)
+    if saved is not None:
+        _restore(state, saved, run.best_path)
+        if state.start <= cfg.train.epochs:
+            log(f"Resuming {out_dir} at epoch {state.start} of {cfg.train.epochs}.")
+    # ``state.model`` stays the plain module: it is what is evaluated and saved (no "module." prefix).
+    # DDP broadcasts rank 0's weights at construction and averages gradients over ranks.
+    stepped = state.model if not ctx.distributed else DistributedDataParallel(
+        state.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+    )
+    if ctx.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+
+    for epoch in range(state.start, cfg.train.epochs + 1):
+        row, improved = _epoch(run, state, stepped, epoch, progress=progress)
+        # Without validation images every epoch is the new best: write it only where last.pt is written.
+        if improved and ctx.is_main and (len(run.val_ds) or run.is_resume_point(epoch)):
+            save_checkpoint(run.bundle(state.scored, history=state.history, extra={"epoch": epoch}), run.best_path)
+        if ctx.is_main:
+            write_json(out_dir / "history.json", state.history)
+            if run.is_resume_point(epoch):
+                _save_resume_point(run, state, epoch)
+            log(_epoch_line(row))
+    if state.start <= cfg.train.epochs and ctx.is_main:
+        _complete_best_history(run.best_path, state.history)
+    ctx.barrier()  # best.pt is complete before any rank goes on to use it
+    return TrainResult(out_dir=out_dir, best_path=run.best_path, history=state.history, best_epoch=state.best_epoch)
+
+
+# ---- before the first epoch: the run folder, the data, the model ----
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed through one call: the resolved config, this process's place, how it computes,
+    the data sets and the run folder."""
+
+    cfg: RunConfig
+    ctx: DistContext
+    out_dir: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    train_ds: ImageDataset
+    val_ds: ImageDataset
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    trained_on: list[str]
+    loss_fn: nn.Module
+    mix: Callable | None  # MixUp / CutMix of each batch (None without --mixup / --cutmix)
+    scaler: torch.amp.GradScaler | None  # float16 on CUDA only; not carried by last.pt
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def is_resume_point(self, epoch: int) -> bool:
+        """Whether last.pt is written after ``epoch``: every ``checkpoint_every`` epochs, and after the last."""
+        return epoch % self.cfg.train.checkpoint_every == 0 or epoch == self.cfg.train.epochs
+
+    def bundle(self, model: nn.Module, *, history: list[dict], extra: dict) -> dict:
+        """The self-describing checkpoint of ``model``: architecture, preprocessing, config, image hashes."""
+        return make_bundle(
+            model, arch=self.cfg.model.arch, image_size=self.cfg.data.image_size, mean=self.mean, std=self.std,
+            config=self.cfg.to_dict(), trained_on=self.trained_on, history=history, extra=extra,
+        )
+
+
+@dataclass
+class _TrainingState:
+    """What the epochs change. last.pt saves it (:func:`_save_resume_point`) and a resumed run
+    restores it (:func:`_restore`), so it continues exactly as the uninterrupted run would have."""
+
+    model: nn.Module  # the plain module, never the DDP wrapper
+    ema: AveragedModel | None  # with --ema the running average (batch-norm statistics included) is validated and saved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = float("inf")  # the selection score of best_epoch (see ``record``)
+    best_epoch: int = 0
+    start: int = 1  # the first epoch still to train
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights that are validated and saved: the running average with --ema, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def record(self, row: dict, val_loss: float, epoch: int) -> bool:
+        """Add an epoch's row to the history; True when it is the best epoch so far."""
+        self.history.append(row)
+        # With no validation images (a NaN loss), the last epoch is kept.
+        score = val_loss if val_loss == val_loss else -epoch
+        if score <= self.best_loss:
+            self.best_loss, self.best_epoch = score, epoch
+            return True
+        return False
+
+
+def _check_run_folder(out_dir: Path, ctx: DistContext, *, resume: bool, log) -> bool:
+    """Refuse to overwrite a run unless resuming, create the folder; True when there is a last.pt to resume from.
+
+    Rank 0's view of the folder decides for every rank, before any rank writes.
+    """
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    # Rank 0's view of the folder decides for every rank, before any rank writes.
     has_run, has_best = ctx.broadcast((last_path.exists(), best_path.exists()))
     if (has_run or has_best) and not resume:
         raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
@@ -181,113 +295,124 @@ def train_model(
         log(f"{out_dir} was stopped before its first resume point (--checkpoint-every): training starts again at epoch 1.")
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        log = _quiet
-    torch.manual_seed(cfg.train.seed)
+    return has_run
 
+
+def _prepare(
+    cfg: RunConfig, ctx: DistContext, out_dir: Path, train_records: Sequence[Record], val_records: Sequence[Record],
+    trained_on: Sequence[str], *, has_run: bool,
+) -> tuple[_Run, dict | None]:
+    """The fixed parts of the run, and the saved training state when resuming (None for a fresh run).
+
+    A resumed run keeps the mean and std of its first start rather than measuring them again.
+    """
     device = ctx.device if ctx.distributed else resolve_device(cfg.train.device)
     amp_dtype = autocast_dtype(device, cfg.train.precision)
-    use_cl = channels_last(device)
-    size = cfg.data.image_size
-
-    if has_run and resume and not last_path.exists():
+    last_path = out_dir / "last.pt"
+    if has_run and not last_path.exists():
         raise LeukoError(f"Rank {ctx.rank} cannot see {last_path}: put the run folder on storage every node shares to resume.")
-    state = load_checkpoint(last_path) if resume and has_run else None
+    saved = load_checkpoint(last_path) if has_run else None
+
+    size = cfg.data.image_size
     base = ImageDataset(train_records, EvalPreset(image_size=size))
-    if state is None:
+    if saved is None:
         mean, std = channel_stats(base.base_image(i) for i in range(len(base)))
     else:
-        mean, std = tuple(state["mean"]), tuple(state["std"])
+        mean, std = tuple(saved["mean"]), tuple(saved["std"])
     train_ds = ImageDataset(train_records, TrainPreset(image_size=size, mean=mean, std=std, augment=cfg.augment), seed=cfg.train.seed)
     train_ds._cache = base._cache  # decoded once for the statistics, reused for training
     val_ds = ImageDataset(val_records, EvalPreset(image_size=size, mean=mean, std=std))
 
-    model = create_model(cfg.model.arch, num_classes=2, weights=cfg.model.weights).to(device)
-    if use_cl:
+    run = _Run(
+        cfg=cfg, ctx=ctx, out_dir=out_dir, device=device, amp_dtype=amp_dtype, channels_last=channels_last(device),
+        train_ds=train_ds, val_ds=val_ds, mean=mean, std=std, trained_on=list(trained_on),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+        mix=batch_mixer(cfg.train.mixup, cfg.train.cutmix),
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None,
+    )
+    return run, saved
+
+
+def _new_state(run: _Run) -> _TrainingState:
+    """A freshly initialised model (and its EMA), optimizer and cosine schedule, before any epoch."""
+    cfg = run.cfg
+    model = create_model(cfg.model.arch, num_classes=2, weights=cfg.model.weights).to(run.device)
+    if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if ctx.distributed:
-        model = sync_batch_norm(model, device)
-    # With --ema the running average (batch-norm statistics included) is what is validated and saved.
+    if run.ctx.distributed:
+        model = sync_batch_norm(model, run.device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True) if cfg.train.ema else None
-    scored = ema.module if ema is not None else model
     optimizer = _make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    mix = batch_mixer(cfg.train.mixup, cfg.train.cutmix)
+    return _TrainingState(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler)
 
-    history: list[dict] = []
-    best_loss, best_epoch, start = float("inf"), 0, 1
-    if state is not None:
-        # With EMA, "state_dict" holds the averaged weights and "raw_state_dict" the trained ones.
-        model.load_state_dict(state.get("raw_state_dict", state["state_dict"]))
-        if ema is not None and "raw_state_dict" in state:
-            ema.module.load_state_dict(state["state_dict"])
-            ema.n_averaged.fill_(state["ema_updates"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best_loss, best_epoch = state["history"], state["best_val_loss"], state["best_epoch"]
-        start = state["epoch"] + 1
-        best_loss, best_epoch = _kept_best(best_path, state["epoch"], best_loss, best_epoch)
-        if start <= cfg.train.epochs:
-            log(f"Resuming {out_dir} at epoch {start} of {cfg.train.epochs}.")
-    # ``model`` stays the plain module: it is what is evaluated and saved (no "module." prefix).
-    # DDP broadcasts rank 0's weights at construction and averages gradients over ranks.
-    ddp = model if not ctx.distributed else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
-    )
-    if ctx.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-    bundle_for = partial(
-        make_bundle, arch=cfg.model.arch, image_size=size, mean=mean, std=std,
-        config=cfg.to_dict(), trained_on=list(trained_on),
-    )
 
-    for epoch in range(start, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        train_ds.set_epoch(epoch)
-        train_loss, train_acc = train_one_epoch(
-            ddp, _train_loader(train_ds, cfg, ctx, epoch), optimizer, loss_fn,
-            device=device, amp_dtype=amp_dtype, scaler=scaler, channels_last=use_cl,
-            desc=f"epoch {epoch}/{cfg.train.epochs}", progress=progress and ctx.is_main,
-            reduce_sum=ctx.all_reduce_sum if ctx.distributed else None,
-            after_step=(lambda: ema.update_parameters(model)) if ema is not None else None, mix=mix,
-        )
-        scheduler.step()
-        # The plain module, not the DDP wrapper: evaluation issues no collective calls.
-        logits, labels = predict_logits(scored, _eval_loader(val_ds, cfg), device=device, amp_dtype=amp_dtype, channels_last=use_cl)
-        val_loss, val_acc = loss_and_accuracy(logits, labels)
-        row = {
-            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-            "val_loss": None if val_loss != val_loss else val_loss,
-            "val_acc": None if val_acc != val_acc else val_acc,
-            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
-        }
-        history.append(row)
-        # With no validation images, the last epoch is kept.
-        score = val_loss if val_loss == val_loss else -epoch
-        if score <= best_loss:
-            best_loss, best_epoch = score, epoch
-            # Without validation images every epoch is the new best: write it only where last.pt is written.
-            if ctx.is_main and (len(val_ds) or epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs):
-                save_checkpoint(bundle_for(scored, history=history, extra={"epoch": epoch}), best_path)
-        if not ctx.is_main:
-            continue
-        write_json(out_dir / "history.json", history)
-        if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
-            resume_state = {
-                "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "best_val_loss": best_loss, "best_epoch": best_epoch,
-            }
-            if ema is not None:
-                resume_state["raw_state_dict"] = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-                resume_state["ema_updates"] = int(ema.n_averaged)
-            save_checkpoint(bundle_for(scored, history=history, extra=resume_state), last_path)
-        log(_epoch_line(row))
-    if start <= cfg.train.epochs and ctx.is_main:
-        # best.pt was written mid-run; give it the whole history so its training curves are complete.
-        best = load_checkpoint(best_path)
-        best["history"] = history
-        save_checkpoint(best, best_path)
-    ctx.barrier()  # best.pt is complete before any rank goes on to use it
-    return TrainResult(out_dir=out_dir, best_path=best_path, history=history, best_epoch=best_epoch)
+# ---- resume points: what last.pt holds beyond the checkpoint, written and read in one place ----
+
+
+def _save_resume_point(run: _Run, state: _TrainingState, epoch: int) -> None:
+    """Write last.pt: the checkpoint of the scored weights plus everything :func:`_restore` needs.
+
+    With EMA, ``state_dict`` holds the averaged weights and ``raw_state_dict`` the trained ones.
+    """
+    extra = {
+        "epoch": epoch, "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "best_val_loss": state.best_loss, "best_epoch": state.best_epoch,
+    }
+    if state.ema is not None:
+        extra["raw_state_dict"] = {k: v.detach().to("cpu") for k, v in state.model.state_dict().items()}
+        extra["ema_updates"] = int(state.ema.n_averaged)
+    save_checkpoint(run.bundle(state.scored, history=state.history, extra=extra), run.last_path)
+
+
+def _restore(state: _TrainingState, saved: dict, best_path: Path) -> None:
+    """Put a fresh state where last.pt left off: weights (and EMA), optimizer, schedule, history, selection."""
+    state.model.load_state_dict(saved.get("raw_state_dict", saved["state_dict"]))
+    if state.ema is not None and "raw_state_dict" in saved:
+        state.ema.module.load_state_dict(saved["state_dict"])
+        state.ema.n_averaged.fill_(saved["ema_updates"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.history = saved["history"]
+    state.start = saved["epoch"] + 1
+    state.best_loss, state.best_epoch = _kept_best(best_path, saved["epoch"], saved["best_val_loss"], saved["best_epoch"])
+
+
+# ---- one epoch ----
+
+
+def _epoch(run: _Run, state: _TrainingState, stepped: nn.Module, epoch: int, *, progress: bool) -> tuple[dict, bool]:
+    """Train one epoch through ``stepped`` (the DDP wrapper under torchrun), step the schedule, validate.
+
+    Returns:
+        The epoch's history row, and whether it is the best epoch so far.
+    """
+    cfg, ctx = run.cfg, run.ctx
+    t0 = time.perf_counter()
+    run.train_ds.set_epoch(epoch)
+    train_loss, train_acc = train_one_epoch(
+        stepped, _train_loader(run.train_ds, cfg, ctx, epoch), state.optimizer, run.loss_fn,
+        device=run.device, amp_dtype=run.amp_dtype, scaler=run.scaler, channels_last=run.channels_last,
+        desc=f"epoch {epoch}/{cfg.train.epochs}", progress=progress and ctx.is_main,
+        reduce_sum=ctx.all_reduce_sum if ctx.distributed else None,
+        after_step=(lambda: state.ema.update_parameters(state.model)) if state.ema is not None else None, mix=run.mix,
+    )
+    state.scheduler.step()
+    # The plain module, not the DDP wrapper: evaluation issues no collective calls.
+    logits, labels = predict_logits(state.scored, _eval_loader(run.val_ds, cfg), device=run.device,
+                                    amp_dtype=run.amp_dtype, channels_last=run.channels_last)
+    val_loss, val_acc = loss_and_accuracy(logits, labels)
+    row = {
+        "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+        "val_loss": None if val_loss != val_loss else val_loss,
+        "val_acc": None if val_acc != val_acc else val_acc,
+        "lr": state.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return row, state.record(row, val_loss, epoch)
+
+
+def _complete_best_history(best_path: Path, history: list[dict]) -> None:
+    """best.pt was written mid-run; give it the whole history so its training curves are complete."""
+    best = load_checkpoint(best_path)
+    best["history"] = history
+    save_checkpoint(best, best_path)
