@@ -295,3 +295,102 @@ def test_train_with_mixup_cutmix_and_no_validation_part(tiny_tree, tmp_path):
     assert 0 <= ckpt["history"][0]["train_acc"] <= 1
     bad = invoke("train", "--data", tiny_tree, "--out", tmp_path / "bad", *TINY, "--mixup", -1)
     assert bad.exit_code == 2 and "--mixup -1" in bad.output
+
+
+# The options train, cv and compare share (detect-eval and train-detector likewise) are declared once in cli.py;
+# these tests hold each command's copy to the same flag, default and help, and check that every one reaches the config.
+TRAINING_OPTIONS = ("--data", "--arch", "--epochs", "--image-size", "--batch-size", "--lr", "--optimizer", "--label-smoothing", "--ema",
+                    "--mixup", "--cutmix", "--val-fraction", "--checkpoint-every", "--weights", "--protocol", "--group-by", "--allidb1",
+                    "--format", "--seed", "--device", "--precision", "--workers", "--config")
+COMPARE_OWN = {"--arch", "--optimizer", "--weights",  # compare names its architectures with --archs, each with its own recipe
+               "--lr", "--protocol"}  # its --lr is one rate for every architecture, its --protocol may be "both"
+DETECTOR_OPTIONS = ("--data", "--epochs", "--image-size", "--arch", "--batch-size", "--crop-factor", "--smudge-gate", "--gate-keep",
+                    "--cell-scorer", "--photo-context", "--val-fraction", "--label-smoothing")
+
+
+def _options(command: str) -> dict:
+    """A command's options by flag: what --help shows of each and what it parses to."""
+    import typer
+
+    params = typer.main.get_command(app).commands[command].params
+    return {p.opts[0]: (tuple(p.secondary_opts), p.default, p.help, p.required, getattr(p, "min", None), getattr(p, "max", None))
+            for p in params}
+
+
+@pytest.mark.parametrize("commands, flags", [(("train", "cv", "compare"), TRAINING_OPTIONS),
+                                             (("detect-eval", "train-detector"), DETECTOR_OPTIONS)], ids=["training", "detector"])
+def test_shared_options_are_alike_in_every_command(commands, flags):
+    options = {c: _options(c) for c in commands}
+    for flag in flags:
+        having = [c for c in commands if not (c == "compare" and flag in COMPARE_OWN)]
+        assert all(flag in options[c] for c in having), flag
+        assert len({options[c][flag] for c in having}) == 1, flag
+    assert _options("compare")["--protocol"][1] == "clean" and "--archs" in _options("compare")
+
+
+def test_every_training_option_reaches_the_run_config(tiny_tree, tmp_path, monkeypatch):
+    """train, cv and compare build their RunConfig alike: --config's YAML first, then every option given."""
+    import typer
+
+    (tmp_path / "defaults.yaml").write_text("data:\n  test_fraction: 0.3\ntrain:\n  epochs: 9\n  batch_size: 5\n")
+    split = tmp_path / "split.json"
+    split.write_text("{}")
+    common = ["--data", tiny_tree, "--out", tmp_path / "out", "--epochs", 3, "--image-size", 32, "--lr", 0.002, "--label-smoothing", 0.1,
+              "--ema", 0.9, "--mixup", 0.2, "--cutmix", 1.0, "--val-fraction", 0.1, "--checkpoint-every", 2, "--group-by", "source",
+              "--allidb1", tmp_path, "--format", "folders", "--seed", 7, "--device", "cpu", "--precision", "fp32", "--workers", 1,
+              "--config", tmp_path / "defaults.yaml"]
+    recipe = ["--arch", "tiny", "--optimizer", "sgd", "--weights", "imagenet", "--protocol", "paper"]
+    configs = {}
+
+    def job(name):
+        def run(cfg, *args, **kwargs):
+            configs[name] = cfg
+            raise typer.Exit(0)
+        return run
+
+    monkeypatch.setattr("leukodetect.jobs.train.run_train", job("train"))
+    monkeypatch.setattr("leukodetect.jobs.train.run_cv", job("cv"))
+    monkeypatch.setattr("leukodetect.jobs.compare.run_comparison", job("compare"))
+    for args in (["train", *common, *recipe, "--split-file", split], ["cv", *common, *recipe], ["compare", *common]):
+        assert invoke(*args).exit_code == 0, args[0]
+    for name, cfg in configs.items():
+        data, train = cfg.data, cfg.train
+        assert (data.path, data.format, data.image_size, data.val_fraction, data.group_by, data.allidb1, data.num_workers) == (
+            str(tiny_tree), "folders", 32, 0.1, "source", str(tmp_path), 1), name
+        assert (train.epochs, train.lr, train.label_smoothing, train.ema, train.mixup, train.cutmix, train.checkpoint_every,
+                train.seed, train.device, train.precision) == (3, 0.002, 0.1, 0.9, 0.2, 1.0, 2, 7, "cpu", "fp32"), name
+        assert (data.test_fraction, train.batch_size) == (0.3, 5), name  # from the YAML, which no option overrides
+    for name in ("train", "cv"):
+        cfg = configs[name]
+        assert (cfg.model.arch, cfg.model.weights, cfg.train.optimizer, cfg.data.protocol) == ("tiny", "imagenet", "sgd", "paper")
+    assert configs["train"].data.split_file == str(split) and configs["cv"].data.split_file is None
+    assert configs["compare"].data.protocol == "clean"  # compare's --protocol picks its runs; it is not the config's
+
+
+def test_predict_walks_folders_as_detect_does(trained, tiny_tree, tmp_path, monkeypatch):
+    """Each path given to predict is read as detect reads its one: a folder is searched recursively for image files."""
+    folder = tmp_path / "cells"
+    (folder / "b" / "deeper").mkdir(parents=True)
+    for name in ("b/deeper/c.PNG", "a.png", "b/a.png"):
+        (folder / name).write_bytes((tiny_tree / "blast" / "blast_01.png").read_bytes())
+    (folder / "notes.txt").write_text("not an image file")
+    expected = [folder / "a.png", folder / "b" / "a.png", folder / "b" / "deeper" / "c.PNG"]
+    result = invoke("predict", folder, "--checkpoint", trained / "best.pt", "--json")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [str(p) for p in expected]
+    walked = []
+    monkeypatch.setattr("leukodetect.jobs.detect.detect_paths", lambda paths, *a, **k: walked.extend(paths) or [])
+    invoke("detect", folder, "--locate-only", "--out", tmp_path / "detections")
+    assert walked == expected
+
+
+def test_predict_names_a_folder_with_no_images_in_one_sentence(trained, tiny_tree, tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    good = tiny_tree / "blast" / "blast_01.png"
+    for args in ([tmp_path / "empty"], [good, tmp_path / "empty"]):
+        result = invoke("predict", *args, "--checkpoint", trained / "best.pt")
+        assert result.exit_code == 2 and f"{tmp_path / 'empty'} holds no image files (.bmp, .jpeg" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    missing = invoke("predict", tmp_path / "nowhere", "--checkpoint", trained / "best.pt")
+    assert missing.exit_code == 2 and "nowhere does not exist: pass an image file or a folder of images." in missing.output

@@ -13,11 +13,12 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from leukodetect.errors import LeukoError
@@ -58,16 +59,51 @@ def _log(message: str) -> None:
     err.print(message, highlight=False)
 
 
-# Options shared by train and cv; None means "keep the configuration's default".
+# Options of train, cv and compare. Each names a RunConfig field (see _run_config); None keeps the value
+# of --config's YAML, or RunConfig's default.
 DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
-# Detector training (detect-eval and train-detector train the same recipe). The defaults are the shipped
-# detector's recipe, DetectEvalConfig's defaults (a test holds the two equal).
+ArchOpt = typer.Option(None, "--arch", help="Architecture (see 'leukodetect models'); default resnet50.")
+EpochsOpt = typer.Option(None, "--epochs", help="Epochs (paper: 100).")
+ImageSizeOpt = typer.Option(None, "--image-size", help="Square input size in pixels (default 224).")
+BatchSizeOpt = typer.Option(None, "--batch-size")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule).")
+OptimizerOpt = typer.Option(None, "--optimizer", help="adamw or sgd.")
+LabelSmoothingOpt = typer.Option(None, "--label-smoothing")
+EmaOpt = typer.Option(None, "--ema", help="Decay of an exponential moving average of the weights, updated every step "
+                      "(e.g. 0.98; default 0, off); the average is what is validated and saved.")
+MixupOpt = typer.Option(None, "--mixup", help="MixUp on each training batch with this Beta parameter (e.g. 0.2; default 0, off).")
+CutmixOpt = typer.Option(None, "--cutmix", help="CutMix on each training batch with this Beta parameter (e.g. 1.0; default 0, off); "
+                         "with --mixup too, each batch gets one of the two.")
+ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of the training images held out to choose the epoch by "
+                              "validation loss (default 0.15); 0: none, every training image trains and the last epoch is kept.")
+CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Write last.pt, the resume point, every N epochs "
+                                  "(default 1; more on a GPU, where saving can take longer than an epoch).")
+WeightsOpt = typer.Option(None, "--weights", help="None (from scratch, default), 'imagenet' or a weights file.")
+ProtocolOpt = typer.Option(None, "--protocol", help="clean (split first, default) or paper (augment to 2470, then split).")
+GroupByOpt = typer.Option(None, "--group-by", help="default, or source: ALL-IDB2 crops of one ALL-IDB1 photograph stay together.")
+AllIdb1Opt = typer.Option(None, "--allidb1", help="ALL-IDB1 folder for --group-by source (default: found beside --data).")
+FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
+SeedOpt = typer.Option(None, "--seed")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
+PrecisionOpt = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16.")
+WorkersOpt = typer.Option(None, "--workers", help="DataLoader worker processes per training job (augmentation).")
+ConfigOpt = typer.Option(None, "--config", help="YAML with defaults: a run's config.yaml works, or e.g. data: {paper_total: 2470}.")
+DevicesOpt = typer.Option(
+    "auto", "--devices",
+    help="Train folds at the same time, one worker process per device: auto (every GPU when there are two or more, "
+         "not under torchrun), off, or a list such as cuda:0,cuda:1 (cpu,cpu also works; naming a GPU twice "
+         "runs two jobs on it at once).",
+)
+# Options of detect-eval and train-detector, which train the same recipe (see _detector_config). The defaults are
+# the shipped detector's recipe, DetectEvalConfig's defaults (a test holds the two equal).
 DetEpochsOpt = typer.Option(30, "--epochs", help="Crop classifier epochs.")
 DetImageSizeOpt = typer.Option(96, "--image-size", help="Crop classifier input size; crops are cut at this size.")
 DetArchOpt = typer.Option("googlenet", "--arch", help="Crop classifier architecture (see 'leukodetect models').")
+DetBatchSizeOpt = typer.Option(32, "--batch-size")
+CropFactorOpt = typer.Option(2.0, "--crop-factor", min=1.0, help="Crop side in red-cell diameters, measured on each photograph.")
 SmudgeGateTrainOpt = typer.Option(True, "--smudge-gate/--no-smudge-gate",
                                   help="Also train the smudge-cell gate and store it with the classifier.")
-GateKeepOpt = typer.Option(0.99, help="Share of the annotated training cells the smudge gate keeps.")
+GateKeepOpt = typer.Option(0.99, "--gate-keep", help="Share of the annotated training cells the smudge gate keeps.")
 CellScorerTrainOpt = typer.Option(True, "--cell-scorer/--no-cell-scorer",
                                   help="Also train the cell scorer (region measurements combined with the crop classifier).")
 PhotoContextOpt = typer.Option(False, "--photo-context/--no-photo-context",
@@ -76,49 +112,50 @@ PhotoContextOpt = typer.Option(False, "--photo-context/--no-photo-context",
 DetValFractionOpt = typer.Option(0.0, "--val-fraction", min=0.0, max=0.9, help="Share of the training photographs held out to choose "
                                  "the crop classifier's epoch; 0: none, every training photograph trains and the last epoch is kept.")
 DetLabelSmoothingOpt = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5, help="Label smoothing of the crop classifier's loss.")
-CropFactorOpt = typer.Option(2.0, min=1.0, help="Crop side in red-cell diameters, measured on each photograph.")
-FormatOpt = typer.Option(None, "--format", help="allidb2, allidb1, cnmc, folders or manifest (default: detected).")
-GroupByOpt = typer.Option(None, "--group-by", help="default, or source: ALL-IDB2 crops of one ALL-IDB1 photograph stay together.")
-AllIdb1Opt = typer.Option(None, "--allidb1", help="ALL-IDB1 folder for --group-by source (default: found beside --data).")
+# Options of the commands that load a classifier.
 BackendOpt = typer.Option("auto", "--backend", help="What runs the network: auto (ONNX Runtime on CPU, exported once per "
                           "checkpoint and cached; PyTorch on GPU), torch or onnx. Both agree within 1e-4 in P(blast).")
 StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a folder (8 images evenly spaced over its sorted files "
                                  "are used), of the model's training data: the stain to normalise toward.")
-EmaOpt = typer.Option(None, "--ema", help="Decay of an exponential moving average of the weights, updated every step "
-                      "(e.g. 0.98; default 0, off); the average is what is validated and saved.")
-ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of the training images held out to choose the epoch by "
-                              "validation loss (default 0.15); 0: none, every training image trains and the last epoch is kept.")
-MixupOpt = typer.Option(None, "--mixup", help="MixUp on each training batch with this Beta parameter (e.g. 0.2; default 0, off).")
-CutmixOpt = typer.Option(None, "--cutmix", help="CutMix on each training batch with this Beta parameter (e.g. 1.0; default 0, off); "
-                         "with --mixup too, each batch gets one of the two.")
-CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Write last.pt, the resume point, every N epochs "
-                                  "(default 1; more on a GPU, where saving can take longer than an epoch).")
-DevicesOpt = typer.Option(
-    "auto", "--devices",
-    help="Train folds at the same time, one worker process per device: auto (every GPU when there are two or more, "
-         "not under torchrun), off, or a list such as cuda:0,cuda:1 (cpu,cpu also works; naming a GPU twice "
-         "runs two jobs on it at once).",
-)
+
+#: The RunConfig fields the options of train, cv and compare may set, by section.
+_RUN_CONFIG_FIELDS = {
+    "data": ("path", "format", "image_size", "split_file", "protocol", "num_workers", "val_fraction", "group_by", "allidb1"),
+    "model": ("arch", "weights"),
+    "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "ema", "mixup",
+              "cutmix", "checkpoint_every"),
+}
+#: Command parameters named otherwise than the RunConfig field they set.
+_RUN_CONFIG_NAMES = {"data": "path", "fmt": "format", "workers": "num_workers"}
 
 
-def _config(config: Optional[Path], **overrides):
+def _run_config(options: dict):
+    """The RunConfig of a train, cv or compare command line: --config's YAML (or the defaults), then each option given.
+
+    Args:
+        options: the command's ``locals()``. A parameter named like a RunConfig field (or mapped to one in
+            _RUN_CONFIG_NAMES) sets it unless it is None; the others (--out, --resume, --folds...) are the command's own.
+    """
     from leukodetect.config import RunConfig, load_config
 
-    cfg = load_config(config) if config else RunConfig()
-    sections = {
-        "data": ("path", "format", "image_size", "split_file", "protocol", "num_workers", "test_fraction", "val_fraction",
-                 "group_by", "allidb1"),
-        "model": ("arch", "weights"),
-        "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "weight_decay", "ema",
-                  "mixup", "cutmix", "checkpoint_every"),
-    }
-    for section, keys in sections.items():
+    cfg = load_config(options["config"]) if options.get("config") else RunConfig()
+    values = {_RUN_CONFIG_NAMES.get(name, name): value for name, value in options.items()}
+    for section, keys in _RUN_CONFIG_FIELDS.items():
         for key in keys:
-            value = overrides.get(key)
+            value = values.get(key)
             if value is not None:
                 setattr(getattr(cfg, section), key, str(value) if isinstance(value, Path) else value)
     cfg.validate()
     return cfg
+
+
+def _detector_config(options: dict):
+    """The DetectEvalConfig of a detect-eval or train-detector command line (its ``locals()``); absent fields keep their defaults."""
+    from leukodetect.detection.crops import CropConfig
+    from leukodetect.jobs.detect_eval import DetectEvalConfig
+
+    names = {f.name for f in fields(DetectEvalConfig)} - {"crop"}
+    return DetectEvalConfig(crop=CropConfig(crop_factor=options["crop_factor"]), **{k: v for k, v in options.items() if k in names})
 
 
 @app.command()
@@ -126,38 +163,36 @@ def _config(config: Optional[Path], **overrides):
 def train(
     data: Path = DataOpt,
     out_dir: Path = typer.Option(..., "--out", help="Run folder (must not hold a run unless --resume)."),
-    arch: Optional[str] = typer.Option(None, help="Architecture (see 'leukodetect models'); default resnet50."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (paper: 100)."),
-    image_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default 224)."),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (cosine schedule)."),
-    optimizer: Optional[str] = typer.Option(None, help="adamw or sgd."),
-    label_smoothing: Optional[float] = typer.Option(None),
+    arch: Optional[str] = ArchOpt,
+    epochs: Optional[int] = EpochsOpt,
+    image_size: Optional[int] = ImageSizeOpt,
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = LrOpt,
+    optimizer: Optional[str] = OptimizerOpt,
+    label_smoothing: Optional[float] = LabelSmoothingOpt,
     ema: Optional[float] = EmaOpt,
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
-    weights: Optional[str] = typer.Option(None, help="None (from scratch, default), 'imagenet' or a weights file."),
-    protocol: Optional[str] = typer.Option(None, help="clean (split first, default) or paper (augment to 2470, then split)."),
+    weights: Optional[str] = WeightsOpt,
+    protocol: Optional[str] = ProtocolOpt,
     group_by: Optional[str] = GroupByOpt,
     allidb1: Optional[Path] = AllIdb1Opt,
     split_file: Optional[Path] = typer.Option(None, help="A split.json fixing train/val/test."),
     fmt: Optional[str] = FormatOpt,
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    config: Optional[Path] = typer.Option(None, help="YAML with defaults (a run's config.yaml works)."),
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    workers: Optional[int] = WorkersOpt,
+    config: Optional[Path] = ConfigOpt,
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Train on a stratified, group- and duplicate-aware split and score the held-out test part."""
     from leukodetect.jobs.train import run_train
 
-    cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
-                  split_file=split_file, seed=seed, device=device, precision=precision, num_workers=workers)
+    cfg = _run_config(locals())
     result = run_train(cfg, out_dir, resume=resume, progress=_progress(), command=_command_line(), log=_log)
     _print_result(result, as_json, result["test"], f"Test split of {out_dir}")
 
@@ -168,38 +203,36 @@ def cv(
     data: Path = DataOpt,
     out_dir: Path = typer.Option(..., "--out", help="Output folder (one subfolder per fold)."),
     folds: int = typer.Option(5, help="Number of folds."),
-    arch: Optional[str] = typer.Option(None),
-    epochs: Optional[int] = typer.Option(None),
-    image_size: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    optimizer: Optional[str] = typer.Option(None),
-    label_smoothing: Optional[float] = typer.Option(None),
+    arch: Optional[str] = ArchOpt,
+    epochs: Optional[int] = EpochsOpt,
+    image_size: Optional[int] = ImageSizeOpt,
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = LrOpt,
+    optimizer: Optional[str] = OptimizerOpt,
+    label_smoothing: Optional[float] = LabelSmoothingOpt,
     ema: Optional[float] = EmaOpt,
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
-    weights: Optional[str] = typer.Option(None),
-    protocol: Optional[str] = typer.Option(None, help="clean (default) or paper."),
+    weights: Optional[str] = WeightsOpt,
+    protocol: Optional[str] = ProtocolOpt,
     group_by: Optional[str] = GroupByOpt,
     allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    precision: Optional[str] = typer.Option(None),
-    workers: Optional[int] = typer.Option(None),
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    workers: Optional[int] = WorkersOpt,
     devices: str = DevicesOpt,
-    config: Optional[Path] = typer.Option(None),
+    config: Optional[Path] = ConfigOpt,
     resume: bool = typer.Option(False, help="Keep finished folds and continue."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Stratified group k-fold cross-validation: every image predicted once, out of fold."""
     from leukodetect.jobs.train import run_cv
 
-    cfg = _config(config, path=data, format=fmt, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                  lr=lr, optimizer=optimizer, label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, weights=weights, protocol=protocol, group_by=group_by, allidb1=allidb1,
-                  seed=seed, device=device, precision=precision, num_workers=workers)
+    cfg = _run_config(locals())
     result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), devices=devices, log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
 
@@ -241,28 +274,32 @@ def predict(
     backend: str = BackendOpt,
 ):
     """Blast probability and call per image; unreadable files are reported and skipped."""
-    from leukodetect.runtime.classifier import Classifier
-    from leukodetect.runtime.images import IMAGE_SUFFIXES
+    from leukodetect.runtime.images import image_paths
 
     if checkpoint is not None and model is not None:
         raise LeukoError("Pass either --checkpoint (a best.pt) or --model (a file from 'leukodetect export'), not both.")
-    paths: list[Path] = []
-    for item in images:
-        if not item.exists():
-            raise LeukoError(f"{item} does not exist: pass image files or folders of images.")
-        paths += [item] if item.is_file() else sorted(
-            p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise LeukoError(f"{', '.join(map(str, images))} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    paths = [path for image_or_dir in images for path in image_paths(image_or_dir)]
+    clf = _classifier(checkpoint, model, backend)
+    preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress())
+    _print_predictions(preds, clf.threshold, as_json=as_json, as_csv=as_csv)
+    if all(p.error for p in preds):
+        raise typer.Exit(1)
+
+
+def _classifier(checkpoint: Optional[Path], model: Optional[Path], backend: str):
+    """What predict runs: an exported model (--model), or a checkpoint (default: the shipped ResNet-50)."""
     if model is not None:
         from leukodetect.runtime.export import ExportedClassifier
 
-        clf = ExportedClassifier.from_file(model)
-    else:
-        from leukodetect.weights import resolve_checkpoint
+        return ExportedClassifier.from_file(model)
+    from leukodetect.runtime.classifier import Classifier
+    from leukodetect.weights import resolve_checkpoint
 
-        clf = Classifier.from_checkpoint(resolve_checkpoint(checkpoint), backend=backend, log=_log)
-    preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress())
+    return Classifier.from_checkpoint(resolve_checkpoint(checkpoint), backend=backend, log=_log)
+
+
+def _print_predictions(preds: list, threshold: float, *, as_json: bool, as_csv: bool) -> None:
+    """Predictions as JSON lines, CSV or a table on stdout; skipped files and conversion notes on stderr."""
     if as_json:
         for p in preds:
             print(json.dumps(p.to_dict()))
@@ -274,7 +311,7 @@ def predict(
         for p in preds:
             writer.writerow([p.path, p.label or "", "" if p.prob_blast is None else f"{p.prob_blast:.6f}", p.error or ""])
     else:
-        table = Table("image", "call", "P(blast)", title=f"threshold {clf.threshold:.2f}")
+        table = Table("image", "call", "P(blast)", title=f"threshold {threshold:.2f}")
         for p in preds:
             table.add_row(p.path, p.label or "[red]error[/]", f"{p.prob_blast:.4f}" if p.prob_blast is not None else p.error)
         out.print(table)
@@ -283,8 +320,6 @@ def predict(
             err.print(f"skipped: {p.error}", highlight=False)
         for note in p.notes:
             err.print(f"note: {note}", highlight=False)
-    if all(p.error for p in preds):
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -381,28 +416,28 @@ def compare(
     data: Path = DataOpt,
     out_dir: Path = typer.Option(..., "--out", help="Comparison folder (rerun the same command to continue it)."),
     archs: str = typer.Option("resnet50,googlenet,resnet101,resnet152,vgg16,vgg19", help="Comma-separated architectures."),
-    protocol: str = typer.Option("clean", help="clean, paper or both."),
+    protocols: str = typer.Option("clean", "--protocol", help="clean, paper or both."),
     folds: int = typer.Option(5),
-    epochs: Optional[int] = typer.Option(None),
-    image_size: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
+    epochs: Optional[int] = EpochsOpt,
+    image_size: Optional[int] = ImageSizeOpt,
+    batch_size: Optional[int] = BatchSizeOpt,
     lr: Optional[float] = typer.Option(None, help="One peak learning rate for every architecture (default: each its own, "
                                        "1e-3; 1e-4 for the VGGs)."),
-    label_smoothing: Optional[float] = typer.Option(None),
+    label_smoothing: Optional[float] = LabelSmoothingOpt,
     ema: Optional[float] = EmaOpt,
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = SeedOpt,
     group_by: Optional[str] = GroupByOpt,
     allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
-    device: Optional[str] = typer.Option(None),
-    precision: Optional[str] = typer.Option(None),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes per training job (augmentation)."),
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    workers: Optional[int] = WorkersOpt,
     devices: str = DevicesOpt,
-    config: Optional[Path] = typer.Option(None, help="YAML with defaults (e.g. data: {paper_total: 2470})."),
+    config: Optional[Path] = ConfigOpt,
     cross_data: Optional[Path] = typer.Option(None, "--cross-data", help="Labelled images from another lab (e.g. C-NMC): every "
                                               "run's fold models predict them, without and with Macenko stain normalisation."),
     stain_reference: Optional[Path] = typer.Option(None, "--stain-reference", help="With --cross-data: an image or folder of the "
@@ -411,17 +446,21 @@ def compare(
 ):
     """The paper's Table 2: cross-validate several architectures with the same folds and budget; one report."""
     from leukodetect.jobs.compare import parse_archs, parse_protocols, run_comparison
-    from leukodetect.reporting.report import format_value
 
-    cfg = _config(config, path=data, format=fmt, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-                  label_smoothing=label_smoothing, ema=ema, mixup=mixup, cutmix=cutmix, val_fraction=val_fraction, checkpoint_every=checkpoint_every, seed=seed, group_by=group_by,
-                  allidb1=allidb1, device=device, precision=precision, num_workers=workers)
-    result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocol), folds=folds,
+    cfg = _run_config(locals())
+    result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocols), folds=folds,
                             command=_command_line(), progress=_progress(), cross_data=cross_data, stain_reference=stain_reference,
                             devices=devices, log=_log)
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
-        return
+        _print_json(result)
+    else:
+        _print_comparison(result)
+
+
+def _print_comparison(result: dict) -> None:
+    """The pooled figures of every run, and of the cross-dataset check when there was one, as tables."""
+    from leukodetect.reporting.report import format_value
+
     names = ("accuracy", "sensitivity", "specificity", "roc_auc")
     table = Table("protocol", "architecture", "accuracy", "sensitivity", "specificity", "ROC AUC", title="Pooled out-of-fold (95% CI in the report)")
     for r in result["runs"]:
@@ -481,6 +520,13 @@ def detect(
         _log("No detector crop classifier in this installation: locating cells only (pass --checkpoint from train-detector).")
     rows = run_detect(image_or_dir, checkpoint, out_dir, backend=backend, review_band=(review_low, review_high),
                       use_gate=smudge_gate, use_scorer=cell_scorer, progress=_progress(), log=_log)
+    _print_detections(rows, out_dir, as_json)
+    if all("error" in r for r in rows):
+        raise typer.Exit(1)
+
+
+def _print_detections(rows: list[dict], out_dir: Path, as_json: bool) -> None:
+    """One JSON line per image, or one sentence per analysed image and where the outputs are."""
     for r in rows:
         if as_json:
             print(json.dumps({k: v for k, v in r.items() if k != "cells"} | {"cells": r.get("cells", [])}))
@@ -490,8 +536,6 @@ def detect(
                       highlight=False)
     if not as_json:
         out.print(f"Outputs in {out_dir}.")
-    if all("error" in r for r in rows):
-        raise typer.Exit(1)
 
 
 @app.command("detect-eval")
@@ -503,7 +547,7 @@ def detect_eval(
     epochs: int = DetEpochsOpt,
     image_size: int = DetImageSizeOpt,
     arch: str = DetArchOpt,
-    batch_size: int = typer.Option(32),
+    batch_size: int = DetBatchSizeOpt,
     locate_only: bool = typer.Option(False, help="Score localisation only (no classifier): fast."),
     seed: int = typer.Option(0, help="Seed of the folds, the crop classifier, the gate and the scorer (repeat with others to see the spread)."),
     crop_factor: float = CropFactorOpt,
@@ -516,15 +560,12 @@ def detect_eval(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
-    from leukodetect.detection.crops import CropConfig
-    from leukodetect.jobs.detect_eval import DetectEvalConfig, run_detect_eval
+    from leukodetect.jobs.detect_eval import run_detect_eval
 
-    cfg = DetectEvalConfig(folds=folds, seed=seed, epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, locate_only=locate_only,
-                           smudge_gate=smudge_gate, gate_keep=gate_keep, cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor),
-                           val_fraction=val_fraction, label_smoothing=label_smoothing, photo_context=photo_context)
+    cfg = _detector_config(locals())
     metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     if as_json:
-        print(json.dumps(metrics, indent=2, default=str))
+        _print_json(metrics)
     else:
         out.print((out_dir / "report.md").read_text(), highlight=False)
 
@@ -537,7 +578,7 @@ def train_detector(
     epochs: int = DetEpochsOpt,
     image_size: int = DetImageSizeOpt,
     arch: str = DetArchOpt,
-    batch_size: int = typer.Option(32),
+    batch_size: int = DetBatchSizeOpt,
     crop_factor: float = CropFactorOpt,
     smudge_gate: bool = SmudgeGateTrainOpt,
     gate_keep: float = GateKeepOpt,
@@ -547,12 +588,9 @@ def train_detector(
     label_smoothing: float = DetLabelSmoothingOpt,
 ):
     """Train the crop classifier for 'detect' on every photograph of an ALL-IDB1-style folder (detect-eval's recipe)."""
-    from leukodetect.detection.crops import CropConfig
-    from leukodetect.jobs.detect_eval import DetectEvalConfig, run_train_detector
+    from leukodetect.jobs.detect_eval import run_train_detector
 
-    cfg = DetectEvalConfig(epochs=epochs, image_size=image_size, arch=arch, batch_size=batch_size, smudge_gate=smudge_gate, gate_keep=gate_keep,
-                           cell_scorer=cell_scorer, crop=CropConfig(crop_factor=crop_factor), val_fraction=val_fraction,
-                           label_smoothing=label_smoothing, photo_context=photo_context)
+    cfg = _detector_config(locals())
     best = run_train_detector(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     out.print(f"Detector crop classifier: {best} (use: leukodetect detect IMAGE --checkpoint {best}).", highlight=False)
 
@@ -584,10 +622,9 @@ def benchmark(
     if out_file is not None:
         write_json(out_file, result)
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        _print_json(result)
     else:
-        for table in render_benchmark(result):
-            out.print(table)
+        out.print(Group(*render_benchmark(result)))
 
 
 @app.command()
@@ -614,7 +651,7 @@ def data_check(
 
     report = check_dataset(path, fmt or "auto", progress=_progress())
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
+        _print_json(report)
     else:
         out.print(render_check(report), highlight=False)
 
@@ -636,10 +673,14 @@ def _print_result(result: dict, as_json: bool, report: dict, title: str, folds: 
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        _print_json(result)
         return
     out.print(metrics_table(report, title, folds))
     out.print(f"Outputs in {result['out_dir']}")
+
+
+def _print_json(result) -> None:
+    print(json.dumps(result, indent=2, default=str))
 
 
 def metrics_table(report: dict, title: str, folds: dict | None = None) -> Table:

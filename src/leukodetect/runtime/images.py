@@ -263,10 +263,15 @@ def _note(notes: list[str] | None, sentence: str) -> None:
 
 
 def image_paths(image_or_dir: Path) -> list[Path]:
-    """The image itself, or the image files under a folder (sorted); one clear sentence otherwise."""
+    """The image itself, or the image files under a folder, searched recursively (sorted); one clear sentence otherwise.
+
+    This is how ``detect`` and ``predict`` (for each of its arguments) read a path given on the
+    command line. A file is returned whatever its suffix, so that an unreadable one is
+    reported by name when it is opened, not passed over.
+    """
     image_or_dir = Path(image_or_dir)
     if not image_or_dir.exists():
-        raise LeukoError(f"{image_or_dir} does not exist: pass a smear photograph or a folder of them.")
+        raise LeukoError(f"{image_or_dir} does not exist: pass an image file or a folder of images.")
     if image_or_dir.is_file():
         return [image_or_dir]
     paths = sorted(p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
