@@ -59,7 +59,7 @@ def main() -> None:
     for name, images in variants.items():
         x = torch.stack([clf.preset(im) for im in images])
         with torch.inference_mode():
-            logits = clf.inference_model(x).float()
+            logits = clf.inference_model(x)[0].float()
         margin = (logits[:, 1] - logits[:, 0]).numpy()
         called = int((torch.softmax(logits / clf.temperature, 1)[:, 1] >= clf.threshold).sum())
         low, high = bootstrap_interval(y, margin, auc_rows, vectorized=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from leukodetect.data import indexers
@@ -218,5 +219,61 @@ def test_missing_path_unknown_format_and_unknown_layout(tmp_path, write_image):
     with pytest.raises(LeukoError, match=r"Unknown data-set format 'yolo'.*allidb1"):
         index_dataset(tmp_path, "yolo")
     write_image(tmp_path / "random" / "a.png")
-    with pytest.raises(LeukoError, match=r"tried manifest, allidb1, allidb2, cnmc, folders.*--format"):
+    with pytest.raises(LeukoError, match=r"tried manifest, allidb1, allidb2, cnmc, bccd, aria, pbc, folders.*--format"):
         detect_format(tmp_path)
+
+
+def test_pbc_cell_types_are_all_normal_with_their_type(tmp_path, write_image):
+    root = tmp_path / "PBC_dataset_normal_DIB"
+    for kind in ("lymphocyte", "neutrophil"):
+        for i in range(2):
+            write_image(root / kind / f"{kind[:2]}_{i}.jpg", seed=i)
+    (root / "notes").mkdir()
+    records = index_dataset(tmp_path)  # detected as pbc from the cell-type folders
+    assert [(r.label, r.kind) for r in records] == [(0, "lymphocyte")] * 2 + [(0, "neutrophil")] * 2
+    assert len({r.group for r in records}) == 4 and all(r.group.startswith("pbc:") for r in records)
+
+
+def test_aria_fields_take_their_folder_label(tmp_path, write_image):
+    for kind, n in (("Benign", 2), ("Early", 1), ("Pro", 1)):
+        for i in range(n):
+            write_image(tmp_path / "Original" / kind / f"WBC-{kind}-{i:03d}.jpg", seed=i)
+    records = index_dataset(tmp_path / "Original", "aria")
+    assert [(r.kind, r.label) for r in records] == [("Benign", 0), ("Benign", 0), ("Early", 1), ("Pro", 1)]
+
+
+def test_bccd_fields_carry_their_white_cell_centres(tmp_path, write_image):
+    root = tmp_path / "BCCD"
+    write_image(root / "JPEGImages" / "BloodImage_00000.jpg", size=(64, 48))
+    (root / "Annotations").mkdir(parents=True)
+    (root / "Annotations" / "BloodImage_00000.xml").write_text(
+        "<annotation><object><name>WBC</name><bndbox><xmin>10</xmin><ymin>20</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>"
+        "<object><name>RBC</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")
+    (record,) = index_dataset(tmp_path)
+    assert record.label == 0 and record.cells == ((20.0, 30.0),)
+    (root / "Annotations" / "BloodImage_00000.xml").write_text("<annotation><object><name>WBC</name><bndbox><xmin>x</xmin>")
+    with pytest.raises(LeukoError, match="BloodImage_00000.xml"):
+        index_dataset(root, "bccd")
+
+
+def test_manifest_reads_lab_kind_and_parent(tmp_path, write_image):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "cells.csv").write_text("path,label,group,lab,kind,parent\na.png,1,g1,aria,Pro,WBC-Pro-001\n")
+    (record,) = index_dataset(tmp_path / "cells.csv")
+    assert (record.lab, record.kind, record.parent, record.group) == ("aria", "Pro", "WBC-Pro-001", "g1")
+
+
+def test_near_duplicate_fields_share_a_group(tmp_path, write_image):
+    from PIL import Image
+
+    from leukodetect.data.duplicates import near_duplicate_groups
+
+    base = write_image(tmp_path / "Benign" / "a.jpg", size=(64, 64), seed=1)
+    shifted = np.asarray(Image.open(base)).copy()
+    shifted[:2] = 0  # a slightly different capture of the same field
+    Image.fromarray(shifted).save(tmp_path / "Benign" / "b.jpg")
+    write_image(tmp_path / "Benign" / "c.jpg", size=(64, 64), seed=2)
+    write_image(tmp_path / "Pro" / "d.jpg", size=(64, 64), seed=3)
+    records = near_duplicate_groups(index_dataset(tmp_path, "aria"))
+    groups = {r.path.name: r.group for r in records}
+    assert groups["a.jpg"] == groups["b.jpg"] == "aria:a" and len(set(groups.values())) == 3

@@ -173,3 +173,77 @@ def test_image_probabilities_match_predict_paths_at_any_batch_size(checkpoint, t
     assert clf.image_probabilities([], batch_size=4).shape == (0,)
     logits = clf.image_logits(images, batch_size=4)
     np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits) / clf.temperature, 1)[:, 1].numpy(), by_path, atol=1e-5)
+
+
+def _guarded(checkpoint, tiny_tree, tmp_path, *, scale=None):
+    """The export fixture's tiny model with a guard fitted on its training cells (threshold at their 97.5th percentile)."""
+    from leukodetect.evaluation.ood import fit_guard, guard_scores, guard_threshold
+    from leukodetect.runtime.images import open_rgb
+
+    clf = Classifier.from_checkpoint(checkpoint, backend="torch", precision="fp32")
+    records = index_dataset(tiny_tree, "folders")
+    images = [open_rgb(r.path) for r in records]
+    features = clf.image_features(images)
+    fit = fit_guard(features, np.array([r.label for r in records]))
+    bundle = load_checkpoint(checkpoint)
+    bundle["guard"] = {"center": torch.from_numpy(fit.center), "projection": torch.from_numpy(fit.projection),
+                       "class_means": torch.from_numpy(fit.class_means), "percentile": 97.5,
+                       "threshold": guard_threshold(guard_scores(features, fit), 97.5)}
+    if scale is not None:
+        bundle["scale"] = scale
+    return save_checkpoint(bundle, tmp_path / "guarded.pt"), records
+
+
+def test_the_guard_flags_noise_for_review_and_survives_onnx_and_safetensors(checkpoint, tiny_tree, tmp_path):
+    """Noise, blank frames and text are 'review: unlike the images this model was trained on', with the score."""
+    from PIL import Image, ImageDraw
+
+    from leukodetect.runtime.checkpoint import save_safetensors
+
+    guarded, records = _guarded(checkpoint, tiny_tree, tmp_path)
+    rng = np.random.default_rng(0)
+    odd = {"noise.png": Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)),
+           "white.png": Image.new("RGB", (40, 40), "white"), "black.png": Image.new("RGB", (40, 40), "black")}
+    text = Image.new("RGB", (60, 40), "white")
+    ImageDraw.Draw(text).text((2, 10), "leukemia?", fill="black")
+    odd["text.png"] = text
+    for name, image in odd.items():
+        image.save(tmp_path / name)
+    paths = [tmp_path / name for name in odd]
+    torch_clf = Classifier.from_checkpoint(guarded, backend="torch", precision="fp32")
+    preds = torch_clf.predict_paths(paths)
+    assert [p.label for p in preds] == ["review"] * 4
+    assert all(p.reason == "unlike the images this model was trained on" and p.ood_score > torch_clf.guard_threshold
+               and 0 <= p.prob_blast <= 1 for p in preds)
+    assert set(preds[0].to_dict()) >= {"prob_blast", "ood_score", "reason", "label"}
+    # The training cells themselves stay classes, not review (the threshold is their 97.5th percentile).
+    cells = torch_clf.predict_paths([r.path for r in records])
+    assert sum(p.label == "review" for p in cells) <= 0.05 * len(cells) + 1
+    # The score travels in the ONNX graph (a second output) and the threshold in its metadata.
+    export_model(guarded, tmp_path / "guarded.onnx", fmt="onnx")
+    onnx_clf = ExportedClassifier.from_file(tmp_path / "guarded.onnx")
+    assert onnx_clf.guard_threshold == pytest.approx(torch_clf.guard_threshold)
+    onnx_preds = onnx_clf.predict_paths(paths + [r.path for r in records])
+    np.testing.assert_allclose([p.ood_score for p in onnx_preds], [p.ood_score for p in preds + cells], rtol=1e-3)
+    assert [p.label for p in onnx_preds] == [p.label for p in preds + cells]
+    # And through the shipped format: safetensors keeps the guard's arrays in float32.
+    shipped = save_safetensors(load_checkpoint(guarded), tmp_path / "guarded.safetensors")
+    again = Classifier.from_checkpoint(shipped, backend="torch", precision="fp32")
+    assert again.guard_threshold == torch_clf.guard_threshold
+    assert [p.label for p in again.predict_paths(paths)] == ["review"] * 4
+
+
+def test_a_model_with_a_scale_shows_each_cell_in_red_cell_diameters(checkpoint, tmp_path):
+    """predict measures red cells (or takes --pixel-size) and says when the scale is unknown."""
+    from PIL import Image
+
+    bundle = load_checkpoint(checkpoint)
+    bundle["scale"] = {"field": 3.0, "size": 24, "rbc_um": 7.5}
+    scaled = save_checkpoint(bundle, tmp_path / "scaled.pt")
+    clf = Classifier.from_checkpoint(scaled, backend="torch", precision="fp32")
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (30, 30), (240, 230, 220)).save(plain)
+    unknown, declared = clf.predict_paths([plain]), clf.predict_paths([plain], rbc_diameter=10.0)
+    assert unknown[0].scale == "unknown" and unknown[0].rbc_diameter is None and "scale unknown" in unknown[0].notes[0]
+    assert declared[0].scale == "declared" and declared[0].rbc_diameter == 10.0 and declared[0].notes == []
+    assert ExportedClassifier.from_file(export_model(scaled, tmp_path / "scaled.onnx", fmt="onnx")["path"]).scale == clf.scale

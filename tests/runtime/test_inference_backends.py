@@ -150,9 +150,10 @@ def test_backend_choice(monkeypatch, bundle):
 def test_predict_command_runs_onnx_by_default(real_default, checkpoint, tiny_tree, monkeypatch):
     """End to end: ``predict`` without --backend (ONNX Runtime) against ``--backend torch``."""
     runner = CliRunner()
+    Classifier.from_checkpoint(checkpoint, device="cpu", precision="fp32")  # the export (and its self-check) happen here, not below
     onnx_calls = []
-    run_onnx = export.ExportedClassifier.probabilities
-    monkeypatch.setattr(export.ExportedClassifier, "probabilities", lambda self, batch: onnx_calls.append(len(batch)) or run_onnx(self, batch))
+    run_onnx = export.ExportedClassifier.outputs
+    monkeypatch.setattr(export.ExportedClassifier, "outputs", lambda self, batch: onnx_calls.append(len(batch)) or run_onnx(self, batch))
 
     def rows(*option):
         result = runner.invoke(app, ["predict", str(tiny_tree / "blast"), "--checkpoint", str(checkpoint), "--json", *option],

@@ -185,14 +185,14 @@ class Recording(ImageClassifier):
         self.threads, self.active, self.most = set(), 0, 0
         self.lock = threading.Lock()
 
-    def probabilities(self, batch):
+    def outputs(self, batch):
         with self.lock:
             self.active += 1
             self.most = max(self.most, self.active)
         self.threads.add(threading.current_thread().name)
         try:
             threading.Event().wait(0.02)  # long enough for overlapping calls to show
-            return self.inner.probabilities(batch)
+            return self.inner.outputs(batch)
         finally:
             with self.lock:
                 self.active -= 1

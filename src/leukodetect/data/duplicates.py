@@ -7,10 +7,12 @@ duplicates must share a group, and so must everything already sharing a group wi
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+import imagehash
 import numpy as np
 from rich.progress import track
 from scipy.sparse import coo_matrix
@@ -77,3 +79,36 @@ def effective_groups(records: Sequence[Record], hashes: dict[Path, str | None]) 
     for record, comp in zip(records, component):
         names[comp] = min(names.get(comp, record.group), record.group)
     return [names[comp] for comp in component]
+
+
+#: Largest Hamming distance (of 64 bits) between the perceptual hashes of two near-duplicate images.
+#: On the Aria fields the closest pairs of distinct captures are 14-16 bits apart (a few across
+#: classes); adjacent captures of one field and re-saved copies are 0-12 apart.
+NEAR_DUPLICATE_BITS = 10
+
+
+def near_duplicate_groups(records: Sequence[Record], *, max_bits: int = NEAR_DUPLICATE_BITS) -> list[Record]:
+    """The records with groups merged where their images are near-duplicates (perceptual hash, imagehash's pHash).
+
+    For data sets without patient ids that hold several captures of one field (Aria): the copies
+    must never straddle a split. Each merged group is named after its smallest member group, as in
+    :func:`effective_groups`; unreadable images keep their group.
+    """
+    hashes = []
+    for record in records:
+        try:
+            hashes.append(imagehash.phash(open_rgb(record.path)).hash.reshape(-1))
+        except BadImageError:
+            hashes.append(None)
+    readable = [i for i, h in enumerate(hashes) if h is not None]
+    if len(readable) < 2:
+        return list(records)
+    bits = np.stack([hashes[i] for i in readable])
+    distance = (bits[:, None, :] != bits[None, :, :]).sum(-1)
+    rows, cols = np.nonzero(np.triu(distance <= max_bits, k=1))
+    graph = coo_matrix((np.ones(len(rows)), ([readable[r] for r in rows], [readable[c] for c in cols])), shape=(len(records),) * 2)
+    _, component = connected_components(graph, directed=False)
+    names: dict[int, str] = {}
+    for record, comp in zip(records, component):
+        names[comp] = min(names.get(comp, record.group), record.group)
+    return [dataclasses.replace(r, group=names[c]) for r, c in zip(records, component)]

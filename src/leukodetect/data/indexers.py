@@ -12,6 +12,7 @@ import csv
 import re
 from collections.abc import Callable
 from pathlib import Path
+from xml.etree import ElementTree
 
 from leukodetect.data.records import Point, Record
 from leukodetect.errors import LeukoError
@@ -34,6 +35,8 @@ _ALL_IDB_NAME = re.compile(r"^Im\d+_(?P<label>[01])$")
 _CNMC_NAME = re.compile(r"^UID_(?P<patient>[^_]+)_.*_(?P<cls>all|hem)$", re.IGNORECASE)
 _CNMC_CSV_COLUMNS = {"Patient_ID", "new_names", "labels"}
 _ALL_IDB1_OTHERS = Path("extras/ALL-IDB-Patches_AngeloUNIMI/ALL-IDB1/other")
+#: Optional manifest columns, read into the record fields of the same names.
+MANIFEST_OPTIONAL = ("lab", "kind", "parent")
 
 
 def register_format(name: str) -> Callable[[Indexer], Indexer]:
@@ -77,7 +80,8 @@ def detect_format(path: str | Path) -> str:
     """Guess the layout of a data set from its file names and folders.
 
     Tried in order: a .csv file (manifest), ALL-IDB1 (im + xyc), ALL-IDB2 (ImNNN_L.tif),
-    C-NMC 2019 (UID_..._all/hem names or its labels CSV), class-per-folder.
+    C-NMC 2019 (UID_..._all/hem names or its labels CSV), BCCD (JPEGImages + Annotations),
+    Aria (Benign/Early/Pre/Pro), PBC (cell-type folders), class-per-folder.
     """
     path = Path(path)
     if path.is_file():
@@ -90,10 +94,16 @@ def detect_format(path: str | Path) -> str:
         return "allidb2"
     if _looks_like_cnmc(path):
         return "cnmc"
+    if _find_bccd_root(path) is not None:
+        return "bccd"
+    if _find_class_root(path, ARIA_CLASSES) is not None:
+        return "aria"
+    if _find_class_root(path, PBC_CLASSES) is not None:
+        return "pbc"
     if any(_label_from_name(folder.name) is not None for folder in _subfolders(path)):
         return "folders"
     raise LeukoError(
-        f"Could not recognise the layout of {path} (tried manifest, allidb1, allidb2, cnmc, folders); "
+        f"Could not recognise the layout of {path} (tried manifest, allidb1, allidb2, cnmc, bccd, aria, pbc, folders); "
         "pass --format explicitly or arrange images in class folders such as blast/ and normal/."
     )
 
@@ -314,10 +324,12 @@ def index_folders(path: Path) -> list[Record]:
 
 @register_format("manifest")
 def index_manifest(path: Path) -> list[Record]:
-    """A CSV with header ``path,label[,group]``; paths are relative to the CSV's folder.
+    """A CSV with header ``path,label[,group][,lab][,kind][,parent]``; paths are relative to the CSV's folder.
 
     Labels are 0/1 or a class name accepted by the ``folders`` format. A missing group becomes
-    the path as written, i.e. each image its own group.
+    the path as written, i.e. each image its own group. ``lab`` names the laboratory (the cell
+    banks of :mod:`leukodetect.jobs.cells` write it), ``kind`` what the image is within its data
+    set and ``parent`` the field a cell was cut from.
     """
     if not path.is_file():
         raise LeukoError(f"Manifest {path} is not a file; give the path of a CSV with path,label columns.")
@@ -342,8 +354,110 @@ def index_manifest(path: Path) -> list[Record]:
             if not image.is_file():
                 raise LeukoError(f"{where} names {image}, which does not exist; fix the path or delete the row.")
             group = (row.get("group") or "").strip() or written
-            records.append(Record(path=image, label=label, group=group))
+            extra = {k: (row.get(k) or "").strip() or None for k in MANIFEST_OPTIONAL}
+            records.append(Record(path=image, label=label, group=group, **extra))
     return records
+
+
+# --- PBC (Barcelona): normal cells in cell-type folders ----------------------------------------------
+
+#: PBC's cell-type folders (Acevedo et al. 2020); every cell in them is normal.
+PBC_CLASSES = frozenset({"lymphocyte", "neutrophil", "monocyte", "eosinophil", "basophil", "ig", "erythroblast", "platelet"})
+
+
+@register_format("pbc")
+def index_pbc(path: Path) -> list[Record]:
+    """PBC normal cells ``<type>/<name>.jpg`` (or the folder above them): label 0, kind = the cell type.
+
+    Every cell is its own group (PBC gives no donor ids); exact duplicates are merged into one group
+    when a run prepares its splits (:func:`leukodetect.data.duplicates.effective_groups`).
+    """
+    root = _find_class_root(path, PBC_CLASSES)
+    if root is None:
+        raise LeukoError(f"No PBC cell-type folders ({', '.join(sorted(PBC_CLASSES))}) found in {path}; point to PBC_dataset_normal_DIB.")
+    return [
+        Record(path=image, label=0, group=f"pbc:{folder.name}/{image.stem}", kind=folder.name)
+        for folder in _subfolders(root) if folder.name.lower() in PBC_CLASSES
+        for image in _images_under(folder)
+    ]
+
+
+# --- Aria (Tehran): smear fields, benign or ALL --------------------------------------------------------
+
+#: Aria's folders and their labels: hematogones (benign) and three B-ALL subtypes.
+ARIA_CLASSES = {"benign": 0, "early": 1, "pre": 1, "pro": 1}
+
+
+@register_format("aria")
+def index_aria(path: Path) -> list[Record]:
+    """Aria smear fields ``{Benign,Early,Pre,Pro}/<name>.jpg``: Benign = 0, the ALL subtypes = 1 (per field).
+
+    Each field is its own group here; exact and near-duplicate fields (adjacent captures of one
+    smear) are merged by content when a run prepares its splits
+    (:func:`leukodetect.data.duplicates.near_duplicate_groups`).
+    """
+    root = _find_class_root(path, ARIA_CLASSES)
+    if root is None:
+        raise LeukoError(f"No Aria folders (Benign, Early, Pre, Pro) found in {path}; point to the Original folder.")
+    return [
+        Record(path=image, label=ARIA_CLASSES[folder.name.lower()], group=f"aria:{image.stem}", kind=folder.name)
+        for folder in _subfolders(root) if folder.name.lower() in ARIA_CLASSES
+        for image in _images_under(folder)
+    ]
+
+
+def _find_class_root(path: Path, classes) -> Path | None:
+    """The folder holding class folders named in ``classes`` (case-insensitive): path or one level below."""
+    for folder in (path, *(_subfolders(path) if path.is_dir() else [])):
+        if folder.is_dir() and sum(sub.name.lower() in classes for sub in _subfolders(folder)) >= 2:
+            return folder
+    return None
+
+
+# --- BCCD: normal smear fields with white-cell boxes ------------------------------------------------------
+
+
+@register_format("bccd")
+def index_bccd(path: Path) -> list[Record]:
+    """BCCD fields ``JPEGImages/*.jpg`` with Pascal VOC boxes ``Annotations/*.xml``: healthy (label 0).
+
+    ``cells`` holds the centres of the white-cell (WBC) boxes; each field is its own group.
+    """
+    root = _find_bccd_root(path)
+    if root is None:
+        raise LeukoError(f"No BCCD layout (JPEGImages/ and Annotations/) found at {path}; point to the BCCD folder.")
+    records = []
+    for image in _images_in(root / "JPEGImages"):
+        xml = root / "Annotations" / f"{image.stem}.xml"
+        boxes = read_voc_boxes(xml, "WBC") if xml.is_file() else ()
+        centres = tuple(((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes)
+        records.append(Record(path=image, label=0, group=f"bccd:{image.stem}", kind="smear field", cells=centres))
+    return records
+
+
+def read_voc_boxes(path: Path, name: str) -> tuple[tuple[float, float, float, float], ...]:
+    """The (x0, y0, x1, y1) boxes of class ``name`` in a Pascal VOC annotation file."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError) as exc:
+        raise LeukoError(f"Annotation file {path} cannot be read ({exc}); restore it or remove its image.") from exc
+    boxes = []
+    for obj in root.iter("object"):
+        if (obj.findtext("name") or "").strip() != name:
+            continue
+        box = obj.find("bndbox")
+        try:
+            boxes.append(tuple(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
+        except (TypeError, ValueError, AttributeError):
+            raise LeukoError(f"Annotation file {path} has a {name} box without numeric xmin/ymin/xmax/ymax; fix it.") from None
+    return tuple(boxes)
+
+
+def _find_bccd_root(path: Path) -> Path | None:
+    for root in (path, path / "BCCD"):
+        if (root / "JPEGImages").is_dir() and (root / "Annotations").is_dir():
+            return root
+    return None
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ class Record:
             photograph, or the image itself when nothing better is known).
         blasts: ALL-IDB1 only: annotated blast centroids (x, y) in pixels.
         others: ALL-IDB1 only: centroids of the other annotated objects, if that folder was given.
+        lab: the laboratory the image comes from (None where one data set is used alone).
+        kind: what the image is within its data set, e.g. PBC's cell type or Aria's ALL subtype.
+        parent: the photograph or field a cell crop was cut from (cells of one parent share its label).
+        cells: annotated white-cell centres (x, y) in pixels of a smear field (BCCD's boxes).
     """
 
     path: Path
@@ -26,3 +30,7 @@ class Record:
     group: str
     blasts: tuple[Point, ...] | None = None
     others: tuple[Point, ...] | None = None
+    lab: str | None = None
+    kind: str | None = None
+    parent: str | None = None
+    cells: tuple[Point, ...] | None = None

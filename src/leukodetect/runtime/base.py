@@ -20,30 +20,52 @@ from tqdm.auto import tqdm
 
 from leukodetect.errors import BadImageError
 from leukodetect.runtime.checkpoint import DetectorSettings
+from leukodetect.runtime.guard import REVIEW, UNLIKE_TRAINING
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.preprocess import EvalPreset
+from leukodetect.runtime.scale import (
+    CanonicalScale,
+    ScaleEstimate,
+    canonical_crop,
+    estimate_rbc_diameter,
+)
 
 
 @dataclass
 class Prediction:
-    """One image's result: a probability and call, or the reason it could not be read."""
+    """One image's result: a probability and call, or the reason it could not be read.
+
+    ``label`` is the class, or ``"review"`` when the image is beyond the model's out-of-distribution
+    guard (``reason`` then says so, and ``prob_blast`` keeps the raw probability beside it).
+    """
 
     path: str
     prob_blast: float | None = None
     label: str | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    ood_score: float | None = None
+    reason: str | None = None
+    rbc_diameter: float | None = None
+    scale: str | None = None  # where the red-cell diameter came from: declared, measured or unknown
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "prob_blast": self.prob_blast, "error": self.error, "notes": self.notes}
+        out = {"path": self.path, "label": self.label, "prob_blast": self.prob_blast, "error": self.error, "notes": self.notes}
+        if self.ood_score is not None:
+            out.update(ood_score=self.ood_score, reason=self.reason)
+        if self.scale is not None:
+            out.update(rbc_diameter=self.rbc_diameter, scale=self.scale)
+        return out
 
 
 class ImageClassifier:
-    """What every classifier shares: preprocessing, threshold, class names, ``image_probabilities`` and ``predict_paths``.
+    """What every classifier shares: preprocessing, threshold, class names, the guard, the scale, batched calls.
 
-    Subclasses set ``preset``, ``threshold`` and ``class_names`` and implement ``probabilities``; the
-    PyTorch :class:`Classifier` and the exported models (:mod:`leukodetect.runtime.export`) both build on it,
-    so files are read, batched and called the same way whatever runs the network.
+    Subclasses set ``preset``, ``threshold`` and ``class_names`` (and, where the checkpoint has
+    them, ``guard_threshold`` and ``scale``) and implement ``outputs``; the PyTorch
+    :class:`~leukodetect.runtime.classifier.Classifier` and the exported models
+    (:mod:`leukodetect.runtime.export`) both build on it, so files are read, scaled, batched and
+    called the same way whatever runs the network.
     """
 
     preset: EvalPreset
@@ -51,12 +73,24 @@ class ImageClassifier:
     class_names: list[str]
     #: How a whole-smear detector cuts and judges its crops (None for a plain cell classifier).
     detector: DetectorSettings | None = None
+    #: Out-of-distribution score above which a call becomes "review" (None: the model has no guard).
+    guard_threshold: float | None = None
+    #: The window of red-cell diameters the model sees (None: images are used at their own size).
+    scale: CanonicalScale | None = None
+
+    def outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Blast probability (temperature applied) and out-of-distribution score (None without a guard)
+        for a preprocessed batch (N, 3, S, S)."""
+        raise NotImplementedError
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
-        raise NotImplementedError
+        return self.outputs(batch)[0]
 
-    def call(self, prob: float) -> str:
+    def call(self, prob: float, ood_score: float | None = None) -> str:
+        """The class, or "review" where the image is beyond the guard."""
+        if self.guard_threshold is not None and ood_score is not None and ood_score > self.guard_threshold:
+            return REVIEW
         return self.class_names[1] if prob >= self.threshold else self.class_names[0]
 
     def preprocessed_batches(self, images: Sequence[Image.Image | np.ndarray | torch.Tensor], batch_size: int = 16):
@@ -71,24 +105,55 @@ class ImageClassifier:
         for i in range(0, len(images), batch_size):
             yield torch.stack([self.preset(image) for image in images[i:i + batch_size]])
 
+    def image_outputs(self, images: Sequence[Image.Image | np.ndarray | torch.Tensor], *,
+                      batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+        """Blast probabilities (N,) and out-of-distribution scores (N,) or None, ``batch_size`` at a time.
+
+        The images must already be what the model takes (for a model with a scale, canonical crops:
+        see :meth:`view`).
+        """
+        probs, scores = [], []
+        for batch in self.preprocessed_batches(images, batch_size):
+            p, s = self.outputs(batch)
+            probs.append(np.asarray(p))
+            scores.append(None if s is None else np.asarray(s))
+        if not probs:
+            return np.zeros(0, dtype=np.float32), (None if self.guard_threshold is None else np.zeros(0, dtype=np.float32))
+        return np.concatenate(probs), (None if scores[0] is None else np.concatenate(scores))
+
     def image_probabilities(self, images: Sequence[Image.Image | np.ndarray | torch.Tensor], *, batch_size: int = 16) -> np.ndarray:
         """Blast probability (N,) of decoded images, temperature applied, ``batch_size`` at a time."""
-        probs = [np.asarray(self.probabilities(batch)) for batch in self.preprocessed_batches(images, batch_size)]
-        return np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
+        return self.image_outputs(images, batch_size=batch_size)[0]
 
-    def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False, stain=None) -> list[Prediction]:
+    def view(self, image: Image.Image, *, rbc_diameter: float | None = None) -> tuple[Image.Image | np.ndarray, ScaleEstimate | None]:
+        """What the model is shown of a single-cell image: with a scale, the canonical window around
+        its centre (red-cell diameter declared, else measured, else unknown); without one, the image."""
+        if self.scale is None:
+            return image, None
+        estimate = ScaleEstimate(rbc_diameter, "declared") if rbc_diameter else estimate_rbc_diameter(np.asarray(image))
+        return canonical_crop(image, self.scale, estimate.diameter), estimate
+
+    def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False, stain=None,
+                      rbc_diameter: float | None = None) -> list[Prediction]:
         """Classify files; an unreadable file gets an error entry and the others go on.
 
         ``stain`` (e.g. a :class:`~leukodetect.data.stain.MacenkoStain`) re-renders each decoded image
         before the model's own preprocessing; it notes, never raises, where it cannot.
+        ``rbc_diameter`` declares the red-cell diameter in pixels of every image (from ``--pixel-size``);
+        without it a model with a scale measures each image's red cells.
         """
         results = [Prediction(path=str(p)) for p in paths]
-        pending: list[tuple[int, Image.Image]] = []  # decoded images waiting for a full batch
+        pending: list[tuple[int, Image.Image | np.ndarray]] = []  # model inputs waiting for a full batch
 
         def flush() -> None:
-            for (i, _), p in zip(pending, self.image_probabilities([image for _, image in pending], batch_size=batch_size)):
+            probs, scores = self.image_outputs([image for _, image in pending], batch_size=batch_size)
+            for k, ((i, _), p) in enumerate(zip(pending, probs)):
+                score = None if scores is None else float(scores[k])
                 results[i].prob_blast = float(p)
-                results[i].label = self.call(float(p))
+                results[i].label = self.call(float(p), score)
+                if score is not None:
+                    results[i].ood_score = round(score, 4)
+                    results[i].reason = UNLIKE_TRAINING if results[i].label == REVIEW else None
             pending.clear()
 
         for i, path in enumerate(tqdm(paths, desc="predict", disable=not progress)):
@@ -99,10 +164,13 @@ class ImageClassifier:
                 continue
             if stain is not None:
                 image = stain(image, notes=results[i].notes)
-            pending.append((i, image))
+            shown, estimate = self.view(image, rbc_diameter=rbc_diameter)
+            if estimate is not None:
+                results[i].rbc_diameter, results[i].scale = estimate.diameter, estimate.source
+                if (note := estimate.note(Path(path).name)) is not None:
+                    results[i].notes.append(note)
+            pending.append((i, shown))
             if len(pending) >= batch_size:
                 flush()
         flush()
         return results
-
-

@@ -119,6 +119,10 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> Path:
 
 
 SAFETENSORS_KEY = "leukodetect"
+#: The out-of-distribution guard's arrays (``bundle["guard"]``, see :mod:`leukodetect.runtime.guard`),
+#: stored as tensors under these names with this prefix in a safetensors file.
+GUARD_TENSORS = ("center", "projection", "class_means")
+GUARD_PREFIX = "guard."
 
 
 def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -> Path:
@@ -133,6 +137,9 @@ def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -
         k: (v.half() if half and v.is_floating_point() else v).contiguous()
         for k, v in bundle["state_dict"].items()
     }
+    if "guard" in bundle:  # the guard's arrays are tensors (kept in float32: its distances are sensitive)
+        meta["guard"] = {k: v for k, v in bundle["guard"].items() if k not in GUARD_TENSORS}
+        tensors.update({f"{GUARD_PREFIX}{k}": torch.as_tensor(bundle["guard"][k]).float().contiguous() for k in GUARD_TENSORS})
     return atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata={SAFETENSORS_KEY: json.dumps(meta)}))
 
 
@@ -147,7 +154,10 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
             )
         obj = json.loads(meta)
         # Computation runs in float32 whatever precision the weights were stored in.
-        obj["state_dict"] = {k: (t.float() if t.is_floating_point() else t) for k in f.keys() for t in [f.get_tensor(k)]}
+        obj["state_dict"] = {k: (t.float() if t.is_floating_point() else t) for k in f.keys() if not k.startswith(GUARD_PREFIX)
+                             for t in [f.get_tensor(k)]}
+        if "guard" in obj:
+            obj["guard"].update({k: f.get_tensor(f"{GUARD_PREFIX}{k}") for k in GUARD_TENSORS})
     return obj
 
 

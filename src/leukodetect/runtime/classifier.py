@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from leukodetect.errors import LeukoError
+from leukodetect.models import get_spec
 from leukodetect.runtime.base import ImageClassifier
 from leukodetect.runtime.checkpoint import (
     DetectorSettings,
@@ -28,7 +29,9 @@ from leukodetect.runtime.device import (
     resolve_device,
 )
 from leukodetect.runtime.export import cached_onnx_classifier
+from leukodetect.runtime.guard import Guard, GuardedNetwork
 from leukodetect.runtime.preprocess import EvalPreset
+from leukodetect.runtime.scale import CanonicalScale
 
 BACKENDS = ("auto", "torch", "onnx")
 #: Read by ``backend="auto"`` only: ``torch`` or ``onnx`` there overrides the automatic choice (the
@@ -87,6 +90,11 @@ class Classifier(ImageClassifier):
         self.temperature = float(bundle["temperature"])
         self.class_names = list(bundle["class_names"])
         self.detector = DetectorSettings.of(bundle)
+        self.scale = CanonicalScale.from_dict(bundle.get("scale"))
+        guard = bundle.get("guard")
+        self.guard_threshold = float(guard["threshold"]) if guard else None
+        # The network the runtime runs: logits and the guard's score from one pass, sharing ``model``'s weights.
+        self.network = GuardedNetwork(self.model, get_spec(bundle["arch"]).head, Guard.from_stats(guard) if guard else None).to(self.device)
         if backend not in BACKENDS:
             raise LeukoError(f"Unknown backend '{backend}': use --backend auto, torch or onnx.")
         requested = (_env_backend() or "auto") if backend == "auto" else backend
@@ -117,23 +125,31 @@ class Classifier(ImageClassifier):
 
     @functools.cached_property
     def inference_model(self) -> nn.Module:
-        """``model`` with batch norm folded into the convolutions (built on first use)."""
-        return fuse_batch_norm(self.model)
+        """``network`` with batch norm folded into the convolutions (built on first use): ``x -> (logits, score)``."""
+        return fuse_batch_norm(self.network)
 
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
+    def outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Blast probability (temperature applied) and guard score (None without a guard) for a preprocessed batch."""
         if self._onnx is not None:
-            return self._onnx.probabilities(batch)
-        return self._torch_probabilities(batch)
+            return self._onnx.outputs(batch)
+        return self._torch_outputs(batch)
+
+    def _input(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
-    def _torch_probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        x = batch.to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    def _torch_outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         with autocast(self.device, self.amp_dtype):
-            logits = self.inference_model(x)
-        return torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
+            logits, score = self.inference_model(self._input(batch))
+        prob = torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
+        return prob, (score.float().cpu().numpy() if self.guard_threshold is not None else None)
+
+    @torch.inference_mode()
+    def image_features(self, images, *, batch_size: int = 16) -> np.ndarray:
+        """Float32 penultimate-layer features (N, D) of model inputs, without autocast: what the guard is fitted on."""
+        out = [self.network.body(self._input(batch)).float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
     @torch.inference_mode()
@@ -143,12 +159,7 @@ class Classifier(ImageClassifier):
         They come from ``inference_model``, the network the PyTorch backend runs, so a threshold
         chosen on them sits on the numbers the calls use.
         """
-        out = []
-        for batch in self.preprocessed_batches(images, batch_size):
-            x = batch.to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(self.inference_model(x).float().cpu())
+        out = [self.inference_model(self._input(batch))[0].float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
 
 

@@ -36,37 +36,51 @@ from torch import nn
 
 from leukodetect import __version__
 from leukodetect.errors import BadCheckpointError, LeukoError
+from leukodetect.models import get_spec
 from leukodetect.runtime.base import ImageClassifier
 from leukodetect.runtime.checkpoint import (
+    GUARD_TENSORS,
     DetectorSettings,
     load_checkpoint,
     model_from_checkpoint,
 )
+from leukodetect.runtime.guard import Guard, GuardedNetwork
 from leukodetect.runtime.preprocess import EvalPreset
+from leukodetect.runtime.scale import CanonicalScale
 from leukodetect.utils import atomic_write, cache_dir
 
 FORMATS = ("onnx", "torchscript")
-META_FORMAT = "leukodetect.runtime.export"
+META_FORMAT = "leukodetect.export"
 META_FORMAT_VERSION = 1
 META_KEY = "leukodetect"  # ONNX metadata_props key
 EXTRA_FILE = "leukodetect.json"  # TorchScript extra file
 META_REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "threshold", "temperature")
-INPUT_NAME, OUTPUT_NAME = "image", "prob_blast"
+INPUT_NAME, OUTPUT_NAME, SCORE_NAME = "image", "prob_blast", "ood_score"
 DEFAULT_ATOL = 1e-4
 MIN_OPSET = 18  # torch's ONNX exporter has no implementations below opset 18
-CACHE_VERSION = 1  # bump when the exported graph changes, so older cached files are not reused
+CACHE_VERSION = 2  # bump when the exported graph changes, so older cached files are not reused (2: the guard's score)
 
 
 class BlastProbability(nn.Module):
-    """The network plus its calibrated softmax: what gets exported."""
+    """The network plus its calibrated softmax (and, with a guard, its out-of-distribution score): what gets exported."""
 
-    def __init__(self, model: nn.Module, temperature: float) -> None:
+    def __init__(self, network: GuardedNetwork, temperature: float) -> None:
         super().__init__()
-        self.model = model
+        self.network = network
         self.temperature = float(temperature)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image) / self.temperature, dim=1)[:, 1]
+    def forward(self, image: torch.Tensor):
+        logits, score = self.network(image)
+        prob = torch.softmax(logits / self.temperature, dim=1)[:, 1]
+        return (prob, score) if self.network.guard is not None else prob
+
+
+def exported_network(bundle: dict[str, Any], source: Path | str) -> BlastProbability:
+    """The float32 CPU module an export is traced from."""
+    guard = bundle.get("guard")
+    network = GuardedNetwork(model_from_checkpoint(bundle, source).float().cpu(), get_spec(bundle["arch"]).head,
+                             Guard.from_stats(guard) if guard else None)
+    return BlastProbability(network, bundle["temperature"]).eval()
 
 
 def export_metadata(bundle: dict[str, Any], *, fmt: str, source: Path) -> dict[str, Any]:
@@ -89,6 +103,9 @@ def export_metadata(bundle: dict[str, Any], *, fmt: str, source: Path) -> dict[s
         "exported_with": {"leukodetect": __version__, "torch": str(torch.__version__)},
         "exported": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **({"detection": detector.to_dict()} if detector is not None else {}),
+        **({"scale": bundle["scale"]} if bundle.get("scale") else {}),
+        **({"guard": {k: v for k, v in bundle["guard"].items() if k not in GUARD_TENSORS}} if bundle.get("guard") else {}),
+        **({"labs": bundle["labs"]} if bundle.get("labs") else {}),
     }
 
 
@@ -148,12 +165,14 @@ def export_bundle(
     """
     out = Path(out)
     _check_format(fmt, opset)
-    model = BlastProbability(model_from_checkpoint(bundle, source).float().cpu(), bundle["temperature"]).eval()
+    model = exported_network(bundle, source)
     meta = export_metadata(bundle, fmt=fmt, source=Path(str(source)))
     size = int(bundle["image_size"])
     example = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        expected = model(example).numpy()
+        expected = model(example)
+    expected_prob = (expected[0] if isinstance(expected, tuple) else expected).numpy()
+    expected_score = expected[1].numpy() if isinstance(expected, tuple) else None
     measured: dict[str, float] = {}
 
     def write_and_verify(tmp: Path) -> None:
@@ -168,13 +187,20 @@ def export_bundle(
                 f"torch could not export {source} ({bundle['arch']}) to {fmt} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}): try the other --format."
             ) from exc
-        got = _reload(tmp, fmt).probabilities(example)
-        measured["max_abs_diff"] = diff = float(np.max(np.abs(got - expected)))
+        got, got_score = _reload(tmp, fmt).outputs(example)
+        measured["max_abs_diff"] = diff = float(np.max(np.abs(got - expected_prob)))
         if not diff <= atol:  # also catches NaN
             raise LeukoError(
                 f"The {fmt} export of {source} differs from PyTorch by {diff:.2e} in P(blast) (tolerance "
                 f"{atol:.0e}), so {out} was not written: report this with the checkpoint's architecture."
             )
+        if expected_score is not None:
+            # The guard's score is a squared distance: compared relative to its size.
+            rel = float(np.max(np.abs(got_score - expected_score) / np.maximum(np.abs(expected_score), 1.0)))
+            measured["guard_rel_diff"] = rel
+            if not rel <= 1e-3:
+                raise LeukoError(f"The {fmt} export of {source} computes the guard's score {rel:.1e} (relative) away from "
+                                 f"PyTorch, so {out} was not written: report this with the checkpoint's architecture.")
 
     atomic_write(out, write_and_verify)
     return {"path": str(out), "format": fmt, "max_abs_diff": measured["max_abs_diff"], "atol": atol,
@@ -186,7 +212,8 @@ def export_bundle(
 
 def onnx_cache_key(bundle: dict[str, Any]) -> str:
     """A hash of everything that decides the exported graph's output: the weights (names, dtypes,
-    shapes, bytes), architecture, classes, input size, temperature, and the export's own version.
+    shapes, bytes) and the guard's arrays, architecture, classes, input size, temperature, and the
+    export's own version.
 
     Mean and std are included although preprocessing runs outside the graph, since the file stores
     them. The threshold is not: it only turns P(blast) into a call, and :class:`Classifier` reads
@@ -194,7 +221,8 @@ def onnx_cache_key(bundle: dict[str, Any]) -> str:
     """
     described = {key: bundle[key] for key in ("arch", "class_names", "image_size", "mean", "std", "temperature")}
     digest = hashlib.sha256(json.dumps({"cache": CACHE_VERSION, "opset": MIN_OPSET, **described}, sort_keys=True).encode())
-    for name, tensor in sorted(bundle["state_dict"].items()):
+    guard = {f"guard.{k}": torch.as_tensor(bundle["guard"][k]) for k in GUARD_TENSORS} if bundle.get("guard") else {}
+    for name, tensor in sorted({**bundle["state_dict"], **guard}.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -260,9 +288,10 @@ def _can_write(folder: Path) -> bool:
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict, opset: int) -> None:
+    outputs = [OUTPUT_NAME, SCORE_NAME] if model.network.guard is not None else [OUTPUT_NAME]
     program = torch.onnx.export(
         model, (example,), None, dynamo=True, opset_version=opset, verbose=False,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: "batch"},),
+        input_names=[INPUT_NAME], output_names=outputs, dynamic_shapes=({0: "batch"},),
     )
     program.model.metadata_props[META_KEY] = json.dumps(meta)
     program.model.doc_string = "leukodetect: P(blast) for normalised blood-cell images; see metadata 'leukodetect'."
@@ -368,6 +397,8 @@ class ExportedClassifier(ImageClassifier):
         self.temperature = float(meta["temperature"])
         self.class_names = list(meta["class_names"])
         self.detector = DetectorSettings.from_dict(meta.get("detection"))
+        self.scale = CanonicalScale.from_dict(meta.get("scale"))
+        self.guard_threshold = float(meta["guard"]["threshold"]) if meta.get("guard") else None
 
     @classmethod
     def from_file(cls, path: Path) -> ExportedClassifier:
@@ -385,9 +416,12 @@ class ExportedClassifier(ImageClassifier):
         return _reload(path, fmt)
 
     @torch.no_grad()
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Blast probability for a preprocessed batch (N, 3, S, S); temperature applied in the graph."""
+    def outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Blast probability (temperature applied in the graph) and, for a model with a guard, its score."""
         x = batch.detach().to("cpu", torch.float32).contiguous()
         if self._session is not None:
-            return self._session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        return self._module(x).numpy()
+            names = [o.name for o in self._session.get_outputs()]
+            got = self._session.run(names, {INPUT_NAME: x.numpy()})
+            return got[0], (got[1] if len(got) > 1 else None)
+        got = self._module(x)
+        return (got[0].numpy(), got[1].numpy()) if isinstance(got, tuple) else (got.numpy(), None)

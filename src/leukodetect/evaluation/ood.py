@@ -1,0 +1,83 @@
+"""The out-of-distribution guard's maths: how unlike the training images an image's features are.
+
+The score is the Mahalanobis distance of an image's penultimate-layer features to the nearer of the
+two class means, with one covariance shared by the classes (Lee et al., 2018, "A simple unified
+framework for detecting out-of-distribution samples"). The features are first projected on their
+leading principal components (at most :data:`MAX_DIMS`), where the covariance can be estimated
+from a few thousand cells; a Ledoit-Wolf shrinkage keeps it invertible. In the projected, whitened
+space the distance is a plain Euclidean norm, so the runtime computes it with two matrix products
+(:class:`leukodetect.runtime.guard.Guard`), also inside an exported ONNX graph.
+
+The threshold is a high percentile of the scores of held-out in-distribution images (never the
+training images, whose features the network has fitted): by construction about ``100 - percentile``
+percent of new in-distribution images are flagged, and anything farther than almost every real cell
+(noise, a blank frame, a photograph of text, another kind of image) is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+
+#: Most principal components kept: enough for the cell features, few enough to estimate a covariance.
+MAX_DIMS = 64
+
+
+@dataclass(frozen=True)
+class GuardFit:
+    """What the runtime needs: ``score(f) = min_c || (f - center) @ projection - class_means[c] ||^2``."""
+
+    center: np.ndarray  # (D,)
+    projection: np.ndarray  # (D, K): principal axes, scaled so the shared covariance becomes the identity
+    class_means: np.ndarray  # (C, K): class means in the whitened space
+
+
+def fit_guard(features: np.ndarray, labels: np.ndarray, *, max_dims: int = MAX_DIMS) -> GuardFit:
+    """Fit the class-conditional Gaussian model with a shared covariance.
+
+    Args:
+        features: (N, D) penultimate-layer features of the training images (no augmentation).
+        labels: (N,) class indices; every class present needs at least two images.
+        max_dims: principal components kept (fewer when N or D is small).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    classes = np.unique(y)
+    if x.ndim != 2 or len(x) != len(y) or len(classes) < 1 or min(np.bincount(y)[classes]) < 2:
+        raise ValueError(f"fit_guard needs (N, D) features with at least two images per class, got {x.shape} and {np.bincount(y)}")
+    center = x.mean(0)
+    xc = x - center
+    k = int(max(1, min(max_dims, x.shape[1], len(x) - 1)))
+    # Principal axes of the whole set (the class means included), then the within-class covariance there.
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    axes = vt[:k].T  # (D, K)
+    z = xc @ axes
+    means = np.stack([z[y == c].mean(0) for c in classes])
+    within = z - means[np.searchsorted(classes, y)]
+    cov = LedoitWolf().fit(within).covariance_
+    evals, evecs = np.linalg.eigh(cov)
+    whiten = evecs / np.sqrt(np.maximum(evals, 1e-12))  # cov^(-1/2) up to a rotation
+    projection = axes @ whiten
+    class_means = means @ whiten
+    full = np.zeros((int(y.max()) + 1, k))
+    full[classes] = class_means
+    return GuardFit(center=center.astype(np.float32), projection=projection.astype(np.float32), class_means=full.astype(np.float32))
+
+
+def guard_scores(features: np.ndarray, fit: GuardFit) -> np.ndarray:
+    """Squared Mahalanobis distance to the nearer class mean, for (N, D) features (numpy reference)."""
+    z = (np.asarray(features, dtype=np.float64) - fit.center) @ fit.projection
+    d = ((z[:, None, :] - fit.class_means[None].astype(np.float64)) ** 2).sum(-1)
+    return d.min(1)
+
+
+def guard_threshold(held_out_scores: np.ndarray, percentile: float = 97.5) -> float:
+    """The score above which an image is flagged: a percentile of held-out in-distribution scores."""
+    scores = np.asarray(held_out_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("the guard's threshold needs held-out in-distribution scores")
+    if not 50 <= percentile < 100:
+        raise ValueError(f"percentile must be in [50, 100), got {percentile}")
+    return float(np.percentile(scores, percentile))

@@ -1,0 +1,152 @@
+"""Physical scale: every cell is shown to the network at one size in red-cell diameters.
+
+Laboratories photograph blood at different magnifications: a red cell is about 12 pixels across in
+the Aria fields, 70-90 in ALL-IDB and PBC, about 100 in BCCD. A network trained on pixels learns
+that magnification (in ALL-IDB2 blasts are large in their crops and normal cells small, so size in
+pixels separates them there, and a normal lymphocyte photographed closer looks like a blast). So a
+cell model with a :class:`CanonicalScale` sees a square window of ``field`` red-cell diameters
+around the cell, resampled to ``size`` pixels, whatever the camera.
+
+The red-cell diameter of an image comes, in order of preference, from a declared pixel size
+(``--pixel-size``, micrometres per pixel, converted with a red cell of :data:`RBC_UM` micrometres),
+from the red cells visible in the image (:func:`estimate_rbc_diameter`: whole, round, isolated ones
+of one common size), or not at all: then the scale is unknown, the image is used as it is, and the
+prediction says so. A red cell is a good ruler: normal red cells measure 7-8 micrometres in every
+healthy adult, and they surround the white cells of any smear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.measure import label, regionprops
+
+#: Diameter of a normal red cell in micrometres: the ruler between pixel sizes and red-cell diameters.
+RBC_UM = 7.5
+#: Fewest whole red cells an estimate is made from.
+MIN_RED_CELLS = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class CanonicalScale:
+    """How a cell model's input is cut: a window of ``field`` red-cell diameters at ``size`` pixels.
+
+    Stored in the checkpoint under ``"scale"``; everything that feeds the model reads it from there.
+    """
+
+    field: float = 3.0
+    size: int = 128
+
+    @property
+    def pixels_per_rbc(self) -> float:
+        return self.size / self.field
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rbc_um": RBC_UM}
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> CanonicalScale | None:
+        return None if raw is None else cls(field=float(raw["field"]), size=int(raw["size"]))
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """A red-cell diameter in pixels of one image, and where it came from.
+
+    ``source`` is ``"declared"`` (a pixel size or a laboratory's known magnification), ``"measured"``
+    (red cells in the image), or ``"unknown"`` (``diameter`` None).
+    """
+
+    diameter: float | None
+    source: str
+    red_cells: int = 0
+
+    def note(self, name: str) -> str | None:
+        if self.diameter is not None:
+            return None
+        return (f"{name}: scale unknown (fewer than {MIN_RED_CELLS} whole red cells to measure, no --pixel-size): "
+                "the image was used at its own size; pass --pixel-size for a dependable call.")
+
+
+def diameter_from_pixel_size(pixel_size_um: float) -> float:
+    """Red-cell diameter in pixels for a pixel size in micrometres per pixel."""
+    if not pixel_size_um > 0:
+        raise ValueError(f"a pixel size must be positive, got {pixel_size_um}")
+    return RBC_UM / pixel_size_um
+
+
+def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000) -> ScaleEstimate:
+    """Median diameter (pixels of ``rgb``) of the whole, round, isolated red cells, or unknown.
+
+    Red cells absorb green light (haemoglobin): pixels darker in green than an Otsu threshold
+    computed away from the purple-stained white cells (B - G high) are red cells; holes (central
+    pallor) are filled. Of the connected components, those cut by the image border, not convex
+    (solidity < 0.9: clumps, overlaps) or elongated (eccentricity >= 0.75) are left out; fragments
+    below 0.6 of the upper quartile are dropped, and the estimate stands only if at least
+    :data:`MIN_RED_CELLS` remain with a spread (interquartile range) under 30% of their median.
+    Measured on the five laboratories' data (see docs/results.md): confident on 77% of PBC cells
+    (median 74 px), every ALL-IDB1 photograph, 28% of BCCD fields (94 px, against 95-105 px from
+    BCCD's red-cell boxes), about half of the Aria fields, 4% of the ALL-IDB2 crops (most hold no
+    whole red cell) and no C-NMC cell (segmented on black).
+    """
+    height, width = rgb.shape[:2]
+    factor = min(1.0, (work_pixels / max(1, height * width)) ** 0.5)
+    small = rgb if factor >= 1 else cv2.resize(rgb, (max(1, round(width * factor)), max(1, round(height * factor))),
+                                               interpolation=cv2.INTER_AREA)
+    if min(small.shape[:2]) < 16:
+        return ScaleEstimate(None, "unknown")
+    stain = small[..., 2].astype(np.int16) - small[..., 1].astype(np.int16)
+    try:
+        stained = stain > max(threshold_otsu(stain), np.median(stain) + 20)
+    except ValueError:  # a constant image
+        return ScaleEstimate(None, "unknown")
+    near = cv2.dilate(stained.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    green = small[..., 1]
+    if near.mean() > 0.9 or np.ptp(green[~near]) == 0:
+        return ScaleEstimate(None, "unknown")
+    dark = (green <= threshold_otsu(green[~near])) & ~near  # Otsu returns the upper end of the dark class
+    red = ndi.binary_fill_holes(dark)
+    red = cv2.morphologyEx(red.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+    h, w = red.shape
+    sizes = np.array([
+        r.equivalent_diameter_area for r in regionprops(label(red))
+        if r.bbox[0] > 0 and r.bbox[1] > 0 and r.bbox[2] < h and r.bbox[3] < w
+        and r.area >= 20 and r.solidity >= 0.9 and r.eccentricity < 0.75
+    ])
+    if len(sizes):
+        sizes = sizes[sizes >= 0.6 * np.percentile(sizes, 75)]
+    if len(sizes) < MIN_RED_CELLS:
+        return ScaleEstimate(None, "unknown", len(sizes))
+    median = float(np.median(sizes))
+    q75, q25 = np.percentile(sizes, [75, 25])
+    if (q75 - q25) / median > 0.3:
+        return ScaleEstimate(None, "unknown", len(sizes))
+    return ScaleEstimate(round(median / factor, 2), "measured", len(sizes))
+
+
+def canonical_crop(image: Image.Image | np.ndarray, scale: CanonicalScale, rbc_diameter: float | None,
+                   centre: tuple[float, float] | None = None) -> np.ndarray:
+    """The ``size`` x ``size`` window of ``field`` red-cell diameters centred on ``centre`` (default: the middle).
+
+    Beyond the image the window is filled by reflection, so a cell near the border keeps tissue
+    around it. With an unknown diameter the whole image (its larger side) is the window: the cell
+    is shown as photographed, which is what a model without a scale would do.
+    """
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    height, width = rgb.shape[:2]
+    cx, cy = centre if centre is not None else ((width - 1) / 2, (height - 1) / 2)
+    side = scale.field * rbc_diameter if rbc_diameter else float(max(height, width))
+    zoom = scale.size / side
+    # One affine warp: translate the window's centre to the output's centre and resample, reflecting
+    # at the borders. INTER_AREA-like quality when shrinking comes from a Gaussian pre-blur.
+    if zoom < 1:
+        sigma = 0.5 * (1 / zoom - 1) ** 0.5 * 1.2
+        rgb = cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma, sigmaY=sigma) if sigma > 0.3 else rgb
+    half = (scale.size - 1) / 2
+    matrix = np.array([[zoom, 0.0, half - zoom * cx], [0.0, zoom, half - zoom * cy]], dtype=np.float64)
+    return cv2.warpAffine(rgb, matrix, (scale.size, scale.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)

@@ -1,0 +1,74 @@
+"""Physical scale: red cells measured on synthetic smears of known size, and the canonical window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leukodetect.runtime.scale import (
+    RBC_UM,
+    CanonicalScale,
+    canonical_crop,
+    diameter_from_pixel_size,
+    estimate_rbc_diameter,
+)
+
+PINK, SLIDE, PURPLE = (200, 120, 125), (235, 225, 215), (110, 60, 170)  # red cells: B - G small; nuclei: B - G large
+
+
+def smear(diameter: float, *, size: int = 400, white: bool = True, seed: int = 0) -> np.ndarray:
+    """Red discs of one ``diameter`` on a grid (jittered), with one larger purple white cell in the middle."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((size, size, 3), SLIDE, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    step = diameter * 1.6
+    for cy in np.arange(step / 2, size, step):
+        for cx in np.arange(step / 2, size, step):
+            x, y = cx + rng.uniform(-0.1, 0.1) * diameter, cy + rng.uniform(-0.1, 0.1) * diameter
+            rgb[(yy - y) ** 2 + (xx - x) ** 2 <= (diameter / 2) ** 2] = PINK
+    if white:
+        rgb[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (0.8 * diameter) ** 2] = PURPLE
+    return rgb
+
+
+@pytest.mark.parametrize("diameter", [12, 30, 75])
+def test_red_cell_diameter_is_measured_at_any_magnification(diameter):
+    estimate = estimate_rbc_diameter(smear(diameter, size=int(12 * diameter)))
+    assert estimate.source == "measured" and estimate.red_cells >= 3
+    assert estimate.diameter == pytest.approx(diameter, rel=0.08)
+
+
+def test_no_red_cells_means_unknown_and_says_so():
+    blank = np.full((200, 200, 3), 240, np.uint8)
+    cell_on_black = np.zeros((200, 200, 3), np.uint8)
+    cell_on_black[60:140, 60:140] = PURPLE
+    for image in (blank, cell_on_black, np.zeros((1, 30, 3), np.uint8)):
+        estimate = estimate_rbc_diameter(image)
+        assert estimate.diameter is None and estimate.source == "unknown"
+        assert "scale unknown" in estimate.note("x.png") and "--pixel-size" in estimate.note("x.png")
+
+
+def test_pixel_size_converts_with_a_red_cell_of_7_5_micrometres():
+    assert diameter_from_pixel_size(0.1) == pytest.approx(RBC_UM / 0.1) == pytest.approx(75.0)
+    with pytest.raises(ValueError):
+        diameter_from_pixel_size(0)
+
+
+def test_canonical_window_shows_the_same_cell_at_the_same_size_whatever_the_magnification():
+    scale = CanonicalScale(field=3.0, size=64)
+    views = [canonical_crop(smear(d, size=int(8 * d)), scale, d) for d in (20, 50)]
+    purple = [(np.abs(v.astype(int) - PURPLE).sum(-1) < 60).sum() for v in views]
+    # The white cell is 1.6 red-cell diameters wide: pi * (1.6 / 3 * 64 / 2)^2 = 915 pixels in either window.
+    assert all(v.shape == (64, 64, 3) for v in views)
+    assert purple[0] == pytest.approx(915, rel=0.1) and purple[1] == pytest.approx(915, rel=0.1)
+
+
+def test_unknown_scale_shows_the_whole_image_and_reflects_beyond_the_border():
+    scale = CanonicalScale(field=3.0, size=32)
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 40:] = 255
+    whole = canonical_crop(image, scale, None)
+    assert whole.shape == (32, 32, 3) and whole[16, 2].max() == 0 and whole[16, 30].min() == 255
+    corner = canonical_crop(image, scale, 20.0, centre=(0.0, 0.0))  # a 60-pixel window around a corner
+    assert corner.shape == (32, 32, 3) and corner.max() == 0  # reflected black, never an invented colour
+    assert CanonicalScale.from_dict(scale.to_dict()) == scale and scale.to_dict()["rbc_um"] == RBC_UM
