@@ -74,7 +74,7 @@ def test_predict_reports_bad_files_and_goes_on(trained, tiny_tree, tmp_path):
     assert "not an image" in by_name["bad.jpg"]["error"] and "bad.jpg" in by_name["bad.jpg"]["error"]
     assert "empty" in by_name["empty.png"]["error"]
     csv_out = invoke("predict", good, "--checkpoint", trained / "best.pt", "--csv")
-    assert csv_out.stdout.splitlines()[0] == "path,label,prob_blast,error"
+    assert csv_out.stdout.splitlines()[0] == "path,label,prob_blast,error,ood_score,reason"
     # Several files at once, as a shell glob gives them; a missing one is named.
     several = invoke("predict", good, tmp_path / "bad.jpg", "--checkpoint", trained / "best.pt", "--csv")
     assert several.exit_code == 0 and len(several.stdout.splitlines()) == 3

@@ -62,6 +62,19 @@ def _log(message: str) -> None:
 # Options of train, cv and compare. Each names a RunConfig field (see _run_config); None keeps the value
 # of --config's YAML, or RunConfig's default.
 DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
+SourcesOpt = typer.Option(..., "--data", help="Data folder or CSV manifest (a cell bank's cells.csv too); or, repeated, one "
+                          "laboratory each as LAB=PATH[:FORMAT][@PIXELS] (PIXELS: its red-cell diameter, where none can be measured).")
+FieldOpt = typer.Option(None, "--field", help="Red-cell diameters across the model's input: every cell is shown at one physical "
+                        "scale (default: 3 with several laboratories; 0, images as they are, otherwise).")
+LabsOpt = typer.Option(None, "--labs", help="Comma-separated laboratories to keep from a cell bank (default: all).")
+RotationOpt = typer.Option(None, "--rotation", help="Training rotation range in degrees (default 20, the paper's; cells have no up: 180).")
+ColourOpt = typer.Option(None, "--colour", help="Brightness, contrast and saturation jitter, e.g. 0.2 (default 0, off).")
+HedOpt = typer.Option(None, "--hed", help="Stain jitter in haematoxylin-eosin space, e.g. 0.05 (default 0, off).")
+BlurOpt = typer.Option(None, "--blur", help="Probability of a Gaussian blur of each training image, e.g. 0.3 (default 0).")
+JpegOpt = typer.Option(None, "--jpeg", help="Probability of JPEG compression (quality 50-95) of each training image (default 0).")
+BalanceOpt = typer.Option(None, "--balance", help="none (default), or labs: draw so both classes weigh the same and each "
+                          "laboratory, within its class, by the square root of its size.")
+GuardOpt = typer.Option(None, "--guard/--no-guard", help="Fit the out-of-distribution guard after training (needs --val-fraction above 0).")
 ArchOpt = typer.Option(None, "--arch", help="Architecture (see 'leukodetect models'); default resnet50.")
 EpochsOpt = typer.Option(None, "--epochs", help="Epochs (paper: 100).")
 ImageSizeOpt = typer.Option(None, "--image-size", help="Square input size in pixels (default 224).")
@@ -120,13 +133,15 @@ StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a
 
 #: The RunConfig fields the options of train, cv and compare may set, by section.
 _RUN_CONFIG_FIELDS = {
-    "data": ("path", "format", "image_size", "split_file", "protocol", "num_workers", "val_fraction", "group_by", "allidb1"),
+    "data": ("path", "sources", "format", "image_size", "split_file", "protocol", "num_workers", "val_fraction", "group_by", "allidb1",
+             "field_diameters", "labs"),
+    "augment": ("rotation", "colour", "hed", "blur", "jpeg"),
     "model": ("arch", "weights"),
     "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "ema", "mixup",
-              "cutmix", "checkpoint_every"),
+              "cutmix", "checkpoint_every", "balance", "guard"),
 }
 #: Command parameters named otherwise than the RunConfig field they set.
-_RUN_CONFIG_NAMES = {"data": "path", "fmt": "format", "workers": "num_workers"}
+_RUN_CONFIG_NAMES = {"fmt": "format", "workers": "num_workers", "field": "field_diameters"}
 
 
 def _run_config(options: dict):
@@ -140,6 +155,13 @@ def _run_config(options: dict):
 
     cfg = load_config(options["config"]) if options.get("config") else RunConfig()
     values = {_RUN_CONFIG_NAMES.get(name, name): value for name, value in options.items()}
+    data = values.pop("data", None) or []
+    if len(data) == 1 and "=" not in data[0]:
+        values["path"] = data[0]
+    elif data:
+        values["sources"] = list(data)  # several laboratories, each LAB=PATH (checked when the run starts)
+    if isinstance(values.get("labs"), str):
+        values["labs"] = [lab.strip() for lab in values["labs"].split(",") if lab.strip()]
     for section, keys in _RUN_CONFIG_FIELDS.items():
         for key in keys:
             value = values.get(key)
@@ -161,7 +183,7 @@ def _detector_config(options: dict):
 @app.command()
 @_errors_to_exit
 def train(
-    data: Path = DataOpt,
+    data: list[str] = SourcesOpt,
     out_dir: Path = typer.Option(..., "--out", help="Run folder (must not hold a run unless --resume)."),
     arch: Optional[str] = ArchOpt,
     epochs: Optional[int] = EpochsOpt,
@@ -181,6 +203,15 @@ def train(
     allidb1: Optional[Path] = AllIdb1Opt,
     split_file: Optional[Path] = typer.Option(None, help="A split.json fixing train/val/test."),
     fmt: Optional[str] = FormatOpt,
+    field: Optional[float] = FieldOpt,
+    labs: Optional[str] = LabsOpt,
+    rotation: Optional[float] = RotationOpt,
+    colour: Optional[float] = ColourOpt,
+    hed: Optional[float] = HedOpt,
+    blur: Optional[float] = BlurOpt,
+    jpeg: Optional[float] = JpegOpt,
+    balance: Optional[str] = BalanceOpt,
+    guard: Optional[bool] = GuardOpt,
     seed: Optional[int] = SeedOpt,
     device: Optional[str] = DeviceOpt,
     precision: Optional[str] = PrecisionOpt,
@@ -200,7 +231,7 @@ def train(
 @app.command()
 @_errors_to_exit
 def cv(
-    data: Path = DataOpt,
+    data: list[str] = SourcesOpt,
     out_dir: Path = typer.Option(..., "--out", help="Output folder (one subfolder per fold)."),
     folds: int = typer.Option(5, help="Number of folds."),
     arch: Optional[str] = ArchOpt,
@@ -220,6 +251,15 @@ def cv(
     group_by: Optional[str] = GroupByOpt,
     allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
+    field: Optional[float] = FieldOpt,
+    labs: Optional[str] = LabsOpt,
+    rotation: Optional[float] = RotationOpt,
+    colour: Optional[float] = ColourOpt,
+    hed: Optional[float] = HedOpt,
+    blur: Optional[float] = BlurOpt,
+    jpeg: Optional[float] = JpegOpt,
+    balance: Optional[str] = BalanceOpt,
+    guard: Optional[bool] = GuardOpt,
     seed: Optional[int] = SeedOpt,
     device: Optional[str] = DeviceOpt,
     precision: Optional[str] = PrecisionOpt,
@@ -235,6 +275,69 @@ def cv(
     cfg = _run_config(locals())
     result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), devices=devices, log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
+
+
+@app.command()
+@_errors_to_exit
+def cells(
+    data: list[str] = typer.Option(..., "--data", help="One laboratory each, repeated: LAB=PATH[:FORMAT][@PIXELS]."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder of the cell bank (cells.csv, cells.json, cells/); reused if it holds the same bank."),
+    field: float = typer.Option(3.0, "--field", min=1.0, help="Red-cell diameters across each crop."),
+    image_size: int = typer.Option(128, "--image-size", min=16, help="Crop side in pixels (the model's input size)."),
+    max_per_field: int = typer.Option(0, "--max-per-field", min=0, help="At most this many located cells of each smear field "
+                                      "(Aria, BCCD), drawn at random with a fixed seed; 0: all."),
+):
+    """Cut the single cells of several laboratories at one physical scale into a cell bank (train, cv and cross-lab read it)."""
+    from leukodetect.jobs.cells import LabSource, build_bank
+    from leukodetect.runtime.scale import CanonicalScale
+
+    manifest = build_bank([LabSource.parse(s) for s in data], out_dir, CanonicalScale(field=field, size=image_size),
+                          max_per_field=max_per_field, progress=_progress(), log=_log)
+    out.print(f"Cell bank: {manifest} (use it as --data {manifest}).", highlight=False)
+
+
+@app.command("cross-lab")
+@_errors_to_exit
+def cross_lab(
+    data: list[str] = SourcesOpt,
+    out_dir: Path = typer.Option(..., "--out", help="Output folder (one subfolder per held-out laboratory)."),
+    hold_out: Optional[str] = typer.Option(None, "--hold-out", help="Comma-separated laboratories to leave out in turn (default: each)."),
+    only: Optional[str] = typer.Option("allidb", "--only", help="Also train on this laboratory alone and score every other one ('' for none)."),
+    arch: Optional[str] = ArchOpt,
+    epochs: Optional[int] = EpochsOpt,
+    image_size: Optional[int] = ImageSizeOpt,
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = LrOpt,
+    label_smoothing: Optional[float] = LabelSmoothingOpt,
+    val_fraction: Optional[float] = ValFractionOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    workers: Optional[int] = WorkersOpt,
+    field: Optional[float] = FieldOpt,
+    labs: Optional[str] = LabsOpt,
+    rotation: Optional[float] = RotationOpt,
+    colour: Optional[float] = ColourOpt,
+    hed: Optional[float] = HedOpt,
+    blur: Optional[float] = BlurOpt,
+    jpeg: Optional[float] = JpegOpt,
+    balance: Optional[str] = BalanceOpt,
+    devices: str = DevicesOpt,
+    config: Optional[Path] = ConfigOpt,
+    resume: bool = typer.Option(False, help="Keep finished runs and continue."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Leave one laboratory out at a time: train on the others, score it, per laboratory with 95% intervals and the guard's flag rate."""
+    from leukodetect.jobs.cross_lab import run_cross_lab
+
+    cfg = _run_config({**locals(), "guard": True})
+    table = run_cross_lab(cfg, out_dir, hold_out=[s.strip() for s in (hold_out or "").split(",") if s.strip()], only=only or None,
+                          resume=resume, progress=_progress(), devices=devices, command=_command_line(), log=_log)
+    if as_json:
+        _print_json(table)
+    else:
+        out.print((out_dir / "report.md").read_text(), highlight=False)
 
 
 @app.command()
@@ -272,15 +375,20 @@ def predict(
     as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout."),
     batch_size: int = typer.Option(16),
     backend: str = BackendOpt,
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the images, for a "
+                                               "model with a physical scale (default: measured on each image's red cells)."),
 ):
-    """Blast probability and call per image; unreadable files are reported and skipped."""
+    """Blast probability and call per image ("review" where the image is unlike the model's training images);
+    unreadable files are reported and skipped."""
     from leukodetect.runtime.images import image_paths
+    from leukodetect.runtime.scale import diameter_from_pixel_size
 
     if checkpoint is not None and model is not None:
         raise LeukoError("Pass either --checkpoint (a best.pt) or --model (a file from 'leukodetect export'), not both.")
     paths = [path for image_or_dir in images for path in image_paths(image_or_dir)]
     clf = _classifier(checkpoint, model, backend)
-    preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress())
+    rbc = diameter_from_pixel_size(pixel_size) if pixel_size else None
+    preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress(), rbc_diameter=rbc)
     _print_predictions(preds, clf.threshold, as_json=as_json, as_csv=as_csv)
     if all(p.error for p in preds):
         raise typer.Exit(1)
@@ -307,13 +415,17 @@ def _print_predictions(preds: list, threshold: float, *, as_json: bool, as_csv: 
         import csv
 
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "label", "prob_blast", "error"])
+        writer.writerow(["path", "label", "prob_blast", "error", "ood_score", "reason"])  # the guard's columns last: older readers keep theirs
         for p in preds:
-            writer.writerow([p.path, p.label or "", "" if p.prob_blast is None else f"{p.prob_blast:.6f}", p.error or ""])
+            writer.writerow([p.path, p.label or "", "" if p.prob_blast is None else f"{p.prob_blast:.6f}", p.error or "",
+                             "" if p.ood_score is None else f"{p.ood_score:.2f}", p.reason or ""])
     else:
         table = Table("image", "call", "P(blast)", title=f"threshold {threshold:.2f}")
         for p in preds:
-            table.add_row(p.path, p.label or "[red]error[/]", f"{p.prob_blast:.4f}" if p.prob_blast is not None else p.error)
+            call = p.label or "[red]error[/]"
+            if p.reason:
+                call = f"[yellow]review[/]: {p.reason} (score {p.ood_score:.0f})"
+            table.add_row(p.path, call, f"{p.prob_blast:.4f}" if p.prob_blast is not None else p.error)
         out.print(table)
     for p in preds:
         if p.error:
@@ -413,7 +525,7 @@ def export(
 @app.command()
 @_errors_to_exit
 def compare(
-    data: Path = DataOpt,
+    data: list[str] = SourcesOpt,
     out_dir: Path = typer.Option(..., "--out", help="Comparison folder (rerun the same command to continue it)."),
     archs: str = typer.Option("resnet50,googlenet,resnet101,resnet152,vgg16,vgg19", help="Comma-separated architectures."),
     protocols: str = typer.Option("clean", "--protocol", help="clean, paper or both."),
@@ -433,6 +545,15 @@ def compare(
     group_by: Optional[str] = GroupByOpt,
     allidb1: Optional[Path] = AllIdb1Opt,
     fmt: Optional[str] = FormatOpt,
+    field: Optional[float] = FieldOpt,
+    labs: Optional[str] = LabsOpt,
+    rotation: Optional[float] = RotationOpt,
+    colour: Optional[float] = ColourOpt,
+    hed: Optional[float] = HedOpt,
+    blur: Optional[float] = BlurOpt,
+    jpeg: Optional[float] = JpegOpt,
+    balance: Optional[str] = BalanceOpt,
+    guard: Optional[bool] = GuardOpt,
     device: Optional[str] = DeviceOpt,
     precision: Optional[str] = PrecisionOpt,
     workers: Optional[int] = WorkersOpt,

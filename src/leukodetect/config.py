@@ -19,6 +19,7 @@ from leukodetect.utils import atomic_write_text
 
 PROTOCOLS = ("clean", "paper")
 GROUP_BY = ("default", "source")
+BALANCE = ("none", "labs")
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,13 @@ class DataConfig:
     format: str = "auto"
     image_size: int = 224
     test_fraction: float = 0.2
+    # Several laboratories in one run: "LAB=PATH[:FORMAT][@PIXELS]" entries (then ``path`` is not used); their
+    # cells are cut into a cell bank in the run folder (jobs/cells.py).
+    sources: list[str] = field(default_factory=list)
+    # Red-cell diameters across the model's input (0: images are used as they are, the paper's recipe).
+    field_diameters: float = 0.0
+    # Laboratories kept from a cell bank given as ``path`` (empty: all).
+    labs: list[str] = field(default_factory=list)
     # Share of the images held out to select the epoch (validation loss); 0: none, the last epoch is kept
     # (how the shipped default model is trained, on every image).
     val_fraction: float = 0.15
@@ -55,6 +63,11 @@ class AugmentConfig:
     shear: float = 10.0  # degrees
     hflip: bool = True
     vflip: bool = True
+    # Stain and camera robustness (all 0: off, the paper's recipe). See data/transforms.py.
+    colour: float = 0.0  # brightness, contrast and saturation jitter up to this fraction
+    hed: float = 0.0  # haematoxylin-eosin-DAB jitter: each stain's density scaled by 1 +- hed and shifted by +- hed / 10
+    blur: float = 0.0  # probability of a Gaussian blur (sigma 0.1-1.5 px): cameras and upsampled low-magnification fields
+    jpeg: float = 0.0  # probability of JPEG compression at quality 50-95
 
 
 @dataclass(kw_only=True)
@@ -84,6 +97,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16
+    # How training images are drawn: "none" (each once per epoch, shuffled), or "labs": with replacement,
+    # weighted so both classes weigh the same and, within a class, each laboratory by the square root
+    # of its size (a laboratory of 2000 normal cells does not drown one of 70).
+    balance: str = "none"
+    # Fit the out-of-distribution guard after training (needs a validation part to set its threshold).
+    guard: bool = False
     # last.pt, the resume point (weights and optimizer state), is written every N epochs and after
     # the last one. 1 on a CPU, where an epoch takes minutes; more on a GPU, where writing a VGG's
     # 1.6 GB of state after every two-second epoch would take longer than the training.
@@ -149,6 +168,12 @@ class RunConfig:
             raise LeukoError(f"--val-fraction {self.data.val_fraction} must be at least 0 (no validation part) and below 1.")
         if self.train.mixup < 0 or self.train.cutmix < 0:
             raise LeukoError(f"--mixup {self.train.mixup} and --cutmix {self.train.cutmix} must be 0 (off) or a positive Beta parameter such as 0.2 or 1.0.")
+        if self.train.balance not in BALANCE:
+            raise LeukoError(f"Unknown --balance '{self.train.balance}': use one of {BALANCE}.")
+        if self.data.field_diameters < 0:
+            raise LeukoError(f"--field {self.data.field_diameters} must be 0 (images as they are) or a number of red-cell diameters such as 3.")
+        if min(self.augment.colour, self.augment.hed, self.augment.blur, self.augment.jpeg) < 0 or max(self.augment.blur, self.augment.jpeg) > 1:
+            raise LeukoError("Colour, HED, blur and JPEG augmentation must be 0 (off) or positive; blur and JPEG are probabilities (at most 1).")
         if not 0 <= self.train.ema < 1:
             raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 

@@ -184,6 +184,15 @@ def index_allidb1(path: Path, others_dir: Path | None = None) -> list[Record]:
     return records
 
 
+def find_allidb1(data_path: Path) -> Path | None:
+    """An ALL-IDB1 folder beside an ALL-IDB2 path (the official layouts sit side by side)."""
+    for parent in Path(data_path).resolve().parents:
+        for name in ("ALL-IDB1", "ALL_IDB1"):
+            if (parent / name).is_dir():
+                return parent / name
+    return None
+
+
 def read_xyc(path: str | Path) -> tuple[Point, ...]:
     """Read an ALL-IDB ``.xyc`` file: one ``x y`` centroid (pixels) per line, tab or space separated.
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 from leukodetect.config import RunConfig
 from leukodetect.data.augment import expand_dataset
 from leukodetect.data.duplicates import effective_groups, hash_records
-from leukodetect.data.indexers import detect_format, index_dataset
+from leukodetect.data.indexers import detect_format, find_allidb1, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.data.sources import source_groups
 from leukodetect.data.split import (
@@ -35,8 +37,19 @@ from leukodetect.data.split import (
 )
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.intervals import binary_report, summarize_folds
+from leukodetect.jobs.cells import (
+    DEFAULT_FIELD,
+    LabSource,
+    bank_summary,
+    build_bank,
+    is_bank,
+    labs_of,
+)
 from leukodetect.jobs.evaluate import write_evaluation
+from leukodetect.jobs.guard import add_guard
+from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.scale import CanonicalScale
 from leukodetect.training import distributed, parallel
 from leukodetect.training.fit import local_batch_size, train_model
 from leukodetect.utils import write_json
@@ -48,11 +61,52 @@ class Prepared:
     hashes: list[str]
     groups: list[str]  # split groups (duplicates merged; each file alone under the paper protocol)
     sources: list[str]  # the original image each record derives from (itself when not augmented)
+    scale: CanonicalScale | None = None  # the records are canonical crops of a cell bank at this scale
+
+    @property
+    def declared_rbc(self) -> float | None:
+        """The red-cell diameter to declare when predicting the records: a bank's crops are at the model's scale."""
+        return self.scale.pixels_per_rbc if self.scale is not None else None
+
+    def strata(self) -> np.ndarray:
+        """What splits stratify on: the label, and the laboratory too where there are several."""
+        return split_strata(self.records)
+
+
+def split_strata(records: Sequence[Record], *, min_size: int = 10) -> np.ndarray:
+    """One stratum per (laboratory, label) with at least ``min_size`` images; smaller ones join their label's."""
+    keys = [(r.lab, r.label) if r.lab else (None, r.label) for r in records]
+    sizes = Counter(keys)
+    keys = [k if sizes[k] >= min_size else (None, k[1]) for k in keys]
+    codes = {k: i for i, k in enumerate(sorted(set(keys), key=lambda k: (k[1], k[0] or "")))}
+    return np.array([codes[k] for k in keys], dtype=int)
+
+
+def _index(cfg: RunConfig, out_dir: Path, *, log=print) -> tuple[list[Record], CanonicalScale | None]:
+    """The records of a run: one data set, a cell bank, or several laboratories cut into a new cell bank."""
+    if cfg.data.sources:
+        scale = CanonicalScale(field=cfg.data.field_diameters or DEFAULT_FIELD, size=cfg.data.image_size)
+        manifest = build_bank([LabSource.parse(s) for s in cfg.data.sources], Path(out_dir) / "cells", scale, log=log)
+        records = index_dataset(manifest, "manifest")
+    else:
+        records = index_dataset(cfg.data.path, cfg.data.format)
+        scale = None
+        if is_bank(cfg.data.path):
+            scale = CanonicalScale.from_dict(bank_summary(Path(cfg.data.path))["scale"])
+            if scale.size != cfg.data.image_size:
+                raise LeukoError(f"The cell bank {cfg.data.path} holds {scale.size}-pixel crops: train with --image-size {scale.size}.")
+    if cfg.data.labs:
+        unknown = sorted(set(cfg.data.labs) - {r.lab for r in records})
+        if unknown:
+            raise LeukoError(f"--labs names {', '.join(unknown)}, which the data does not hold (it holds "
+                             f"{', '.join(sorted({str(r.lab) for r in records}))}).")
+        records = [r for r in records if r.lab in cfg.data.labs]
+    return records, scale
 
 
 def prepare(cfg: RunConfig, out_dir: Path, *, log=print) -> Prepared:
     """Index the data, drop unreadable or unlabelled images (saying which), apply the protocol."""
-    records = index_dataset(cfg.data.path, cfg.data.format)
+    records, scale = _index(cfg, out_dir, log=log)
     unlabelled = [r for r in records if r.label is None]
     if unlabelled:
         log(f"Leaving out {len(unlabelled)} unlabelled images, e.g. {unlabelled[0].path}.")
@@ -83,16 +137,23 @@ def prepare(cfg: RunConfig, out_dir: Path, *, log=print) -> Prepared:
     if cfg.data.group_by == "source":
         records = _group_by_source(cfg, records, log=log)
     groups = effective_groups(records, hashes)
-    return Prepared(records=records, hashes=[hashes[r.path] for r in records], groups=groups, sources=groups)
+    return Prepared(records=records, hashes=[hashes[r.path] for r in records], groups=groups, sources=groups, scale=scale)
 
 
-def find_allidb1(data_path: Path) -> Path | None:
-    """An ALL-IDB1 folder beside an ALL-IDB2 path (the official layouts sit side by side)."""
-    for parent in Path(data_path).resolve().parents:
-        for name in ("ALL-IDB1", "ALL_IDB1"):
-            if (parent / name).is_dir():
-                return parent / name
-    return None
+def finish_checkpoint(cfg: RunConfig, best: Path, train: Sequence[Record], val: Sequence[Record], scale: CanonicalScale | None,
+                      *, log=print) -> None:
+    """Record in ``best`` what it was trained on (laboratories and counts) and its scale; fit its guard."""
+    if scale is not None or any(r.lab for r in train):
+        bundle = load_checkpoint(best)
+        bundle["labs"] = labs_of([*train, *val])
+        if scale is not None:
+            bundle["scale"] = scale.to_dict()
+        save_checkpoint(bundle, best)
+    if cfg.train.guard:
+        if not val:
+            log(f"No guard for {best}: its threshold needs a validation part (--val-fraction above 0).")
+        else:
+            add_guard(best, train, val, device=cfg.train.device, log=log)
 
 
 def _group_by_source(cfg: RunConfig, records: list[Record], *, log=print) -> list[Record]:
@@ -137,7 +198,7 @@ def _split_from_file(prep: Prepared, split_file: Path):
 
 
 def _predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list[dict]]:
-    preds = clf.predict_paths([prep.records[i].path for i in idx])
+    preds = clf.predict_paths([prep.records[i].path for i in idx], rbc_diameter=prep.declared_rbc)
     prob = np.array([p.prob_blast for p in preds], dtype=float)
     rows = [
         {"path": str(prep.records[i].path), "label": prep.records[i].label, "group": prep.groups[i],
@@ -171,7 +232,7 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
             train, val, test = _split_from_file(prep, out_dir / "split.json")
         else:
             train, val, test = train_val_test_indices(
-                labels, prep.groups, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed
+                prep.strata(), prep.groups, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed
             )
         write_json(out_dir / "split.json", {k: [str(prep.records[i].path) for i in v] for k, v in (("train", train), ("val", val), ("test", test))})
     train, val, test = ctx.broadcast((train, val, test) if ctx.is_main else None)
@@ -182,6 +243,7 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
     )
     if not ctx.is_main:
         return ctx.broadcast(None)
+    finish_checkpoint(cfg, result.best_path, [prep.records[i] for i in train], [prep.records[i] for i in val], prep.scale, log=log)
     clf = Classifier.from_checkpoint(result.best_path, backend="torch")  # one pass over the test split: an export would not pay
     prob, rows = _predict_rows(clf, prep, test)
     report = write_evaluation(
@@ -236,6 +298,7 @@ class FoldJob:
     test: list[Record]
     trained_on: list[str]  # pixel hashes of the training and validation images
     resume: bool
+    scale: CanonicalScale | None = None  # the records are a cell bank's crops at this scale
 
     @property
     def name(self) -> str:
@@ -262,9 +325,9 @@ def start_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext | None 
         raise LeukoError(f"{out_dir} already holds a cross-validation run: pass --resume to continue it or choose another --out.")
     with ctx.main_first():
         prep = prepare(cfg, out_dir, log=log)
-    labels = _labels(prep)
+    strata = prep.strata()
     groups = np.array(prep.groups)
-    plan = kfold_indices(labels, groups, folds=folds, seed=cfg.train.seed)
+    plan = kfold_indices(strata, groups, folds=folds, seed=cfg.train.seed)
     if ctx.is_main:
         write_json(out_dir / "cv_plan.json", {"folds": folds, "protocol": cfg.data.protocol, "test": [[str(prep.records[i].path) for i in te] for _, te in plan]})
     todo = []
@@ -273,11 +336,11 @@ def start_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext | None 
         if resume and ctx.broadcast((fold_dir / "predictions.json").exists()):
             log(f"Fold {k}: already finished, reusing its predictions.")
             continue
-        inner_train, inner_val = holdout_indices(labels[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
+        inner_train, inner_val = holdout_indices(strata[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
         todo.append(FoldJob(
             cfg=cfg, fold_dir=fold_dir, fold=k, folds=folds,
             train=[prep.records[i] for i in train_all[inner_train]], val=[prep.records[i] for i in train_all[inner_val]],
-            test=[prep.records[i] for i in test], trained_on=[prep.hashes[i] for i in train_all], resume=resume,
+            test=[prep.records[i] for i in test], trained_on=[prep.hashes[i] for i in train_all], resume=resume, scale=prep.scale,
         ))
     return CvRun(cfg=cfg, out_dir=out_dir, folds=folds, prep=prep, plan=plan, todo=todo)
 
@@ -289,9 +352,14 @@ def train_fold(job: FoldJob, ctx: distributed.DistContext | None = None, *, prog
     result = train_model(job.cfg, job.train, job.val, job.fold_dir, trained_on=job.trained_on, resume=job.resume,
                          progress=progress, log=log, dist=ctx)
     if ctx.is_main:
-        preds = Classifier.from_checkpoint(result.best_path, backend="torch").predict_paths([r.path for r in job.test])
+        finish_checkpoint(job.cfg, result.best_path, job.train, job.val, job.scale, log=log)
+        preds = Classifier.from_checkpoint(result.best_path, backend="torch").predict_paths(
+            [r.path for r in job.test], rbc_diameter=job.scale.pixels_per_rbc if job.scale else None)
         prob = np.array([p.prob_blast for p in preds], dtype=float)
-        write_json(job.fold_dir / "predictions.json", {"test": [str(r.path) for r in job.test], "prob_blast": prob.tolist()})
+        found = {"test": [str(r.path) for r in job.test], "prob_blast": prob.tolist()}
+        if any(p.ood_score is not None for p in preds):  # a guarded model: its scores and calls too
+            found.update(ood_score=[p.ood_score for p in preds], call=[p.label for p in preds])
+        write_json(job.fold_dir / "predictions.json", found)
     ctx.barrier()
 
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from leukodetect.config import RunConfig, save_config
 from leukodetect.data.dataset import ImageDataset
 from leukodetect.data.records import Record
+from leukodetect.data.sampling import WeightedEpochSampler, lab_balanced_weights
 from leukodetect.data.transforms import TrainPreset, channel_stats
 from leukodetect.errors import LeukoError
 from leukodetect.models import create_model
@@ -90,14 +91,19 @@ def local_batch_size(batch_size: int, ctx: DistContext) -> int:
 
 
 def _train_loader(ds, cfg: RunConfig, ctx: DistContext, epoch: int) -> DataLoader:
-    """This rank's share of the epoch: one global permutation seeded by (seed, epoch), strided by rank."""
+    """This rank's share of the epoch: one global permutation (or, with ``--balance labs``, one weighted draw)
+    seeded by (seed, epoch), strided by rank."""
     local_batch = local_batch_size(cfg.train.batch_size, ctx)
     # drop_last trims the permutation to a multiple of the world size (a no-op for one process);
     # the default, padding with repeated images, would count some images twice.
-    sampler = DistributedSampler(
-        ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.train.seed * 7919, drop_last=True
-    )
-    sampler.set_epoch(epoch)
+    if cfg.train.balance == "labs":
+        sampler = WeightedEpochSampler(lab_balanced_weights(ds.records), seed=cfg.train.seed, epoch=epoch,
+                                       rank=ctx.rank, world_size=ctx.world_size)
+    else:
+        sampler = DistributedSampler(
+            ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.train.seed * 7919, drop_last=True
+        )
+        sampler.set_epoch(epoch)
     used = len(sampler) * ctx.world_size
     return DataLoader(
         ds,

@@ -1,0 +1,78 @@
+"""The cross-laboratory recipe, run stage by stage on a cell bank: what the GPU session of 2026-12-04 ran.
+
+Each stage calls the library function its command calls, with the options written beside it, so a
+stage is the command line printed in its log. Usage (PYTHONPATH=src where leukodetect is not installed):
+
+    python scripts/cross_lab_recipe.py --bank runs/bank3/cells.csv --out runs/xlab --stage final --epochs 30
+
+Stages: ``final`` (train on every laboratory: the shipped model's recipe), ``lolo`` (leave one
+laboratory out, colour recipe), ``lolo-geometry`` (the same without stain and colour augmentation),
+``allidb-cv`` (ALL-IDB2's 5-fold cross-validation of the recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from leukodetect.config import RunConfig
+from leukodetect.jobs.cross_lab import run_cross_lab
+from leukodetect.jobs.train import run_cv, run_train
+
+#: The recipe: the paper's ResNet-50 from scratch at 128 pixels = 3 red-cell diameters, full rotation,
+#: stain and camera variation, laboratories balanced, a guard.
+COLOUR = {"rotation": 180.0, "colour": 0.2, "hed": 0.05, "blur": 0.3, "jpeg": 0.3}
+GEOMETRY = {"rotation": 180.0, "colour": 0.0, "hed": 0.0, "blur": 0.0, "jpeg": 0.0}
+
+
+def config(bank: Path, *, epochs: int, augment: dict, workers: int, batch_size: int, labs: list[str] | None = None) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.format, cfg.data.image_size = str(bank), "manifest", 128
+    cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.num_workers = 0.1, 0.1, workers
+    cfg.data.labs = labs or []
+    cfg.model.arch = "resnet50"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.balance, cfg.train.guard = epochs, batch_size, "labs", True
+    cfg.train.checkpoint_every = epochs  # resume points cost more than the epochs they save on a GPU
+    for key, value in augment.items():
+        setattr(cfg.augment, key, value)
+    cfg.validate()
+    return cfg
+
+
+def flags(augment: dict) -> str:
+    return " ".join(f"--{k} {v:g}" for k, v in augment.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bank", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stage", choices=("final", "lolo", "lolo-geometry", "allidb-cv"), required=True)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--devices", default="off", help="e.g. cuda:0,cuda:0,cuda:0,cuda:0: four jobs at once on one GPU")
+    args = parser.parse_args()
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    common = f"--epochs {args.epochs} --batch-size {args.batch_size} --image-size 128 --val-fraction 0.1 --balance labs --workers {args.workers}"
+    if args.stage == "final":
+        cfg = config(args.bank, epochs=args.epochs, augment=COLOUR, workers=args.workers, batch_size=args.batch_size)
+        log(f"leukodetect train --data {args.bank} --out {args.out}/final --guard {common} {flags(COLOUR)}")
+        run_train(cfg, args.out / "final", progress=False, command="train (scripts/cross_lab_recipe.py final)", log=log)
+    elif args.stage in ("lolo", "lolo-geometry"):
+        augment = COLOUR if args.stage == "lolo" else GEOMETRY
+        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size)
+        log(f"leukodetect cross-lab --data {args.bank} --out {args.out}/{args.stage} {common} {flags(augment)} --devices {args.devices}")
+        run_cross_lab(cfg, args.out / args.stage, only="allidb", devices=args.devices, command=f"cross-lab (scripts/cross_lab_recipe.py {args.stage})", log=log)
+    else:
+        cfg = config(args.bank, epochs=args.epochs, augment=COLOUR, workers=args.workers, batch_size=args.batch_size, labs=["allidb"])
+        log(f"leukodetect cv --data {args.bank} --labs allidb --folds 5 --out {args.out}/allidb-cv --guard {common} {flags(COLOUR)} --devices {args.devices}")
+        run_cv(cfg, args.out / "allidb-cv", folds=5, devices=args.devices, progress=False, command="cv (scripts/cross_lab_recipe.py allidb-cv)", log=log)
+    log(f"stage {args.stage}: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

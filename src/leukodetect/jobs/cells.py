@@ -1,0 +1,248 @@
+"""Cell banks: single cells of several laboratories, cut at one physical scale, with their lab recorded.
+
+A cross-laboratory run starts here. Each source is ``LAB=PATH[:FORMAT][@PIXELS]``: a laboratory
+name, its data (any indexed layout), optionally the layout and the red-cell diameter in pixels when
+it cannot be measured. For every cell the bank holds a square window of ``field`` red-cell
+diameters at ``size`` pixels (:func:`leukodetect.runtime.scale.canonical_crop`), so a lymphocyte is
+as large in every laboratory's crops as it is under the microscope, and ``cells.csv`` lists them
+(``path,label,group,lab,kind,parent``), readable by every command as a manifest.
+
+Where the cells come from, by layout:
+
+- single-cell images (``allidb2``, ``cnmc``, ``pbc``, ``folders``, ``manifest``): the image's centre;
+- ``bccd`` smear fields: the centres of the white-cell boxes;
+- ``aria`` smear fields: the white cells found by :func:`leukodetect.detection.locate.locate_nuclei`;
+  every cell takes its field's label (a field of an ALL patient holds blasts, and may hold a
+  normal cell too: a noisy label the per-field figures average out), and near-duplicate fields
+  share one group.
+
+The scale of a laboratory is one red-cell diameter for all its images: declared (``@PIXELS``, or
+:data:`DECLARED` for C-NMC, whose cells are segmented on black), or the median of the confident
+per-image measurements over up to :data:`SCALE_SAMPLE` of its images. ALL-IDB2's crops hold too
+few whole red cells: its scale is measured on the ALL-IDB1 photographs of the same laboratory when
+they sit beside it. Groups are prefixed with the laboratory, so no group spans two laboratories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from leukodetect.data.duplicates import (
+    effective_groups,
+    hash_records,
+    near_duplicate_groups,
+)
+from leukodetect.data.indexers import (
+    FORMATS,
+    detect_format,
+    find_allidb1,
+    index_dataset,
+)
+from leukodetect.data.records import Record
+from leukodetect.detection.locate import locate_nuclei
+from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.scale import (
+    CanonicalScale,
+    canonical_crop,
+    estimate_rbc_diameter,
+)
+from leukodetect.utils import atomic_write, write_csv, write_json
+
+#: Red-cell diameters (pixels) declared for layouts whose images show no red cell. C-NMC's cells are
+#: segmented on black. Its normal (hem) cells measure 183 pixels across (median of the 30 in the
+#: subset, from their non-black area); PBC's normal lymphocytes measure 1.33 red-cell diameters
+#: (median of 200, red cells measured in the same images): taking C-NMC's normal cells for cells of
+#: that size gives 183 / 1.33 = 138 pixels per red-cell diameter (about 0.054 micrometre per pixel).
+DECLARED = {"cnmc": 138.0}
+#: Images measured to find a laboratory's red-cell diameter (evenly spaced over its sorted files).
+SCALE_SAMPLE = 200
+#: Fewest confidently measured images behind a laboratory's scale.
+MIN_MEASURED = 5
+#: Layouts whose images are smear fields; the others hold one cell each, in the middle.
+FIELDS = ("aria", "bccd")
+BANK_VERSION = 1
+JPEG_QUALITY = 95
+_LAB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class LabSource:
+    """One laboratory's data: ``LAB=PATH[:FORMAT][@PIXELS]``."""
+
+    lab: str
+    path: Path
+    format: str = "auto"
+    rbc_diameter: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> LabSource:
+        """Read ``LAB=PATH[:FORMAT][@PIXELS]``; one sentence saying what is wrong otherwise."""
+        lab, sep, rest = spec.partition("=")
+        if not sep or not _LAB_NAME.match(lab) or not rest:
+            raise LeukoError(f"--data {spec!r} is not LAB=PATH[:FORMAT][@PIXELS]: name the laboratory, e.g. "
+                             "--data pbc=../shared/datasets/PBC-normal-subset.")
+        diameter = None
+        if "@" in rest:
+            rest, _, pixels = rest.rpartition("@")
+            try:
+                diameter = float(pixels)
+            except ValueError:
+                raise LeukoError(f"--data {spec!r}: '@{pixels}' is not a red-cell diameter in pixels (e.g. @138).") from None
+            if not diameter > 0:
+                raise LeukoError(f"--data {spec!r}: the red-cell diameter must be positive.")
+        path, fmt = rest, "auto"
+        head, colon, tail = rest.rpartition(":")
+        if colon and tail in FORMATS:
+            path, fmt = head, tail
+        return cls(lab=lab, path=Path(path), format=fmt, rbc_diameter=diameter)
+
+    def __str__(self) -> str:
+        return f"{self.lab}={self.path}" + (f":{self.format}" if self.format != "auto" else "") + (
+            f"@{self.rbc_diameter:g}" if self.rbc_diameter else "")
+
+
+def lab_scale(source: LabSource, fmt: str, records: Sequence[Record]) -> tuple[float, str]:
+    """The laboratory's red-cell diameter in pixels and how it was found."""
+    if source.rbc_diameter:
+        return source.rbc_diameter, "declared"
+    if fmt in DECLARED:
+        return DECLARED[fmt], f"declared for the {fmt} layout (no red cells in its images)"
+    paths = [r.path for r in records]
+    where = "its images"
+    if fmt == "allidb2" and (photos := find_allidb1(source.path)) is not None:
+        paths = [r.path for r in index_dataset(photos, "allidb1")]
+        where = f"the ALL-IDB1 photographs of the same laboratory ({photos})"
+    picked = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(SCALE_SAMPLE, len(paths))).round().astype(int))]
+    measured = []
+    for path in picked:
+        try:
+            estimate = estimate_rbc_diameter(np.asarray(open_rgb(path)))
+        except BadImageError:
+            continue
+        if estimate.diameter is not None:
+            measured.append(estimate.diameter)
+    if len(measured) < MIN_MEASURED:
+        raise LeukoError(f"The red-cell diameter of laboratory '{source.lab}' could not be measured ({len(measured)} of "
+                         f"{len(picked)} images held enough whole red cells): declare it, e.g. --data {source.lab}=PATH@80 "
+                         "(pixels per red-cell diameter).")
+    return round(float(np.median(measured)), 2), f"measured: median over {len(measured)} of {len(picked)} of {where}"
+
+
+def cell_centres(record: Record, fmt: str, rgb: np.ndarray, diameter: float) -> list[tuple[float, float]]:
+    """Where the cells of one image are: its centre, its annotated boxes, or the located white cells."""
+    if fmt == "bccd":
+        return list(record.cells or ())
+    if fmt == "aria":
+        return locate_nuclei(rgb, diameter)
+    height, width = rgb.shape[:2]
+    return [((width - 1) / 2, (height - 1) / 2)]
+
+
+def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScale, *, max_per_field: int = 0,
+               progress: bool = False, log=print) -> Path:
+    """Cut every source's cells into ``out_dir`` at one scale; return ``out_dir/cells.csv``.
+
+    ``max_per_field`` (0: all) keeps at most that many located cells of each smear field, drawn at
+    random (seeded by the field's name): the Aria fields hold 9 located cells each on average, and
+    without a cap they outnumber every other laboratory's cells several times over.
+
+    A bank already in ``out_dir`` with the same sources and scale is reused as it is; another bank
+    there is an error (nothing is overwritten).
+    """
+    out_dir = Path(out_dir)
+    settings = {"version": BANK_VERSION, "scale": scale.to_dict(), "sources": [str(s) for s in sources], "max_per_field": max_per_field}
+    manifest, described = out_dir / "cells.csv", out_dir / "cells.json"
+    if described.is_file():
+        stored = json.loads(described.read_text())
+        if {k: stored.get(k) for k in settings} == settings and manifest.is_file():
+            log(f"Reusing the cell bank in {out_dir}.")
+            return manifest
+        raise LeukoError(f"{out_dir} holds a cell bank of other sources or another scale: choose another folder.")
+    labs = [s.lab for s in sources]
+    if len(set(labs)) != len(labs):
+        raise LeukoError(f"Each laboratory may be named once, got {', '.join(labs)}.")
+    rows, summary = [], {}
+    for source in sources:
+        fmt = source.format if source.format != "auto" else detect_format(source.path)
+        if fmt == "allidb1":
+            raise LeukoError(f"{source}: use ALL-IDB2's single cells for a cell bank (ALL-IDB1 photographs are for detect-eval).")
+        records = [r for r in index_dataset(source.path, fmt) if r.label is not None]
+        if fmt == "aria":
+            records = near_duplicate_groups(records)
+        diameter, how = lab_scale(source, fmt, records)
+        log(f"{source.lab}: {len(records)} images ({fmt}); red-cell diameter {diameter:g} px ({how}).")
+        groups = effective_groups(records, hash_records(records))
+        n_cells, unreadable = 0, 0
+        for record, group in tqdm(list(zip(records, groups)), desc=f"cells of {source.lab}", disable=not progress):
+            try:
+                rgb = np.asarray(open_rgb(record.path))
+            except BadImageError as exc:
+                log(f"skipped: {exc}")
+                unreadable += 1
+                continue
+            centres = list(enumerate(cell_centres(record, fmt, rgb, diameter)))
+            if max_per_field and fmt in FIELDS and len(centres) > max_per_field:
+                rng = np.random.default_rng(zlib.crc32(record.path.stem.encode()))
+                centres = [centres[i] for i in sorted(rng.choice(len(centres), max_per_field, replace=False))]
+            for k, (x, y) in centres:
+                name = f"{record.path.stem}_{k}.jpg" if fmt in FIELDS else f"{record.path.stem}.jpg"
+                target = out_dir / "cells" / source.lab / (record.kind or "") / name
+                crop = canonical_crop(rgb, scale, diameter, centre=(x, y))
+                atomic_write(target, lambda tmp, crop=crop: Image.fromarray(crop).save(tmp, format="JPEG", quality=JPEG_QUALITY))
+                rows.append({"path": target.relative_to(out_dir).as_posix(), "label": record.label,
+                             "group": f"{source.lab}:{group}", "lab": source.lab, "kind": record.kind or "",
+                             "parent": f"{source.lab}:{record.path.stem}", "x": round(x, 1), "y": round(y, 1)})
+                n_cells += 1
+        labels = Counter(r["label"] for r in rows if r["lab"] == source.lab)
+        summary[source.lab] = {"source": str(source), "format": fmt, "rbc_diameter": diameter, "scale": how,
+                               "images": len(records), "unreadable": unreadable, "cells": n_cells,
+                               "normal": labels.get(0, 0), "blast": labels.get(1, 0)}
+        log(f"{source.lab}: {n_cells} cells ({labels.get(1, 0)} labelled blast / ALL, {labels.get(0, 0)} normal).")
+    write_csv(manifest, rows, ["path", "label", "group", "lab", "kind", "parent", "x", "y"])
+    write_json(described, {**settings, "labs": summary})
+    return manifest
+
+
+#: Red-cell diameters across a cell model's input when a run across laboratories does not say (--field).
+DEFAULT_FIELD = 3.0
+
+
+def is_bank(path: str | Path) -> bool:
+    """Whether ``path`` is a cell bank's ``cells.csv`` (its ``cells.json`` beside it)."""
+    path = Path(path)
+    return path.is_file() and path.suffix == ".csv" and path.with_name("cells.json").is_file()
+
+
+def bank_summary(manifest: Path) -> dict:
+    """The ``cells.json`` written beside a bank's ``cells.csv`` (labs, counts, scale)."""
+    path = Path(manifest).with_name("cells.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LeukoError(f"{path} cannot be read ({exc}): rebuild the cell bank with 'leukodetect cells'.") from exc
+
+
+def labs_of(records: Sequence[Record]) -> dict[str, dict[str, int]]:
+    """Images per laboratory and label: what a checkpoint records it was trained on."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in records:
+        entry = counts.setdefault(r.lab or "unnamed", {"normal": 0, "blast": 0})
+        entry["blast" if r.label == 1 else "normal"] += 1
+    return counts
+
+
+def with_lab(records: Sequence[Record], lab: str) -> list[Record]:
+    """The records with their laboratory set (a single data set named on the command line)."""
+    return [dataclasses.replace(r, lab=lab, group=f"{lab}:{r.group}") for r in records]
