@@ -394,3 +394,88 @@ def test_predict_names_a_folder_with_no_images_in_one_sentence(trained, tiny_tre
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     missing = invoke("predict", tmp_path / "nowhere", "--checkpoint", trained / "best.pt")
     assert missing.exit_code == 2 and "nowhere does not exist: pass an image file or a folder of images." in missing.output
+
+
+def test_resume_refuses_changed_settings_naming_each_and_keeps_the_run(tiny_tree, tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", "--data", tiny_tree, "--out", run, "--epochs", 2, *TINY).exit_code == 0
+    kept = {name: (run / name).read_bytes() for name in ("config.yaml", "best.pt", "last.pt", "split.json", "test/metrics.json")}
+    changed = ["--arch", "tiny", "--image-size", "32", "--batch-size", "8", "--lr", "0.02"]
+    result = invoke("train", "--data", tiny_tree, "--out", run, "--epochs", 3, *changed, "--seed", 1, "--resume")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    for change in ("train.epochs 2 -> 3", "data.image_size 24 -> 32", "train.lr 0.01 -> 0.02", "train.seed 0 -> 1"):
+        assert change in message, change
+    assert "cosine schedule" in message and f"{run / 'config.yaml'}" in message and "--config" in message
+    assert {name: (run / name).read_bytes() for name in kept} == kept  # nothing trained, nothing rewritten
+    # Where and how fast it runs may change; the same data path spelt otherwise is the same setting.
+    again = invoke("train", "--data", f"{tiny_tree}/", "--out", run, "--epochs", 2, *TINY, "--device", "cpu", "--workers", 0,
+                   "--checkpoint-every", 3, "--resume")
+    assert again.exit_code == 0, again.output
+
+
+def test_cv_resume_refuses_other_folds_and_changed_settings(tiny_tree, tmp_path):
+    out = tmp_path / "cv"
+    assert invoke("cv", "--data", tiny_tree, "--out", out, "--folds", 2, "--epochs", 1, *TINY, "--devices", "off").exit_code == 0
+    folds = invoke("cv", "--data", tiny_tree, "--out", out, "--folds", 3, "--epochs", 1, *TINY, "--resume")
+    assert folds.exit_code == 2 and "--folds 2, not 3" in folds.output
+    longer = invoke("cv", "--data", tiny_tree, "--out", out, "--folds", 2, "--epochs", 2, *TINY, "--resume")
+    assert longer.exit_code == 2 and "train.epochs 1 -> 2" in " ".join(longer.output.split())
+    assert "fold_0" in longer.output and "Traceback" not in longer.output
+
+
+def test_config_changes_names_each_setting_that_differs(tmp_path, monkeypatch):
+    from leukodetect.config import RunConfig, config_changes
+
+    monkeypatch.chdir(tmp_path)
+    before, after = RunConfig(), RunConfig()
+    before.data.path, after.data.path = "cells", str(tmp_path / "cells")  # one folder, two spellings
+    after.train.epochs, after.data.labs, after.train.device = 8, ["aria"], "cuda"
+    assert config_changes(before, after, ignore=frozenset({"train.device"})) == ["data.labs [] -> [aria]", "train.epochs 100 -> 8"]
+    assert config_changes(before, before) == []
+
+
+def test_data_check_exits_1_when_a_file_is_bad(tmp_path, write_image):
+    write_image(tmp_path / "blast" / "a.png", seed=1)
+    write_image(tmp_path / "normal" / "b.png", seed=2)
+    assert invoke("data", "check", tmp_path).exit_code == 0
+    (tmp_path / "normal" / "c.png").write_text("not an image")
+    result = invoke("data", "check", tmp_path)
+    assert result.exit_code == 1 and "c.png" in result.output and "[folders]" in result.output
+    assert json.loads(invoke("data", "check", tmp_path, "--json").stdout)["ok"] is False
+
+
+def test_data_check_takes_a_plain_folder_of_unlabelled_images(tmp_path, write_image):
+    write_image(tmp_path / "field_1.png", seed=1)
+    write_image(tmp_path / "more" / "field_2.jpg", seed=2)
+    result = invoke("data", "check", tmp_path)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "[unlabelled]: 2 images" in text and "labels: absent" in text
+
+
+def test_export_defaults_to_the_shipped_model(tmp_path, monkeypatch):
+    from leukodetect.weights import DEFAULT_MODEL
+
+    seen = {}
+
+    def fake_export(checkpoint, out_file, **kwargs):
+        seen["checkpoint"] = checkpoint
+        return {"path": str(out_file), "max_abs_diff": 0.0}
+
+    monkeypatch.setattr("leukodetect.runtime.export.export_model", fake_export)
+    result = invoke("export", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert seen["checkpoint"] == DEFAULT_MODEL
+
+
+def test_serve_passes_allowed_hosts_to_the_service(monkeypatch):
+    seen = {}
+
+    def fake_serve(checkpoint, *, allowed_hosts=None, **kwargs):
+        seen["allowed_hosts"] = allowed_hosts
+
+    monkeypatch.setattr("leukodetect.serving.serve", fake_serve)
+    assert invoke("serve", "--allowed-host", "lab.example", "--allowed-host", "10.0.0.2").exit_code == 0
+    assert seen["allowed_hosts"] == ["lab.example", "10.0.0.2"]
+    assert invoke("serve").exit_code == 0 and seen["allowed_hosts"] is None  # the service's default: bound host and localhost

@@ -8,6 +8,8 @@ project's own modules inside functions (tests/test_layers.py holds the rule).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
@@ -26,25 +28,133 @@ from leukodetect.errors import LeukoError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Detect acute lymphoblastic leukemia in blood-smear images.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data sets.")
 app.add_typer(data_app, name="data")
-out = Console()
+
+
+class _StdoutFailed(Exception):
+    """Standard output could not take the results: a closed pipe, a full disk behind a redirection."""
+
+    def __init__(self, cause: OSError):
+        super().__init__(cause.strerror or str(cause))
+
+
+class _ResultConsole(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's default leaves silently with status 1; a closed pipe is told like a full disk.
+        raise _StdoutFailed(BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE)))
+
+
+out = _ResultConsole()
 err = Console(stderr=True, soft_wrap=True)
 
 
 def _errors_to_exit(fn):
-    """Print a user error as one sentence and exit 2, instead of a traceback."""
+    """Print a user error as one sentence and exit 2, instead of a traceback.
+
+    User errors are :class:`LeukoError`, and outputs that cannot be written (see :func:`_output_error`):
+    a read-only or full disk, a file where a folder is needed, a closed standard output.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _flush_stdout()  # here, not at exit, where a failure is a traceback and status 120
         except LeukoError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except _StdoutFailed as exc:
+            _discard_stdout()
+            err.print(f"[bold red]error:[/] Standard output could not take the results ({exc}), so what it shows is incomplete: "
+                      "write them to a file on a disk with room, or to a program that reads them to the end.", highlight=False)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            sentence = _output_error(exc, kwargs.get("out_dir") or kwargs.get("out_file"))
+            if sentence is None:
+                raise
+            err.print(f"[bold red]error:[/] {sentence}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("Interrupted: the last finished epoch is saved; rerun with --resume to continue.")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _output_error(exc: OSError, out: Path | str | None) -> str | None:
+    """One sentence for a file or folder that could not be written, naming it; None for other OS errors.
+
+    Args:
+        out: the command's --out, named where the error does not say which file (a write that filled the disk).
+    """
+    name = exc.filename or out
+    hint = "choose another --out" if out is not None else "choose another place"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"No space left on the disk (or the quota is used up) while writing {name or 'the outputs'}: free some space or {hint} on another disk."
+    if name is None:
+        return None
+    if exc.errno == errno.EROFS:
+        return f"{name} is on a read-only file system: {hint} on a writable disk."
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"{name} cannot be written (permission denied): {hint}, or change its permissions."
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        target = Path(out or name)
+        blocker = next((p for p in target.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return f"{target} cannot be made: {blocker} is a file, not a folder; {hint} or move the file away."
+        if exc.errno == errno.ENOTDIR:
+            return f"{name} cannot be made: a part of it is a file, not a folder; {hint}."
+        return f"{name} already exists: {hint} or move it away."
+    if exc.errno == errno.EISDIR:
+        return f"{name} is a folder where a file is needed: name a file, or move the folder away."
+    return None
+
+
+def _check_output_folder(folder: Path, option: str = "--out", *, file: Path | None = None) -> None:
+    """Before any work: refuse a folder that cannot be made or written in, in one sentence naming it.
+
+    Nothing is created here; the command makes the folder when it first writes.
+
+    Args:
+        file: the output file the folder is to hold, when the option names a file.
+    """
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        if existing == folder and file is None:
+            raise LeukoError(f"{folder} is a file, where {option} needs a folder: choose another {option} or move the file away.")
+        raise LeukoError(f"{file or folder} cannot be made: {existing} is a file, not a folder; choose another {option} "
+                         "or move the file away.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LeukoError(f"{existing} cannot be written (permission denied, or a read-only disk): choose another {option}, "
+                         "or change its permissions.")
+
+
+@contextlib.contextmanager
+def _writing_results():
+    """Results printed on standard output: a write it refuses (a closed pipe, a full disk) is :class:`_StdoutFailed`."""
+    try:
+        yield
+    except OSError as exc:
+        raise _StdoutFailed(exc) from exc
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        raise _StdoutFailed(exc) from exc
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the results it could not take are not tried again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's captured output): nothing is left to flush at exit
+        pass
 
 
 def _command_line() -> str:
@@ -224,6 +334,7 @@ def train(
     from leukodetect.jobs.train import run_train
 
     cfg = _run_config(locals())
+    _check_output_folder(out_dir)
     result = run_train(cfg, out_dir, resume=resume, progress=_progress(), command=_command_line(), log=_log)
     _print_result(result, as_json, result["test"], f"Test split of {out_dir}")
 
@@ -273,6 +384,7 @@ def cv(
     from leukodetect.jobs.train import run_cv
 
     cfg = _run_config(locals())
+    _check_output_folder(out_dir)
     result = run_cv(cfg, out_dir, folds=folds, resume=resume, progress=_progress(), command=_command_line(), devices=devices, log=_log)
     _print_result(result, as_json, result["pooled"], f"{folds}-fold CV, pooled out-of-fold ({out_dir})", result["folds"])
 
@@ -291,6 +403,7 @@ def cells(
     from leukodetect.jobs.cells import LabSource, build_bank
     from leukodetect.runtime.scale import CanonicalScale
 
+    _check_output_folder(out_dir)
     manifest = build_bank([LabSource.parse(s) for s in data], out_dir, CanonicalScale(field=field, size=image_size),
                           max_per_field=max_per_field, progress=_progress(), log=_log)
     out.print(f"Cell bank: {manifest} (use it as --data {manifest}).", highlight=False)
@@ -332,6 +445,7 @@ def cross_lab(
     from leukodetect.jobs.cross_lab import run_cross_lab
 
     cfg = _run_config({**locals(), "guard": True})
+    _check_output_folder(out_dir)
     table = run_cross_lab(cfg, out_dir, hold_out=[s.strip() for s in (hold_out or "").split(",") if s.strip()], only=only or None,
                           resume=resume, progress=_progress(), devices=devices, command=_command_line(), log=_log)
     if as_json:
@@ -408,25 +522,27 @@ def _classifier(checkpoint: Optional[Path], model: Optional[Path], backend: str)
 
 def _print_predictions(preds: list, threshold: float, *, as_json: bool, as_csv: bool) -> None:
     """Predictions as JSON lines, CSV or a table on stdout; skipped files and conversion notes on stderr."""
-    if as_json:
-        for p in preds:
-            print(json.dumps(p.to_dict()))
-    elif as_csv:
-        import csv
+    with _writing_results():
+        if as_json:
+            for p in preds:
+                print(json.dumps(p.to_dict()))
+        elif as_csv:
+            import csv
 
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "label", "prob_blast", "error", "ood_score", "reason"])  # the guard's columns last: older readers keep theirs
-        for p in preds:
-            writer.writerow([p.path, p.label or "", "" if p.prob_blast is None else f"{p.prob_blast:.6f}", p.error or "",
-                             "" if p.ood_score is None else f"{p.ood_score:.2f}", p.reason or ""])
-    else:
-        table = Table("image", "call", "P(blast)", title=f"threshold {threshold:.2f}")
-        for p in preds:
-            call = p.label or "[red]error[/]"
-            if p.reason:
-                call = f"[yellow]review[/]: {p.reason} (score {p.ood_score:.0f})"
-            table.add_row(p.path, call, f"{p.prob_blast:.4f}" if p.prob_blast is not None else p.error)
-        out.print(table)
+            writer = csv.writer(sys.stdout)
+            writer.writerow(["path", "label", "prob_blast", "error", "ood_score", "reason"])  # the guard's columns last: older readers keep theirs
+            for p in preds:
+                writer.writerow([p.path, p.label or "", "" if p.prob_blast is None else f"{p.prob_blast:.6f}", p.error or "",
+                                 "" if p.ood_score is None else f"{p.ood_score:.2f}", p.reason or ""])
+        else:
+            table = Table("image", "call", "P(blast)", title=f"threshold {threshold:.2f}")
+            for p in preds:
+                call = p.label or "[red]error[/]"
+                if p.reason:
+                    call = f"[yellow]review[/]: {p.reason} (score {p.ood_score:.0f})"
+                table.add_row(p.path, call, f"{p.prob_blast:.4f}" if p.prob_blast is not None else p.error)
+            out.print(table)
+        sys.stdout.flush()
     for p in preds:
         if p.error:
             err.print(f"skipped: {p.error}", highlight=False)
@@ -458,14 +574,18 @@ def augment(
 def explain(
     image: Path = typer.Argument(..., help="A cell image."),
     checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train or cv (default: the shipped ResNet-50)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="PNG to write (must not exist; default IMAGE_gradcam.png beside the image)."),
+    out_file: Optional[str] = typer.Option(None, "--out", help="A folder (one that exists, or a path ending in /), which receives "
+                                           "IMAGE_gradcam.png (-2, -3... if taken); or the PNG file itself, which must not exist. "
+                                           "Default: IMAGE_gradcam.png beside the image."),
     target_class: int = typer.Option(1, help="Class whose evidence is shown: 1 = blast, 0 = normal."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Grad-CAM overlay: the regions of the image that drove the model's score."""
-    from leukodetect.jobs.explain import explain_file
+    from leukodetect.jobs.explain import explain_file, overlay_folder
     from leukodetect.weights import resolve_checkpoint
 
+    folder = overlay_folder(image, out_file)
+    _check_output_folder(folder or Path(out_file).parent, file=None if folder else Path(out_file))
     result = explain_file(resolve_checkpoint(checkpoint), image, out_file, target_class=target_class)
     if as_json:
         print(json.dumps(result))
@@ -504,7 +624,7 @@ def calibrate(
 @app.command()
 @_errors_to_exit
 def export(
-    checkpoint: Path = typer.Option(..., help="A best.pt from train, cv or calibrate."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train, cv or calibrate (default: the shipped ResNet-50)."),
     fmt: str = typer.Option(..., "--format", help="onnx or torchscript."),
     out_file: Path = typer.Option(..., "--out", help="File to write (must not exist)."),
     opset: int = typer.Option(18, help="ONNX opset version (18 or newer)."),
@@ -513,8 +633,9 @@ def export(
 ):
     """Export to ONNX or TorchScript with the preprocessing stored inside; reload and check it against PyTorch."""
     from leukodetect.runtime.export import export_model
+    from leukodetect.weights import resolve_checkpoint
 
-    result = export_model(checkpoint, out_file, fmt=fmt, opset=opset, atol=atol)
+    result = export_model(resolve_checkpoint(checkpoint), out_file, fmt=fmt, opset=opset, atol=atol)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -569,6 +690,7 @@ def compare(
     from leukodetect.jobs.compare import parse_archs, parse_protocols, run_comparison
 
     cfg = _run_config(locals())
+    _check_output_folder(out_dir)
     result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocols), folds=folds,
                             command=_command_line(), progress=_progress(), cross_data=cross_data, stain_reference=stain_reference,
                             devices=devices, log=_log)
@@ -608,12 +730,16 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="Inference threads, PyTorch's and ONNX Runtime's "
                                           "(default: all cores; 1 on a machine busy with other jobs)."),
     backend: str = BackendOpt,
+    allowed_host: Optional[list[str]] = typer.Option(None, "--allowed-host", metavar="HOST", help="A further host name the service answers to "
+                                                     "(the Host header; *.example.org, or * for any); repeat for several. The bound "
+                                                     "host and the localhost names are always answered; any other is refused (bound to 0.0.0.0 or :: without "
+                                                     "this option, every host is answered)."),
 ):
     """The lab service: web page at /, HTTP API at /v1 (see /docs), one model loaded once."""
     from leukodetect.serving import serve as run_service
 
     run_service(checkpoint, detector_checkpoint=detector_checkpoint, host=host, port=port, threads=threads, backend=backend,
-                log=_log)
+                allowed_hosts=list(allowed_host) if allowed_host else None, log=_log)
 
 
 @app.command()
@@ -636,6 +762,7 @@ def detect(
     from leukodetect.jobs.detect import run_detect
     from leukodetect.weights import resolve_detector
 
+    _check_output_folder(out_dir)
     checkpoint = None if locate_only else resolve_detector(checkpoint)
     if checkpoint is None and not locate_only:
         _log("No detector crop classifier in this installation: locating cells only (pass --checkpoint from train-detector).")
@@ -648,15 +775,18 @@ def detect(
 
 def _print_detections(rows: list[dict], out_dir: Path, as_json: bool) -> None:
     """One JSON line per image, or one sentence per analysed image and where the outputs are."""
-    for r in rows:
-        if as_json:
-            print(json.dumps({k: v for k, v in r.items() if k != "cells"} | {"cells": r.get("cells", [])}))
-        elif "error" not in r:
-            smudge = f", {r['n_smudge']} smudge" if r.get("n_smudge") else ""
-            out.print(f"{r['image']}: {r['verdict']}, {r['n_blast']} blast / {r['n_cells']} white cells{smudge} ({r['timing']['total_s']:.1f}s)",
-                      highlight=False)
-    if not as_json:
-        out.print(f"Outputs in {out_dir}.")
+    with _writing_results():
+        for r in rows:
+            if as_json:
+                print(json.dumps({k: v for k, v in r.items() if k != "cells"} | {"cells": r.get("cells", [])}))
+            elif "error" not in r:
+                smudge = f", {r['n_smudge']} smudge" if r.get("n_smudge") else ""
+                why = f" ({r['reason']})" if r.get("reason") else ""
+                out.print(f"{r['image']}: {r['verdict']}{why}, {r['n_blast']} blast / {r['n_cells']} white cells{smudge} "
+                          f"({r['timing']['total_s']:.1f}s)", highlight=False)
+        if not as_json:
+            out.print(f"Outputs in {out_dir}.")
+        sys.stdout.flush()
 
 
 @app.command("detect-eval")
@@ -684,6 +814,7 @@ def detect_eval(
     from leukodetect.jobs.detect_eval import run_detect_eval
 
     cfg = _detector_config(locals())
+    _check_output_folder(out_dir)
     metrics = run_detect_eval(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     if as_json:
         _print_json(metrics)
@@ -712,6 +843,7 @@ def train_detector(
     from leukodetect.jobs.detect_eval import run_train_detector
 
     cfg = _detector_config(locals())
+    _check_output_folder(out_dir)
     best = run_train_detector(data, out_dir, cfg, progress=_progress(), command=_command_line(), log=_log)
     out.print(f"Detector crop classifier: {best} (use: leukodetect detect IMAGE --checkpoint {best}).", highlight=False)
 
@@ -763,18 +895,21 @@ def models():
 @data_app.command("check")
 @_errors_to_exit
 def data_check(
-    path: Path = typer.Argument(..., help="Data folder or CSV manifest."),
+    path: Path = typer.Argument(..., help="Data folder or CSV manifest; a folder in no known layout is checked as unlabelled images."),
     fmt: Optional[str] = FormatOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Counts, sizes, modes, duplicates and every unreadable file, with reasons."""
+    """Counts, sizes, modes, duplicates and every unreadable file, with reasons, of a data set or any folder of images;
+    exit status 1 when a file is bad."""
     from leukodetect.data.check import check_dataset, render_check
 
     report = check_dataset(path, fmt or "auto", progress=_progress())
     if as_json:
         _print_json(report)
     else:
-        out.print(render_check(report), highlight=False)
+        out.print(render_check(report), highlight=False, markup=False)  # "[folders]" is the format, not a style
+    if not report["ok"]:  # a bad file: scripts can rely on the status
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -801,7 +936,8 @@ def _print_result(result: dict, as_json: bool, report: dict, title: str, folds: 
 
 
 def _print_json(result) -> None:
-    print(json.dumps(result, indent=2, default=str))
+    with _writing_results():
+        print(json.dumps(result, indent=2, default=str))
 
 
 def metrics_table(report: dict, title: str, folds: dict | None = None) -> Table:

@@ -178,6 +178,40 @@ class RunConfig:
             raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 
 
+#: Settings holding a path: two spellings of one file (``data``, ``./data``) are the same setting.
+_PATH_SETTINGS = frozenset({"data.path", "data.split_file", "data.allidb1"})
+
+
+def config_changes(before: RunConfig, after: RunConfig, *, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Every setting that differs between two configs, as ``"section.key OLD -> NEW"``, in field order.
+
+    Args:
+        ignore: ``"section.key"`` names left out of the comparison.
+    """
+    old, new = before.to_dict(), after.to_dict()
+    changes = []
+    for section, values in old.items():
+        for key, was in values.items():
+            name, now = f"{section}.{key}", new[section][key]
+            if name not in ignore and not _same_setting(name, was, now):
+                changes.append(f"{name} {_shown(was)} -> {_shown(now)}")
+    return changes
+
+
+def _same_setting(name: str, was: Any, now: Any) -> bool:
+    if name in _PATH_SETTINGS and was and now:
+        return Path(was).expanduser().resolve() == Path(now).expanduser().resolve()
+    return was == now
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

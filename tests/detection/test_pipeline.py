@@ -1,6 +1,7 @@
 """The whole-smear pipeline end to end with the tiny model: JSON, overlay, gallery, bad files."""
 
 import json
+from pathlib import Path
 
 from smear_images import synthetic_smear
 from typer.testing import CliRunner
@@ -97,3 +98,65 @@ def test_detection_runs_with_the_localisation_settings_stored_with_its_classifie
     before_guard = {k: v for k, v in stored.items() if k not in ("clump_solidity", "merge_area", "merge_solidity")}
     params = locate_params_of(DetectorSettings(locate=before_guard))
     assert (params.clump_area, params.clump_solidity, params.merge_area) == (5.0, 1.0, 0.0)
+
+
+def test_a_thin_image_is_refused_in_one_sentence_and_its_overlay_still_draws():
+    import numpy as np
+    import pytest
+
+    from leukodetect.detection.pipeline import MIN_SIDE, draw_overlay
+    from leukodetect.errors import BadImageError
+
+    strip = np.full((1, 20000, 3), 200, np.uint8)
+    with pytest.raises(BadImageError, match=f"20000x1 pixels, below the {MIN_SIDE}-pixel minimum side"):
+        analyze(strip)
+    # The overlay of a strip is at least one pixel a side (a 0-pixel resize was a cv2 assertion).
+    empty = {"cells": [], "verdict": "healthy", "n_blast": 0, "n_review": 0, "n_cells": 0}
+    assert draw_overlay(strip, empty).size == (2000, 1)
+    assert draw_overlay(np.full((20000, 2, 3), 200, np.uint8), empty).size == (1, 2000)
+
+
+def test_detect_folder_with_thin_images_reports_each_and_goes_on(crop_checkpoint, smear_png, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (1, 20000), "white").save(folder / "a_strip.png")  # sorted first: the rest must still run
+    Image.new("RGB", (20000, 2), "white").save(folder / "b_band.png")
+    (folder / "c_smear.png").write_bytes(smear_png.read_bytes())
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["detect", str(folder), "--checkpoint", str(crop_checkpoint), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and (out / "c_smear.json").is_file()
+    rows = {line.split(",")[0].rsplit("/", 1)[-1]: line for line in (out / "summary.csv").read_text().splitlines()[1:]}
+    assert "1x20000 pixels, below the 32-pixel minimum side" in rows["a_strip.png"]
+    assert "20000x2 pixels" in rows["b_band.png"] and ",healthy," not in rows["b_band.png"]
+    assert "error" not in json.loads((out / "c_smear.json").read_text())
+
+
+def test_no_evidence_is_cannot_assess_never_healthy(crop_checkpoint, smear_png, tmp_path):
+    """Blank, black, grayscale and noise images get 'cannot_assess' with a reason; 'healthy' needs white cells seen."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    smear = np.asarray(Image.open(smear_png))
+    odd = {
+        "blank.png": np.full((200, 200, 3), 245, np.uint8),
+        "black.png": np.zeros((200, 200, 3), np.uint8),
+        "grayscale.png": np.repeat(smear.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2),
+        "noise.png": rng.integers(0, 256, (200, 200, 3), dtype=np.uint8),
+    }
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name, pixels in odd.items():
+        Image.fromarray(pixels).save(folder / name)
+    result = runner.invoke(app, ["detect", str(folder), "--checkpoint", str(crop_checkpoint), "--out", str(tmp_path / "o"), "--json"])
+    rows = {Path(r["image"]).name: r for r in map(json.loads, result.stdout.splitlines())}
+    assert {name: rows[name]["verdict"] for name in odd} == {name: "cannot_assess" for name in odd}, result.output
+    assert "no colour" in rows["grayscale.png"]["reason"] and all(rows[name]["reason"] for name in odd)
+    summary = (tmp_path / "o" / "summary.csv").read_text()
+    assert "cannot_assess" in summary and "reason" in summary.splitlines()[0]
+    # The synthetic smear itself, with red and white cells, is assessed as before.
+    assessed = analyze(Image.open(smear_png), Classifier.from_checkpoint(crop_checkpoint, backend="torch"))
+    assert assessed["verdict"] != "cannot_assess" and assessed["reason"] is None

@@ -102,3 +102,25 @@ def test_explain_cli_round_trip(checkpoint, cell, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
     wrong = runner.invoke(app, [*args[:-2], str(tmp_path / "p.png"), "--target-class", "5"], catch_exceptions=False)
     assert wrong.exit_code == 2 and "Target class 5" in wrong.output
+
+
+def test_out_may_be_a_folder_or_a_file(clf, cell, tmp_path):
+    """An existing folder (or a path ending in /) receives IMAGE_gradcam.png; any other path is the file itself."""
+    folder = tmp_path / "overlays"
+    folder.mkdir()
+    assert explain_file(clf, cell, folder)["out"] == str(folder / "cell_gradcam.png")
+    assert explain_file(clf, cell, folder)["out"] == str(folder / "cell_gradcam-2.png")  # never overwritten
+    made = explain_file(clf, cell, f"{tmp_path / 'new'}/")["out"]
+    assert made == str(tmp_path / "new" / "cell_gradcam.png") and Image.open(made).size == (30, 20)
+    assert explain_file(clf, cell, tmp_path / "named")["out"] == str(tmp_path / "named")  # no suffix: still a file
+
+
+def test_explain_cli_takes_a_folder_and_says_so_in_its_help(checkpoint, cell, tmp_path):
+    runner = CliRunner()
+    (tmp_path / "out").mkdir()
+    result = runner.invoke(app, ["explain", str(cell), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--json"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["out"] == str(tmp_path / "out" / "cell_gradcam.png")
+    helped = " ".join(runner.invoke(app, ["explain", "--help"]).output.split())
+    assert "A folder" in helped and "the PNG file itself" in helped

@@ -188,3 +188,28 @@ def test_open_rgb_decodes_bytes_and_names_the_upload(tmp_path):
         open_rgb(b"hello, not an image", name="notes.txt")
     with pytest.raises(BadImageError, match=r"^Image 'empty\.png' is empty"):
         open_rgb(b"", name="empty.png")
+
+
+def test_a_gif_is_refused_in_one_sentence_whatever_its_name(tmp_path):
+    """GIF is not a microscope format: a named GIF is refused, not classified from its first frame."""
+    import io
+
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((200, 100, 150), (90, 40, 140))]
+    frames[0].save(tmp_path / "cell.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "renamed.png").write_bytes((tmp_path / "cell.gif").read_bytes())
+    for path in (tmp_path / "cell.gif", tmp_path / "renamed.png"):
+        with pytest.raises(BadImageError, match=rf"^Image .*{path.name} is a GIF, not a microscope format .* PNG or TIFF\.$"):
+            open_rgb(path)
+    upload = io.BytesIO()
+    frames[0].save(upload, format="GIF")
+    with pytest.raises(BadImageError, match=r"^Image 'up\.gif' is a GIF"):
+        open_rgb(upload.getvalue(), name="up.gif")
+
+
+def test_folder_walks_list_gifs_so_that_each_is_reported(tmp_path, write_image):
+    from leukodetect.runtime.images import image_paths
+
+    write_image(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "b.gif")
+    assert image_paths(tmp_path) == [tmp_path / "a.png", tmp_path / "sub" / "b.gif"]

@@ -16,12 +16,15 @@ class Counting:
     def __init__(self, inner):
         self.inner, self.threshold, self.calls = inner, inner.threshold, []
 
-    def call(self, prob):
-        return self.inner.call(prob)
+    def call(self, prob, score=None):
+        return self.inner.call(prob, score)
 
-    def image_probabilities(self, images, *, batch_size):
+    def view(self, image):
+        return self.inner.view(image)
+
+    def image_outputs(self, images, *, batch_size):
         self.calls.append(len(images))
-        return self.inner.image_probabilities(images, batch_size=batch_size)
+        return self.inner.image_outputs(images, batch_size=batch_size)
 
 
 def test_waiting_requests_share_one_forward_pass_and_a_bad_upload_fails_only_its_own(classifier, tiny_tree):

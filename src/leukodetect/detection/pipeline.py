@@ -21,14 +21,20 @@ from leukodetect.detection.crops import DEFAULT_CROP_FACTOR, crop_around
 from leukodetect.detection.gate import SmudgeGate
 from leukodetect.detection.locate import (
     LEGACY_VALUES,
+    Localisation,
     LocateParams,
     as_array,
     locate_cells,
 )
 from leukodetect.detection.scorer import CellScorer, white_density
-from leukodetect.errors import LeukoError
+from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.checkpoint import DetectorSettings
 from leukodetect.runtime.classifier import Classifier
+
+#: Smallest width or height analysed, pixels. Real smear photographs are hundreds to thousands of
+#: pixels a side (ALL-IDB: 2592x1944 and 1712x1368); below 32 px an image cannot hold a single red
+#: cell at any magnification the detector was trained on, and 1-pixel strips broke the overlay.
+MIN_SIDE = 32
 
 #: Box colours (RGB) by call.
 COLOURS = {"blast": (220, 20, 20), "review": (255, 150, 0), "normal": (20, 170, 40), "cell": (30, 90, 230), "smudge": (120, 120, 120)}
@@ -53,6 +59,19 @@ class VerdictRule:
         if n_blast + n_review == 0:
             return "healthy"
         return "review"
+
+
+def check_smear_size(width: int, height: int, where: str = "The image", *, min_side: int = MIN_SIDE) -> None:
+    """Refuse an image narrower or shorter than ``min_side`` with one sentence that starts with ``where``.
+
+    Raises:
+        BadImageError: the image is too small on either side to be a smear photograph.
+    """
+    if min(width, height) < min_side:
+        raise BadImageError(
+            f"{where} is {width}x{height} pixels, below the {min_side}-pixel minimum side of a smear photograph; "
+            f"send the photograph itself, at least {min_side}x{min_side} pixels."
+        )
 
 
 def locate_params_of(settings: DetectorSettings | None) -> LocateParams:
@@ -125,8 +144,13 @@ def analyze(
         raise LeukoError(f"Review band {review_band} must satisfy 0 <= lo <= hi <= 1.")
     t0 = time.perf_counter()
     rgb = as_array(image)
+    check_smear_size(rgb.shape[1], rgb.shape[0])
     settings = classifier.detector if classifier is not None else None
-    loc = locate_cells(rgb, params if params is not None else locate_params_of(settings))
+    if is_grayscale(rgb):  # no stain to threshold: any "cell" would be an artefact
+        rgb_params = params if params is not None else locate_params_of(settings)
+        loc = Localisation(cells=[], rbc_diameter=rgb_params.default_diameter, rbc_count=0, work_factor=1.0, stain_threshold=0.0)
+    else:
+        loc = locate_cells(rgb, params if params is not None else locate_params_of(settings))
     t1 = time.perf_counter()
     factor = settings.crop_factor if settings is not None else DEFAULT_CROP_FACTOR
     side = factor * loc.rbc_diameter
@@ -154,6 +178,11 @@ def analyze(
     ]
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
+    reason = assessment(rgb, loc.rbc_count, white)
+    if reason is not None:
+        verdict = CANNOT_ASSESS
+    else:
+        verdict = rule(counts["blast"], counts["review"]) if classifier is not None else "not classified"
     return {
         "width": width, "height": height,
         "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
@@ -163,17 +192,48 @@ def analyze(
         "n_smudge": counts["smudge"], "smudge_gate": gate is not None, "cell_scorer": scorer is not None,
         "white_density": round(density, 4),
         "blast_fraction": counts["blast"] / white if white and classifier is not None else None,
-        "verdict": rule(counts["blast"], counts["review"]) if classifier is not None else "not classified",
+        "verdict": verdict, "reason": reason,
         "timing": {"locate_s": round(t1 - t0, 3), "classify_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3)},
         "cells": cells,
     }
 
 
+#: The verdict of a photograph that holds no evidence either way, with a ``reason``: "healthy" means white
+#: cells were seen and none was a blast, never that nothing could be seen.
+CANNOT_ASSESS = "cannot_assess"
+
+
+def is_grayscale(rgb: np.ndarray, *, tolerance: int = 6) -> bool:
+    """Whether an image has no colour (every pixel's channels within ``tolerance`` levels): no stain to read."""
+    step = max(1, round(max(rgb.shape[:2]) / 512))  # a sample is enough to tell
+    sample = rgb[::step, ::step].astype(np.int16)
+    return int(np.abs(sample - sample.mean(axis=2, keepdims=True)).max()) <= tolerance
+
+
+def assessment(rgb: np.ndarray, rbc_count: int, white_cells: int) -> str | None:
+    """Why a photograph cannot be assessed, or None when it can.
+
+    A grayscale image has no stain; without red cells to measure, the scale (and so every cell's crop)
+    is a guess, which is also what noise and blank frames give; and a photograph in which no white
+    cell was found says nothing about blasts.
+    """
+    if is_grayscale(rgb):
+        return "the image has no colour; a stained blood smear is in colour (send the colour photograph)"
+    if rbc_count == 0:
+        return "no red cells could be measured, so the image's scale is unknown (is this a blood-smear photograph?)"
+    if white_cells == 0:
+        return "no white cells were found, so nothing can be said about blasts"
+    return None
+
+
 def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int = 2000) -> Image.Image:
     """The photograph (downscaled to ``max_side``) with a box per cell coloured by call and P(blast)."""
     rgb = as_array(image)
-    scale = min(1.0, max_side / max(rgb.shape[:2]))
-    canvas = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb.copy()
+    height, width = rgb.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    # An explicit size, at least 1 pixel a side: with fx/fy a 1x20000 strip rounded to a 0-pixel width.
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    canvas = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb.copy()
     thick = max(1, round(max(canvas.shape[:2]) / 600))
     for cell in result["cells"]:
         x0, y0, x1, y1 = (round(v * scale) for v in cell["box"])
@@ -183,6 +243,8 @@ def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int
             cv2.putText(canvas, f"{cell['prob_blast']:.2f}", (x1 + 2, max(12, y0 + 12)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.4 * thick, colour, thick, cv2.LINE_AA)
     header = f"{result['verdict']}: {result['n_blast']} blast, {result['n_review']} review, {result['n_cells']} white cells"
+    if result.get("reason"):
+        header = f"{result['verdict']}: {result['reason']}"
     if result.get("n_smudge"):
         header += f", {result['n_smudge']} smudge"
     cv2.putText(canvas, header, (10, 30 * thick), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * thick, (0, 0, 0), thick + 1, cv2.LINE_AA)
@@ -208,19 +270,38 @@ def draw_gallery(image: Image.Image | np.ndarray, result: dict, *, tile: int = 9
 
 
 class Detector:
-    """The whole-smear detector served at ``/v1/analyze``: :func:`analyze` plus the overlay image."""
+    """The whole-smear detector served at ``/v1/analyze``: :func:`analyze` plus the overlay image.
+
+    ``min_side`` tells the service the smallest width or height it analyses (:data:`MIN_SIDE`), so
+    that a smaller upload is refused with a sentence naming the file.
+    """
+
+    min_side = MIN_SIDE
 
     def __init__(self, classifier, **kwargs) -> None:
         self.classifier = classifier
         self.kwargs = kwargs
 
     def analyze(self, image: Image.Image) -> dict:
-        result = analyze(image, self.classifier, **self.kwargs)
+        rgb = pixels_of(image)  # once: analysis, overlay and gallery share one array
+        result = analyze(rgb, self.classifier, **self.kwargs)
         result["counts"] = {k: result[f"n_{k}"] for k in ("blast", "review", "normal", "smudge")}
         result["cells"] = [{**c, "label": c["call"]} for c in result["cells"]]
-        result["overlay"] = draw_overlay(image, result)
-        result["gallery"] = draw_gallery(image, result)  # the reviewer's per-cell sheet, highest P(blast) first
+        result["overlay"] = draw_overlay(rgb, result)
+        result["gallery"] = draw_gallery(rgb, result)  # the reviewer's per-cell sheet, highest P(blast) first
         return result
+
+
+def pixels_of(image: Image.Image | np.ndarray) -> np.ndarray:
+    """An image as the (H, W, 3) uint8 array :func:`analyze` and the drawings take, converted once.
+
+    An RGB image (what :func:`~leukodetect.runtime.images.open_rgb` returns) is read without the
+    intermediate copy ``as_array``'s ``convert("RGB")`` makes: for a 60-megapixel smear that copy
+    is 180 MB more at the service's peak.
+    """
+    if isinstance(image, Image.Image) and image.mode == "RGB":
+        return np.asarray(image)
+    return as_array(image)
 
 
 def load_detector(path: Path, **classifier_kwargs) -> Detector:

@@ -8,12 +8,19 @@ out); this job adds reading files, writing outputs that never overwrite anything
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from leukodetect.detection.pipeline import analyze, draw_gallery, draw_overlay
+from leukodetect.detection.pipeline import (
+    analyze,
+    check_smear_size,
+    draw_gallery,
+    draw_overlay,
+    pixels_of,
+)
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths, open_rgb
@@ -37,31 +44,43 @@ def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
     """Analyse one image file and write its JSON, overlay PNG and gallery PNG into ``out_dir``.
 
     Raises:
-        BadImageError: the file cannot be read (one sentence naming it).
-        LeukoError: an output already exists.
+        BadImageError: the file cannot be read, is too small to be a smear photograph, or its analysis
+            failed (one sentence naming it).
+        LeukoError: an output already exists, or a setting is wrong.
     """
     path = Path(path)
     targets = output_paths(path, Path(out_dir))
     check_free(list(targets.values()))
     notes: list[str] = []
-    image = open_rgb(path, notes=notes)
-    result = {"image": str(path), **analyze(image, classifier, **kwargs), "notes": notes}
+    try:  # reading and analysing: whatever fails here is this image's failure, said in one sentence
+        image = open_rgb(path, notes=notes)
+        check_smear_size(*image.size, f"Image {path}")
+        rgb = pixels_of(image)
+        result = {"image": str(path), **analyze(rgb, classifier, **kwargs), "notes": notes}
+        overlay, gallery = draw_overlay(rgb, result), draw_gallery(rgb, result)
+    except LeukoError:
+        raise
+    except Exception as exc:
+        raise BadImageError(f"Image {path} could not be analysed ({_one_line(exc)}); check that it is a smear photograph, "
+                         f"and report this message if it is.") from exc
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, result).save(targets["overlay"])
-    draw_gallery(image, result).save(targets["gallery"])
+    overlay.save(targets["overlay"])
+    gallery.save(targets["gallery"])
     result["outputs"] = {k: str(v) for k, v in targets.items()}
     atomic_write_text(targets["json"], json.dumps(result, indent=2) + "\n")
     return result
 
 
-SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smudge", "blast_fraction", "rbc_diameter", "total_s", "error")
+SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smudge", "blast_fraction", "rbc_diameter", "total_s", "error", "reason")
 
 
 def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
-    """Analyse many files; an unreadable one is reported through ``log`` and skipped.
+    """Analyse many files; one that cannot be read or analysed is reported through ``log`` and skipped.
 
-    With more than one file a ``summary.csv`` (one row per file, errors included) is written too.
-    Nothing is overwritten: every output is checked before the first image is read.
+    Each failure is that file's error row, and the others go on. With more than one file a
+    ``summary.csv`` (one row per file, errors included) is written too. Nothing is overwritten:
+    every output is checked before the first image is read. A wrong setting, or a failure to write
+    outputs (a full disk, a read-only folder), is not an image's fault and stops the run.
     """
     out_dir = Path(out_dir)
     summary = out_dir / "summary.csv"
@@ -70,7 +89,7 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
     for path in tqdm(paths, desc="detect", disable=not progress):
         try:
             result = analyze_file(path, classifier, out_dir, **kwargs)
-        except BadImageError as exc:
+        except BadImageError as exc:  # unreadable, too small, or its analysis failed
             log(f"skipped: {exc}")
             rows.append({"image": str(path), "error": str(exc)})
             continue
@@ -79,6 +98,13 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
         write_csv(summary, [{k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS}
                             for row in rows], SUMMARY_COLUMNS)
     return rows
+
+
+def _one_line(exc: Exception, limit: int = 200) -> str:
+    """An exception as a short single line for an error sentence (OpenCV's messages span lines)."""
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def run_detect(

@@ -6,14 +6,17 @@ gradient of a class score and keeps the positive part. The layer comes from the 
 every architecture is explained the same way. The computation is pytorch-grad-cam's; this module
 only feeds it the checkpoint's preprocessing and writes the overlays.
 
-Output files are never overwritten: a file named by the caller that already exists is refused with
-a :class:`LeukoError`; names made up here (``<image>_gradcam.png``) move on to ``_gradcam-2.png``,
-``-3``... when taken, as run folders do.
+The output of :func:`explain_file` is a folder or a file: an existing folder, or a path ending in a
+separator, receives ``<image>_gradcam.png``; any other path is the file itself. Output files are never
+overwritten: a file named by the caller that already exists is refused with a :class:`LeukoError`;
+names made up here (``<image>_gradcam.png``) move on to ``_gradcam-2.png``, ``-3``... when taken, as
+run folders do.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,8 +43,9 @@ def explain_file(
     Args:
         checkpoint_or_classifier: a loaded :class:`Classifier` or a checkpoint path.
         path: the image.
-        out: the PNG to write; it must not exist. None writes ``<image stem>_gradcam.png`` beside
-            the image (``_gradcam-2.png``... if that name is taken).
+        out: a folder (one that exists, or a path ending in a separator, made if missing) that
+            receives ``<image stem>_gradcam.png`` (``_gradcam-2.png``... if that name is taken); or
+            the PNG to write, which must not exist. None: the image's own folder.
 
     Returns:
         {"path", "prob_blast", "label", "out"}: the blast probability (temperature applied) and
@@ -53,19 +57,29 @@ def explain_file(
     """
     clf = _classifier(checkpoint_or_classifier)
     path = Path(path)
-    if out is not None and Path(out).exists():
+    folder = overlay_folder(path, out)
+    if folder is None and Path(out).exists():
         raise _exists(out)
     image = open_rgb(path)
     heatmaps, probs = gradcam_batch(clf, [image], target_class)
     png = _png_bytes(overlay(image, heatmaps[0]))
-    if out is None:
-        written = _write_fresh(path.parent / f"{path.stem}{SUFFIX}.png", png)
+    if folder is not None:
+        written = _write_fresh(folder / f"{path.stem}{SUFFIX}.png", png)
     else:
         try:
             written = _write_new(Path(out), png)
         except FileExistsError:
             raise _exists(out) from None
     return {"path": str(path), "prob_blast": float(probs[0]), "label": clf.call(float(probs[0])), "out": str(written)}
+
+
+def overlay_folder(image: str | Path, out: str | Path | None) -> Path | None:
+    """The folder :func:`explain_file` makes up a name in for ``out``, or None where ``out`` names the file itself."""
+    if out is None:
+        return Path(image).parent
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        return Path(out)
+    return None
 
 
 def explain_many(

@@ -19,6 +19,7 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.ood import fit_guard, guard_scores, guard_threshold
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.guard import pixel_statistics
 from leukodetect.runtime.images import open_rgb
 
 #: Share of held-out in-distribution cells the guard lets through (the rest are flagged for review).
@@ -43,25 +44,44 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
               percentile: float = DEFAULT_PERCENTILE, device: str = "auto", log=print) -> dict:
     """Fit the guard on ``fit`` (the training images), set its threshold on ``held_out``, save it in ``checkpoint``.
 
-    Returns the stored guard description (threshold, percentile, counts), without its arrays.
+    Two distances are fitted (:class:`leukodetect.runtime.guard.Guard`): of the penultimate-layer
+    features and of the pixel statistics. Each is scaled by its own threshold, the
+    ``(100 + percentile) / 2``-th percentile of the held-out images' distances, so that together
+    they flag about ``100 - percentile`` percent of new in-distribution images; the stored threshold
+    of the combined score is 1.
+
+    Returns the stored guard description (thresholds, percentile, counts), without its arrays.
     """
     if not held_out:
         raise LeukoError(f"The guard of {checkpoint} needs held-out images of the training laboratories to set its "
                          "threshold: train with a validation part (--val-fraction above 0).")
     clf = Classifier.from_checkpoint(checkpoint, device=device, precision="fp32", backend="torch")
     fit_images, fit_kept = model_inputs(clf, fit, log=log)
-    features = clf.image_features(fit_images, batch_size=32)
-    stats = fit_guard(features, np.array([r.label for r in fit_kept]))
     held_images, _ = model_inputs(clf, held_out, log=log)
-    threshold = guard_threshold(guard_scores(clf.image_features(held_images, batch_size=32), stats), percentile)
+    labels = np.array([r.label for r in fit_kept])
+    part = (100 + percentile) / 2
+    feature_fit = fit_guard(clf.image_features(fit_images, batch_size=32), labels)
+    feature_threshold = guard_threshold(guard_scores(clf.image_features(held_images, batch_size=32), feature_fit), part)
+    pixel_fit = fit_guard(_pixel_statistics(clf, fit_images), labels)
+    pixel_threshold = guard_threshold(guard_scores(_pixel_statistics(clf, held_images), pixel_fit), part)
     bundle = load_checkpoint(checkpoint)
-    guard = {"center": torch.from_numpy(stats.center), "projection": torch.from_numpy(stats.projection),
-             "class_means": torch.from_numpy(stats.class_means), "threshold": threshold, "percentile": float(percentile),
-             "fitted_on": len(fit_kept), "threshold_on": len(held_images), "dims": int(stats.projection.shape[1]),
-             "score": "squared Mahalanobis distance of the penultimate-layer features to the nearer class mean (shared covariance)"}
+    arrays = {"center": feature_fit.center, "projection": feature_fit.projection, "class_means": feature_fit.class_means,
+              "pixel_center": pixel_fit.center, "pixel_projection": pixel_fit.projection, "pixel_class_means": pixel_fit.class_means}
+    guard = {**{k: torch.from_numpy(v) for k, v in arrays.items()},
+             "threshold": 1.0, "feature_threshold": feature_threshold, "pixel_threshold": pixel_threshold,
+             "percentile": float(percentile), "fitted_on": len(fit_kept), "threshold_on": len(held_images),
+             "dims": int(feature_fit.projection.shape[1]),
+             "score": "the larger of two squared Mahalanobis distances to the nearer class mean (shared covariance), each "
+                      "divided by its threshold: of the penultimate-layer features, and of the pixel statistics"}
     bundle["guard"] = guard
     save_checkpoint(bundle, checkpoint)
-    described = {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
-    log(f"Guard fitted on {len(fit_kept)} training images; threshold {threshold:.1f} = the {percentile:g}th percentile "
-        f"of {len(held_images)} held-out images' scores.")
-    return described
+    log(f"Guard fitted on {len(fit_kept)} training images; thresholds (features {feature_threshold:.1f}, pixels "
+        f"{pixel_threshold:.1f}) at the {part:g}th percentile of {len(held_images)} held-out images' distances each.")
+    return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
+
+
+def _pixel_statistics(clf: Classifier, images) -> np.ndarray:
+    """Pixel statistics of the images as the model is shown them (its preprocessing undone: RGB in [0, 1])."""
+    mean = torch.tensor(clf.preset.mean).view(1, 3, 1, 1)
+    std = torch.tensor(clf.preset.std).view(1, 3, 1, 1)
+    return torch.cat([pixel_statistics(batch * std + mean) for batch in clf.preprocessed_batches(images, 64)]).numpy()

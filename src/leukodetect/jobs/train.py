@@ -51,7 +51,11 @@ from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.scale import CanonicalScale
 from leukodetect.training import distributed, parallel
-from leukodetect.training.fit import local_batch_size, train_model
+from leukodetect.training.fit import (
+    check_resume_settings,
+    local_batch_size,
+    train_model,
+)
 from leukodetect.utils import write_json
 
 
@@ -222,6 +226,8 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
     local_batch_size(cfg.train.batch_size, ctx)  # before anything is written
     if ctx.broadcast((out_dir / "last.pt").exists()) and not resume:
         raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
+    if resume:  # before the data is prepared or split.json rewritten
+        check_resume_settings(cfg, out_dir, ctx)
     with ctx.main_first():  # the paper protocol writes its expanded images once, on rank 0
         prep = prepare(cfg, out_dir, log=log)
     labels = _labels(prep)
@@ -323,6 +329,8 @@ def start_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext | None 
     local_batch_size(cfg.train.batch_size, ctx)
     if ctx.broadcast((out_dir / "cv_plan.json").exists()) and not resume:
         raise LeukoError(f"{out_dir} already holds a cross-validation run: pass --resume to continue it or choose another --out.")
+    if resume:
+        _check_cv_resume(cfg, out_dir, ctx, folds=folds)
     with ctx.main_first():
         prep = prepare(cfg, out_dir, log=log)
     strata = prep.strata()
@@ -343,6 +351,17 @@ def start_cv(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext | None 
             test=[prep.records[i] for i in test], trained_on=[prep.hashes[i] for i in train_all], resume=resume, scale=prep.scale,
         ))
     return CvRun(cfg=cfg, out_dir=out_dir, folds=folds, prep=prep, plan=plan, todo=todo)
+
+
+def _check_cv_resume(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, folds: int) -> None:
+    """Refuse to resume a cross-validation with another number of folds, or folds trained with other settings."""
+    plan = out_dir / "cv_plan.json"
+    stored = ctx.broadcast(json.loads(plan.read_text()).get("folds") if ctx.is_main and plan.is_file() else None)
+    if stored is not None and stored != folds:
+        raise LeukoError(f"{out_dir} was cross-validated with --folds {stored}, not {folds}: resume it with --folds {stored} "
+                         "or start a new run in another --out.")
+    for k in range(folds):
+        check_resume_settings(cfg, out_dir / f"fold_{k}", ctx)
 
 
 def train_fold(job: FoldJob, ctx: distributed.DistContext | None = None, *, progress: bool = True, log=print) -> None:

@@ -121,7 +121,7 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> Path:
 SAFETENSORS_KEY = "leukodetect"
 #: The out-of-distribution guard's arrays (``bundle["guard"]``, see :mod:`leukodetect.runtime.guard`),
 #: stored as tensors under these names with this prefix in a safetensors file.
-GUARD_TENSORS = ("center", "projection", "class_means")
+GUARD_TENSORS = ("center", "projection", "class_means", "pixel_center", "pixel_projection", "pixel_class_means")
 GUARD_PREFIX = "guard."
 
 
@@ -139,7 +139,8 @@ def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -
     }
     if "guard" in bundle:  # the guard's arrays are tensors (kept in float32: its distances are sensitive)
         meta["guard"] = {k: v for k, v in bundle["guard"].items() if k not in GUARD_TENSORS}
-        tensors.update({f"{GUARD_PREFIX}{k}": torch.as_tensor(bundle["guard"][k]).float().contiguous() for k in GUARD_TENSORS})
+        tensors.update({f"{GUARD_PREFIX}{k}": torch.as_tensor(bundle["guard"][k]).float().contiguous() for k in GUARD_TENSORS
+                        if k in bundle["guard"]})
     return atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata={SAFETENSORS_KEY: json.dumps(meta)}))
 
 
@@ -157,7 +158,7 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         obj["state_dict"] = {k: (t.float() if t.is_floating_point() else t) for k in f.keys() if not k.startswith(GUARD_PREFIX)
                              for t in [f.get_tensor(k)]}
         if "guard" in obj:
-            obj["guard"].update({k: f.get_tensor(f"{GUARD_PREFIX}{k}") for k in GUARD_TENSORS})
+            obj["guard"].update({k: f.get_tensor(f"{GUARD_PREFIX}{k}") for k in GUARD_TENSORS if f"{GUARD_PREFIX}{k}" in f.keys()})
     return obj
 
 

@@ -94,7 +94,7 @@ class Classifier(ImageClassifier):
         guard = bundle.get("guard")
         self.guard_threshold = float(guard["threshold"]) if guard else None
         # The network the runtime runs: logits and the guard's score from one pass, sharing ``model``'s weights.
-        self.network = GuardedNetwork(self.model, get_spec(bundle["arch"]).head, Guard.from_stats(guard) if guard else None).to(self.device)
+        self.network = GuardedNetwork(self.model, get_spec(bundle["arch"]).head, Guard.from_stats(guard, mean=bundle["mean"], std=bundle["std"]) if guard else None).to(self.device)
         if backend not in BACKENDS:
             raise LeukoError(f"Unknown backend '{backend}': use --backend auto, torch or onnx.")
         requested = (_env_backend() or "auto") if backend == "auto" else backend

@@ -79,7 +79,7 @@ def exported_network(bundle: dict[str, Any], source: Path | str) -> BlastProbabi
     """The float32 CPU module an export is traced from."""
     guard = bundle.get("guard")
     network = GuardedNetwork(model_from_checkpoint(bundle, source).float().cpu(), get_spec(bundle["arch"]).head,
-                             Guard.from_stats(guard) if guard else None)
+                             Guard.from_stats(guard, mean=bundle["mean"], std=bundle["std"]) if guard else None)
     return BlastProbability(network, bundle["temperature"]).eval()
 
 
@@ -221,7 +221,7 @@ def onnx_cache_key(bundle: dict[str, Any]) -> str:
     """
     described = {key: bundle[key] for key in ("arch", "class_names", "image_size", "mean", "std", "temperature")}
     digest = hashlib.sha256(json.dumps({"cache": CACHE_VERSION, "opset": MIN_OPSET, **described}, sort_keys=True).encode())
-    guard = {f"guard.{k}": torch.as_tensor(bundle["guard"][k]) for k in GUARD_TENSORS} if bundle.get("guard") else {}
+    guard = {f"guard.{k}": torch.as_tensor(bundle["guard"][k]) for k in GUARD_TENSORS if k in (bundle.get("guard") or {})}
     for name, tensor in sorted({**bundle["state_dict"], **guard}.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())

@@ -25,22 +25,72 @@ REVIEW = "review"
 UNLIKE_TRAINING = "unlike the images this model was trained on"
 
 
-class Guard(nn.Module):
-    """``min_c || (f - center) @ projection - class_means[c] ||^2`` for features ``f`` (N, D)."""
+def pixel_statistics(x: torch.Tensor) -> torch.Tensor:
+    """Ten numbers describing an RGB batch in [0, 1] (N, 3, S, S) as an image, not as a cell.
+
+    Per channel the mean, the log standard deviation and the log mean gradient magnitude (how much
+    fine detail), and the log mean spread between the channels (how coloured). A stained cell crop
+    sits in a narrow region of this space; noise (detail everywhere), text and grey pictures (no
+    colour) and flat or blank frames (no detail) lie far from it, whatever the network's features make
+    of them.
+    """
+    x = x.float()
+    mean = x.mean(dim=(2, 3))
+    std = torch.log(x.std(dim=(2, 3)) + 1e-3)
+    grad = (x[:, :, 1:, :-1] - x[:, :, :-1, :-1]).abs() + (x[:, :, :-1, 1:] - x[:, :, :-1, :-1]).abs()
+    detail = torch.log(grad.mean(dim=(2, 3)) + 1e-3)
+    spread = torch.log((x.amax(dim=1) - x.amin(dim=1)).mean(dim=(1, 2)) + 1e-3)
+    return torch.cat([mean, std, detail, spread[:, None]], dim=1)
+
+
+class _Distance(nn.Module):
+    """``min_c || (v - center) @ projection - class_means[c] ||^2`` for vectors ``v`` (N, D)."""
 
     def __init__(self, center: torch.Tensor, projection: torch.Tensor, class_means: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("center", center.float())
-        self.register_buffer("projection", projection.float())
-        self.register_buffer("class_means", class_means.float())
+        self.register_buffer("center", torch.as_tensor(center).float())
+        self.register_buffer("projection", torch.as_tensor(projection).float())
+        self.register_buffer("class_means", torch.as_tensor(class_means).float())
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        z = (features.float() - self.center) @ self.projection
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        z = (v.float() - self.center) @ self.projection
         return ((z[:, None, :] - self.class_means[None]) ** 2).sum(-1).amin(1)
 
+
+class Guard(nn.Module):
+    """How unlike the training images an input is: the larger of two distances, each over its own threshold.
+
+    One is the Mahalanobis distance of the penultimate-layer features (what the network makes of the
+    image); the other that of :func:`pixel_statistics` (what the image is). Each is divided by its
+    threshold (a high percentile of held-out in-distribution images), so the score is 1 at the edge of
+    the training distribution whichever part decides, and the checkpoint's threshold is 1. A guard
+    fitted before the pixel part existed has the feature distance alone, in its own units.
+    """
+
+    def __init__(self, features: _Distance, pixels: _Distance | None = None, scales: tuple[float, float] = (1.0, 1.0),
+                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        self.features, self.pixels = features, pixels
+        self.feature_scale, self.pixel_scale = float(scales[0]), float(scales[1])
+        # The model's input is normalised; the pixel statistics are of the image itself.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        score = self.features(features) / self.feature_scale
+        if self.pixels is not None and image is not None:
+            rgb = image.float() * self.std + self.mean
+            score = torch.maximum(score, self.pixels(pixel_statistics(rgb)) / self.pixel_scale)
+        return score
+
     @classmethod
-    def from_stats(cls, stats: dict) -> Guard:
-        return cls(*(torch.as_tensor(np.asarray(stats[k])) for k in ("center", "projection", "class_means")))
+    def from_stats(cls, stats: dict, *, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> Guard:
+        """The guard stored in a checkpoint; ``mean``/``std`` are the checkpoint's input normalisation."""
+        features = _Distance(*(np.asarray(stats[k]) for k in ("center", "projection", "class_means")))
+        if "pixel_center" not in stats:
+            return cls(features)
+        pixels = _Distance(*(np.asarray(stats[k]) for k in ("pixel_center", "pixel_projection", "pixel_class_means")))
+        return cls(features, pixels, (stats["feature_threshold"], stats["pixel_threshold"]), mean=mean, std=std)
 
 
 def without_head(model: nn.Module, head: str) -> tuple[nn.Module, nn.Module]:
@@ -74,5 +124,5 @@ class GuardedNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
         logits = self.head(features)
-        score = self.guard(features) if self.guard is not None else torch.zeros(features.shape[0], device=features.device)
+        score = self.guard(features, x) if self.guard is not None else torch.zeros(features.shape[0], device=features.device)
         return logits, score

@@ -25,6 +25,13 @@ DEFAULT_MAX_PIXELS = 60_000_000
 
 #: File name suffixes (lower case) treated as images by the indexers.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+#: Suffixes of a format refused by rule: GIF. Folder walks list these files too, so that each is reported by
+#: name (:func:`open_rgb` refuses it) instead of passed over; data set indexers leave them out and
+#: ``data check`` lists them.
+REFUSED_SUFFIXES = frozenset({".gif"})
+#: Why a GIF is refused, whatever its name: a palette of 256 colours loses a stained cell's shades, and a
+#: GIF may hold several frames, of which a model would see one.
+GIF_RULE = "not a microscope format (256 colours at most, maybe several frames); save the original image as PNG or TIFF"
 
 _TIFF_SUFFIXES = {".tif", ".tiff"}
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
@@ -94,6 +101,8 @@ def open_rgb(
         raise _decode_error(src.where, error) from error
 
     with image:
+        if image.format == "GIF":
+            raise BadImageError(f"Image {src.where} is a GIF, {GIF_RULE}.")
         _check_pixels(src.where, image.size, max_pixels)
         if image.format == "TIFF" and image.mode not in _HIGH_DEPTH_MODES and _tiff_bits(image) > 8:
             # Pillow reads 16-bit RGB TIFFs by silently dropping the low byte; tifffile reads the
@@ -101,7 +110,8 @@ def open_rgb(
             return _open_with_tifffile(src, max_pixels=max_pixels, notes=notes, cause=None)
         try:
             image.load()
-            image = ImageOps.exif_transpose(image)
+            transposed = ImageOps.exif_transpose(image, in_place=True)  # no copy of a large image
+            image = transposed if transposed is not None else image
         except _DECODE_ERRORS as error:
             if src.tiff and "truncated" not in str(error).lower():
                 return _open_with_tifffile(src, max_pixels=max_pixels, notes=notes, cause=error)
@@ -267,14 +277,14 @@ def image_paths(image_or_dir: Path) -> list[Path]:
 
     This is how ``detect`` and ``predict`` (for each of its arguments) read a path given on the
     command line. A file is returned whatever its suffix, so that an unreadable one is
-    reported by name when it is opened, not passed over.
+    reported by name when it is opened, not passed over; so are the GIFs in a folder.
     """
     image_or_dir = Path(image_or_dir)
     if not image_or_dir.exists():
         raise LeukoError(f"{image_or_dir} does not exist: pass an image file or a folder of images.")
     if image_or_dir.is_file():
         return [image_or_dir]
-    paths = sorted(p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in image_or_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | REFUSED_SUFFIXES)
     if not paths:
         raise LeukoError(f"{image_or_dir} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     return paths

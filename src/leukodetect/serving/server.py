@@ -6,19 +6,31 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import uvicorn
 
 from leukodetect.detection.pipeline import load_detector
 from leukodetect.runtime.classifier import Classifier
-from leukodetect.serving.app import create_app
+from leukodetect.serving.app import LOOPBACK_HOSTS, create_app
 from leukodetect.serving.worker import available_cores
 from leukodetect.weights import resolve_checkpoint as resolve
 from leukodetect.weights import resolve_detector
 
 LOOPBACK = "127.0.0.1"
+#: Bind addresses that listen on every interface: the service is then reached by names we cannot know.
+ALL_INTERFACES = ("0.0.0.0", "::")
+
+
+def default_allowed_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The host names the service answers to when bound to ``host``: that host, the loopback names
+    and the ``extra`` names (``--allowed-host``). Bound to every interface (``0.0.0.0`` or ``::``)
+    without extra names, any name: the machine's names are not known here."""
+    if host in ALL_INTERFACES and not extra:
+        return ["*"]
+    bound = [] if host in ALL_INTERFACES else [host.lower()]
+    return list(dict.fromkeys([*bound, *LOOPBACK_HOSTS, *(name.strip().lower() for name in extra)]))
 
 
 def resolve_checkpoint(checkpoint: Path | None) -> Path:
@@ -40,7 +52,8 @@ def build_app(
 
     ``torch_threads`` (default: every available core) is both PyTorch's thread count in the inference
     thread and ONNX Runtime's intra-op thread count; ``backend`` is
-    :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
+    :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU). ``limits`` go
+    to :func:`~leukodetect.serving.app.create_app` (``allowed_hosts`` among them).
     """
 
     threads = torch_threads or available_cores()
@@ -59,9 +72,14 @@ def serve(
     port: int = 8000,
     threads: int | None = None,
     backend: str = "auto",
+    allowed_hosts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
     """Serve until interrupted. Binds to loopback unless another ``host`` is named.
+
+    ``allowed_hosts``: host names to answer to (``Host`` header; ``*.example.org``, or ``*`` for any)
+    besides ``host`` and the loopback names (:func:`default_allowed_hosts`). Uploads from a page of
+    any other site get 403.
 
     ``threads`` (default: every available core) is the thread count of the one inference thread's
     PyTorch and ONNX Runtime. Use 1 where other jobs keep the cores busy: PyTorch's threads wait for
@@ -70,10 +88,14 @@ def serve(
     :class:`~leukodetect.runtime.classifier.Classifier` (auto: ONNX Runtime on CPU; ``GET /v1/model`` says which).
     """
 
-    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, torch_threads=threads, backend=backend, log=log)
+    allowed = default_allowed_hosts(host, allowed_hosts or ())
+    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, torch_threads=threads, backend=backend,
+                    allowed_hosts=allowed, log=log)
     if host not in (LOOPBACK, "localhost", "::1"):
         log(f"Listening on {host}: anyone who can reach this machine can upload images; the service has no authentication.")
-    log(f"Open http://{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}/ (API description at /docs).")
+    if allowed != ["*"]:
+        log(f"Answering to the host names {', '.join(allowed)} (more with --allowed-host).")
+    log(f"Open http://{LOOPBACK if host in ALL_INTERFACES else host}:{port}/ (API description at /docs).")
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
 
 

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from leukodetect.config import RunConfig, save_config
+from leukodetect.config import RunConfig, config_changes, load_config, save_config
 from leukodetect.data.dataset import ImageDataset
 from leukodetect.data.records import Record
 from leukodetect.data.sampling import WeightedEpochSampler, lab_balanced_weights
@@ -181,7 +181,7 @@ def train_model(
     ctx = dist or DistContext()
     local_batch_size(cfg.train.batch_size, ctx)
     out_dir = Path(out_dir)
-    has_run = _check_run_folder(out_dir, ctx, resume=resume, log=log)
+    has_run = _check_run_folder(cfg, out_dir, ctx, resume=resume, log=log)
     if not ctx.is_main:
         log = _quiet
     torch.manual_seed(cfg.train.seed)
@@ -288,8 +288,9 @@ class _TrainingState:
         return False
 
 
-def _check_run_folder(out_dir: Path, ctx: DistContext, *, resume: bool, log) -> bool:
-    """Refuse to overwrite a run unless resuming, create the folder; True when there is a last.pt to resume from.
+def _check_run_folder(cfg: RunConfig, out_dir: Path, ctx: DistContext, *, resume: bool, log) -> bool:
+    """Refuse to overwrite a run unless resuming, or to resume it with other settings; create the folder.
+    True when there is a last.pt to resume from.
 
     Rank 0's view of the folder decides for every rank, before any rank writes.
     """
@@ -297,11 +298,52 @@ def _check_run_folder(out_dir: Path, ctx: DistContext, *, resume: bool, log) -> 
     has_run, has_best = ctx.broadcast((last_path.exists(), best_path.exists()))
     if (has_run or has_best) and not resume:
         raise LeukoError(f"{out_dir} already holds a training run: pass --resume to continue it or choose another --out.")
+    if resume:
+        check_resume_settings(cfg, out_dir, ctx)
     if resume and has_best and not has_run:
         log(f"{out_dir} was stopped before its first resume point (--checkpoint-every): training starts again at epoch 1.")
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     return has_run
+
+
+#: Settings that change how a run computes, not what it computes: a resumed run may change them. The device
+#: may change so that a run can continue on another machine (its rounding differs, and with --precision
+#: auto so may the precision it picks). Every other setting shapes the result, --precision and --epochs
+#: included: the cosine schedule spans the epoch count, so more epochs would change the learning rate of
+#: the epochs already trained; a longer run is a new run.
+RESUMABLE_SETTINGS = frozenset({"train.device", "data.num_workers", "train.checkpoint_every"})
+
+
+def check_resume_settings(cfg: RunConfig, out_dir: Path, ctx: DistContext | None = None) -> None:
+    """Refuse to resume the run in ``out_dir`` with settings that differ from its ``config.yaml``.
+
+    Only a folder holding a trained epoch (last.pt or best.pt) is compared, and only the settings
+    that shape the result (all but :data:`RESUMABLE_SETTINGS`). Rank 0 compares; every rank raises alike.
+
+    Raises:
+        LeukoError: one sentence naming each difference and what to do.
+    """
+    ctx = ctx or DistContext()
+    out_dir = Path(out_dir)
+    changes = ctx.broadcast(_resume_changes(cfg, out_dir) if ctx.is_main else None)
+    if not changes:
+        return
+    why = ""
+    if any(change.startswith("train.epochs ") for change in changes):
+        why = " (the cosine schedule spans the epochs, so changing them would change the epochs already trained)"
+    raise LeukoError(
+        f"{out_dir} was trained with other settings than these: {', '.join(changes)}{why}; resume it with the settings "
+        f"in {out_dir / 'config.yaml'} (--config reads that file) or start a new run in another --out."
+    )
+
+
+def _resume_changes(cfg: RunConfig, out_dir: Path) -> list[str]:
+    """The result-shaping settings of ``cfg`` that differ from the stored run's (none without a trained epoch)."""
+    stored = out_dir / "config.yaml"
+    if not stored.is_file() or not ((out_dir / "last.pt").exists() or (out_dir / "best.pt").exists()):
+        return []
+    return config_changes(load_config(stored), cfg.resolved(), ignore=RESUMABLE_SETTINGS)
 
 
 def _prepare(

@@ -68,6 +68,7 @@ function verdict(label, prob) {
 function showCell(card, r) {
   card.replaceChildren(el("h2", {}, r.filename), verdict(r.label, r.prob_blast),
     el("p", { class: "muted" }, `threshold ${r.threshold.toFixed(2)}`));
+  if (r.reason) card.append(el("p", { class: "reason" }, `review: ${r.reason} (guard score ${r.ood_score.toFixed(0)})`));
   if (r.gradcam_png) {
     card.append(el("img", { class: "overlay", src: png(r.gradcam_png), alt: `Grad-CAM overlay of ${r.filename}` }),
       el("p", { class: "muted" }, "Grad-CAM: red = regions that raised the blast score."));
@@ -81,6 +82,7 @@ function showSmear(card, r) {
   // label or call, and images as base64 PNGs: overlay_png, gallery_png, cells[].crop_png.
   card.classList.add("smear");
   card.replaceChildren(el("h2", {}, r.filename), verdict(r.verdict ?? "analysed"));
+  if (r.reason) card.append(el("p", { class: "reason" }, `cannot assess: ${r.reason}`));
   const counts = r.counts ?? (r.n_cells !== undefined ? { cells: r.n_cells, blast: r.n_blast, review: r.n_review, normal: r.n_normal } : null);
   if (counts) {
     const table = el("table", { class: "counts" });

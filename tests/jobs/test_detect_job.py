@@ -1,0 +1,42 @@
+"""The detect job's folder runs: every image's failure is its own error row, and the run goes on."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+import leukodetect.jobs.detect as detect_job
+from leukodetect.errors import LeukoError
+
+
+def test_an_analysis_crash_is_that_image_s_error_row_and_the_summary_is_written(smear_png, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (folder / name).write_bytes(smear_png.read_bytes())
+    real = detect_job.analyze
+
+    def crashes_on_b(image, classifier, **kwargs):
+        crashes_on_b.calls += 1
+        if crashes_on_b.calls == 2:  # b.png: an unexpected failure inside the analysis, as cv2 raised for thin images
+            raise RuntimeError("OpenCV(4.10) resize.cpp:4152: error:\n(-215:Assertion failed) !dsize.empty()")
+        return real(image, classifier, **kwargs)
+
+    crashes_on_b.calls = 0
+    monkeypatch.setattr(detect_job, "analyze", crashes_on_b)
+    logged: list[str] = []
+    out = tmp_path / "out"
+    rows = detect_job.detect_paths(sorted(folder.iterdir()), None, out, log=logged.append)
+    assert [("error" in row) for row in rows] == [False, True, False]
+    error = rows[1]["error"]
+    assert error.startswith(f"Image {folder / 'b.png'} could not be analysed (RuntimeError: OpenCV")
+    assert "\n" not in error and error.endswith("report this message if it is.")
+    assert logged == [f"skipped: {error}"]
+    assert len((out / "summary.csv").read_text().splitlines()) == 4
+    assert not (out / "b.json").exists() and (out / "c.json").is_file()
+
+
+def test_a_wrong_setting_still_stops_the_run(smear_png, tmp_path):
+    Image.open(smear_png).save(tmp_path / "a.png")
+    with pytest.raises(LeukoError, match="Review band"):
+        detect_job.detect_paths([tmp_path / "a.png"], None, tmp_path / "out", review_band=(0.8, 0.2))
