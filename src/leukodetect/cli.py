@@ -398,6 +398,8 @@ def cells(
     image_size: int = typer.Option(128, "--image-size", min=16, help="Crop side in pixels (the model's input size)."),
     max_per_field: int = typer.Option(0, "--max-per-field", min=0, help="At most this many located cells of each smear field "
                                       "(Aria, BCCD), drawn at random with a fixed seed; 0: all."),
+    jpeg_quality: int = typer.Option(0, "--jpeg-quality", min=0, max=100, help="Write the crops as JPEG of this quality "
+                                     "(a quarter of the size); 0: PNG, lossless (default)."),
 ):
     """Cut the single cells of several laboratories at one physical scale into a cell bank (train, cv and cross-lab read it)."""
     from leukodetect.jobs.cells import LabSource, build_bank
@@ -405,7 +407,7 @@ def cells(
 
     _check_output_folder(out_dir)
     manifest = build_bank([LabSource.parse(s) for s in data], out_dir, CanonicalScale(field=field, size=image_size),
-                          max_per_field=max_per_field, progress=_progress(), log=_log)
+                          max_per_field=max_per_field, jpeg_quality=jpeg_quality, progress=_progress(), log=_log)
     out.print(f"Cell bank: {manifest} (use it as --data {manifest}).", highlight=False)
 
 

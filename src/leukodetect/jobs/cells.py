@@ -73,7 +73,6 @@ MIN_MEASURED = 5
 #: Layouts whose images are smear fields; the others hold one cell each, in the middle.
 FIELDS = ("aria", "bccd")
 BANK_VERSION = 1
-JPEG_QUALITY = 95
 _LAB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -151,18 +150,21 @@ def cell_centres(record: Record, fmt: str, rgb: np.ndarray, diameter: float) -> 
 
 
 def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScale, *, max_per_field: int = 0,
-               progress: bool = False, log=print) -> Path:
+               jpeg_quality: int = 0, progress: bool = False, log=print) -> Path:
     """Cut every source's cells into ``out_dir`` at one scale; return ``out_dir/cells.csv``.
 
     ``max_per_field`` (0: all) keeps at most that many located cells of each smear field, drawn at
     random (seeded by the field's name): the Aria fields hold 9 located cells each on average, and
-    without a cap they outnumber every other laboratory's cells several times over.
+    without a cap they outnumber every other laboratory's cells several times over. Crops are PNG
+    (lossless) unless ``jpeg_quality`` (1-100) asks for JPEG, a quarter of the size: JPEG artefacts
+    on a flat background are detail a model and its guard learn, which lossless inputs lack.
 
     A bank already in ``out_dir`` with the same sources and scale is reused as it is; another bank
     there is an error (nothing is overwritten).
     """
     out_dir = Path(out_dir)
-    settings = {"version": BANK_VERSION, "scale": scale.to_dict(), "sources": [str(s) for s in sources], "max_per_field": max_per_field}
+    settings = {"version": BANK_VERSION, "scale": scale.to_dict(), "sources": [str(s) for s in sources], "max_per_field": max_per_field,
+                "jpeg_quality": jpeg_quality}
     manifest, described = out_dir / "cells.csv", out_dir / "cells.json"
     if described.is_file():
         stored = json.loads(described.read_text())
@@ -197,10 +199,12 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
                 rng = np.random.default_rng(zlib.crc32(record.path.stem.encode()))
                 centres = [centres[i] for i in sorted(rng.choice(len(centres), max_per_field, replace=False))]
             for k, (x, y) in centres:
-                name = f"{record.path.stem}_{k}.jpg" if fmt in FIELDS else f"{record.path.stem}.jpg"
+                suffix = ".jpg" if jpeg_quality else ".png"
+                name = f"{record.path.stem}_{k}{suffix}" if fmt in FIELDS else f"{record.path.stem}{suffix}"
                 target = out_dir / "cells" / source.lab / (record.kind or "") / name
                 crop = canonical_crop(rgb, scale, diameter, centre=(x, y))
-                atomic_write(target, lambda tmp, crop=crop: Image.fromarray(crop).save(tmp, format="JPEG", quality=JPEG_QUALITY))
+                options = {"format": "JPEG", "quality": jpeg_quality} if jpeg_quality else {"format": "PNG"}
+                atomic_write(target, lambda tmp, crop=crop, options=options: Image.fromarray(crop).save(tmp, **options))
                 rows.append({"path": target.relative_to(out_dir).as_posix(), "label": record.label,
                              "group": f"{source.lab}:{group}", "lab": source.lab, "kind": record.kind or "",
                              "parent": f"{source.lab}:{record.path.stem}", "x": round(x, 1), "y": round(y, 1)})

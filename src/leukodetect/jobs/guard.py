@@ -24,6 +24,8 @@ from leukodetect.runtime.images import open_rgb
 
 #: Share of held-out in-distribution cells the guard lets through (the rest are flagged for review).
 DEFAULT_PERCENTILE = 97.5
+#: Fewest held-out images of a laboratory for its own percentile to count in the threshold.
+MIN_LAB_HELD_OUT = 5
 
 
 def model_inputs(clf: Classifier, records: Sequence[Record], *, log=print) -> tuple[list, list[Record]]:
@@ -48,7 +50,10 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     features and of the pixel statistics. Each is scaled by its own threshold, the
     ``(100 + percentile) / 2``-th percentile of the held-out images' distances, so that together
     they flag about ``100 - percentile`` percent of new in-distribution images; the stored threshold
-    of the combined score is 1.
+    of the combined score is 1. With several laboratories the percentile is taken in each one (of at
+    least :data:`MIN_LAB_HELD_OUT` held-out images) and the largest kept: a small laboratory with
+    unusual images (C-NMC's cells on black) is not flagged wholesale because the pooled percentile
+    is set by the large ones.
 
     Returns the stored guard description (thresholds, percentile, counts), without its arrays.
     """
@@ -57,13 +62,14 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
                          "threshold: train with a validation part (--val-fraction above 0).")
     clf = Classifier.from_checkpoint(checkpoint, device=device, precision="fp32", backend="torch")
     fit_images, fit_kept = model_inputs(clf, fit, log=log)
-    held_images, _ = model_inputs(clf, held_out, log=log)
+    held_images, held_kept = model_inputs(clf, held_out, log=log)
     labels = np.array([r.label for r in fit_kept])
     part = (100 + percentile) / 2
+    held_labs = np.array([str(r.lab) for r in held_kept])
     feature_fit = fit_guard(clf.image_features(fit_images, batch_size=32), labels)
-    feature_threshold = guard_threshold(guard_scores(clf.image_features(held_images, batch_size=32), feature_fit), part)
+    feature_threshold = _threshold(guard_scores(clf.image_features(held_images, batch_size=32), feature_fit), held_labs, part)
     pixel_fit = fit_guard(_pixel_statistics(clf, fit_images), labels)
-    pixel_threshold = guard_threshold(guard_scores(_pixel_statistics(clf, held_images), pixel_fit), part)
+    pixel_threshold = _threshold(guard_scores(_pixel_statistics(clf, held_images), pixel_fit), held_labs, part)
     bundle = load_checkpoint(checkpoint)
     arrays = {"center": feature_fit.center, "projection": feature_fit.projection, "class_means": feature_fit.class_means,
               "pixel_center": pixel_fit.center, "pixel_projection": pixel_fit.projection, "pixel_class_means": pixel_fit.class_means}
@@ -78,6 +84,15 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     log(f"Guard fitted on {len(fit_kept)} training images; thresholds (features {feature_threshold:.1f}, pixels "
         f"{pixel_threshold:.1f}) at the {part:g}th percentile of {len(held_images)} held-out images' distances each.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
+
+
+def _threshold(scores: np.ndarray, labs: np.ndarray, percentile: float) -> float:
+    """The percentile of the held-out scores, pooled and in each laboratory large enough to say: the largest."""
+    candidates = [guard_threshold(scores, percentile)]
+    for lab in np.unique(labs):
+        if (labs == lab).sum() >= MIN_LAB_HELD_OUT:
+            candidates.append(guard_threshold(scores[labs == lab], percentile))
+    return max(candidates)
 
 
 def _pixel_statistics(clf: Classifier, images) -> np.ndarray:

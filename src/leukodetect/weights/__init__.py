@@ -6,7 +6,8 @@ from pathlib import Path
 
 from leukodetect.errors import LeukoError
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "resnet50_allidb2.safetensors"
+#: The cell model: ResNet-50 trained on five laboratories at one physical scale, with a guard (see MODEL_CARD.md).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "resnet50_5labs.safetensors"
 #: The crop classifier of whole-smear detection, trained on ALL-IDB1 photographs (see DETECTOR_CARD.md).
 DEFAULT_DETECTOR = Path(__file__).resolve().parent / "detector_allidb1.safetensors"
 
