@@ -7,8 +7,6 @@ runs headless on the Agg backend.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -18,6 +16,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from leukodetect.evaluation.metrics import Confusion
 from leukodetect.runtime.checkpoint import CLASS_NAMES
+from leukodetect.utils import atomic_write
 
 
 def _axes(ax, **figure_kw):
@@ -95,16 +94,8 @@ def save_figure(fig: Figure, path) -> Path:
     The PNG is written to a temporary file in the same folder and moved into place, so a reader
     never sees half a file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
