@@ -353,8 +353,8 @@ def locate_nuclei(image: Image.Image | np.ndarray, rbc_diameter: float, *, min_a
     are purple to violet (red and blue high, green low); red cells are pink, lilac or, in some Aria
     fields, blue-grey. So ``(R + B) / 2 - G`` above Otsu's threshold (and at least ``min_purple``),
     holes filled, in components of ``min_area`` to ``max_area`` red-cell areas, are white cells.
-    Checked by eye on 12 Aria fields of both classes (docs/results.md): it finds the blasts and
-    most lymphocytes; touching cells stay one region, and a few dark red cells are found too.
+    Checked by eye on 12 Aria fields of both classes (2026-12-04): it finds the blasts and most
+    lymphocytes; touching cells stay one region, and a few dark red cells are found too.
     """
     rgb = as_array(image).astype(np.float32)
     purple = (rgb[..., 0] + rgb[..., 2]) / 2 - rgb[..., 1]

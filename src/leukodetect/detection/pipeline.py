@@ -146,7 +146,8 @@ def analyze(
     rgb = as_array(image)
     check_smear_size(rgb.shape[1], rgb.shape[0])
     settings = classifier.detector if classifier is not None else None
-    if is_grayscale(rgb):  # no stain to threshold: any "cell" would be an artefact
+    grey = is_grayscale(rgb)
+    if grey:  # no stain to threshold: any "cell" would be an artefact
         rgb_params = params if params is not None else locate_params_of(settings)
         loc = Localisation(cells=[], rbc_diameter=rgb_params.default_diameter, rbc_count=0, work_factor=1.0, stain_threshold=0.0)
     else:
@@ -178,7 +179,7 @@ def analyze(
     ]
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
-    reason = assessment(rgb, loc.rbc_count, white)
+    reason = assessment(grey, loc.rbc_count, white)
     if reason is not None:
         verdict = CANNOT_ASSESS
     else:
@@ -210,14 +211,14 @@ def is_grayscale(rgb: np.ndarray, *, tolerance: int = 6) -> bool:
     return int(np.abs(sample - sample.mean(axis=2, keepdims=True)).max()) <= tolerance
 
 
-def assessment(rgb: np.ndarray, rbc_count: int, white_cells: int) -> str | None:
+def assessment(grey: bool, rbc_count: int, white_cells: int) -> str | None:
     """Why a photograph cannot be assessed, or None when it can.
 
     A grayscale image has no stain; without red cells to measure, the scale (and so every cell's crop)
     is a guess, which is also what noise and blank frames give; and a photograph in which no white
     cell was found says nothing about blasts.
     """
-    if is_grayscale(rgb):
+    if grey:
         return "the image has no colour; a stained blood smear is in colour (send the colour photograph)"
     if rbc_count == 0:
         return "no red cells could be measured, so the image's scale is unknown (is this a blood-smear photograph?)"

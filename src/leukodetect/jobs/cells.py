@@ -25,7 +25,6 @@ they sit beside it. Groups are prefixed with the laboratory, so no group spans t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import zlib
@@ -245,8 +244,3 @@ def labs_of(records: Sequence[Record]) -> dict[str, dict[str, int]]:
         entry = counts.setdefault(r.lab or "unnamed", {"normal": 0, "blast": 0})
         entry["blast" if r.label == 1 else "normal"] += 1
     return counts
-
-
-def with_lab(records: Sequence[Record], lab: str) -> list[Record]:
-    """The records with their laboratory set (a single data set named on the command line)."""
-    return [dataclasses.replace(r, lab=lab, group=f"{lab}:{r.group}") for r in records]

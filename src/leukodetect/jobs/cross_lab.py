@@ -105,12 +105,9 @@ def run_cross_lab(cfg: RunConfig, out_dir: Path, *, hold_out: Sequence[str] = ()
 def _cell_rows(prep: Prepared, run_dir: Path) -> list[dict]:
     stored = json.loads((run_dir / "predictions.json").read_text())
     by_path = {str(r.path): r for r in prep.records}
-    rows = []
-    for k, path in enumerate(stored["test"]):
-        r = by_path[path]
-        rows.append({"lab": r.lab, "kind": r.kind, "parent": r.parent, "label": r.label, "prob": stored["prob_blast"][k],
-                     "flagged": stored.get("call", [None] * (k + 1))[k] == "review"})
-    return rows
+    calls = stored.get("call") or [None] * len(stored["test"])  # a model without a guard flags nothing
+    return [{"lab": r.lab, "kind": r.kind, "parent": r.parent, "label": r.label, "prob": prob, "flagged": call == "review"}
+            for path, prob, call in zip(stored["test"], stored["prob_blast"], calls) for r in [by_path[path]]]
 
 
 def score_cells(rows: Sequence[dict]) -> dict:

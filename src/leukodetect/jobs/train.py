@@ -79,7 +79,7 @@ class Prepared:
 
 def split_strata(records: Sequence[Record], *, min_size: int = 10) -> np.ndarray:
     """One stratum per (laboratory, label) with at least ``min_size`` images; smaller ones join their label's."""
-    keys = [(r.lab, r.label) if r.lab else (None, r.label) for r in records]
+    keys = [(r.lab or None, r.label) for r in records]
     sizes = Counter(keys)
     keys = [k if sizes[k] >= min_size else (None, k[1]) for k in keys]
     codes = {k: i for i, k in enumerate(sorted(set(keys), key=lambda k: (k[1], k[0] or "")))}
@@ -123,7 +123,6 @@ def prepare(cfg: RunConfig, out_dir: Path, *, log=print) -> Prepared:
     if not records:
         raise LeukoError(f"{cfg.data.path} has no readable labelled images: run 'leukodetect data check {cfg.data.path}'.")
     if cfg.data.protocol == "paper":
-
         expanded_dir = Path(out_dir) / "paper-expanded"
         manifest = expanded_dir / "manifest.csv"
         if manifest.exists():
