@@ -6,6 +6,7 @@ from pathlib import Path
 from leukodetect.reporting.render import (
     CSS,
     Section,
+    Thumbnail,
     md_cell,
     render_html,
     render_markdown,
@@ -45,3 +46,13 @@ def test_html_escapes_text_and_embeds_figures(tmp_path):
             in page)
     assert page.endswith("</body>\n</html>\n")
     assert "src=\"http" not in page and CSS not in page
+
+
+def test_a_thumbnail_cell_is_embedded_in_html_and_linked_in_markdown(tmp_path):
+    (tmp_path / "thumbs").mkdir()
+    (tmp_path / "thumbs" / "a.png").write_bytes(b"\x89PNG tiny")
+    sections = [Section("Cells", tables=[(None, ("cell", "file"), [(Thumbnail(Path("thumbs/a.png"), "a <cell>"), "a.png")])])]
+    data = base64.b64encode(b"\x89PNG tiny").decode("ascii")
+    assert f'<tr><td><img alt="a &lt;cell&gt;" src="data:image/png;base64,{data}"></td><td>a.png</td></tr>' in render_html(
+        "T", sections, tmp_path)
+    assert "| ![a <cell>](thumbs/a.png) | a.png |" in render_markdown("T", sections)

@@ -25,6 +25,7 @@ they sit beside it. Groups are prefixed with the laboratory, so no group spans t
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import zlib
@@ -51,7 +52,7 @@ from leukodetect.data.indexers import (
 from leukodetect.data.records import Record
 from leukodetect.detection.locate import locate_nuclei
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.images import open_rgb, pixel_hash
 from leukodetect.runtime.scale import (
     CanonicalScale,
     canonical_crop,
@@ -202,7 +203,7 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
                 name = f"{record.path.stem}_{k}{suffix}" if fmt in FIELDS else f"{record.path.stem}{suffix}"
                 target = out_dir / "cells" / source.lab / (record.kind or "") / name
                 crop = canonical_crop(rgb, scale, diameter, centre=(x, y))
-                options = {"format": "JPEG", "quality": jpeg_quality} if jpeg_quality else {"format": "PNG"}
+                options = _crop_format(jpeg_quality)
                 atomic_write(target, lambda tmp, crop=crop, options=options: Image.fromarray(crop).save(tmp, **options))
                 rows.append({"path": target.relative_to(out_dir).as_posix(), "label": record.label,
                              "group": f"{source.lab}:{group}", "lab": source.lab, "kind": record.kind or "",
@@ -216,6 +217,28 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
     write_csv(manifest, rows, ["path", "label", "group", "lab", "kind", "parent", "x", "y"])
     write_json(described, {**settings, "labs": summary})
     return manifest
+
+
+def _crop_format(jpeg_quality: int) -> dict:
+    """How a bank's crops are saved: PNG, or JPEG at ``jpeg_quality`` (1-100)."""
+    return {"format": "JPEG", "quality": jpeg_quality} if jpeg_quality else {"format": "PNG"}
+
+
+def crop_hashes(image: Image.Image | np.ndarray, scale: CanonicalScale, diameter: float, jpeg_qualities: Sequence[int] = (0,)) -> set[str]:
+    """The pixel hashes of a single-cell image's crop as :func:`build_bank` writes it, for each of ``jpeg_qualities`` (0: PNG).
+
+    A model trained on a cell bank lists the pixel hashes of the bank's crops (its ``trained_on``), not
+    those of the original files: this is how to tell whether an original image was among its cells.
+    """
+    crop = Image.fromarray(canonical_crop(image, scale, diameter))
+    hashes = set()
+    for quality in jpeg_qualities:
+        buffer = io.BytesIO()
+        crop.save(buffer, **_crop_format(quality))
+        buffer.seek(0)
+        with Image.open(buffer) as written:
+            hashes.add(pixel_hash(written))
+    return hashes
 
 
 #: Red-cell diameters across a cell model's input when a run across laboratories does not say (--field).

@@ -1,10 +1,11 @@
 """The one Markdown and self-contained HTML renderer of the project's reports.
 
-A report is a title and a list of :class:`Section`: a heading, paragraphs, tables and figures. The
-evaluation report (:mod:`leukodetect.reporting.report`) and the comparison report
-(:mod:`leukodetect.reporting.compare_report`) build sections and render them here, so both files of
-both reports share one layout and one escaping rule. The HTML embeds its PNGs as base64 data URIs and
-uses no external resources, so it can be mailed or archived as one file.
+A report is a title and a list of :class:`Section`: a heading, paragraphs, tables and figures; a
+table cell may be a :class:`Thumbnail`. The evaluation report (:mod:`leukodetect.reporting.report`),
+the comparison report (:mod:`leukodetect.reporting.compare_report`) and the demo's page
+(:mod:`leukodetect.jobs.demo`) build sections and render them here, so every report shares one
+layout and one escaping rule. The HTML embeds its PNGs as base64 data URIs and uses no external
+resources, so it can be mailed or archived as one file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: A table: (caption or None, header cells, rows of cells). Cells are turned into text with ``str``.
+#: A table: (caption or None, header cells, rows of cells). Cells are turned into text with ``str``,
+#: except a :class:`Thumbnail`, which shows its image.
 Table = tuple[str | None, tuple, list[tuple]]
 
 #: The default style sheet (the evaluation report's); the comparison report passes a wider one.
@@ -28,7 +30,16 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1.5rem 0; }
 figure img { max-width: 100%; }
 figcaption { color: #555; font-size: 0.9rem; }
+td img { display: block; max-height: 4rem; }
 """
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A table cell showing a small PNG (path relative to the report folder): embedded in HTML, linked in Markdown."""
+
+    path: Path
+    alt: str = ""
 
 
 @dataclass
@@ -61,7 +72,7 @@ def render_markdown(title: str, sections: list[Section]) -> str:
             if caption is not None:
                 lines += [f"**{caption}**", ""]
             lines += ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+            lines += ["| " + " | ".join(_md_table_cell(c) for c in row) + " |" for row in rows]
             lines.append("")
         for caption, rel in s.figures:
             lines += [f"![{md_cell(caption)}]({Path(rel).as_posix()})", "", f"*{caption}*", ""]
@@ -85,11 +96,27 @@ def render_html(title: str, sections: list[Section], out_dir: Path, *, css: str 
             if caption is not None:
                 parts.append(f"<h3>{e(caption)}</h3>")
             parts += ["<table>", "<tr>" + "".join(f"<th>{e(str(h))}</th>" for h in header) + "</tr>"]
-            parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+            parts += ["<tr>" + "".join(_html_table_cell(c, out_dir) for c in row) + "</tr>" for row in rows]
             parts.append("</table>")
         for caption, rel in s.figures:
-            data = base64.b64encode((Path(out_dir) / rel).read_bytes()).decode("ascii")
-            parts.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
+            parts.append(f'<figure><img alt="{e(caption)}" src="{_png_data_uri(out_dir, rel)}">'
                          f"<figcaption>{e(caption)}</figcaption></figure>")
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
+
+
+def _md_table_cell(cell) -> str:
+    if isinstance(cell, Thumbnail):
+        return f"![{md_cell(cell.alt)}]({Path(cell.path).as_posix()})"
+    return md_cell(cell)
+
+
+def _html_table_cell(cell, out_dir: Path) -> str:
+    if isinstance(cell, Thumbnail):
+        return f'<td><img alt="{html.escape(cell.alt)}" src="{_png_data_uri(out_dir, cell.path)}"></td>'
+    return f"<td>{html.escape(str(cell))}</td>"
+
+
+def _png_data_uri(out_dir: Path, rel: Path) -> str:
+    """A PNG of the report folder as a data URI, so the page needs no other file."""
+    return "data:image/png;base64," + base64.b64encode((Path(out_dir) / rel).read_bytes()).decode("ascii")
