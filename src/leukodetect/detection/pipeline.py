@@ -21,6 +21,7 @@ from leukodetect.detection.crops import DEFAULT_CROP_FACTOR, crop_around
 from leukodetect.detection.gate import SmudgeGate
 from leukodetect.detection.locate import (
     LEGACY_VALUES,
+    Cell,
     Localisation,
     LocateParams,
     as_array,
@@ -30,6 +31,8 @@ from leukodetect.detection.scorer import CellScorer, white_density
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.checkpoint import DetectorSettings
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.locator import WhiteCellLocator
+from leukodetect.runtime.scale import estimate_rbc_diameter
 
 #: Smallest width or height analysed, pixels. Real smear photographs are hundreds to thousands of
 #: pixels a side (ALL-IDB: 2592x1944 and 1712x1368); below 32 px an image cannot hold a single red
@@ -116,6 +119,7 @@ def analyze(
     batch_size: int = 32,
     use_gate: bool = True,
     use_scorer: bool = True,
+    locator: WhiteCellLocator | None = None,
 ) -> dict:
     """Detect and classify the white cells of one smear photograph.
 
@@ -133,6 +137,10 @@ def analyze(
             cell scorer stored with the classifier, if it has one (:mod:`.scorer`); each cell then
             also carries the crop classifier's own probability as ``prob_crop``. A scorer trained
             with the photograph's white-cell density uses it (``white_density`` in the result).
+        locator: the learned white-cell locator (:mod:`leukodetect.runtime.locator`); None: the colour
+            locator (:func:`~leukodetect.detection.locate.locate_cells`). With it, the red-cell diameter
+            is measured first (touching red cells too) and the smudge gate and cell scorer, which read
+            the colour locator's region measurements, are not used.
 
     Returns:
         A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call),
@@ -147,13 +155,18 @@ def analyze(
     check_smear_size(rgb.shape[1], rgb.shape[0])
     settings = classifier.detector if classifier is not None else None
     grey = is_grayscale(rgb)
+    scale_source = "measured"
     if grey:  # no stain to threshold: any "cell" would be an artefact
         rgb_params = params if params is not None else locate_params_of(settings)
         loc = Localisation(cells=[], rbc_diameter=rgb_params.default_diameter, rbc_count=0, work_factor=1.0, stain_threshold=0.0)
+    elif locator is not None:
+        loc, scale_source = locate_learned(rgb, locator)
+        use_gate = use_scorer = False  # both were fitted on the colour locator's region measurements
     else:
         loc = locate_cells(rgb, params if params is not None else locate_params_of(settings))
     t1 = time.perf_counter()
-    factor = settings.crop_factor if settings is not None else DEFAULT_CROP_FACTOR
+    cell_scale = getattr(classifier, "scale", None)
+    factor = cell_scale.field if cell_scale is not None else settings.crop_factor if settings is not None else DEFAULT_CROP_FACTOR
     side = factor * loc.rbc_diameter
     probs: list[float | None] = [None] * len(loc.cells)
     if classifier is not None and loc.cells:
@@ -188,7 +201,8 @@ def analyze(
         "width": width, "height": height,
         "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
         "crop_factor": factor, "crop_side": round(side, 1),
-        "review_band": [lo, hi], "rule": asdict(rule),
+        "review_band": [lo, hi], "rule": asdict(rule), "locator": "learned" if locator is not None else "colour",
+        "scale": "unknown" if loc.rbc_count == 0 else scale_source,
         "n_cells": white, "n_blast": counts["blast"], "n_review": counts["review"], "n_normal": counts["normal"],
         "n_smudge": counts["smudge"], "smudge_gate": gate is not None, "cell_scorer": scorer is not None,
         "white_density": round(density, 4),
@@ -197,6 +211,30 @@ def analyze(
         "timing": {"locate_s": round(t1 - t0, 3), "classify_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3)},
         "cells": cells,
     }
+
+
+def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator) -> tuple[Localisation, str]:
+    """White cells found by the learned locator, at the red-cell diameter measured first; and how it was measured.
+
+    An image whose red cells cannot be measured gets no cells and ``rbc_count`` 0: its scale is
+    unknown, and the verdict says so rather than guess. Each cell's box is 1.5 red-cell diameters
+    square (a white cell's usual size); its area is that of a disc of the same diameter.
+    """
+    scale = estimate_rbc_diameter(rgb, packed=True)
+    if scale.diameter is None:  # the placeholder diameter only sizes the (empty) drawings; "scale" says unknown
+        return Localisation(cells=[], rbc_diameter=LocateParams().default_diameter, rbc_count=0, work_factor=1.0,
+                            stain_threshold=0.0), "unknown"
+    d = scale.diameter
+    height, width = rgb.shape[:2]
+    half = 0.75 * d
+    cells = [
+        Cell(x=round(x, 1), y=round(y, 1),
+             box=(max(0, int(x - half)), max(0, int(y - half)), min(width, int(x + half) + 1), min(height, int(y + half) + 1)),
+             area=round(float(np.pi * half ** 2), 1))
+        for x, y, _ in sorted(locator.locate(rgb, d), key=lambda p: (p[1], p[0]))
+    ]
+    work = locator.settings.rbc_px / d
+    return Localisation(cells=cells, rbc_diameter=d, rbc_count=max(1, scale.red_cells), work_factor=work, stain_threshold=0.0), scale.source
 
 
 #: The verdict of a photograph that holds no evidence either way, with a ``reason``: "healthy" means white
@@ -305,10 +343,11 @@ def pixels_of(image: Image.Image | np.ndarray) -> np.ndarray:
     return as_array(image)
 
 
-def load_detector(path: Path, **classifier_kwargs) -> Detector:
-    """A :class:`Detector` around the crop classifier checkpoint at ``path``.
+def load_detector(path: Path, *, locator: Path | None = None, **classifier_kwargs) -> Detector:
+    """A :class:`Detector` around the crop classifier checkpoint at ``path`` and the learned locator at ``locator``
+    (None: the colour locator).
 
     ``classifier_kwargs`` go to :class:`~leukodetect.runtime.classifier.Classifier` (backend, threads, log).
     """
-
-    return Detector(Classifier.from_checkpoint(Path(path), **classifier_kwargs))
+    kwargs = {"locator": WhiteCellLocator.load(Path(locator))} if locator is not None else {}
+    return Detector(Classifier.from_checkpoint(Path(path), **classifier_kwargs), **kwargs)

@@ -24,6 +24,7 @@ from leukodetect.detection.pipeline import (
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths, open_rgb
+from leukodetect.runtime.locator import WhiteCellLocator
 from leukodetect.utils import atomic_write_text, write_csv
 
 
@@ -71,7 +72,8 @@ def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
     return result
 
 
-SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smudge", "blast_fraction", "rbc_diameter", "total_s", "error", "reason")
+SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smudge", "blast_fraction", "rbc_diameter", "scale", "locator",
+                   "total_s", "error", "reason")
 
 
 def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
@@ -108,17 +110,20 @@ def _one_line(exc: Exception, limit: int = 200) -> str:
 
 
 def run_detect(
-    image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, backend: str = "auto", progress: bool = False, log=print, **kwargs,
+    image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, locator: Path | None = None, backend: str = "auto",
+    progress: bool = False, log=print, **kwargs,
 ) -> list[dict]:
-    """``leukodetect detect``: load the classifier (if any) once, analyse every image, write outputs.
+    """``leukodetect detect``: load the classifier (if any) and the locator once, analyse every image, write outputs.
 
-    ``backend`` is :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
+    ``locator`` is a learned white-cell locator's weights (None: the colour locator); ``backend`` is
+    :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
     """
     paths = image_paths(image_or_dir)
     classifier = None
     if checkpoint is not None:
-
         classifier = Classifier.from_checkpoint(Path(checkpoint), backend=backend, log=log)
+    if locator is not None:
+        kwargs["locator"] = WhiteCellLocator.load(Path(locator))
     return detect_paths(paths, classifier, Path(out_dir), progress=progress, log=log, **kwargs)
 
 

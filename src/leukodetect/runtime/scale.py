@@ -30,6 +30,8 @@ from skimage.measure import label, regionprops
 RBC_UM = 7.5
 #: Fewest whole red cells an estimate is made from.
 MIN_RED_CELLS = 3
+#: Below this many isolated red cells, a smear's estimate is checked against the packed one.
+FEW_RED_CELLS = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +82,7 @@ def diameter_from_pixel_size(pixel_size_um: float) -> float:
     return RBC_UM / pixel_size_um
 
 
-def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000) -> ScaleEstimate:
+def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed: bool = False) -> ScaleEstimate:
     """Median diameter (pixels of ``rgb``) of the whole, round, isolated red cells, or unknown.
 
     Red cells absorb green light (haemoglobin): pixels darker in green than an Otsu threshold
@@ -93,6 +95,11 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000) -> Sca
     (median 74 px), every ALL-IDB1 photograph, 28% of BCCD fields (94 px, against 95-105 px from
     BCCD's red-cell boxes), about half of the Aria fields, 4% of the ALL-IDB2 crops (most hold no
     whole red cell) and no C-NMC cell (segmented on black).
+
+    With ``packed``, a smear whose red cells touch and overlap (too few isolated ones) is measured
+    from the red-cell mask as a whole (:func:`_packed_diameter`, source ``"packed"``): the smear
+    pipeline uses it, since a field of a thick smear has no isolated red cell; a single-cell crop,
+    which holds pieces of a few red cells, does not.
     """
     height, width = rgb.shape[:2]
     factor = min(1.0, (work_pixels / max(1, height * width)) ** 0.5)
@@ -112,6 +119,17 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000) -> Sca
     dark = (green <= threshold_otsu(green[~near])) & ~near  # Otsu returns the upper end of the dark class
     red = ndi.binary_fill_holes(dark)
     red = cv2.morphologyEx(red.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+    isolated = _isolated_diameter(red, factor)
+    if packed and isolated.red_cells < FEW_RED_CELLS:
+        diameter = _packed_diameter(red)
+        # A handful of "isolated red cells" less than half the packed estimate are fragments or platelets
+        # (seen on BCCD: 6 px against 90): the packed estimate stands instead.
+        if diameter is not None and (isolated.diameter is None or diameter / factor > 2 * isolated.diameter):
+            return ScaleEstimate(round(diameter / factor, 2), "packed", isolated.red_cells)
+    return isolated
+
+
+def _isolated_diameter(red: np.ndarray, factor: float) -> ScaleEstimate:
     h, w = red.shape
     sizes = np.array([
         r.equivalent_diameter_area for r in regionprops(label(red))
@@ -127,6 +145,34 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000) -> Sca
     if (q75 - q25) / median > 0.3:
         return ScaleEstimate(None, "unknown", len(sizes))
     return ScaleEstimate(round(median / factor, 2), "measured", len(sizes))
+
+
+def _packed_diameter(red: np.ndarray) -> float | None:
+    """Red-cell diameter of a mask of touching, overlapping red cells, from its inscribed discs.
+
+    The distance transform's local maxima are the centres of the largest discs that fit in the mask;
+    taken largest first and keeping only those outside every disc kept so far, they cover the mask
+    with about one disc per red cell (and small ones in the gaps and ragged edges). The diameter is
+    the area-weighted median of these discs, so the many small edge discs do not pull it down.
+    Measured against BCCD's red-cell boxes (every 6th field): 0.76 of the box side (5th-95th
+    percentile 0.69-0.94; the boxes are drawn loose); against the isolated-cell estimate: 0.98 on
+    ALL-IDB1, 0.93 on PBC, 0.97 on Aria (0.53-1.77).
+    """
+    dist = cv2.distanceTransform(red.astype(np.uint8), cv2.DIST_L2, 5)
+    ys, xs = np.nonzero((dist == ndi.maximum_filter(dist, size=3)) & (dist >= 2))
+    radii = dist[ys, xs]
+    order = np.argsort(-radii)
+    xs, ys, radii = xs[order].astype(float), ys[order].astype(float), radii[order].astype(float)
+    kept = np.zeros(len(radii), dtype=bool)
+    for i in range(len(radii)):
+        k = kept[:i]
+        if not np.any((xs[:i][k] - xs[i]) ** 2 + (ys[:i][k] - ys[i]) ** 2 < radii[:i][k] ** 2):
+            kept[i] = True
+    if kept.sum() < MIN_RED_CELLS:
+        return None
+    r = np.sort(radii[kept])
+    area = np.cumsum(r ** 2)
+    return float(2 * r[np.searchsorted(area, area[-1] / 2)] + 1)
 
 
 def canonical_crop(image: Image.Image | np.ndarray, scale: CanonicalScale, rbc_diameter: float | None,

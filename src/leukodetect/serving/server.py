@@ -43,6 +43,7 @@ def build_app(
     checkpoint: Path | None,
     *,
     detector_checkpoint: Path | None = None,
+    locator: Path | None = None,
     torch_threads: int | None = None,
     backend: str = "auto",
     log: Callable[[str], None] = print,
@@ -60,7 +61,7 @@ def build_app(
     options = {"backend": backend, "threads": threads, "log": log}
     classifier = Classifier.from_checkpoint(resolve_checkpoint(checkpoint), **options)
     detector_path = resolve_detector(detector_checkpoint)
-    detector = load_detector(detector_path, **options) if detector_path is not None else None
+    detector = load_detector(detector_path, locator=locator, **options) if detector_path is not None else None
     return create_app(classifier, detector=detector, torch_threads=threads, **limits)
 
 
@@ -68,6 +69,7 @@ def serve(
     checkpoint: Path | None,
     *,
     detector_checkpoint: Path | None = None,
+    locator: Path | None = None,
     host: str = LOOPBACK,
     port: int = 8000,
     threads: int | None = None,
@@ -89,7 +91,7 @@ def serve(
     """
 
     allowed = default_allowed_hosts(host, allowed_hosts or ())
-    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, torch_threads=threads, backend=backend,
+    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, locator=locator, torch_threads=threads, backend=backend,
                     allowed_hosts=allowed, log=log)
     if host not in (LOOPBACK, "localhost", "::1"):
         log(f"Listening on {host}: anyone who can reach this machine can upload images; the service has no authentication.")

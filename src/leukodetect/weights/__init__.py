@@ -10,6 +10,8 @@ from leukodetect.errors import LeukoError
 DEFAULT_MODEL = Path(__file__).resolve().parent / "resnet50_5labs.safetensors"
 #: The crop classifier of whole-smear detection, trained on ALL-IDB1 photographs (see DETECTOR_CARD.md).
 DEFAULT_DETECTOR = Path(__file__).resolve().parent / "detector_allidb1.safetensors"
+#: The learned white-cell locator of whole-smear detection, trained on ALL-IDB1 and BCCD (see LOCATOR_CARD.md).
+DEFAULT_LOCATOR = Path(__file__).resolve().parent / "locator_wbc.safetensors"
 
 
 def default_model_path() -> Path:
@@ -32,3 +34,15 @@ def resolve_detector(checkpoint: Path | None) -> Path | None:
     if checkpoint is not None:
         return Path(checkpoint)
     return DEFAULT_DETECTOR if DEFAULT_DETECTOR.is_file() else None
+
+
+def resolve_locator(weights: Path | None) -> Path:
+    """The learned white-cell locator given, else the shipped one."""
+    if weights is not None:
+        return Path(weights)
+    if not DEFAULT_LOCATOR.is_file():
+        raise LeukoError(
+            f"The shipped white-cell locator {DEFAULT_LOCATOR} is missing from this installation: pass "
+            "--locator-weights FILE from 'leukodetect train-locator', or --locator colour."
+        )
+    return DEFAULT_LOCATOR

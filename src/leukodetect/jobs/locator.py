@@ -1,0 +1,267 @@
+"""``leukodetect train-locator`` and ``locator-eval``: the learned white-cell locator, trained and measured per laboratory.
+
+Sources are ``LAB=PATH[:FORMAT]`` as everywhere (:class:`~leukodetect.jobs.cells.LabSource`). What each
+layout gives as white-cell positions:
+
+- ``allidb1``: every white cell on the ten photographs with white-cell masks (Loddo & Putzu; the
+  centroid of each mask region), the blasts only on the other ALL photographs (their ``xyc`` files;
+  a normal white cell there is unannotated), nothing on the healthy ones (tests only: how many cells
+  are found). ALL-IDB-Patches' ``other`` centroids are not used: they mark platelets and debris, not
+  white cells;
+- ``bccd``: the centres of the white-cell boxes on 364 fields: trains and tests;
+- ``pbc``: single-cell crops of a normal white cell, centred: tests only (one cell at the centre;
+  platelet and erythroblast crops are left out: they are not white cells);
+- ``aria``: fields without positions: tests only, as the share of fields in which at least one white
+  cell is found (every Aria field holds white cells) and the number found per field.
+
+``locator-eval`` trains one locator per fold (k folds over the pooled photographs of the training
+layouts, then each training laboratory held out in turn) and scores every test photograph once per
+fold plan, beside the colour locator (:func:`~leukodetect.detection.locate.locate_cells`) on the same
+photographs. A found cell matches an annotated one within half the photograph's red-cell diameter
+(one to one, :func:`~leukodetect.detection.match.match_points`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage.measure import label, regionprops
+from tqdm.auto import tqdm
+
+from leukodetect.data.indexers import detect_format, index_dataset
+from leukodetect.data.split import kfold_indices
+from leukodetect.detection.locate import LocateParams, locate_cells
+from leukodetect.detection.match import match_points
+from leukodetect.errors import LeukoError
+from leukodetect.evaluation.intervals import wilson_interval
+from leukodetect.jobs.cells import LabSource
+from leukodetect.jobs.detect_eval import find_masks
+from leukodetect.reporting.render import Section, render_markdown
+from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.locator import LocatorSettings, WhiteCellLocator
+from leukodetect.training.locator import (
+    LocatorRecipe,
+    Smear,
+    canonical_smear,
+    fit_locator,
+)
+from leukodetect.utils import write_json
+
+DEFAULT_RECIPE = LocatorRecipe()
+DEFAULT_SETTINGS = LocatorSettings()
+#: Layouts with white-cell positions to train on.
+TRAINABLE = ("allidb1", "bccd")
+#: PBC crop types that are white cells.
+PBC_WHITE = {"lymphocyte", "neutrophil", "monocyte", "eosinophil", "basophil", "ig"}
+
+
+def _points(record, fmt: str, masks: Path | None) -> tuple[tuple, str]:
+    """A photograph's white-cell centres and how complete they are ("all", "blasts", "none")."""
+    if fmt == "allidb1":
+        mask = masks / f"{record.path.stem}_WBCs.tif" if masks is not None else None
+        if mask is not None and mask.is_file():
+            regions = label(np.asarray(Image.open(mask)).astype(bool))
+            return tuple((r.centroid[1], r.centroid[0]) for r in regionprops(regions)), "all"
+        if record.label == 1:
+            return tuple(record.blasts or ()), "blasts"
+        return (), "none"
+    if fmt == "bccd":
+        return tuple(record.cells or ()), "all"
+    return (), "none"
+
+
+def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, log=print, progress=False) -> tuple[list[Smear], list[str]]:
+    """Every photograph of every source, measured and resampled; and a sentence per one left out.
+
+    ``every`` keeps every n-th image of the test-only layouts (PBC, Aria), which are large.
+    """
+    smears, skipped = [], []
+    for source in sources:
+        fmt = source.format if source.format != "auto" else detect_format(source.path)
+        records = index_dataset(source.path, fmt)
+        if fmt == "pbc":
+            records = [r for r in records if (r.kind or "").lower() in PBC_WHITE][::every]
+        elif fmt == "aria":
+            records = records[::every]
+        elif fmt not in TRAINABLE:
+            raise LeukoError(f"--data {source}: the {fmt} layout gives no white-cell positions; the locator takes "
+                             "allidb1 and bccd (train and test) and pbc and aria (test only).")
+        masks = find_masks(source.path) if fmt == "allidb1" else None
+        for record in tqdm(records, desc=f"reading {source.lab}", disable=not progress, leave=False):
+            points, annotated = _points(record, fmt, masks)
+            try:
+                if fmt == "pbc":
+                    width, height = open_rgb(record.path).size
+                    points, annotated = ((width / 2, height / 2),), "all"
+                smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
+                                        layout=fmt, annotated=annotated)
+            except LeukoError as exc:
+                smear = str(exc)
+            if isinstance(smear, str):
+                skipped.append(f"{source.lab}: {smear}")
+                continue
+            smears.append(smear)
+        log(f"{source.lab}: {sum(s.lab == source.lab for s in smears)} photographs ({fmt}), "
+            f"{sum(x.startswith(source.lab + ':') for x in skipped)} left out")
+    return smears, skipped
+
+
+def found_points(locator: WhiteCellLocator | None, smear: Smear, params: LocateParams | None = None) -> np.ndarray:
+    """Centres found, in canonical pixels: the learned locator on the canonical image, or the colour locator on the photograph."""
+    if locator is not None:
+        return np.array([(x, y) for x, y, _ in locator.locate(smear.image, locator.settings.rbc_px)]).reshape(-1, 2)
+    cells = locate_cells(np.asarray(open_rgb(smear.path)), params or LocateParams()).cells
+    return np.array([(c.x, c.y) for c in cells]).reshape(-1, 2) * smear.factor
+
+
+def score_smear(found: np.ndarray, smear: Smear, rbc_px: float) -> dict:
+    """TP, FP, FN of one photograph (radius half a red cell), or the count found where positions are unknown."""
+    row = {"name": smear.name, "lab": smear.lab, "annotated": smear.annotated, "found": len(found)}
+    if smear.annotated != "none":
+        m = match_points(found, smear.points, 0.5 * rbc_px)
+        row.update(tp=m.tp, fp=m.fp, fn=m.fn)
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per laboratory: recall and precision with Wilson intervals where every white cell is annotated, blast
+    recall where only blasts are, and the share of photographs with a cell found where none is."""
+    out = {}
+    for lab in sorted({r["lab"] for r in rows}):
+        mine = [r for r in rows if r["lab"] == lab]
+        entry: dict = {"photographs": len(mine), "found_per_photograph": float(np.median([r["found"] for r in mine]))}
+        full = [r for r in mine if r["annotated"] == "all"]
+        if full:
+            tp, fp, fn = (sum(r[k] for r in full) for k in ("tp", "fp", "fn"))
+            entry.update(annotated_photographs=len(full), recall=_share(tp, tp + fn), precision=_share(tp, tp + fp))
+        blasts = [r for r in mine if r["annotated"] == "blasts"]
+        if blasts:
+            tp, fn = (sum(r[k] for r in blasts) for k in ("tp", "fn"))
+            entry["blast_recall"] = _share(tp, tp + fn)
+        bare = [r for r in mine if r["annotated"] == "none"]
+        if bare:
+            entry["unannotated_with_a_cell"] = _share(sum(r["found"] > 0 for r in bare), len(bare))
+            entry["unannotated_found_median"] = float(np.median([r["found"] for r in bare]))
+        out[lab] = entry
+    return out
+
+
+def _share(k: int, n: int) -> dict:
+    low, high = wilson_interval(k, n)
+    return {"value": k / n if n else None, "k": k, "n": n, "low": low, "high": high}
+
+
+def plan_folds(smears: list[Smear], folds: int, seed: int) -> list[dict]:
+    """Pooled k folds over the positioned photographs, then each training laboratory held out."""
+    train_idx = [i for i, s in enumerate(smears) if s.layout in TRAINABLE]
+    test_only = [i for i, s in enumerate(smears) if s.layout not in TRAINABLE]
+    trainable = {i for i in train_idx if smears[i].annotated != "none"}
+    groups = content_groups([smears[i].path for i in train_idx])
+    labs = sorted({smears[i].lab for i in train_idx})
+    strata = [min(1, labs.index(smears[i].lab)) for i in train_idx]  # two labs: stratified by lab
+    plans = []
+    for k, (tr, te) in enumerate(kfold_indices(strata, groups, folds=folds, seed=seed)):
+        plans.append({"name": f"pooled-fold{k + 1}", "train": [train_idx[i] for i in tr if train_idx[i] in trainable],
+                      "test": [train_idx[i] for i in te]})
+    if len(labs) > 1:
+        for lab in labs:
+            plans.append({"name": f"held-out-{lab}", "train": [i for i in trainable if smears[i].lab != lab],
+                          "test": [i for i in train_idx if smears[i].lab == lab] + test_only})
+    return plans
+
+
+def run_locator_eval(sources: Sequence[LabSource], out_dir: Path, *, folds: int = 3, recipe: LocatorRecipe = DEFAULT_RECIPE,
+                     settings: LocatorSettings = DEFAULT_SETTINGS, every: int = 1, colour_baseline: bool = True,
+                     log=print, progress=False) -> dict:
+    """Train and score the locator fold by fold; resumable (a finished fold's rows are kept in ``out_dir``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    smears, skipped = load_smears(sources, settings.rbc_px, every=every, log=log, progress=progress)
+    plans = plan_folds(smears, folds, recipe.seed)
+    results = {}
+    for plan in plans:
+        done = out_dir / plan["name"] / "rows.json"
+        if done.is_file():
+            results[plan["name"]] = json.loads(done.read_text())
+            log(f"{plan['name']}: already done, kept")
+            continue
+        t0 = time.perf_counter()
+        log(f"{plan['name']}: training on {len(plan['train'])} photographs, testing {len(plan['test'])}")
+        locator = fit_locator([smears[i] for i in plan["train"]], recipe, settings, log=log)
+        locator.save(out_dir / plan["name"] / "locator.safetensors")
+        learned = [score_smear(found_points(locator, smears[i]), smears[i], settings.rbc_px) for i in plan["test"]]
+        entry = {"learned": learned, "seconds": round(time.perf_counter() - t0, 1)}
+        if colour_baseline:
+            entry["colour"] = [score_smear(found_points(None, smears[i]), smears[i], settings.rbc_px) for i in plan["test"]]
+        write_json(done, entry)
+        results[plan["name"]] = entry
+    table = {}
+    pooled = [p["name"] for p in plans if p["name"].startswith("pooled")]
+    table["pooled"] = {m: summarise([r for n in pooled for r in results[n][m]]) for m in ("learned", "colour") if m in results[pooled[0]]}
+    for plan in plans:
+        if plan["name"].startswith("held-out"):
+            table[plan["name"]] = {m: summarise(results[plan["name"]][m]) for m in ("learned", "colour") if m in results[plan["name"]]}
+    summary = {"sources": [str(s) for s in sources], "folds": folds, "recipe": asdict(recipe), "settings": asdict(settings),
+               "skipped": skipped, "table": table,
+               "scale_sources": {lab: _count([s.scale_source for s in smears if s.lab == lab])
+                                 for lab in sorted({s.lab for s in smears})}}
+    write_json(out_dir / "locator_eval.json", summary)
+    (out_dir / "report.md").write_text(report_markdown(summary), encoding="utf-8")
+    return summary
+
+
+def _count(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def content_groups(paths: Sequence[Path]) -> list[str]:
+    """A group per distinct file content: byte-identical photographs (ALL-IDB1's Im093_0 and Im108_0) share one."""
+    first: dict[str, str] = {}
+    out = []
+    for path in paths:
+        digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+        out.append(first.setdefault(digest, str(path)))
+    return out
+
+
+def _cell(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    return f"{entry['value']:.3f} ({entry['k']}/{entry['n']}; {entry['low']:.3f}-{entry['high']:.3f})"
+
+
+def report_markdown(summary: dict) -> str:
+    """One table per fold plan: per laboratory, learned and colour locator side by side."""
+    header = ("locator", "lab", "photographs", "recall (all cells annotated)", "precision (same)", "blast recall",
+              "unannotated: share with a cell found", "median found")
+    sections = []
+    for plan, methods in summary["table"].items():
+        rows = [(method, lab, e["photographs"], _cell(e.get("recall")), _cell(e.get("precision")), _cell(e.get("blast_recall")),
+                 _cell(e.get("unannotated_with_a_cell")), f"{e['found_per_photograph']:g}")
+                for method, labs in methods.items() for lab, e in labs.items()]
+        sections.append(Section(plan, tables=[(None, header, rows)]))
+    if summary["skipped"]:
+        sections.append(Section("Left out", paragraphs=[f"{len(summary['skipped'])} photographs: " + "; ".join(summary["skipped"][:10])]))
+    return render_markdown("White-cell locator, per laboratory", sections)
+
+
+def run_train_locator(sources: Sequence[LabSource], out: Path, *, recipe: LocatorRecipe = DEFAULT_RECIPE,
+                      settings: LocatorSettings = DEFAULT_SETTINGS, log=print, progress=False) -> Path:
+    """Train one locator on every positioned photograph of ``sources`` and write it to ``out``."""
+    if out.exists():
+        raise LeukoError(f"{out} exists; choose a new file name (nothing is overwritten).")
+    smears, skipped = load_smears(sources, settings.rbc_px, log=log, progress=progress)
+    train = [s for s in smears if s.layout in TRAINABLE and s.annotated != "none"]
+    for line in skipped:
+        log(line)
+    locator = fit_locator(train, recipe, settings, log=log)
+    return locator.save(out)

@@ -1,0 +1,66 @@
+"""locator-eval's fold plans, scoring and per-laboratory summary, on made-up photographs (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from leukodetect.jobs.locator import (
+    content_groups,
+    plan_folds,
+    report_markdown,
+    score_smear,
+    summarise,
+)
+from leukodetect.training.locator import Smear
+
+
+def smear(tmp_path, name, lab, layout, annotated="all", content=None, points=((10.0, 10.0),)):
+    path = tmp_path / f"{name}.jpg"
+    path.write_bytes((content or name).encode())
+    return Smear(name=f"{lab}:{name}", lab=lab, image=np.zeros((8, 8, 3), np.uint8), points=np.array(points).reshape(-1, 2),
+                 factor=1.0, rbc_diameter=16.0, scale_source="measured", path=path, layout=layout, annotated=annotated)
+
+
+def test_every_photograph_is_tested_once_per_pooled_plan_and_a_held_out_lab_is_never_trained_on(tmp_path):
+    smears = [smear(tmp_path, f"a{i}", "allidb1", "allidb1", "blasts" if i % 2 else "all") for i in range(9)]
+    smears += [smear(tmp_path, "healthy", "allidb1", "allidb1", "none", points=())]
+    smears += [smear(tmp_path, f"b{i}", "bccd", "bccd") for i in range(9)]
+    smears += [smear(tmp_path, f"p{i}", "pbc", "pbc") for i in range(3)]
+    plans = plan_folds(smears, 3, seed=0)
+    pooled = [p for p in plans if p["name"].startswith("pooled")]
+    tested = sorted(i for p in pooled for i in p["test"])
+    assert tested == [i for i, s in enumerate(smears) if s.layout in ("allidb1", "bccd")]  # each once; pbc is test-only
+    for p in pooled:
+        assert not set(p["train"]) & set(p["test"])
+        assert all(smears[i].annotated != "none" for i in p["train"])  # an unannotated photograph teaches nothing
+    held = {p["name"]: p for p in plans if p["name"].startswith("held-out")}
+    assert set(held) == {"held-out-allidb1", "held-out-bccd"}
+    for lab in ("allidb1", "bccd"):
+        plan = held[f"held-out-{lab}"]
+        assert all(smears[i].lab != lab for i in plan["train"])
+        assert {smears[i].lab for i in plan["test"]} == {lab, "pbc"}
+
+
+def test_byte_identical_photographs_share_a_group(tmp_path):
+    a = smear(tmp_path, "Im093_0", "allidb1", "allidb1", content="same")
+    b = smear(tmp_path, "Im108_0", "allidb1", "allidb1", content="same")
+    c = smear(tmp_path, "Im001_1", "allidb1", "allidb1")
+    groups = content_groups([a.path, b.path, c.path])
+    assert groups[0] == groups[1] != groups[2]
+
+
+def test_scores_follow_what_each_photograph_annotates(tmp_path):
+    full = smear(tmp_path, "f", "bccd", "bccd", points=((10, 10), (50, 50)))
+    blasts = smear(tmp_path, "b", "allidb1", "allidb1", "blasts", points=((30, 30),))
+    bare = smear(tmp_path, "n", "aria", "aria", "none", points=())
+    rows = [
+        score_smear(np.array([[11, 9], [90, 90]]), full, 16),  # one hit, one false, one miss
+        score_smear(np.array([[30, 31], [70, 70]]), blasts, 16),  # the blast found; the other cell may be a normal one
+        score_smear(np.array([[5, 5]]), bare, 16),
+    ]
+    table = summarise(rows)
+    assert table["bccd"]["recall"]["value"] == 0.5 and table["bccd"]["precision"]["value"] == 0.5
+    assert table["allidb1"]["blast_recall"]["value"] == 1.0 and "precision" not in table["allidb1"]
+    assert table["aria"]["unannotated_with_a_cell"]["value"] == 1.0
+    text = report_markdown({"table": {"pooled": {"learned": table}}, "skipped": []})
+    assert "0.500 (1/2" in text and "| learned | aria |" in text
