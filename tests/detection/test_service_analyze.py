@@ -45,3 +45,17 @@ def test_analyze_says_cannot_assess_for_a_blank_or_grayscale_frame(crop_checkpoi
         response = client.post("/v1/analyze", files={"file": (name, buf.getvalue(), "image/png")})
         assert response.status_code == 200, response.text
         assert response.json()["verdict"] == "cannot_assess" and response.json()["reason"], name
+
+
+def test_analyze_with_the_learned_locator_finds_the_cells_and_says_which_locator(crop_checkpoint, smear_png):
+    from leukodetect.weights import resolve_locator
+
+    detector = load_detector(crop_checkpoint, locator=resolve_locator(None))
+    client = TestClient(create_app(Classifier.from_checkpoint(crop_checkpoint), detector=detector))
+    with open(smear_png, "rb") as f:
+        body = client.post("/v1/analyze", files={"file": ("smear.png", f, "image/png")}).json()
+    assert body["locator"] == "learned" and body["scale"] in ("measured", "packed")
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300), (245, 245, 245)).save(buf, format="PNG")
+    blank = client.post("/v1/analyze", files={"file": ("blank.png", buf.getvalue(), "image/png")}).json()
+    assert blank["verdict"] == "cannot_assess" and blank["reason"]
