@@ -100,16 +100,17 @@ def test_detection_runs_with_the_localisation_settings_stored_with_its_classifie
     assert (params.clump_area, params.clump_solidity, params.merge_area) == (5.0, 1.0, 0.0)
 
 
-def test_a_thin_image_is_refused_in_one_sentence_and_its_overlay_still_draws():
+def test_a_thin_or_1_pixel_image_is_cannot_assess_with_its_size_and_its_overlay_still_draws():
     import numpy as np
-    import pytest
 
-    from leukodetect.detection.pipeline import MIN_SIDE, draw_overlay
-    from leukodetect.errors import BadImageError
+    from leukodetect.detection.pipeline import CANNOT_ASSESS, MIN_SIDE, draw_gallery, draw_overlay
 
     strip = np.full((1, 20000, 3), 200, np.uint8)
-    with pytest.raises(BadImageError, match=f"20000x1 pixels, below the {MIN_SIDE}-pixel minimum side"):
-        analyze(strip)
+    for image, shown in ((strip, "20000x1"), (np.full((1, 1, 3), 200, np.uint8), "1x1")):
+        result = analyze(image)
+        assert result["verdict"] == CANNOT_ASSESS and result["cells"] == []
+        assert f"{shown} pixels, below the {MIN_SIDE}-pixel minimum side" in result["reason"]
+        assert draw_overlay(image, result).size[0] >= 1 and draw_gallery(image, result).size[0] > 0
     # The overlay of a strip is at least one pixel a side (a 0-pixel resize was a cv2 assertion).
     empty = {"cells": [], "verdict": "healthy", "n_blast": 0, "n_review": 0, "n_cells": 0}
     assert draw_overlay(strip, empty).size == (2000, 1)
@@ -129,8 +130,9 @@ def test_detect_folder_with_thin_images_reports_each_and_goes_on(crop_checkpoint
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and (out / "c_smear.json").is_file()
     rows = {line.split(",")[0].rsplit("/", 1)[-1]: line for line in (out / "summary.csv").read_text().splitlines()[1:]}
-    assert "1x20000 pixels, below the 32-pixel minimum side" in rows["a_strip.png"]
+    assert "1x20000 pixels, below the 32-pixel minimum side" in rows["a_strip.png"] and ",cannot_assess," in rows["a_strip.png"]
     assert "20000x2 pixels" in rows["b_band.png"] and ",healthy," not in rows["b_band.png"]
+    assert (out / "a_strip_overlay.png").is_file()
     assert "error" not in json.loads((out / "c_smear.json").read_text())
 
 

@@ -24,16 +24,17 @@ def test_analyze_returns_cells_counts_verdict_overlay_and_gallery(crop_checkpoin
     assert Image.open(io.BytesIO(base64.b64decode(body["gallery_png"]))).format == "PNG"
 
 
-def test_analyze_refuses_a_thin_image_with_one_sentence(crop_checkpoint):
+def test_analyze_answers_a_thin_or_1_pixel_image_cannot_assess_with_its_size(crop_checkpoint):
     app = create_app(Classifier.from_checkpoint(crop_checkpoint), detector=load_detector(crop_checkpoint))
     client = TestClient(app)
-    for size, shown in (((1, 20000), "1x20000"), ((20000, 2), "20000x2")):
+    for size, shown in (((1, 20000), "1x20000"), ((20000, 2), "20000x2"), ((1, 1), "1x1")):
         buf = io.BytesIO()
         Image.new("RGB", size, "white").save(buf, format="PNG")
         response = client.post("/v1/analyze", files={"file": ("thin.png", buf.getvalue(), "image/png")})
-        assert response.status_code == 422, response.text
-        assert response.json()["error"] == (f"Image 'thin.png' is {shown} pixels, below the 32-pixel minimum side of a smear "
-                                            "photograph; send the photograph itself, at least 32x32 pixels.")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["verdict"] == "cannot_assess" and body["cells"] == []
+        assert f"{shown} pixels, below the 32-pixel minimum side" in body["reason"]
 
 
 def test_analyze_says_cannot_assess_for_a_blank_or_grayscale_frame(crop_checkpoint, smear_png):

@@ -152,8 +152,9 @@ def analyze(
         raise LeukoError(f"Review band {review_band} must satisfy 0 <= lo <= hi <= 1.")
     t0 = time.perf_counter()
     rgb = as_array(image)
-    check_smear_size(rgb.shape[1], rgb.shape[0])
     settings = classifier.detector if classifier is not None else None
+    if min(rgb.shape[:2]) < MIN_SIDE:
+        return too_small(rgb.shape[1], rgb.shape[0], review_band, rule, locator, time.perf_counter() - t0)
     grey = is_grayscale(rgb)
     scale_source = "measured"
     if grey:  # no stain to threshold: any "cell" would be an artefact
@@ -237,6 +238,21 @@ def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator) -> tuple[Localisa
     return Localisation(cells=cells, rbc_diameter=d, rbc_count=max(1, scale.red_cells), work_factor=work, stain_threshold=0.0), scale.source
 
 
+def too_small(width: int, height: int, review_band: tuple[float, float], rule: VerdictRule, locator, seconds: float) -> dict:
+    """The ``cannot_assess`` answer for an image below :data:`MIN_SIDE` pixels a side: it cannot hold a smear."""
+    return {
+        "width": width, "height": height, "rbc_diameter": None, "rbc_count": 0, "crop_factor": None, "crop_side": None,
+        "review_band": list(review_band), "rule": asdict(rule), "locator": "learned" if locator is not None else "colour",
+        "scale": "unknown", "n_cells": 0, "n_blast": 0, "n_review": 0, "n_normal": 0, "n_smudge": 0,
+        "smudge_gate": False, "cell_scorer": False, "white_density": 0.0, "blast_fraction": None,
+        "verdict": CANNOT_ASSESS,
+        "reason": (f"the image is {width}x{height} pixels, below the {MIN_SIDE}-pixel minimum side of a smear photograph, "
+                   "so it cannot show a blood smear (send the photograph itself)"),
+        "timing": {"locate_s": 0.0, "classify_s": 0.0, "total_s": round(seconds, 3)},
+        "cells": [],
+    }
+
+
 #: The verdict of a photograph that holds no evidence either way, with a ``reason``: "healthy" means white
 #: cells were seen and none was a blast, never that nothing could be seen.
 CANNOT_ASSESS = "cannot_assess"
@@ -311,11 +327,9 @@ def draw_gallery(image: Image.Image | np.ndarray, result: dict, *, tile: int = 9
 class Detector:
     """The whole-smear detector served at ``/v1/analyze``: :func:`analyze` plus the overlay image.
 
-    ``min_side`` tells the service the smallest width or height it analyses (:data:`MIN_SIDE`), so
-    that a smaller upload is refused with a sentence naming the file.
+    An image below :data:`MIN_SIDE` pixels a side is answered ``cannot_assess`` with its reason, as
+    :func:`analyze` answers it.
     """
-
-    min_side = MIN_SIDE
 
     def __init__(self, classifier, **kwargs) -> None:
         self.classifier = classifier

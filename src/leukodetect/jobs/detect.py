@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from leukodetect.detection.pipeline import (
     analyze,
-    check_smear_size,
     draw_gallery,
     draw_overlay,
     pixels_of,
@@ -55,7 +54,6 @@ def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
     notes: list[str] = []
     try:  # reading and analysing: whatever fails here is this image's failure, said in one sentence
         image = open_rgb(path, notes=notes)
-        check_smear_size(*image.size, f"Image {path}")
         rgb = pixels_of(image)
         result = {"image": str(path), **analyze(rgb, classifier, **kwargs), "notes": notes}
         overlay, gallery = draw_overlay(rgb, result), draw_gallery(rgb, result)
