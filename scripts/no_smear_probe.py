@@ -5,11 +5,15 @@
 Uses the shipped detector crop classifier and the shipped locator; prints the verdicts per kind (all should be
 cannot_assess). Recorded in docs/detection.md.
 """
-import collections, numpy as np
+import collections
+
+import numpy as np
+
 from leukodetect.detection.pipeline import analyze
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.locator import WhiteCellLocator
 from leukodetect.weights import resolve_detector, resolve_locator
+
 clf = Classifier.from_checkpoint(resolve_detector(None), backend="torch")
 loc = WhiteCellLocator.load(resolve_locator(None))
 rng = np.random.default_rng(0)
