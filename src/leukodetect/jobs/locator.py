@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -97,9 +98,8 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
         for record in tqdm(records, desc=f"reading {source.lab}", disable=not progress, leave=False):
             points, annotated = _points(record, fmt, masks)
             try:
-                if fmt == "pbc":
-                    width, height = open_rgb(record.path).size
-                    points, annotated = ((width / 2, height / 2),), "all"
+                if fmt == "pbc":  # one white cell, at the centre of the crop
+                    points, annotated = None, "all"
                 smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
                                         layout=fmt, annotated=annotated)
             except LeukoError as exc:
@@ -209,18 +209,11 @@ def run_locator_eval(sources: Sequence[LabSource], out_dir: Path, *, folds: int 
             table[plan["name"]] = {m: summarise(results[plan["name"]][m]) for m in ("learned", "colour") if m in results[plan["name"]]}
     summary = {"sources": [str(s) for s in sources], "folds": folds, "recipe": asdict(recipe), "settings": asdict(settings),
                "skipped": skipped, "table": table,
-               "scale_sources": {lab: _count([s.scale_source for s in smears if s.lab == lab])
+               "scale_sources": {lab: dict(Counter(s.scale_source for s in smears if s.lab == lab))
                                  for lab in sorted({s.lab for s in smears})}}
     write_json(out_dir / "locator_eval.json", summary)
     (out_dir / "report.md").write_text(report_markdown(summary), encoding="utf-8")
     return summary
-
-
-def _count(values) -> dict:
-    out: dict = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def content_groups(paths: Sequence[Path]) -> list[str]:

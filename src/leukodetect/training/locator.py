@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,13 @@ class LocatorRecipe:
 
 def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
                     layout: str = "", annotated: str = "all") -> Smear | str:
-    """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be."""
+    """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be.
+
+    ``points`` None stands for one cell at the image's centre (a single-cell crop).
+    """
     rgb = np.asarray(open_rgb(path))
+    if points is None:
+        points = (((rgb.shape[1]) / 2, (rgb.shape[0]) / 2),)
     scale = estimate_rbc_diameter(rgb, packed=True)
     if scale.diameter is None:
         return f"{path}: no red-cell diameter could be measured, so its scale is unknown; left out"
@@ -180,8 +186,6 @@ def fit_locator(smears: list[Smear], recipe: LocatorRecipe | None = None, settin
         if step % every == 0 or step == recipe.iterations:
             log(f"locator step {step}/{recipe.iterations}: loss {np.mean(running):.3f} ({time.perf_counter() - t0:.0f} s)")
             running = []
-    labs: dict[str, int] = {}
-    for s in smears:
-        labs[s.lab] = labs.get(s.lab, 0) + 1
+    labs = dict(Counter(s.lab for s in smears))
     trained = LocatorSettings(**{**asdict(settings), "trained_on": labs, "recipe": asdict(recipe)})
     return WhiteCellLocator(net.eval(), trained)
