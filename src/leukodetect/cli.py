@@ -879,6 +879,42 @@ def detect_eval(
         out.print((out_dir / "report.md").read_text(), highlight=False)
 
 
+@app.command("smear-eval")
+@_errors_to_exit
+def smear_eval(
+    data: list[str] = typer.Option(..., "--data", help="LAB=PATH[:FORMAT], repeated: labelled smears (allidb1, aria or bccd layouts)."),
+    out_dir: Path = typer.Option(..., "--out", help="New folder for smears.csv, metrics.json and report.md."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The cell model that classifies the located cells (default: the shipped ALL-IDB1 detector, as detect)."),
+    locator: str = LocatorOpt,
+    locator_weights: Optional[Path] = LocatorWeightsOpt,
+    unseen_from: Optional[Path] = typer.Option(None, "--unseen-from", help="The cell bank (cells.csv) the cell model was trained from: "
+                                               "score only the smears none of whose cells (or near-duplicates') it trained on."),
+    every: int = typer.Option(1, help="Score every n-th smear of each source."),
+    review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
+    review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
+    backend: str = BackendOpt,
+):
+    """Score the smear pipeline as it is (no training) on labelled smears: verdict accuracy per laboratory with 95% intervals."""
+    from leukodetect.jobs.cells import LabSource
+    from leukodetect.jobs.smear_eval import run_smear_eval
+    from leukodetect.runtime.checkpoint import load_checkpoint
+    from leukodetect.runtime.classifier import Classifier
+    from leukodetect.runtime.locator import WhiteCellLocator
+    from leukodetect.weights import resolve_detector, resolve_locator
+
+    _check_output_folder(out_dir)
+    sources = [LabSource.parse(d) for d in data]
+    path = resolve_detector(checkpoint)
+    if path is None:
+        raise LeukoError("No cell model to score with: pass --checkpoint (this installation has no shipped detector).")
+    clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
+    learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if _locator_kind(locator) == "learned" else None
+    trained_on = load_checkpoint(path).get("trained_on") or () if unseen_from is not None else ()
+    run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=trained_on,
+                   every=every, review_band=(review_low, review_high), progress=_progress(), log=_log)
+    out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
+
+
 @app.command("train-detector")
 @_errors_to_exit
 def train_detector(

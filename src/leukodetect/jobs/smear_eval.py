@@ -1,0 +1,205 @@
+"""``leukodetect smear-eval``: the smear pipeline as it is (no training) scored on labelled smears, per laboratory.
+
+``detect-eval`` trains a crop classifier per fold on ALL-IDB1 and ``locator-eval`` scores white-cell
+positions; this job answers a laboratory's question about the models it has: given a cell model and
+a locator, how often is a smear's verdict right in each laboratory?
+
+Labels come from the layout: ALL-IDB1 photographs (``_1`` ALL, ``_0`` healthy), Aria fields (Benign
+healthy; Early, Pre and Pro ALL), BCCD fields (healthy: smears of normal blood).
+
+Definitions, per laboratory:
+
+* a verdict is **right** when it is ``ALL`` on an ALL smear or ``healthy`` on a healthy one;
+  ``review`` and ``cannot_assess`` are never right, so accuracy is over every smear;
+* **sensitivity** and **specificity** count ``review`` as positive (a flagged smear goes to a person,
+  as in ``detect-eval``) and leave ``cannot_assess`` smears out; their share is reported apart;
+* **ROC AUC** ranks the smears with at least one classified cell by their most blast-like cell.
+
+``unseen_from`` (a cell bank's ``cells.csv``) keeps only the smears that the cell model never saw:
+none of the bank's cells cut from them, nor from any near-duplicate of them, is among the model's
+``trained_on`` pixel hashes (the bank's crops as written, and as JPEG of the qualities the bank
+may have been written in). A smear the bank holds no cell of is unseen by construction.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from leukodetect.data.duplicates import effective_groups, hash_records, near_duplicate_groups
+from leukodetect.data.indexers import detect_format, index_dataset
+from leukodetect.data.records import Record
+from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze
+from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.evaluation.intervals import wilson_interval
+from leukodetect.evaluation.metrics import roc_auc
+from leukodetect.jobs.cells import LabSource
+from leukodetect.runtime.images import open_rgb, pixel_hash
+from leukodetect.utils import atomic_write_text, write_csv, write_json
+
+#: Layouts whose images are whole smears with a label per smear.
+SMEAR_LAYOUTS = ("allidb1", "aria", "bccd")
+#: JPEG qualities a cell bank's crops may have been written in (0: as on disk); the shipped model's bank was JPEG 95.
+BANK_JPEG_QUALITIES = (0, 95)
+VERDICTS = ("ALL", "review", "healthy", CANNOT_ASSESS)
+ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast", "n_review", "max_prob", "scale", "reason")
+
+
+def smear_records(source: LabSource) -> tuple[str, list[Record]]:
+    """The labelled smears of one source, with near-duplicate and identical smears merged into one group each."""
+    fmt = source.format if source.format != "auto" else detect_format(source.path)
+    if fmt not in SMEAR_LAYOUTS:
+        raise LeukoError(f"{source}: smear-eval scores whole smears with a label each ({', '.join(SMEAR_LAYOUTS)} layouts); "
+                         f"{fmt} holds single cells: score those with 'leukodetect evaluate'.")
+    records = [r for r in index_dataset(source.path, fmt) if r.label is not None]
+    if not records:
+        raise LeukoError(f"{source}: no labelled smears found; point to the data set's folder.")
+    if fmt == "aria":
+        records = near_duplicate_groups(records)
+    groups = effective_groups(records, hash_records(records))
+    return fmt, [replace(r, group=f"{source.lab}:{g}") for r, g in zip(records, groups)]
+
+
+def _bank_hashes(image: Image.Image, qualities: Iterable[int]) -> set[str]:
+    hashes = set()
+    for quality in qualities:
+        if not quality:
+            hashes.add(pixel_hash(image))
+            continue
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as written:
+            hashes.add(pixel_hash(written))
+    return hashes
+
+
+def trained_smears(bank_csv: Path, trained_on: Iterable[str], *, qualities: Sequence[int] = BANK_JPEG_QUALITIES) -> tuple[set[str], set[str]]:
+    """The parents (``lab:stem``) and groups (``lab:group``) of a cell bank's crops that a model trained on.
+
+    A bank written as PNG and used as JPEG (or the other way) still matches: each crop is hashed as
+    it is and as JPEG of each of ``qualities``.
+    """
+    bank_csv = Path(bank_csv)
+    trained = set(trained_on)
+    parents, groups = set(), set()
+    try:
+        rows = list(csv.DictReader(bank_csv.open(newline="", encoding="utf-8")))
+    except OSError as exc:
+        raise LeukoError(f"Cell bank {bank_csv} cannot be read ({exc}): pass the cells.csv of the bank the model was trained on.") from exc
+    if rows and not {"path", "parent", "group"} <= set(rows[0]):
+        raise LeukoError(f"{bank_csv} is not a cell bank's cells.csv (no path, parent and group columns): pass the one 'leukodetect cells' wrote.")
+    for row in rows:
+        try:
+            with Image.open(bank_csv.parent / row["path"]) as image:
+                hashes = _bank_hashes(image.convert("RGB"), qualities)
+        except OSError as exc:
+            raise LeukoError(f"Crop {bank_csv.parent / row['path']} of the cell bank cannot be read ({exc}): rebuild the bank.") from exc
+        if hashes & trained:
+            parents.add(row["parent"])
+            groups.add(row["group"])
+    return parents, groups
+
+
+def smear_row(lab: str, record: Record, result: dict) -> dict:
+    """One smear's line: its label, verdict, whether it is right, and its most blast-like cell."""
+    probs = [c["prob_blast"] for c in result["cells"] if c.get("prob_blast") is not None]
+    verdict = result["verdict"]
+    right = verdict == ("ALL" if record.label == 1 else "healthy")
+    return {"lab": lab, "image": str(record.path), "label": int(record.label), "verdict": verdict, "right": right,
+            "n_cells": result["n_cells"], "n_blast": result["n_blast"], "n_review": result["n_review"],
+            "max_prob": max(probs) if probs else None, "scale": result["scale"], "reason": result.get("reason") or ""}
+
+
+def _share(k: int, n: int) -> dict:
+    low, high = wilson_interval(k, n) if n else (float("nan"), float("nan"))
+    return {"k": k, "n": n, "value": k / n if n else None, "low": low if n else None, "high": high if n else None}
+
+
+def smear_metrics(rows: Sequence[dict]) -> dict:
+    """Accuracy, sensitivity, specificity (95% Wilson intervals), AUC and verdict counts of one laboratory's rows."""
+    assessed = [r for r in rows if r["verdict"] != CANNOT_ASSESS]
+    positives = [r for r in assessed if r["label"] == 1]
+    negatives = [r for r in assessed if r["label"] == 0]
+    scored = [r for r in rows if r["max_prob"] is not None]
+    labels = {r["label"] for r in scored}
+    return {
+        "smears": len(rows),
+        "all": sum(r["label"] == 1 for r in rows), "healthy": sum(r["label"] == 0 for r in rows),
+        "verdicts": {label: dict(Counter(r["verdict"] for r in rows if r["label"] == value))
+                     for label, value in (("ALL", 1), ("healthy", 0))},
+        "accuracy": _share(sum(r["right"] for r in rows), len(rows)),
+        "cannot_assess": _share(len(rows) - len(assessed), len(rows)),
+        "sensitivity": _share(sum(r["verdict"] in ("ALL", "review") for r in positives), len(positives)),
+        "specificity": _share(sum(r["verdict"] == "healthy" for r in negatives), len(negatives)),
+        "auc": roc_auc(np.array([r["label"] for r in scored]), np.array([r["max_prob"] for r in scored])) if len(labels) == 2 else None,
+        "median_cells": float(np.median([r["n_cells"] for r in rows])) if rows else None,
+    }
+
+
+def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, locator=None, unseen_from: Path | None = None,
+                   trained_on: Iterable[str] = (), every: int = 1, progress: bool = False, log=print, **analyze_kwargs) -> dict:
+    """Analyse every labelled smear of ``sources`` with ``classifier`` and ``locator``; write rows, metrics and a report.
+
+    Unreadable smears are reported and left out; ``every`` keeps every n-th smear of each source.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "metrics.json").exists():
+        raise LeukoError(f"{out_dir} already holds a smear evaluation: choose another --out.")
+    parents, groups = trained_smears(unseen_from, trained_on) if unseen_from is not None else (set(), set())
+    rows, facts = [], {}
+    for source in sources:
+        fmt, records = smear_records(source)
+        records = records[::every]
+        kept = [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
+        facts[source.lab] = {"format": fmt, "smears": len(records), "left_out_as_trained": len(records) - len(kept)}
+        if unseen_from is not None:
+            log(f"{source.lab}: {len(kept)} of {len(records)} smears never trained on (cells of the others are in {unseen_from}).")
+        unreadable = 0
+        for record in tqdm(kept, desc=f"smears of {source.lab}", disable=not progress):
+            try:
+                result = analyze(np.asarray(open_rgb(record.path)), classifier, locator=locator, **analyze_kwargs)
+            except BadImageError as exc:
+                log(f"skipped: {exc}")
+                unreadable += 1
+                continue
+            rows.append(smear_row(source.lab, record, result))
+        facts[source.lab]["unreadable"] = unreadable
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "smears.csv", rows, list(ROW_FIELDS))
+    metrics = {"labs": {lab: {**facts[lab], **smear_metrics([r for r in rows if r["lab"] == lab])} for lab in facts},
+               "locator": "learned" if locator is not None else "colour", "unseen_from": str(unseen_from) if unseen_from else None}
+    write_json(out_dir / "metrics.json", metrics)
+    atomic_write_text(out_dir / "report.md", report_markdown(metrics))
+    return metrics
+
+
+def _pct(entry: dict) -> str:
+    if entry["value"] is None:
+        return "-"
+    return f"{100 * entry['value']:.1f}% ({100 * entry['low']:.1f}-{100 * entry['high']:.1f}; {entry['k']}/{entry['n']})"
+
+
+def report_markdown(metrics: dict) -> str:
+    lines = [f"# Smear verdicts per laboratory ({metrics['locator']} locator)", ""]
+    if metrics["unseen_from"]:
+        lines += [f"Only smears the cell model never trained on (bank: {metrics['unseen_from']}).", ""]
+    lines += ["| laboratory | smears (ALL / healthy) | accuracy | sensitivity (review = ALL) | specificity | ROC AUC | cannot assess |"
+              " ALL smears: ALL / review / healthy / cannot | healthy smears: ALL / review / healthy / cannot |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for lab, m in metrics["labs"].items():
+        counts = ["/".join(str(m["verdicts"].get(label, {}).get(v, 0)) for v in VERDICTS) for label in ("ALL", "healthy")]
+        auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
+        lines.append(f"| {lab} | {m['smears']} ({m['all']} / {m['healthy']}) | {_pct(m['accuracy'])} | {_pct(m['sensitivity'])} | "
+                     f"{_pct(m['specificity'])} | {auc} | {_pct(m['cannot_assess'])} | {counts[0]} | {counts[1]} |")
+    lines += ["", "A verdict is right when it is ALL on an ALL smear or healthy on a healthy one (review and cannot_assess never are);",
+              "sensitivity counts review as ALL; sensitivity and specificity leave cannot_assess smears out. 95% Wilson intervals."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,124 @@
+"""smear-eval: verdicts per laboratory, the metrics' definitions, and the "never trained on" filter (tiny model, synthetic smears)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from smear_images import synthetic_smear
+from typer.testing import CliRunner
+
+from leukodetect.cli import app
+from leukodetect.errors import LeukoError
+from leukodetect.jobs.cells import LabSource
+from leukodetect.jobs.smear_eval import run_smear_eval, smear_metrics, trained_smears
+from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import pixel_hash
+from leukodetect.utils import write_csv
+
+
+@pytest.fixture(scope="module")
+def aria_tree(tmp_path_factory):
+    """An Aria layout: 2 benign and 2 ALL fields (synthetic smears, turned and flipped to differ), and one near-duplicate of a benign field."""
+    root = tmp_path_factory.mktemp("aria") / "Original"
+    for folder, seeds in (("Benign", (0, 1)), ("Early", (2, 3))):
+        (root / folder).mkdir(parents=True)
+        for seed in seeds:
+            field = np.rot90(synthetic_smear(seed=seed, size=300), k=seed)  # turned, so that no two fields look alike
+            Image.fromarray(np.ascontiguousarray(field[::1 if seed < 2 else -1])).save(root / folder / f"WBC-{folder}-{seed:03d}.jpg", quality=95)
+    noisy = np.asarray(Image.open(root / "Benign" / "WBC-Benign-000.jpg")).astype(int) + 2  # another capture of field 000
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(root / "Benign" / "WBC-Benign-009.jpg", quality=95)
+    return root
+
+
+def _bank(tmp_path, crops: dict[str, tuple[np.ndarray, str]]):
+    """A cell bank's cells.csv with one crop per parent (parent -> (pixels, group))."""
+    rows = []
+    for parent, (pixels, group) in crops.items():
+        path = tmp_path / "cells" / f"{parent.replace(':', '_')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        rows.append({"path": path.relative_to(tmp_path).as_posix(), "label": 0, "group": group, "lab": parent.split(":")[0],
+                     "kind": "", "parent": parent, "x": 0, "y": 0})
+    write_csv(tmp_path / "cells.csv", rows, ["path", "label", "group", "lab", "kind", "parent", "x", "y"])
+    return tmp_path / "cells.csv"
+
+
+def _jpeg_hash(pixels: np.ndarray, quality: int) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return pixel_hash(Image.open(buffer))
+
+
+def test_a_smear_counts_as_trained_when_its_crop_was_trained_on_as_png_or_as_jpeg(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(3))
+    bank = _bank(tmp_path, {"aria:f1": (a, "aria:aria:f1"), "aria:f2": (b, "aria:aria:f2"), "aria:f3": (c, "aria:aria:f3")})
+    parents, groups = trained_smears(bank, [pixel_hash(Image.fromarray(a)), _jpeg_hash(b, 95)])
+    assert parents == {"aria:f1", "aria:f2"} and groups == {"aria:aria:f1", "aria:aria:f2"}
+    assert trained_smears(bank, [_jpeg_hash(b, 95)], qualities=(0,)) == (set(), set())  # a PNG-only look misses the JPEG bank
+    (tmp_path / "not_a_bank.csv").write_text("path,label\nx.png,0\n")
+    with pytest.raises(LeukoError, match="not a cell bank"):
+        trained_smears(tmp_path / "not_a_bank.csv", [])
+
+
+def _row(label, verdict, prob):
+    right = verdict == ("ALL" if label else "healthy")
+    return {"label": label, "verdict": verdict, "right": right, "max_prob": prob, "n_cells": 0 if prob is None else 2}
+
+
+def test_metrics_count_review_as_positive_and_cannot_assess_apart():
+    rows = [_row(1, "ALL", 0.9), _row(1, "review", 0.5), _row(1, "healthy", 0.1), _row(1, "cannot_assess", None),
+            _row(0, "healthy", 0.05), _row(0, "ALL", 0.8), _row(0, "cannot_assess", None)]
+    m = smear_metrics(rows)
+    assert m["smears"] == 7 and (m["all"], m["healthy"]) == (4, 3)
+    assert (m["accuracy"]["k"], m["accuracy"]["n"]) == (2, 7)  # ALL->ALL and healthy->healthy only
+    assert (m["sensitivity"]["k"], m["sensitivity"]["n"]) == (2, 3)  # review counts as ALL; cannot_assess left out
+    assert (m["specificity"]["k"], m["specificity"]["n"]) == (1, 2)
+    assert (m["cannot_assess"]["k"], m["cannot_assess"]["n"]) == (2, 7)
+    assert m["verdicts"]["ALL"] == {"ALL": 1, "review": 1, "healthy": 1, "cannot_assess": 1}
+    # AUC over the 5 smears with a classified cell: positives 0.9, 0.5, 0.1 against negatives 0.05, 0.8
+    assert m["auc"] == pytest.approx(4 / 6)
+    assert smear_metrics([_row(0, "healthy", 0.1)])["auc"] is None and smear_metrics([_row(0, "healthy", 0.1)])["sensitivity"]["value"] is None
+
+
+def test_every_smear_is_scored_once_and_trained_fields_and_their_near_duplicates_are_left_out(aria_tree, crop_checkpoint, tmp_path):
+    clf = Classifier.from_checkpoint(crop_checkpoint, backend="torch")
+    source = LabSource.parse(f"aria={aria_tree}")
+    metrics = run_smear_eval([source], clf, tmp_path / "all", log=lambda *_: None)
+    m = metrics["labs"]["aria"]
+    assert (m["smears"], m["all"], m["healthy"]) == (5, 2, 3)
+    assert sum(sum(v.values()) for v in m["verdicts"].values()) == 5
+    rows = (tmp_path / "all" / "smears.csv").read_text().splitlines()
+    assert len(rows) == 6 and "aria" in (tmp_path / "all" / "report.md").read_text()
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["labs"]["aria"]["smears"] == 5
+
+    # The model "trained" on a cell of Benign-000: that field and its near-duplicate 009 are left out.
+    crop = np.zeros((8, 8, 3), np.uint8)
+    bank = _bank(tmp_path / "bank", {"aria:WBC-Benign-000": (crop, "aria:aria:WBC-Benign-000")})
+    logged: list[str] = []
+    unseen = run_smear_eval([source], clf, tmp_path / "unseen", unseen_from=bank, trained_on=[pixel_hash(Image.fromarray(crop))],
+                            log=logged.append)
+    u = unseen["labs"]["aria"]
+    assert (u["smears"], u["left_out_as_trained"]) == (3, 2)
+    assert "WBC-Benign-00" not in (tmp_path / "unseen" / "smears.csv").read_text().replace("WBC-Benign-001", "")
+    assert logged == [f"aria: 3 of 5 smears never trained on (cells of the others are in {bank})."]
+    with pytest.raises(LeukoError, match="already holds a smear evaluation"):
+        run_smear_eval([source], clf, tmp_path / "unseen", log=lambda *_: None)
+
+
+def test_single_cell_layouts_are_refused_with_what_to_use_instead(tiny_tree, crop_checkpoint, tmp_path):
+    clf = Classifier.from_checkpoint(crop_checkpoint, backend="torch")
+    with pytest.raises(LeukoError, match="holds single cells: score those with 'leukodetect evaluate'"):
+        run_smear_eval([LabSource.parse(f"x={tiny_tree}")], clf, tmp_path / "out", log=lambda *_: None)
+
+
+def test_the_command_prints_the_per_laboratory_report(aria_tree, crop_checkpoint, tmp_path):
+    result = CliRunner().invoke(app, ["smear-eval", "--data", f"aria={aria_tree}", "--out", str(tmp_path / "out"),
+                                      "--checkpoint", str(crop_checkpoint), "--backend", "torch"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Smear verdicts per laboratory (colour locator)" in result.output and "| aria | 5 (2 / 3) |" in result.output
