@@ -463,8 +463,8 @@ def cross_lab(
 @app.command()
 @_errors_to_exit
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="A best.pt from train or cv."),
-    data: Path = DataOpt,
+    checkpoint: Path = typer.Option(..., help="A best.pt from train or cv (or a shipped .safetensors)."),
+    data: list[str] = SourcesOpt,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: beside the checkpoint)."),
     fmt: Optional[str] = FormatOpt,
     include_training: bool = typer.Option(False, help="Also score images the model was trained on (inflated)."),
@@ -473,15 +473,20 @@ def evaluate(
     stain_reference: Optional[Path] = StainReferenceOpt,
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Metrics with 95% intervals, ROC, confusion matrix and training curves for a checkpoint."""
+    """Metrics with 95% intervals, ROC, confusion matrix and training curves for a checkpoint; per laboratory where the data names them."""
     from leukodetect.data.stain import stain_from_options
+    from leukodetect.jobs.cells import LabSource
     from leukodetect.jobs.evaluate import evaluate_checkpoint
     from leukodetect.utils import fresh_dir
 
     stain = stain_from_options(stain_normalize, stain_reference)
-    target = fresh_dir(out_dir or Path(checkpoint).parent / f"eval-{Path(data).name}")
-    report = evaluate_checkpoint(checkpoint, data, target, fmt=fmt or "auto", include_training=include_training,
-                                 backend=backend, command=_command_line(), progress=_progress(), stain=stain, log=_log)
+    single = len(data) == 1 and "=" not in data[0]
+    sources = [] if single else [LabSource.parse(d) for d in data]
+    name = Path(data[0]).name if single else "-".join(s.lab for s in sources)
+    target = fresh_dir(out_dir or Path(checkpoint).parent / f"eval-{name}")
+    report = evaluate_checkpoint(checkpoint, Path(data[0]) if single else None, target, sources=sources, fmt=fmt or "auto",
+                                 include_training=include_training, backend=backend, command=_command_line(), progress=_progress(),
+                                 stain=stain, log=_log)
     _print_result({"out_dir": str(target), "metrics": report}, as_json, report, f"Evaluation written to {target}")
 
 
@@ -897,7 +902,6 @@ def smear_eval(
     """Score the smear pipeline as it is (no training) on labelled smears: verdict accuracy per laboratory with 95% intervals."""
     from leukodetect.jobs.cells import LabSource
     from leukodetect.jobs.smear_eval import run_smear_eval
-    from leukodetect.runtime.checkpoint import load_checkpoint
     from leukodetect.runtime.classifier import Classifier
     from leukodetect.runtime.locator import WhiteCellLocator
     from leukodetect.weights import resolve_detector, resolve_locator
@@ -909,7 +913,7 @@ def smear_eval(
         raise LeukoError("No cell model to score with: pass --checkpoint (this installation has no shipped detector).")
     clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
     learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if _locator_kind(locator) == "learned" else None
-    trained_on = load_checkpoint(path).get("trained_on") or () if unseen_from is not None else ()
+    trained_on = clf.bundle.get("trained_on") or () if unseen_from is not None else ()
     run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=trained_on,
                    every=every, review_band=(review_low, review_high), progress=_progress(), log=_log)
     out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
@@ -1036,6 +1040,13 @@ def _print_result(result: dict, as_json: bool, report: dict, title: str, folds: 
         _print_json(result)
         return
     out.print(metrics_table(report, title, folds))
+    if report.get("labs"):
+        from leukodetect.reporting.report import LAB_HEADER, lab_table_rows
+
+        table = Table(*LAB_HEADER, title="Per laboratory")
+        for row in lab_table_rows(report["labs"]):
+            table.add_row(*map(str, row))
+        out.print(table)
     out.print(f"Outputs in {result['out_dir']}")
 
 

@@ -224,21 +224,33 @@ def _crop_format(jpeg_quality: int) -> dict:
     return {"format": "JPEG", "quality": jpeg_quality} if jpeg_quality else {"format": "PNG"}
 
 
+#: JPEG qualities a cell bank's crops may have been written in (0: lossless, as PNG); the shipped model's bank was JPEG 95.
+BANK_JPEG_QUALITIES = (0, 95)
+
+
+def written_hashes(image: Image.Image | np.ndarray, jpeg_qualities: Sequence[int] = (0,)) -> set[str]:
+    """The pixel hashes of ``image`` as a bank writes it: lossless (quality 0) and as JPEG of each other quality."""
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
+    hashes = set()
+    for quality in jpeg_qualities:
+        if not quality:
+            hashes.add(pixel_hash(image))
+            continue
+        buffer = io.BytesIO()
+        image.save(buffer, **_crop_format(quality))
+        buffer.seek(0)
+        with Image.open(buffer) as written:
+            hashes.add(pixel_hash(written))
+    return hashes
+
+
 def crop_hashes(image: Image.Image | np.ndarray, scale: CanonicalScale, diameter: float, jpeg_qualities: Sequence[int] = (0,)) -> set[str]:
     """The pixel hashes of a single-cell image's crop as :func:`build_bank` writes it, for each of ``jpeg_qualities`` (0: PNG).
 
     A model trained on a cell bank lists the pixel hashes of the bank's crops (its ``trained_on``), not
     those of the original files: this is how to tell whether an original image was among its cells.
     """
-    crop = Image.fromarray(canonical_crop(image, scale, diameter))
-    hashes = set()
-    for quality in jpeg_qualities:
-        buffer = io.BytesIO()
-        crop.save(buffer, **_crop_format(quality))
-        buffer.seek(0)
-        with Image.open(buffer) as written:
-            hashes.add(pixel_hash(written))
-    return hashes
+    return written_hashes(canonical_crop(image, scale, diameter), jpeg_qualities)
 
 
 #: Red-cell diameters across a cell model's input when a run across laboratories does not say (--field).

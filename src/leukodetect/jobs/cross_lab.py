@@ -21,7 +21,6 @@ Figures per held-out laboratory (``cross_lab.json`` and ``report.md``), at the m
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 from leukodetect.config import RunConfig
 from leukodetect.data.split import holdout_indices
 from leukodetect.errors import LeukoError
-from leukodetect.evaluation.intervals import binary_report, wilson_interval
+from leukodetect.evaluation.labs import lab_figures
 from leukodetect.jobs.train import (
     FoldJob,
     Prepared,
@@ -40,6 +39,7 @@ from leukodetect.jobs.train import (
     train_folds_on_devices,
 )
 from leukodetect.reporting.render import Section, render_markdown
+from leukodetect.reporting.report import LAB_HEADER, lab_table_rows
 from leukodetect.training import parallel
 from leukodetect.utils import atomic_write_text, environment_facts, write_json
 
@@ -110,78 +110,17 @@ def _cell_rows(prep: Prepared, run_dir: Path) -> list[dict]:
             for path, prob, call in zip(stored["test"], stored["prob_blast"], calls) for r in [by_path[path]]]
 
 
-def score_cells(rows: Sequence[dict]) -> dict:
-    """Cell-level figures of one laboratory: both classes, or specificity alone."""
-    y = np.array([r["label"] for r in rows], dtype=int)
-    p = np.array([r["prob"] for r in rows], dtype=float)
-    flagged = np.array([r["flagged"] for r in rows], dtype=bool)
-    out = {"cells": len(rows), "blast": int(y.sum()), "normal": int((1 - y).sum()),
-           "flagged": int(flagged.sum()), "flag_rate": float(flagged.mean()) if len(rows) else None}
-    if 0 < y.sum() < len(y):
-        report = binary_report(y, p, threshold=THRESHOLD)
-        out.update({k: report["metrics"][k] for k in ("sensitivity", "specificity", "roc_auc")})
-    for name, label, called in (("specificity", 0, p < THRESHOLD), ("sensitivity", 1, p >= THRESHOLD)):
-        if name not in out and (y == label).any():
-            k, n = int(called[y == label].sum()), int((y == label).sum())
-            low, high = wilson_interval(k, n)
-            out[name] = {"value": k / n, "ci_low": low, "ci_high": high, "method": "wilson"}
-    return out
-
-
-def score_fields(rows: Sequence[dict]) -> dict:
-    """Field-level figures: a field is ALL when its most blast-like cell is called a blast."""
-    fields: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        fields[r["parent"]].append(r)
-    merged = [{"label": cells[0]["label"], "prob": max(c["prob"] for c in cells), "flagged": all(c["flagged"] for c in cells),
-               "lab": cells[0]["lab"], "kind": cells[0]["kind"], "parent": parent} for parent, cells in fields.items()]
-    return {**score_cells(merged), "fields": len(merged), "rule": "a field's P(blast) is the highest of its cells'"}
-
-
 def score_runs(prep: Prepared, out_dir: Path, *, hold_out: Sequence[str], only: str | None) -> dict:
     """The table: per held-out laboratory, the model trained without it, and the single-laboratory model."""
     table: dict = {"threshold": THRESHOLD, "held_out": {}, "only": None, "versions": environment_facts()}
     for lab in hold_out:
         rows = _cell_rows(prep, out_dir / f"without_{lab}")
-        table["held_out"][lab] = _lab_figures(rows)
+        table["held_out"][lab] = lab_figures(rows, THRESHOLD)
     if only:
         rows = _cell_rows(prep, out_dir / f"only_{only}")
-        table["only"] = {"trained_on": only, "labs": {lab: _lab_figures([r for r in rows if r["lab"] == lab])
+        table["only"] = {"trained_on": only, "labs": {lab: lab_figures([r for r in rows if r["lab"] == lab], THRESHOLD)
                                                         for lab in sorted({r["lab"] for r in rows})}}
     return table
-
-
-def _lab_figures(rows: Sequence[dict]) -> dict:
-    figures = {"cells": score_cells(rows)}
-    kinds = sorted({r["kind"] for r in rows if r["kind"]})
-    if any(r["parent"] for r in rows) and len({r["parent"] for r in rows}) < len(rows):
-        figures["fields"] = score_fields(rows)
-    if "lymphocyte" in kinds:
-        figures["lymphocytes"] = score_cells([r for r in rows if r["kind"] == "lymphocyte"])
-        figures["other_types"] = score_cells([r for r in rows if r["kind"] != "lymphocyte"])
-    return figures
-
-
-def _fmt(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "-"
-    return f"{100 * entry['value']:.1f}% ({100 * entry['ci_low']:.1f}-{100 * entry['ci_high']:.1f})"
-
-
-def _auc(entry: dict | None) -> str:
-    return "-" if not entry or entry.get("value") is None else f"{entry['value']:.3f} ({entry['ci_low']:.3f}-{entry['ci_high']:.3f})"
-
-
-def table_rows(figures: dict[str, dict]) -> list[tuple]:
-    rows = []
-    for lab, parts in figures.items():
-        for part, f in parts.items():
-            rows.append((lab, part, f.get("fields", f["cells"]), f["blast"], f["normal"], _fmt(f.get("sensitivity")),
-                         _fmt(f.get("specificity")), _auc(f.get("roc_auc")), f"{100 * f['flag_rate']:.1f}%" if f["flag_rate"] is not None else "-"))
-    return rows
-
-
-HEADER = ("laboratory", "unit", "n", "blast", "normal", "sensitivity (95% CI)", "specificity (95% CI)", "ROC AUC (95% CI)", "flagged by the guard")
 
 
 def report_sections(table: dict, cfg: RunConfig, command: str) -> list[Section]:
@@ -189,9 +128,9 @@ def report_sections(table: dict, cfg: RunConfig, command: str) -> list[Section]:
              ("input", f"{cfg.data.image_size} px = {cfg.data.field_diameters or 3:g} red-cell diameters"),
              ("threshold", str(table["threshold"])), *((k, str(v)) for k, v in table["versions"].items())]
     sections = [Section("Held-out laboratories", ["Each laboratory scored by the model trained on all the others."],
-                        [(None, HEADER, table_rows(table["held_out"]))])]
+                        [(None, LAB_HEADER, lab_table_rows(table["held_out"]))])]
     if table["only"]:
         sections.append(Section(f"Trained on {table['only']['trained_on']} alone", ["The same recipe on one laboratory, scored on each other one."],
-                                [(None, HEADER, table_rows(table["only"]["labs"]))]))
+                                [(None, LAB_HEADER, lab_table_rows(table["only"]["labs"]))]))
     sections.append(Section("Run", [], [(None, ("fact", "value"), facts)]))
     return sections

@@ -18,7 +18,7 @@ from PIL import Image
 from leukodetect.config import RunConfig
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.evaluation.metrics import accuracy, confusion, sensitivity, specificity
-from leukodetect.jobs.cells import DECLARED, crop_hashes
+from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, DECLARED, crop_hashes
 from leukodetect.jobs.detect import run_detect
 from leukodetect.jobs.train import run_train
 from leukodetect.reporting.render import Section, Thumbnail, render_html
@@ -32,9 +32,6 @@ from leukodetect.weights import default_model_path, resolve_detector
 #: How the bundled C-NMC cells are scaled: C-NMC's declared red-cell diameter (its cells are segmented
 #: on black, with no red cell to measure), as the cell banks the shipped model was trained on declare it.
 CNMC_DIAMETER = DECLARED["cnmc"]
-#: How a cell bank may have written a cell the model was trained on: PNG (``leukodetect cells``' default)
-#: or JPEG of quality 95 (the shipped cell model's bank, MODEL_CARD.md). Used to recognise its training cells.
-BANK_JPEG_QUALITIES = (0, 95)
 #: What a normal smear should get; any other verdict on a bundled BCCD field is a false alarm or no answer.
 NORMAL_VERDICT = "healthy"
 THUMBNAIL_PX = 64

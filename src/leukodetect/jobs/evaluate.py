@@ -9,9 +9,12 @@ import numpy as np
 
 from leukodetect.data.duplicates import hash_records
 from leukodetect.data.indexers import index_dataset
-from leukodetect.errors import LeukoError
+from leukodetect.data.records import Record
+from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation import metrics as m
 from leukodetect.evaluation.intervals import binary_report
+from leukodetect.evaluation.labs import per_lab
+from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, build_bank, is_bank, written_hashes
 from leukodetect.reporting.plots import (
     plot_confusion,
     plot_history,
@@ -19,7 +22,9 @@ from leukodetect.reporting.plots import (
     save_figure,
 )
 from leukodetect.reporting.report import write_report
+from leukodetect.runtime.base import REVIEW
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import environment_facts, write_csv, write_json
 
 
@@ -71,9 +76,10 @@ def write_evaluation(
 
 def evaluate_checkpoint(
     checkpoint: Path,
-    data: Path,
+    data: Path | None,
     out_dir: Path,
     *,
+    sources: Sequence[LabSource] = (),
     fmt: str = "auto",
     include_training: bool = False,
     backend: str = "auto",
@@ -82,37 +88,57 @@ def evaluate_checkpoint(
     stain=None,
     log=print,
 ) -> dict:
-    """Evaluate a checkpoint on a labelled data set.
+    """Evaluate a checkpoint on a labelled data set, or on several laboratories' (``sources``), with figures per laboratory.
 
-    Images the checkpoint was trained or validated on (recognised by pixel hash) are left out unless
-    ``include_training``: scoring a model on its own training images is what inflates published
-    figures. ``backend`` is :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
-    With ``stain`` (a :class:`~leukodetect.data.stain.MacenkoStain`), every image is
-    stain-normalised first; ``metrics.json`` then says how many images it could not normalise.
+    ``sources`` (``LAB=PATH[:FORMAT][@PIXELS]``) are cut into a cell bank in ``out_dir/cells`` at the
+    model's physical scale, as ``train`` does, so smear fields (Aria, BCCD) give their located cells. A
+    cell bank (``cells.csv``) as ``data`` is scored at its scale. Where the images name their
+    laboratories, ``metrics.json`` and the report add each laboratory's figures
+    (:func:`~leukodetect.evaluation.labs.per_lab`), with the guard's flag rate.
+
+    Images the checkpoint was trained or validated on (recognised by pixel hash; a bank's crops also as
+    the JPEG the shipped model's bank was written in) are left out unless ``include_training``: scoring
+    a model on its own training images is what inflates published figures. ``backend`` is
+    :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU). With ``stain``
+    (a :class:`~leukodetect.data.stain.MacenkoStain`), every image is stain-normalised first;
+    ``metrics.json`` then says how many images it could not normalise.
     """
     clf = Classifier.from_checkpoint(checkpoint, backend=backend, log=log)
-    records = [r for r in index_dataset(data, fmt) if r.label is not None]
+    bundle = clf.bundle
+    if sources:
+        if clf.scale is None:
+            raise LeukoError(f"{checkpoint} has no physical scale (it was trained on one data set as it is): evaluate it with "
+                             "--data PATH, without laboratory names.")
+        data = build_bank(sources, Path(out_dir) / "cells", clf.scale, log=log)
+    described = f"{', '.join(str(s) for s in sources)}" if sources else str(data)
+    records = [r for r in index_dataset(data, "manifest" if sources else fmt) if r.label is not None]
     if not records:
-        raise LeukoError(f"{data} has no labelled images: evaluation needs labels (see 'leukodetect data check').")
-    hashes = hash_records(records)
-    trained_on = set(clf.bundle.get("trained_on", []))
-    seen = [r for r in records if hashes[r.path] in trained_on]
+        raise LeukoError(f"{described} has no labelled images: evaluation needs labels (see 'leukodetect data check').")
+    bank = bool(sources) or is_bank(data)
+    declared = clf.scale.pixels_per_rbc if bank and clf.scale is not None else None
+    hashes = bank_hashes(records) if bank else {path: {h} for path, h in hash_records(records).items()}
+    trained_on = set(bundle.get("trained_on", []))
+    seen = [r for r in records if hashes[r.path] & trained_on]
     if seen and not include_training:
         log(f"Leaving out {len(seen)} of {len(records)} images the model was trained or validated on "
             "(pass --include-training to score them anyway).")
-        records = [r for r in records if hashes[r.path] not in trained_on]
+        records = [r for r in records if not hashes[r.path] & trained_on]
     if not records:
-        raise LeukoError(f"Every image in {data} was used to train this model: evaluate on held-out images.")
-    preds = clf.predict_paths([r.path for r in records], progress=progress, stain=stain)
+        raise LeukoError(f"Every image in {described} was used to train this model: evaluate on held-out images.")
+    preds = clf.predict_paths([r.path for r in records], progress=progress, stain=stain, rbc_diameter=declared)
     bad = [p for p in preds if p.error]
     for p in bad:
         log(f"skipped: {p.error}")
     good = [(r, p) for r, p in zip(records, preds) if p.error is None]
     if not good:
-        raise LeukoError(f"No image in {data} could be read: run 'leukodetect data check {data}'.")
-    rows = [{"path": str(r.path), "label": r.label, "prob_blast": p.prob_blast, "predicted": int(p.prob_blast >= clf.threshold)} for r, p in good]
+        raise LeukoError(f"No image in {described} could be read: run 'leukodetect data check' on it.")
+    rows = [{"path": str(r.path), "label": r.label, "prob_blast": p.prob_blast, "predicted": int(p.prob_blast >= clf.threshold)}
+            | ({"lab": r.lab, "call": p.label} if r.lab else {}) for r, p in good]
     extra = {"excluded_trained_on": len(seen) if not include_training else 0, "unreadable": len(bad)}
-    facts = {"command": command, "checkpoint": str(checkpoint), "data": str(data), "architecture": clf.bundle["arch"]}
+    if any(r.lab for r, _ in good):
+        extra["labs"] = per_lab([{"lab": r.lab or "unnamed", "kind": r.kind, "parent": r.parent, "label": r.label,
+                                  "prob": p.prob_blast, "flagged": p.label == REVIEW} for r, p in good], clf.threshold)
+    facts = {"command": command, "checkpoint": str(checkpoint), "data": described, "architecture": bundle["arch"]}
     if stain is not None:
         extra["stain_normalization"] = stain.describe()
         facts["stain normalisation"] = (f"{stain.method}, fitted on {len(stain.reference)} reference image(s); "
@@ -124,12 +150,23 @@ def evaluate_checkpoint(
             r["notes"] = " ".join(p.notes)
     return write_evaluation(
         out_dir,
-        title=f"Evaluation of {Path(checkpoint).name} on {Path(data).name}",
+        title=f"Evaluation of {Path(checkpoint).name} on {', '.join(s.lab for s in sources) if sources else Path(data).name}",
         y_true=np.array([r.label for r, _ in good]),
         prob=np.array([p.prob_blast for _, p in good]),
         threshold=clf.threshold,
         rows=rows,
-        history=clf.bundle.get("history"),
+        history=bundle.get("history"),
         facts=facts,
         extra=extra,
     )
+
+
+def bank_hashes(records: Sequence[Record]) -> dict[Path, set[str]]:
+    """Each cell-bank crop's pixel hashes as it is and as the JPEG a bank may be written in (empty where unreadable)."""
+    out = {}
+    for r in records:
+        try:
+            out[r.path] = written_hashes(open_rgb(r.path), BANK_JPEG_QUALITIES)
+        except BadImageError:
+            out[r.path] = set()
+    return out

@@ -24,7 +24,6 @@ may have been written in). A smear the bank holds no cell of is unseen by constr
 from __future__ import annotations
 
 import csv
-import io
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -41,14 +40,12 @@ from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.evaluation.metrics import roc_auc
-from leukodetect.jobs.cells import LabSource
-from leukodetect.runtime.images import open_rgb, pixel_hash
+from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, written_hashes
+from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import atomic_write_text, write_csv, write_json
 
 #: Layouts whose images are whole smears with a label per smear.
 SMEAR_LAYOUTS = ("allidb1", "aria", "bccd")
-#: JPEG qualities a cell bank's crops may have been written in (0: as on disk); the shipped model's bank was JPEG 95.
-BANK_JPEG_QUALITIES = (0, 95)
 VERDICTS = ("ALL", "review", "healthy", CANNOT_ASSESS)
 ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast", "n_review", "max_prob", "scale", "reason")
 
@@ -66,20 +63,6 @@ def smear_records(source: LabSource) -> tuple[str, list[Record]]:
         records = near_duplicate_groups(records)
     groups = effective_groups(records, hash_records(records))
     return fmt, [replace(r, group=f"{source.lab}:{g}") for r, g in zip(records, groups)]
-
-
-def _bank_hashes(image: Image.Image, qualities: Iterable[int]) -> set[str]:
-    hashes = set()
-    for quality in qualities:
-        if not quality:
-            hashes.add(pixel_hash(image))
-            continue
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        buffer.seek(0)
-        with Image.open(buffer) as written:
-            hashes.add(pixel_hash(written))
-    return hashes
 
 
 def trained_smears(bank_csv: Path, trained_on: Iterable[str], *, qualities: Sequence[int] = BANK_JPEG_QUALITIES) -> tuple[set[str], set[str]]:
@@ -100,7 +83,7 @@ def trained_smears(bank_csv: Path, trained_on: Iterable[str], *, qualities: Sequ
     for row in rows:
         try:
             with Image.open(bank_csv.parent / row["path"]) as image:
-                hashes = _bank_hashes(image.convert("RGB"), qualities)
+                hashes = written_hashes(image, qualities)
         except OSError as exc:
             raise LeukoError(f"Crop {bank_csv.parent / row['path']} of the cell bank cannot be read ({exc}): rebuild the bank.") from exc
         if hashes & trained:

@@ -41,6 +41,34 @@ def format_metric(name: str, entry: dict) -> str:
     return f"{name} {value} ({ci}, {method})"
 
 
+def _percent_ci(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    return f"{100 * entry['value']:.1f}% ({100 * entry['ci_low']:.1f}-{100 * entry['ci_high']:.1f})"
+
+
+def _decimal_ci(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    return f"{entry['value']:.3f} ({entry['ci_low']:.3f}-{entry['ci_high']:.3f})"
+
+
+#: Columns of a per-laboratory table (:func:`lab_table_rows`).
+LAB_HEADER = ("laboratory", "unit", "n", "blast", "normal", "sensitivity (95% CI)", "specificity (95% CI)", "ROC AUC (95% CI)",
+              "flagged by the guard")
+
+
+def lab_table_rows(figures: dict[str, dict]) -> list[tuple]:
+    """Rows of a per-laboratory table from :func:`leukodetect.evaluation.labs.per_lab` figures (a row per laboratory and unit)."""
+    rows = []
+    for lab, parts in figures.items():
+        for part, f in parts.items():
+            flags = f"{100 * f['flag_rate']:.1f}%" if f["flag_rate"] is not None else "-"
+            rows.append((lab, part, f.get("fields", f["cells"]), f["blast"], f["normal"], _percent_ci(f.get("sensitivity")),
+                         _percent_ci(f.get("specificity")), _decimal_ci(f.get("roc_auc")), flags))
+    return rows
+
+
 def _sections(metrics: dict | None, facts: dict, fold_summary: dict | None, figures: list[tuple[str, Path]]) -> list[Section]:
     """Report content as sections, one per table, then the figures; both files render these."""
     tables = [("Facts", ("fact", "value"), [(str(k), str(v)) for k, v in facts.items()])]
@@ -60,6 +88,8 @@ def _sections(metrics: dict | None, facts: dict, fold_summary: dict | None, figu
             for n, s in fold_summary.items()
         ]
         tables.append(("Cross-validation folds", ("metric", "mean", "sd", "folds"), rows))
+    if metrics and metrics.get("labs"):
+        tables.append(("Per laboratory", LAB_HEADER, lab_table_rows(metrics["labs"])))
     sections = [Section(heading, tables=[(None, header, rows)]) for heading, header, rows in tables]
     return sections + ([Section("Figures", figures=figures)] if figures else [])
 
