@@ -1,0 +1,90 @@
+"""cross-lab on a tiny model and three synthetic laboratories: each held-out image is scored once, by a model that never saw its laboratory."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_cell
+from PIL import Image
+
+from leukodetect.config import RunConfig
+from leukodetect.errors import LeukoError
+from leukodetect.jobs.cross_lab import run_cross_lab
+from leukodetect.runtime.checkpoint import load_checkpoint
+from leukodetect.runtime.images import open_rgb, pixel_hash
+from leukodetect.utils import write_csv
+
+LABS = {"milan": (0, 0, 0), "delhi": (-30, 10, 20), "tehran": (20, -20, -10)}  # a stain tint per laboratory
+PER_CLASS = 6
+
+
+@pytest.fixture(scope="module")
+def three_labs(tmp_path_factory):
+    """A manifest of three laboratories, 6 blasts and 6 normal cells each, every cell its own group."""
+    root = tmp_path_factory.mktemp("labs")
+    rng = np.random.default_rng(1)
+    rows = []
+    for lab, tint in LABS.items():
+        for label in (0, 1):
+            for i in range(PER_CLASS):
+                pixels = np.asarray(make_cell(rng, bool(label))).astype(int) + tint
+                path = root / lab / f"{label}_{i}.png"
+                path.parent.mkdir(exist_ok=True)
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+                rows.append({"path": path.relative_to(root).as_posix(), "label": label, "group": f"{lab}:{label}_{i}", "lab": lab})
+    write_csv(root / "cells.csv", rows, ["path", "label", "group", "lab"])
+    return root / "cells.csv"
+
+
+@pytest.fixture(scope="module")
+def crossed(three_labs, tmp_path_factory):
+    cfg = RunConfig()
+    cfg.data.path, cfg.data.format, cfg.data.image_size, cfg.data.val_fraction = str(three_labs), "manifest", 24, 0.25
+    cfg.model.arch = "tiny"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.guard = 1, 8, 0.01, True
+    out = tmp_path_factory.mktemp("xlab") / "run"
+    table = run_cross_lab(cfg, out, only="milan", devices="off", log=lambda *_: None)
+    return out, table, cfg
+
+
+def _paths_of(manifest, lab):
+    return {str(p) for p in sorted((manifest.parent / lab).glob("*.png"))}
+
+
+def test_each_held_out_laboratory_is_scored_once_by_a_model_that_never_saw_it(three_labs, crossed):
+    out, table, _ = crossed
+    assert set(table["held_out"]) == set(LABS)
+    for lab in LABS:
+        run = out / f"without_{lab}"
+        tested = json.loads((run / "predictions.json").read_text())["test"]
+        assert sorted(tested) == sorted(_paths_of(three_labs, lab))  # every cell of the lab, each once
+        bundle = load_checkpoint(run / "best.pt")
+        assert set(bundle["labs"]) == set(LABS) - {lab}  # the checkpoint says what it was trained on
+        held_out_hashes = {pixel_hash(open_rgb(p)) for p in tested}
+        assert not held_out_hashes & set(bundle["trained_on"])
+        assert "guard" in bundle
+        cells = table["held_out"][lab]["cells"]
+        assert (cells["cells"], cells["blast"], cells["normal"]) == (2 * PER_CLASS, PER_CLASS, PER_CLASS)
+        assert {"sensitivity", "specificity", "roc_auc"} <= set(cells) and 0 <= cells["flag_rate"] <= 1
+
+
+def test_the_single_laboratory_model_is_scored_on_every_other_laboratory(three_labs, crossed):
+    out, table, _ = crossed
+    assert table["only"]["trained_on"] == "milan" and set(table["only"]["labs"]) == {"delhi", "tehran"}
+    tested = json.loads((out / "only_milan" / "predictions.json").read_text())["test"]
+    assert sorted(tested) == sorted(_paths_of(three_labs, "delhi") | _paths_of(three_labs, "tehran"))
+    assert set(load_checkpoint(out / "only_milan" / "best.pt")["labs"]) == {"milan"}
+    report = (out / "report.md").read_text()
+    assert "Held-out laboratories" in report and "| tehran | cells | 12 |" in report
+
+
+def test_a_rerun_needs_resume_and_then_trains_nothing(crossed):
+    out, table, cfg = crossed
+    with pytest.raises(LeukoError, match="pass --resume"):
+        run_cross_lab(cfg, out, only="milan", devices="off", log=lambda *_: None)
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/best.pt")}
+    again = run_cross_lab(cfg, out, only="milan", devices="off", resume=True, log=lambda *_: None)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/best.pt")} == before
+    assert again["held_out"] == table["held_out"]
