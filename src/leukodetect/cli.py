@@ -695,6 +695,9 @@ def compare(
                                               "run's fold models predict them, without and with Macenko stain normalisation."),
     stain_reference: Optional[Path] = typer.Option(None, "--stain-reference", help="With --cross-data: an image or folder of the "
                                                    "training domain to normalise toward (default: 8 images of --data)."),
+    cross_lab: bool = typer.Option(False, "--cross-lab", help="Also leave each laboratory of the data out in turn, per architecture "
+                                   "(LAB=PATH sources or a cell bank), and put the held-out table in the report."),
+    only: Optional[str] = typer.Option(None, "--only", help="With --cross-lab: also train on this laboratory alone and score every other one."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """The paper's Table 2: cross-validate several architectures with the same folds and budget; one report."""
@@ -704,7 +707,7 @@ def compare(
     _check_output_folder(out_dir)
     result = run_comparison(cfg, out_dir, archs=parse_archs(archs), protocols=parse_protocols(protocols), folds=folds,
                             command=_command_line(), progress=_progress(), cross_data=cross_data, stain_reference=stain_reference,
-                            devices=devices, log=_log)
+                            cross_lab=cross_lab, only=only, devices=devices, log=_log)
     if as_json:
         _print_json(result)
     else:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from conftest import make_cell
 from PIL import Image
+from typer.testing import CliRunner
 
+from leukodetect.cli import app
 from leukodetect.config import RunConfig
 from leukodetect.errors import LeukoError
 from leukodetect.jobs.cross_lab import run_cross_lab
@@ -88,3 +90,20 @@ def test_a_rerun_needs_resume_and_then_trains_nothing(crossed):
     again = run_cross_lab(cfg, out, only="milan", devices="off", resume=True, log=lambda *_: None)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/best.pt")} == before
     assert again["held_out"] == table["held_out"]
+
+
+def test_compare_puts_each_architecture_s_held_out_laboratories_in_its_report(three_labs, tmp_path):
+    out = tmp_path / "table2"
+    args = ["compare", "--data", str(three_labs), "--out", str(out), "--archs", "tiny", "--protocol", "clean", "--folds", "2",
+            "--epochs", "1", "--image-size", "24", "--batch-size", "8", "--lr", "0.01", "--val-fraction", "0.25"]
+    refused = CliRunner().invoke(app, [*args, "--only", "milan"])
+    assert refused.exit_code == 2 and "--only is part of the leave-one-laboratory-out check" in refused.output
+    result = CliRunner().invoke(app, [*args, "--cross-lab", "--only", "milan"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "comparison.json").read_text())
+    table = summary["cross_lab"]["archs"]["tiny"]
+    assert set(table["held_out"]) == set(LABS) and table["only"]["trained_on"] == "milan"
+    assert (out / "cross-lab" / "tiny" / "without_delhi" / "predictions.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Laboratories held out" in report and "| tiny | tehran | cells | 12 |" in report
+    assert "Trained on milan alone" in report

@@ -39,6 +39,7 @@ from leukodetect.evaluation.calibration import (
 )
 from leukodetect.evaluation.intervals import METRIC_NAMES
 from leukodetect.jobs.cross_data import cross_summary, prepare_cross_data
+from leukodetect.jobs.cross_lab import run_cross_lab
 from leukodetect.jobs.explain import explain_many
 from leukodetect.jobs.train import finish_cv, run_cv, start_cv, train_folds_on_devices
 from leukodetect.models import create_model, get_spec
@@ -415,6 +416,13 @@ def explain_gallery(result: RunResult, out_dir: Path, *, n_correct: int = 4) -> 
 # --- The command -------------------------------------------------------------------------------
 
 
+def held_out_labs(cfg: RunConfig, run_dir: Path, *, arch: str, only: str | None, devices, progress: bool, command: str, log) -> dict:
+    """One architecture's leave-one-laboratory-out table (clean protocol); finished runs in ``run_dir`` are reused."""
+    log(f"{arch}: leaving each laboratory out in turn, into {run_dir}.")
+    return run_cross_lab(run_config(cfg, arch=arch, protocol="clean"), run_dir, only=only, devices=devices, progress=progress,
+                         resume=(run_dir / "cross_lab_plan.json").exists(), command=command, log=log)
+
+
 def run_comparison(
     cfg: RunConfig,
     out_dir: Path,
@@ -427,6 +435,8 @@ def run_comparison(
     gradcam: bool = True,
     cross_data: Path | None = None,
     stain_reference: Path | None = None,
+    cross_lab: bool = False,
+    only: str | None = None,
     devices: str | None = "auto",
     log=print,
 ) -> dict:
@@ -441,6 +451,10 @@ def run_comparison(
             without and with Macenko stain normalisation (:mod:`leukodetect.jobs.cross_data`).
         stain_reference: an image or folder of the training domain to normalise toward (default:
             a few images of ``cfg.data.path``).
+        cross_lab: also leave each laboratory of the data out in turn, per architecture (clean
+            protocol, :func:`~leukodetect.jobs.cross_lab.run_cross_lab` into ``OUT/cross-lab/<arch>/``),
+            and put the held-out table in the report; ``only`` adds a model trained on that
+            laboratory alone, scored on every other one.
         devices: ``auto``, ``off`` or a device list (:func:`~leukodetect.training.parallel.parse_devices`);
             with several devices the folds of every run go into one pool, one worker per device.
 
@@ -464,6 +478,11 @@ def run_comparison(
                                    stain_reference=stain_reference)
     elif stain_reference is not None:
         raise LeukoError("--stain-reference is used by the cross-dataset check only: add --cross-data, or drop --stain-reference.")
+    if cross_lab and not cfg.data.val_fraction:
+        raise LeukoError("--cross-lab needs a validation part of the training laboratories (--val-fraction above 0): "
+                         "it chooses each run's epoch and sets its guard.")
+    if only and not cross_lab:
+        raise LeukoError("--only is part of the leave-one-laboratory-out check: add --cross-lab, or drop --only.")
     settings = comparison_settings(cfg, archs=archs, protocols=protocols, folds=folds)
     resuming = check_or_store_settings(out_dir, settings, command)
     if resuming:
@@ -530,6 +549,10 @@ def run_comparison(
     }
     if cross_entry is not None:
         summary["cross_dataset"] = cross_entry
+    if cross_lab:
+        summary["cross_lab"] = {"only": only, "archs": {
+            arch: held_out_labs(cfg, out_dir / "cross-lab" / arch, arch=arch, only=only, devices=devices, progress=progress,
+                                command=command, log=log) for arch in archs}}
     write_json(out_dir / "comparison.json", summary)
     summary["report"] = [str(p) for p in write_compare_report(out_dir, summary, results, galleries, command=command)]
     return summary
