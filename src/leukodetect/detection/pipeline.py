@@ -153,13 +153,11 @@ def analyze(
     t0 = time.perf_counter()
     rgb = as_array(image)
     settings = classifier.detector if classifier is not None else None
-    if min(rgb.shape[:2]) < MIN_SIDE:
-        return too_small(rgb.shape[1], rgb.shape[0], review_band, rule, locator, time.perf_counter() - t0)
-    grey = is_grayscale(rgb)
+    small = min(rgb.shape[:2]) < MIN_SIDE
+    grey = not small and is_grayscale(rgb)
     scale_source = "measured"
-    if grey:  # no stain to threshold: any "cell" would be an artefact
-        rgb_params = params if params is not None else locate_params_of(settings)
-        loc = Localisation(cells=[], rbc_diameter=rgb_params.default_diameter, rbc_count=0, work_factor=1.0, stain_threshold=0.0)
+    if small or grey:  # too small to be a smear, or no stain to threshold: any "cell" would be an artefact
+        loc = nothing_located(params if params is not None else locate_params_of(settings))
     elif locator is not None:
         loc, scale_source = locate_learned(rgb, locator)
         use_gate = use_scorer = False  # both were fitted on the colour locator's region measurements
@@ -193,7 +191,7 @@ def analyze(
     ]
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
-    reason = assessment(grey, loc.rbc_count, white)
+    reason = assessment(grey, loc.rbc_count, white, size=(width, height) if small else None)
     if reason is not None:
         verdict = CANNOT_ASSESS
     else:
@@ -223,8 +221,7 @@ def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator) -> tuple[Localisa
     """
     scale = estimate_rbc_diameter(rgb, packed=True)
     if scale.diameter is None:  # the placeholder diameter only sizes the (empty) drawings; "scale" says unknown
-        return Localisation(cells=[], rbc_diameter=LocateParams().default_diameter, rbc_count=0, work_factor=1.0,
-                            stain_threshold=0.0), "unknown"
+        return nothing_located(LocateParams()), "unknown"
     d = scale.diameter
     height, width = rgb.shape[:2]
     half = 0.75 * d
@@ -236,21 +233,6 @@ def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator) -> tuple[Localisa
     ]
     work = locator.settings.rbc_px / d
     return Localisation(cells=cells, rbc_diameter=d, rbc_count=max(1, scale.red_cells), work_factor=work, stain_threshold=0.0), scale.source
-
-
-def too_small(width: int, height: int, review_band: tuple[float, float], rule: VerdictRule, locator, seconds: float) -> dict:
-    """The ``cannot_assess`` answer for an image below :data:`MIN_SIDE` pixels a side: it cannot hold a smear."""
-    return {
-        "width": width, "height": height, "rbc_diameter": None, "rbc_count": 0, "crop_factor": None, "crop_side": None,
-        "review_band": list(review_band), "rule": asdict(rule), "locator": "learned" if locator is not None else "colour",
-        "scale": "unknown", "n_cells": 0, "n_blast": 0, "n_review": 0, "n_normal": 0, "n_smudge": 0,
-        "smudge_gate": False, "cell_scorer": False, "white_density": 0.0, "blast_fraction": None,
-        "verdict": CANNOT_ASSESS,
-        "reason": (f"the image is {width}x{height} pixels, below the {MIN_SIDE}-pixel minimum side of a smear photograph, "
-                   "so it cannot show a blood smear (send the photograph itself)"),
-        "timing": {"locate_s": 0.0, "classify_s": 0.0, "total_s": round(seconds, 3)},
-        "cells": [],
-    }
 
 
 #: The verdict of a photograph that holds no evidence either way, with a ``reason``: "healthy" means white
@@ -265,13 +247,22 @@ def is_grayscale(rgb: np.ndarray, *, tolerance: int = 6) -> bool:
     return int(np.abs(sample - sample.mean(axis=2, keepdims=True)).max()) <= tolerance
 
 
-def assessment(grey: bool, rbc_count: int, white_cells: int) -> str | None:
+def nothing_located(params: LocateParams) -> Localisation:
+    """The localisation of an image that is not looked into (too small, or without colour): no cells, no red cells."""
+    return Localisation(cells=[], rbc_diameter=params.default_diameter, rbc_count=0, work_factor=1.0, stain_threshold=0.0)
+
+
+def assessment(grey: bool, rbc_count: int, white_cells: int, *, size: tuple[int, int] | None = None) -> str | None:
     """Why a photograph cannot be assessed, or None when it can.
 
-    A grayscale image has no stain; without red cells to measure, the scale (and so every cell's crop)
+    An image below :data:`MIN_SIDE` pixels a side (``size``, width and height) cannot show a smear; a
+    grayscale image has no stain; without red cells to measure, the scale (and so every cell's crop)
     is a guess, which is also what noise and blank frames give; and a photograph in which no white
     cell was found says nothing about blasts.
     """
+    if size is not None:
+        return (f"the image is {size[0]}x{size[1]} pixels, below the {MIN_SIDE}-pixel minimum side of a smear photograph, "
+                "so it cannot show a blood smear (send the photograph itself)")
     if grey:
         return "the image has no colour; a stained blood smear is in colour (send the colour photograph)"
     if rbc_count == 0:
