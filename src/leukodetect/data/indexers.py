@@ -142,6 +142,19 @@ def _find_allidb2_dir(path: Path) -> Path | None:
 
 # --- ALL-IDB1 -------------------------------------------------------------------------------------
 
+#: Where Loddo and Putzu's white-cell masks of ten ALL-IDB1 photographs sit, relative to the data set's folder.
+MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
+
+
+def find_masks(data: Path) -> Path | None:
+    """The white-cell mask folder beside an ALL-IDB1 folder (it or up to three folders above), if present."""
+    data = Path(data).resolve()
+    for base in (data, *data.parents[:3]):
+        if (base / MASKS).is_dir():
+            return base / MASKS
+    return None
+
+
 
 @register_format("allidb1")
 def index_allidb1(path: Path, others_dir: Path | None = None) -> list[Record]:

@@ -35,7 +35,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from leukodetect.config import RunConfig
-from leukodetect.data.indexers import index_dataset
+from leukodetect.data.indexers import find_masks, index_dataset
 from leukodetect.data.split import holdout_indices, kfold_indices
 from leukodetect.detection.crops import (
     CropConfig,
@@ -70,7 +70,6 @@ from leukodetect.utils import (
     write_json,
 )
 
-MASKS = Path("extras/ALL-IDB1-masks_andrealoddo")
 
 
 @dataclass(kw_only=True)
@@ -110,15 +109,6 @@ class DetectEvalConfig:
         # Crops are written at the size the classifier reads them: a larger input then sees more of the cell,
         # not an upsampled copy, and training sees what ``detect`` will show it.
         self.crop = replace(self.crop, size=self.image_size)
-
-
-def find_masks(data: Path) -> Path | None:
-    """The white-cell mask folder beside an ALL-IDB1 folder, if present."""
-    data = Path(data).resolve()
-    for base in (data, *data.parents[:3]):
-        if (base / MASKS).is_dir():
-            return base / MASKS
-    return None
 
 
 def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:

@@ -36,14 +36,13 @@ from PIL import Image
 from skimage.measure import label, regionprops
 from tqdm.auto import tqdm
 
-from leukodetect.data.indexers import detect_format, index_dataset
+from leukodetect.data.indexers import detect_format, find_masks, index_dataset
 from leukodetect.data.split import kfold_indices
 from leukodetect.detection.locate import LocateParams, locate_cells
 from leukodetect.detection.match import match_points
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.jobs.cells import LabSource
-from leukodetect.jobs.detect_eval import find_masks
 from leukodetect.reporting.render import Section, render_markdown
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.locator import LocatorSettings, WhiteCellLocator
