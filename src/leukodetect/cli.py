@@ -873,6 +873,11 @@ def detect_eval(
     photo_context: bool = PhotoContextOpt,
     val_fraction: float = DetValFractionOpt,
     label_smoothing: float = DetLabelSmoothingOpt,
+    locator: str = typer.Option("colour", "--locator", help="How the held-out photographs' white cells are found: colour, or learned "
+                                "(a locator trained in each fold on that fold's training photographs, never on its held-out ones)."),
+    locator_data: Optional[list[str]] = typer.Option(None, "--locator-data", help="LAB=PATH, repeated: more positioned smears for each "
+                                                     "fold's learned locator (e.g. bccd=../shared/datasets/BCCD)."),
+    locator_iterations: int = typer.Option(2000, help="Training steps of each fold's learned locator."),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""

@@ -182,3 +182,32 @@ def test_detector_commands_default_to_the_shipped_recipe(command):
         if name in params:
             assert params[name] == getattr(cfg, name), name
     assert params["crop_factor"] == cfg.crop.crop_factor
+
+
+def test_detect_eval_with_the_learned_locator_trains_one_per_fold_on_its_training_photographs_only(smear_tree, tmp_path):
+    from leukodetect.runtime.locator import WhiteCellLocator
+
+    out = tmp_path / "eval-learned"
+    args = ["detect-eval", "--data", str(smear_tree), "--folds", "2", "--epochs", "1", "--image-size", "24", "--arch", "tiny",
+            "--batch-size", "8", "--locator", "learned", "--locator-iterations", "20", "--out", str(out), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["photographs"] == 8 and metrics["config"]["locator"] == "learned"
+    for k in (0, 1):
+        tested = {r["photo"] for r in json.loads((out / f"fold_{k}" / "rows.json").read_text())}
+        ALL_tested = sum(name.endswith("_1") for name in tested)
+        locator = WhiteCellLocator.load(out / f"fold_{k}" / "locator.safetensors")
+        # Trained on the fold's ALL photographs with blast positions (4 in all), none of the held-out ones.
+        assert locator.settings.trained_on == {"allidb1": 4 - ALL_tested}
+    assert "a learned locator trained in each fold on its training photographs (20 steps)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--locator-data", "bccd=somewhere"], "--locator-data trains the learned locator of each fold"),
+    (["--locator", "learned", "--locate-only"], "use it"),
+    (["--locator", "magic"], "choose learned or colour"),
+])
+def test_detect_eval_locator_options_that_do_not_fit_are_one_sentence(smear_tree, tmp_path, extra, words):
+    result = runner.invoke(app, ["detect-eval", "--data", str(smear_tree), "--out", str(tmp_path / "x"), *extra])
+    assert result.exit_code != 0 and words in result.output and "Traceback" not in result.output

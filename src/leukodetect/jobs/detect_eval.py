@@ -55,6 +55,8 @@ from leukodetect.detection.scorer import (
 )
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
+from leukodetect.jobs.cells import LabSource
+from leukodetect.jobs.locator import load_smears
 from leukodetect.runtime.checkpoint import (
     DetectorSettings,
     load_checkpoint,
@@ -62,7 +64,9 @@ from leukodetect.runtime.checkpoint import (
 )
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.locator import LocatorSettings, WhiteCellLocator
 from leukodetect.training.fit import train_model
+from leukodetect.training.locator import LocatorRecipe, fit_locator
 from leukodetect.utils import (
     atomic_write_text,
     environment_facts,
@@ -104,11 +108,24 @@ class DetectEvalConfig:
     photo_context: bool = False
     crop: CropConfig = field(default_factory=lambda: CropConfig(crop_factor=2.0))
     locate: LocateParams = field(default_factory=LocateParams)
+    # How the held-out photographs' white cells are found: "colour" (the thresholds of ``locate``), or
+    # "learned": a locator (:mod:`leukodetect.runtime.locator`) trained in each fold on that fold's training
+    # photographs, and on ``locator_data``'s (LAB=PATH, e.g. BCCD), never on its held-out ones.
+    locator: str = "colour"
+    locator_data: tuple[str, ...] = ()
+    locator_iterations: int = 2000
 
     def __post_init__(self):
         # Crops are written at the size the classifier reads them: a larger input then sees more of the cell,
         # not an upsampled copy, and training sees what ``detect`` will show it.
         self.crop = replace(self.crop, size=self.image_size)
+        self.locator_data = tuple(self.locator_data or ())
+        if self.locator not in ("colour", "learned"):
+            raise LeukoError(f"--locator {self.locator!r}: choose learned or colour.")
+        if self.locator_data and self.locator != "learned":
+            raise LeukoError("--locator-data trains the learned locator of each fold: add --locator learned, or drop --locator-data.")
+        if self.locator == "learned" and self.locate_only:
+            raise LeukoError("--locate-only with --locator learned is what 'leukodetect locator-eval' measures, fold by fold: use it.")
 
 
 def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
@@ -288,7 +305,21 @@ def fit_cell_scorer(crops_dir: Path, train_photos: list, features, photos, xy, g
     return scorer
 
 
-def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log) -> list[dict]:
+def fold_locator(cfg: DetectEvalConfig, smears: list, train_photos: list, fold_dir: Path, log) -> WhiteCellLocator:
+    """The learned locator of one fold, trained on its training photographs and the extra sources' (kept in the fold folder)."""
+    path = fold_dir / "locator.safetensors"
+    if path.is_file():
+        return WhiteCellLocator.load(path)
+    stems = {r.path.stem for r in train_photos}
+    train = [s for s in smears if s.annotated != "none" and (s.layout != "allidb1" or s.path.stem in stems)]
+    log(f"  locator trained on {sum(s.layout == 'allidb1' for s in train)} ALL-IDB1 photographs with positions "
+        f"and {sum(s.layout != 'allidb1' for s in train)} of the other sources.")
+    locator = fit_locator(train, LocatorRecipe(iterations=cfg.locator_iterations, seed=cfg.seed), LocatorSettings(), log=log)
+    locator.save(path)
+    return locator
+
+
+def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log, locator: WhiteCellLocator | None = None) -> list[dict]:
     rows = []
     for record in records:
         t0 = time.perf_counter()
@@ -298,7 +329,8 @@ def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log) -> l
             log(f"skipped: {exc}")
             continue
         read_s = time.perf_counter() - t0
-        result = analyze(image, classifier, review_band=cfg.review_band, rule=VerdictRule(min_blasts=cfg.min_blasts), params=cfg.locate)
+        result = analyze(image, classifier, review_band=cfg.review_band, rule=VerdictRule(min_blasts=cfg.min_blasts), params=cfg.locate,
+                         locator=locator)
         result["read_s"] = read_s
         rows.append(photo_row(record, result, masks, cfg.radius))
     return rows
@@ -322,6 +354,12 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
     else:
 
         manifest, records = _crop_manifest(records, out_dir / "crops", cfg, progress, log)
+        smears = []
+        if cfg.locator == "learned":  # read and resampled once; each fold trains on its own part
+            sources = [LabSource(lab="allidb1", path=Path(data), format="allidb1"), *map(LabSource.parse, cfg.locator_data)]
+            smears, skipped = load_smears(sources, LocatorSettings().rbc_px, log=log, progress=progress)
+            for line in skipped:
+                log(f"  {line}")
         groups = np.array([r.group for r in records])
         labels = np.array([r.label for r in records])
         for k, (train, test) in enumerate(kfold_indices(labels, groups, folds=cfg.folds, seed=cfg.seed)):
@@ -334,7 +372,8 @@ def run_detect_eval(data: Path, out_dir: Path, cfg: DetectEvalConfig = DetectEva
             log(f"Fold {k + 1}/{cfg.folds}: {len(train)} training and {len(test)} held-out photographs.")
             best = _train_fold(cfg, manifest, [records[i] for i in train], fold_dir, progress, log)
             classifier = Classifier.from_checkpoint(best, device="cpu", backend="torch")  # one fold's photographs: an export would not pay
-            fold_rows = [{**r, "fold": k} for r in _analyze_photos([records[i] for i in test], classifier, cfg, masks, log)]
+            locator = fold_locator(cfg, smears, [records[i] for i in train], fold_dir, log) if cfg.locator == "learned" else None
+            fold_rows = [{**r, "fold": k} for r in _analyze_photos([records[i] for i in test], classifier, cfg, masks, log, locator)]
             write_json(done, fold_rows)
             rows += fold_rows
     metrics = {
@@ -402,7 +441,10 @@ def report_markdown(m: dict) -> str:
         "# Whole-smear detection on ALL-IDB1", "",
         f"Command: `{m['command']}`  ", f"Machine: {m['environment'].get('machine', '')}  ",
         f"Date: {m['environment'].get('date', '')}", "",
-        f"Matching radius: {m['radius_in_rbc_diameters']} x the photograph's measured red-cell diameter.", "",
+        f"Matching radius: {m['radius_in_rbc_diameters']} x the photograph's measured red-cell diameter.  ",
+        "White cells found by: " + ("a learned locator trained in each fold on its training photographs"
+                                    + (f" and {', '.join(cfg['locator_data'])}" if cfg.get("locator_data") else "")
+                                    + f" ({cfg['locator_iterations']} steps)" if cfg.get("locator") == "learned" else "the colour locator") + ".", "",
         "| metric | value |", "|---|---|",
         f"| photographs | {m['photographs']} |",
         f"| blast localisation recall | {_fmt(m['blast_localisation_recall'])} |",
