@@ -236,9 +236,10 @@ DetValFractionOpt = typer.Option(0.0, "--val-fraction", min=0.0, max=0.9, help="
                                  "the crop classifier's epoch; 0: none, every training photograph trains and the last epoch is kept.")
 DetLabelSmoothingOpt = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5, help="Label smoothing of the crop classifier's loss.")
 # Options of the commands that load a classifier.
-LocatorOpt = typer.Option("colour", "--locator", help="How white cells are found: colour (the default: purple thresholds tuned on ALL-IDB1, with the detector's smudge gate and cell scorer) or learned (a network trained on ALL-IDB1 "
-                          "and BCCD, at the red-cell scale measured first; far fewer false cells on other laboratories' smears, see "
-                          "docs/detection.md).")
+LocatorOpt = typer.Option("learned", "--locator", help="How white cells are found: learned (the default: a network trained on ALL-IDB1 "
+                          "and BCCD, at the red-cell scale measured first, whose cells the five-laboratory cell model classifies) or colour "
+                          "(purple thresholds tuned on ALL-IDB1, with the ALL-IDB1 detector, its smudge gate and cell scorer: ALL-IDB1's own "
+                          "pipeline, wrong on most other laboratories' smears; see docs/detection.md).")
 LocatorWeightsOpt = typer.Option(None, "--locator-weights", help="A locator from train-locator (default: the shipped one).")
 BackendOpt = typer.Option("auto", "--backend", help="What runs the network: auto (ONNX Runtime on CPU, exported once per "
                           "checkpoint and cached; PyTorch on GPU), torch or onnx. Both agree within 1e-4 in P(blast).")
@@ -738,7 +739,8 @@ def _print_comparison(result: dict) -> None:
 @_errors_to_exit
 def serve(
     checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train, cv or calibrate (default: the shipped ResNet-50)."),
-    detector_checkpoint: Optional[Path] = typer.Option(None, help="Crop classifier for /v1/analyze, from train-detector (default: the shipped ALL-IDB1 detector)."),
+    detector_checkpoint: Optional[Path] = typer.Option(None, help="Cell model for /v1/analyze's located cells (default: the shipped one that "
+                                                       "goes with --locator: the five-laboratory model, or the ALL-IDB1 detector with colour)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback exposes the service to the network."),
     port: int = typer.Option(8000),
     threads: Optional[int] = typer.Option(None, help="Inference threads, PyTorch's and ONNX Runtime's "
@@ -764,7 +766,8 @@ def serve(
 @_errors_to_exit
 def detect(
     image_or_dir: Path = typer.Argument(..., help="A smear photograph or a folder of them."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A crop classifier from train-detector or detect-eval (default: the shipped ALL-IDB1 detector)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The cell model that classifies the located cells (default: the shipped one that goes "
+                                              "with --locator: the five-laboratory model, or the ALL-IDB1 detector with colour)."),
     locate_only: bool = typer.Option(False, "--locate-only", help="Only locate the white cells; do not classify them."),
     out_dir: Path = typer.Option(Path("detections"), "--out", help="Folder for the overlay, gallery and JSON of each image (never overwritten)."),
     review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
@@ -783,10 +786,10 @@ def detect(
     from leukodetect.weights import resolve_detector, resolve_locator
 
     _check_output_folder(out_dir)
-    checkpoint = None if locate_only else resolve_detector(checkpoint)
+    checkpoint = None if locate_only else resolve_detector(checkpoint, _locator_kind(locator))
     if checkpoint is None and not locate_only:
-        _log("No detector crop classifier in this installation: locating cells only (pass --checkpoint from train-detector).")
-    learned = resolve_locator(locator_weights) if _locator_kind(locator) == "learned" else None
+        _log("No cell model for the located cells in this installation: locating cells only (pass --checkpoint).")
+    learned = resolve_locator(locator_weights) if locator == "learned" else None
     rows = run_detect(image_or_dir, checkpoint, out_dir, locator=learned, backend=backend, review_band=(review_low, review_high),
                       use_gate=smudge_gate, use_scorer=cell_scorer, progress=_progress(), log=_log)
     _print_detections(rows, out_dir, as_json)
@@ -897,7 +900,7 @@ def detect_eval(
 def smear_eval(
     data: list[str] = typer.Option(..., "--data", help="LAB=PATH[:FORMAT], repeated: labelled smears (allidb1, aria or bccd layouts)."),
     out_dir: Path = typer.Option(..., "--out", help="New folder for smears.csv, metrics.json and report.md."),
-    checkpoint: Optional[Path] = typer.Option(None, help="The cell model that classifies the located cells (default: the shipped ALL-IDB1 detector, as detect)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The cell model that classifies the located cells (default: as detect's)."),
     locator: str = LocatorOpt,
     locator_weights: Optional[Path] = LocatorWeightsOpt,
     unseen_from: Optional[Path] = typer.Option(None, "--unseen-from", help="The cell bank (cells.csv) the cell model was trained from: "
@@ -916,11 +919,11 @@ def smear_eval(
 
     _check_output_folder(out_dir)
     sources = [LabSource.parse(d) for d in data]
-    path = resolve_detector(checkpoint)
+    path = resolve_detector(checkpoint, _locator_kind(locator))
     if path is None:
-        raise LeukoError("No cell model to score with: pass --checkpoint (this installation has no shipped detector).")
+        raise LeukoError("No cell model to score with: pass --checkpoint (this installation has no shipped one).")
     clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
-    learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if _locator_kind(locator) == "learned" else None
+    learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if locator == "learned" else None
     trained_on = clf.bundle.get("trained_on") or () if unseen_from is not None else ()
     run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=trained_on,
                    every=every, review_band=(review_low, review_high), progress=_progress(), log=_log)

@@ -133,12 +133,12 @@ def test_detect_command_reports_smudge_cells_and_can_switch_the_gate_off(gated_c
     smear = tmp_path / "smear.png"
     Image.fromarray(smear_with_smudge()).save(smear)
     runner = CliRunner()
-    on = runner.invoke(app, ["detect", str(smear), "--checkpoint", str(gated_checkpoint), "--out", str(tmp_path / "on"), "--backend", "torch"])
+    on = runner.invoke(app, ["detect", str(smear), "--checkpoint", str(gated_checkpoint), "--locator", "colour", "--out", str(tmp_path / "on"), "--backend", "torch"])
     assert on.exit_code == 0, on.output
     assert "3 white cells, 1 smudge" in on.output.replace("\n", " ")
     saved = json.loads((tmp_path / "on" / "smear.json").read_text())
     assert saved["n_smudge"] == 1 and [c["call"] for c in saved["cells"]].count("smudge") == 1
-    off = runner.invoke(app, ["detect", str(smear), "--checkpoint", str(gated_checkpoint), "--out", str(tmp_path / "off"),
+    off = runner.invoke(app, ["detect", str(smear), "--checkpoint", str(gated_checkpoint), "--locator", "colour", "--out", str(tmp_path / "off"),
                               "--no-smudge-gate", "--json", "--backend", "torch"])
     assert off.exit_code == 0, off.output
     row = json.loads(off.stdout.splitlines()[0])

@@ -38,7 +38,7 @@ def test_detect_command_writes_outputs_skips_bad_files_and_never_overwrites(crop
     (folder / "smear.png").write_bytes(smear_png.read_bytes())
     (folder / "broken.jpg").write_text("not an image")
     out = tmp_path / "out"
-    result = runner.invoke(app, ["detect", str(folder), "--checkpoint", str(crop_checkpoint), "--out", str(out)])
+    result = runner.invoke(app, ["detect", str(folder), "--checkpoint", str(crop_checkpoint), "--locator", "colour", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "broken.jpg" in result.output and "skipped" in result.output
     for name in ("smear.json", "smear_overlay.png", "smear_gallery.png", "summary.csv"):
@@ -54,22 +54,30 @@ def test_detect_command_writes_outputs_skips_bad_files_and_never_overwrites(crop
 
 
 def test_detect_locate_only(smear_png, tmp_path):
-    result = runner.invoke(app, ["detect", str(smear_png), "--locate-only", "--out", str(tmp_path / "o"), "--json"])
+    result = runner.invoke(app, ["detect", str(smear_png), "--locate-only", "--locator", "colour", "--out", str(tmp_path / "o"), "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.splitlines()[0])
     assert row["verdict"] == "not classified" and row["n_cells"] == 3
 
 
-def test_detect_defaults_to_the_shipped_detector(crop_checkpoint, smear_png, tmp_path, monkeypatch):
+def test_detect_defaults_to_the_learned_locator_and_the_cell_model_that_goes_with_it(crop_checkpoint, smear_png, tmp_path, monkeypatch):
     import leukodetect.weights as weights
 
-    monkeypatch.setattr(weights, "DEFAULT_DETECTOR", crop_checkpoint)
+    # Default: the learned locator, then the shipped cell model (here the tiny one in its place) on the cells it found.
+    monkeypatch.setattr(weights, "DEFAULT_MODEL", crop_checkpoint)
     result = runner.invoke(app, ["detect", str(smear_png), "--out", str(tmp_path / "a"), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.splitlines()[0])["verdict"] in ("ALL", "healthy", "review")
-    # An installation without a shipped detector locates only, and says so.
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["locator"] == "learned" and row["verdict"] in ("ALL", "healthy", "review", "cannot_assess")
+    # --locator colour: ALL-IDB1's pipeline, with the shipped ALL-IDB1 detector.
+    monkeypatch.setattr(weights, "DEFAULT_DETECTOR", crop_checkpoint)
+    result = runner.invoke(app, ["detect", str(smear_png), "--locator", "colour", "--out", str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["locator"] == "colour" and row["n_cells"] == 3 and row["verdict"] in ("ALL", "healthy", "review")
+    # An installation without the cell model locates only, and says so.
     monkeypatch.setattr(weights, "DEFAULT_DETECTOR", tmp_path / "missing.safetensors")
-    result = runner.invoke(app, ["detect", str(smear_png), "--out", str(tmp_path / "b"), "--json"])
+    result = runner.invoke(app, ["detect", str(smear_png), "--locator", "colour", "--out", str(tmp_path / "c"), "--json"])
     assert result.exit_code == 0 and "locating cells only" in result.output
     assert json.loads(result.stdout.splitlines()[-1])["verdict"] == "not classified"
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_cell
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,15 +22,14 @@ PER_CLASS = 6
 
 
 @pytest.fixture(scope="module")
-def three_labs(tmp_path_factory):
-    """A manifest of three laboratories, 6 blasts and 6 normal cells each, every cell its own group."""
+def three_labs(tiny_tree, tmp_path_factory):
+    """A manifest of three laboratories, 6 blasts and 6 normal cells each (the tiny tree's cells in each lab's tint), each its own group."""
     root = tmp_path_factory.mktemp("labs")
-    rng = np.random.default_rng(1)
     rows = []
     for lab, tint in LABS.items():
-        for label in (0, 1):
-            for i in range(PER_CLASS):
-                pixels = np.asarray(make_cell(rng, bool(label))).astype(int) + tint
+        for label, folder in ((0, "normal"), (1, "blast")):
+            for i, source in enumerate(sorted((tiny_tree / folder).glob(f"{folder}_*.png"))[:PER_CLASS]):
+                pixels = np.asarray(Image.open(source).convert("RGB")).astype(int) + tint
                 path = root / lab / f"{label}_{i}.png"
                 path.parent.mkdir(exist_ok=True)
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)

@@ -92,7 +92,7 @@ def test_train_detector_gives_a_checkpoint_detect_can_use(smear_tree, tmp_path):
     # Training crops are cut at the classifier's input size, as detect cuts them (not at a fixed size, then resized).
     assert detection["crop_size"] == 24 and {Image.open(f).size for f in (out / "crops" / "crops").glob("*.png")} == {(24, 24)}
     detected = runner.invoke(app, ["detect", str(smear_tree / "im" / "Im001_1.jpg"), "--checkpoint", str(checkpoint),
-                                   "--out", str(tmp_path / "o"), "--json"])
+                                   "--locator", "colour", "--out", str(tmp_path / "o"), "--json"])
     assert detected.exit_code == 0, detected.output
     row = json.loads(detected.stdout.splitlines()[0])
     assert row["n_cells"] == 3 and row["verdict"] in ("ALL", "healthy", "review") and row["white_density"] < 0
@@ -172,13 +172,13 @@ def test_detector_commands_default_to_the_shipped_recipe(command):
 
     params = {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
     cfg = DetectEvalConfig()
-    shipped = load_checkpoint(resolve_detector(None))
+    shipped = load_checkpoint(resolve_detector(None, "colour"))  # the ALL-IDB1 detector, which detect-eval's folds reproduce
     assert (cfg.arch, cfg.epochs, cfg.image_size, cfg.val_fraction, cfg.crop.crop_factor, cfg.batch_size, cfg.lr) == (
         shipped["arch"], shipped["config"]["train"]["epochs"], shipped["image_size"], shipped["config"]["data"]["val_fraction"],
         shipped["detection"]["crop_factor"], shipped["config"]["train"]["batch_size"], shipped["config"]["train"]["lr"])
     assert cfg.crop.size == cfg.image_size
     for name in ("epochs", "image_size", "arch", "batch_size", "seed", "folds", "gate_keep", "smudge_gate", "cell_scorer",
-                 "photo_context", "val_fraction", "label_smoothing", "locate_only"):
+                 "photo_context", "val_fraction", "label_smoothing", "locate_only", "locator", "locator_iterations"):
         if name in params:
             assert params[name] == getattr(cfg, name), name
     assert params["crop_factor"] == cfg.crop.crop_factor

@@ -119,6 +119,7 @@ def test_single_cell_layouts_are_refused_with_what_to_use_instead(tiny_tree, cro
 
 def test_the_command_prints_the_per_laboratory_report(aria_tree, crop_checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["smear-eval", "--data", f"aria={aria_tree}", "--out", str(tmp_path / "out"),
-                                      "--checkpoint", str(crop_checkpoint), "--backend", "torch"], catch_exceptions=False)
+                                      "--checkpoint", str(crop_checkpoint), "--locator", "colour", "--backend", "torch"],
+                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "Smear verdicts per laboratory (colour locator)" in result.output and "| aria | 5 (2 / 3) |" in result.output

@@ -2,7 +2,7 @@
 
 :func:`run_demo` is a newcomer's first run: the default cell model classifies the bundled C-NMC
 cells, and the whole-smear pipeline ``leukodetect detect`` runs (:func:`~leukodetect.jobs.detect.run_detect`,
-with its default detector) analyses the bundled BCCD smear fields; one HTML page shows both.
+with its default locator and cell model) analyses the bundled BCCD smear fields; one HTML page shows both.
 Nothing is trained. :func:`run_training_demo` (``demo --train``) trains ResNet-50 on the bundled
 cells instead, to show the training pipeline.
 """
@@ -27,7 +27,7 @@ from leukodetect.runtime.images import open_rgb, pixel_hash
 from leukodetect.runtime.scale import RBC_UM
 from leukodetect.sample import SMEAR_TRUTH, sample_dir, sample_smear_dir
 from leukodetect.utils import atomic_write_text, fresh_dir, write_csv, write_json
-from leukodetect.weights import default_model_path, resolve_detector
+from leukodetect.weights import default_model_path, resolve_detector, resolve_locator
 
 #: How the bundled C-NMC cells are scaled: C-NMC's declared red-cell diameter (its cells are segmented
 #: on black, with no red cell to measure), as the cell banks the shipped model was trained on declare it.
@@ -147,14 +147,14 @@ def _describe(checkpoint: Path, bundle: dict) -> str:
 def analyse_smears(out_dir: Path, *, progress: bool = False, log=print) -> list[dict]:
     """Run ``leukodetect detect`` on the bundled BCCD fields, as the command does by default; outputs in ``smears/``.
 
-    The same job (:func:`~leukodetect.jobs.detect.run_detect`), detector (``resolve_detector``) and
-    settings (the job's defaults, which are the command's) as ``leukodetect detect``: when those change,
-    the demo follows.
+    The same job (:func:`~leukodetect.jobs.detect.run_detect`), locator and cell model (``resolve_locator``,
+    ``resolve_detector`` with the learned locator) and settings (the job's defaults, which are the
+    command's) as ``leukodetect detect``: when those change, the demo follows.
     """
-    detector = resolve_detector(None)
+    detector = resolve_detector(None, "learned")
     if detector is None:
-        log("No detector crop classifier in this installation: locating cells only.")
-    rows = run_detect(sample_smear_dir(), detector, out_dir / "smears", progress=progress, log=log)
+        log("No cell model in this installation: locating cells only.")
+    rows = run_detect(sample_smear_dir(), detector, out_dir / "smears", locator=resolve_locator(None), progress=progress, log=log)
     smears = []
     for r in rows:
         name = Path(r["image"]).name
@@ -230,8 +230,8 @@ def _sections(cells: dict, smears: list[dict], files: list[tuple[str, str]]) -> 
                   f"review: {r['reason']}" if r["call"] == "review" else "", "yes" if r["in_training"] else "no",
                   "yes" if r["correct"] else "NO") for r in cells["rows"]]
     smear_section = Section(f"Smear fields: {len(smears)} BCCD fields through 'leukodetect detect'", [
-        f"Detector: {smears[0]['model'] if smears else '-'} ({smears[0]['detector'] if smears else '-'}), with the "
-        "default settings of 'leukodetect detect'. The fields are normal smears (BCCD holds no leukemia), each with one white cell in BCCD's annotation: the right verdict is "
+        f"White cells found by the learned locator; cell model: {smears[0]['model'] if smears else '-'} "
+        f"({smears[0]['detector'] if smears else '-'}), with the default settings of 'leukodetect detect'. The fields are normal smears (BCCD holds no leukemia), each with one white cell in BCCD's annotation: the right verdict is "
         f"'{NORMAL_VERDICT}'."])
     for s in smears:
         smear_section.paragraphs.append(_smear_line(s))
@@ -280,7 +280,7 @@ def _summary(result: dict) -> list[str]:
     detector = smears[0]["detector"] if smears else None
     lines = [f"Demo finished in {result['seconds']:.0f} s: the shipped models on the bundled sample, nothing trained.",
              f"Cell model {Path(cells['checkpoint']).name}: {cells['model']}.",
-             f"Smear detector {Path(detector).name if detector else '(none)'}: {smears[0]['model'] if smears else '-'}.",
+             f"Smears: the learned white-cell locator, then cell model {Path(detector).name if detector else '(none)'}.",
              f"Cells: {cells['n']} C-NMC 2019 cells at C-NMC's declared scale ({cells['rbc_diameter']:g} px per red cell): "
              f"accuracy {_percent(figures['all']['accuracy'])}, sensitivity {_percent(figures['all']['sensitivity'])}, "
              f"specificity {_percent(figures['all']['specificity'])}; {cells['n_review']} flagged for review."]

@@ -60,7 +60,7 @@ def build_app(
     threads = torch_threads or available_cores()
     options = {"backend": backend, "threads": threads, "log": log}
     classifier = Classifier.from_checkpoint(resolve_checkpoint(checkpoint), **options)
-    detector_path = resolve_detector(detector_checkpoint)
+    detector_path = resolve_detector(detector_checkpoint, "learned" if locator is not None else "colour")
     detector = load_detector(detector_path, locator=locator, **options) if detector_path is not None else None
     return create_app(classifier, detector=detector, torch_threads=threads, **limits)
 

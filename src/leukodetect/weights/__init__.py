@@ -29,11 +29,18 @@ def resolve_checkpoint(checkpoint: Path | None) -> Path:
     return Path(checkpoint) if checkpoint is not None else default_model_path()
 
 
-def resolve_detector(checkpoint: Path | None) -> Path | None:
-    """The detector checkpoint given, else the shipped one (None where this installation lacks it)."""
+def resolve_detector(checkpoint: Path | None, locator: str = "learned") -> Path | None:
+    """The cell model that classifies a smear's located cells: the one given, else the shipped one that goes with ``locator``.
+
+    With the learned locator (the default), the five-laboratory cell model: on other laboratories' smears the
+    pair is right where the ALL-IDB1 pipeline is not (docs/detection.md, "Smear verdicts per laboratory").
+    With the colour locator, the ALL-IDB1 detector, whose smudge gate and cell scorer read the colour
+    locator's region measurements. None where this installation lacks the file.
+    """
     if checkpoint is not None:
         return Path(checkpoint)
-    return DEFAULT_DETECTOR if DEFAULT_DETECTOR.is_file() else None
+    path = DEFAULT_MODEL if locator == "learned" else DEFAULT_DETECTOR
+    return path if path.is_file() else None
 
 
 def resolve_locator(weights: Path | None) -> Path:
