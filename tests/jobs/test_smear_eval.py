@@ -123,3 +123,25 @@ def test_the_command_prints_the_per_laboratory_report(aria_tree, crop_checkpoint
                                  catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "Smear verdicts per laboratory (colour locator)" in result.output and "| aria | 5 (2 / 3) |" in result.output
+
+
+def test_found_cells_are_matched_to_annotated_white_cells_and_blasts_within_half_a_red_cell():
+    from pathlib import Path
+
+    from leukodetect.data.records import Record
+    from leukodetect.jobs.smear_eval import smear_row
+
+    def cell(x, call):
+        return {"x": x, "y": 50.0, "call": call, "prob_blast": 0.9 if call == "blast" else 0.1}
+
+    result = {"verdict": "ALL", "n_cells": 3, "n_blast": 2, "n_review": 0, "scale": "measured", "rbc_diameter": 20.0,
+              "cells": [cell(10.0, "blast"), cell(100.0, "blast"), cell(205.0, "normal"), cell(300.0, "smudge")]}
+    bccd = Record(path=Path("f.jpg"), label=0, group="f", cells=((12.0, 50.0), (208.0, 50.0), (400.0, 50.0)))
+    row = smear_row("bccd", bccd, result, fmt="bccd")
+    assert (row["cell_tp"], row["cell_fp"], row["cell_fn"]) == (2, 1, 1)  # the smudge call is not a white cell
+    assert "blast_tp" not in row and row["max_prob"] == 0.9
+    idb = Record(path=Path("Im001_1.jpg"), label=1, group="p", blasts=((101.0, 52.0), (600.0, 50.0)))
+    row = smear_row("allidb1", idb, result, fmt="allidb1")
+    assert (row["blast_tp"], row["blast_fp"], row["blast_fn"]) == (1, 1, 1) and row["right"]
+    m = smear_metrics([{**row, "max_prob": 0.9}])
+    assert m["blast_detection"]["f1"] == pytest.approx(0.5) and "white_cells" not in m

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from leukodetect.data.duplicates import effective_groups, hash_records, near_duplicate_groups
 from leukodetect.data.indexers import detect_format, index_dataset
 from leukodetect.data.records import Record
+from leukodetect.detection.match import detection_scores, match_points
 from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
@@ -47,7 +48,8 @@ from leukodetect.utils import atomic_write_text, write_csv, write_json
 #: Layouts whose images are whole smears with a label per smear.
 SMEAR_LAYOUTS = ("allidb1", "aria", "bccd")
 VERDICTS = ("ALL", "review", "healthy", CANNOT_ASSESS)
-ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast", "n_review", "max_prob", "scale", "reason")
+ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast", "n_review", "max_prob", "scale", "reason",
+              "cell_tp", "cell_fp", "cell_fn", "blast_tp", "blast_fp", "blast_fn")
 
 
 def smear_records(source: LabSource) -> tuple[str, list[Record]]:
@@ -92,14 +94,29 @@ def trained_smears(bank_csv: Path, trained_on: Iterable[str], *, qualities: Sequ
     return parents, groups
 
 
-def smear_row(lab: str, record: Record, result: dict) -> dict:
-    """One smear's line: its label, verdict, whether it is right, and its most blast-like cell."""
-    probs = [c["prob_blast"] for c in result["cells"] if c.get("prob_blast") is not None]
+def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: float = 0.5) -> dict:
+    """One smear's line: its label, verdict, whether it is right, and its most blast-like cell.
+
+    Where the layout gives positions, the found cells are matched one to one within ``radius`` red-cell
+    diameters: to the annotated white cells (BCCD's boxes: ``cell_tp`` and the rest), and, on ALL-IDB1,
+    the cells called blast to the annotated blasts (``blast_tp``...; none are annotated on a healthy
+    photograph, so a blast call there is a false one).
+    """
+    cells = [c for c in result["cells"] if c["call"] != "smudge"]
+    probs = [c["prob_blast"] for c in cells if c.get("prob_blast") is not None]
     verdict = result["verdict"]
     right = verdict == ("ALL" if record.label == 1 else "healthy")
-    return {"lab": lab, "image": str(record.path), "label": int(record.label), "verdict": verdict, "right": right,
-            "n_cells": result["n_cells"], "n_blast": result["n_blast"], "n_review": result["n_review"],
-            "max_prob": max(probs) if probs else None, "scale": result["scale"], "reason": result.get("reason") or ""}
+    row = {"lab": lab, "image": str(record.path), "label": int(record.label), "verdict": verdict, "right": right,
+           "n_cells": result["n_cells"], "n_blast": result["n_blast"], "n_review": result["n_review"],
+           "max_prob": max(probs) if probs else None, "scale": result["scale"], "reason": result.get("reason") or ""}
+    within = radius * (result["rbc_diameter"] or 0.0)
+    if record.cells is not None:
+        m = match_points([(c["x"], c["y"]) for c in cells], list(record.cells), within)
+        row.update(cell_tp=m.tp, cell_fp=m.fp, cell_fn=m.fn)
+    if fmt == "allidb1":
+        m = match_points([(c["x"], c["y"]) for c in cells if c["call"] == "blast"], list(record.blasts or ()), within)
+        row.update(blast_tp=m.tp, blast_fp=m.fp, blast_fn=m.fn)
+    return row
 
 
 def _share(k: int, n: int) -> dict:
@@ -125,7 +142,18 @@ def smear_metrics(rows: Sequence[dict]) -> dict:
         "specificity": _share(sum(r["verdict"] == "healthy" for r in negatives), len(negatives)),
         "auc": roc_auc(np.array([r["label"] for r in scored]), np.array([r["max_prob"] for r in scored])) if len(labels) == 2 else None,
         "median_cells": float(np.median([r["n_cells"] for r in rows])) if rows else None,
+        **_matched(rows, "cell", "white_cells"), **_matched(rows, "blast", "blast_detection"),
     }
+
+
+def _matched(rows: Sequence[dict], prefix: str, name: str) -> dict:
+    """Recall, precision (95% Wilson) and F1 of the matched ``prefix`` counts, where the rows have them."""
+    rows = [r for r in rows if f"{prefix}_tp" in r]
+    if not rows:
+        return {}
+    tp, fp, fn = (sum(r[f"{prefix}_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
+    return {name: {"smears": len(rows), "tp": tp, "fp": fp, "fn": fn, "recall": _share(tp, tp + fn), "precision": _share(tp, tp + fp),
+                   "f1": detection_scores(tp, fp, fn)["f1"]}}
 
 
 def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, locator=None, unseen_from: Path | None = None,
@@ -154,7 +182,7 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
                 log(f"skipped: {exc}")
                 unreadable += 1
                 continue
-            rows.append(smear_row(source.lab, record, result))
+            rows.append(smear_row(source.lab, record, result, fmt=fmt))
         facts[source.lab]["unreadable"] = unreadable
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "smears.csv", rows, list(ROW_FIELDS))
@@ -183,6 +211,14 @@ def report_markdown(metrics: dict) -> str:
         auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
         lines.append(f"| {lab} | {m['smears']} ({m['all']} / {m['healthy']}) | {_pct(m['accuracy'])} | {_pct(m['sensitivity'])} | "
                      f"{_pct(m['specificity'])} | {auc} | {_pct(m['cannot_assess'])} | {counts[0]} | {counts[1]} |")
+    matched = [(lab, key, m[key]) for lab, m in metrics["labs"].items() for key in ("white_cells", "blast_detection") if key in m]
+    if matched:
+        lines += ["", "| laboratory | found cells against annotated ones | smears | recall | precision | F1 |", "|---|---|---|---|---|---|"]
+        what = {"white_cells": "white cells (annotated positions)", "blast_detection": "cells called blast (annotated blasts)"}
+        lines += [f"| {lab} | {what[key]} | {e['smears']} | {_pct(e['recall'])} | {_pct(e['precision'])} | "
+                  f"{e['f1']:.3f} |" if e["f1"] is not None else f"| {lab} | {what[key]} | {e['smears']} | - | - | - |"
+                  for lab, key, e in matched]
     lines += ["", "A verdict is right when it is ALL on an ALL smear or healthy on a healthy one (review and cannot_assess never are);",
-              "sensitivity counts review as ALL; sensitivity and specificity leave cannot_assess smears out. 95% Wilson intervals."]
+              "sensitivity counts review as ALL; sensitivity and specificity leave cannot_assess smears out. 95% Wilson intervals.",
+              "A found cell matches an annotated one within half the smear's red-cell diameter, one to one."]
     return "\n".join(lines) + "\n"
