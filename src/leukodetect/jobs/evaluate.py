@@ -104,20 +104,19 @@ def evaluate_checkpoint(
     ``metrics.json`` then says how many images it could not normalise.
     """
     clf = Classifier.from_checkpoint(checkpoint, backend=backend, log=log)
-    bundle = clf.bundle
     if sources:
         if clf.scale is None:
             raise LeukoError(f"{checkpoint} has no physical scale (it was trained on one data set as it is): evaluate it with "
                              "--data PATH, without laboratory names.")
         data = build_bank(sources, Path(out_dir) / "cells", clf.scale, log=log)
-    described = f"{', '.join(str(s) for s in sources)}" if sources else str(data)
+    described = ", ".join(str(s) for s in sources) if sources else str(data)
     records = [r for r in index_dataset(data, "manifest" if sources else fmt) if r.label is not None]
     if not records:
         raise LeukoError(f"{described} has no labelled images: evaluation needs labels (see 'leukodetect data check').")
     bank = bool(sources) or is_bank(data)
     declared = clf.scale.pixels_per_rbc if bank and clf.scale is not None else None
     hashes = bank_hashes(records) if bank else {path: {h} for path, h in hash_records(records).items()}
-    trained_on = set(bundle.get("trained_on", []))
+    trained_on = set(clf.bundle.get("trained_on", []))
     seen = [r for r in records if hashes[r.path] & trained_on]
     if seen and not include_training:
         log(f"Leaving out {len(seen)} of {len(records)} images the model was trained or validated on "
@@ -138,7 +137,7 @@ def evaluate_checkpoint(
     if any(r.lab for r, _ in good):
         extra["labs"] = per_lab([{"lab": r.lab or "unnamed", "kind": r.kind, "parent": r.parent, "label": r.label,
                                   "prob": p.prob_blast, "flagged": p.label == REVIEW} for r, p in good], clf.threshold)
-    facts = {"command": command, "checkpoint": str(checkpoint), "data": described, "architecture": bundle["arch"]}
+    facts = {"command": command, "checkpoint": str(checkpoint), "data": described, "architecture": clf.bundle["arch"]}
     if stain is not None:
         extra["stain_normalization"] = stain.describe()
         facts["stain normalisation"] = (f"{stain.method}, fitted on {len(stain.reference)} reference image(s); "
@@ -155,7 +154,7 @@ def evaluate_checkpoint(
         prob=np.array([p.prob_blast for _, p in good]),
         threshold=clf.threshold,
         rows=rows,
-        history=bundle.get("history"),
+        history=clf.bundle.get("history"),
         facts=facts,
         extra=extra,
     )
