@@ -44,6 +44,7 @@ def _bank(tmp_path, crops: dict[str, tuple[np.ndarray, str]]):
         rows.append({"path": path.relative_to(tmp_path).as_posix(), "label": 0, "group": group, "lab": parent.split(":")[0],
                      "kind": "", "parent": parent, "x": 0, "y": 0})
     write_csv(tmp_path / "cells.csv", rows, ["path", "label", "group", "lab", "kind", "parent", "x", "y"])
+    (tmp_path / "cells.json").write_text("{}")  # a bank is its cells.csv with its description beside it
     return tmp_path / "cells.csv"
 
 
@@ -61,9 +62,10 @@ def test_a_smear_counts_as_trained_when_its_crop_was_trained_on_as_png_or_as_jpe
     parents, groups = trained_smears(bank, [pixel_hash(Image.fromarray(a)), _jpeg_hash(b, 95)])
     assert parents == {"aria:f1", "aria:f2"} and groups == {"aria:aria:f1", "aria:aria:f2"}
     assert trained_smears(bank, [_jpeg_hash(b, 95)], qualities=(0,)) == (set(), set())  # a PNG-only look misses the JPEG bank
-    (tmp_path / "not_a_bank.csv").write_text("path,label\nx.png,0\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "cells.csv").write_text("path,label\nx.png,0\n")  # a manifest, but no bank's cells.json beside it
     with pytest.raises(LeukoError, match="not a cell bank"):
-        trained_smears(tmp_path / "not_a_bank.csv", [])
+        trained_smears(tmp_path / "other" / "cells.csv", [])
 
 
 def _row(label, verdict, prob):

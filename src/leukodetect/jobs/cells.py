@@ -244,6 +244,20 @@ def written_hashes(image: Image.Image | np.ndarray, jpeg_qualities: Sequence[int
     return hashes
 
 
+def bank_hashes(records: Sequence[Record], jpeg_qualities: Sequence[int] = BANK_JPEG_QUALITIES) -> dict[Path, set[str]]:
+    """Each cell-bank crop's pixel hashes, as it is and as the JPEG a bank may be written in (empty where unreadable).
+
+    What tells a bank's crop among a model's ``trained_on`` hashes, whichever way its bank was written.
+    """
+    out = {}
+    for record in records:
+        try:
+            out[record.path] = written_hashes(open_rgb(record.path), jpeg_qualities)
+        except BadImageError:
+            out[record.path] = set()
+    return out
+
+
 def crop_hashes(image: Image.Image | np.ndarray, scale: CanonicalScale, diameter: float, jpeg_qualities: Sequence[int] = (0,)) -> set[str]:
     """The pixel hashes of a single-cell image's crop as :func:`build_bank` writes it, for each of ``jpeg_qualities`` (0: PNG).
 

@@ -9,12 +9,11 @@ import numpy as np
 
 from leukodetect.data.duplicates import hash_records
 from leukodetect.data.indexers import index_dataset
-from leukodetect.data.records import Record
-from leukodetect.errors import BadImageError, LeukoError
+from leukodetect.errors import LeukoError
 from leukodetect.evaluation import metrics as m
 from leukodetect.evaluation.intervals import binary_report
 from leukodetect.evaluation.labs import per_lab
-from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, build_bank, is_bank, written_hashes
+from leukodetect.jobs.cells import LabSource, bank_hashes, build_bank, is_bank
 from leukodetect.reporting.plots import (
     plot_confusion,
     plot_history,
@@ -24,7 +23,6 @@ from leukodetect.reporting.plots import (
 from leukodetect.reporting.report import write_report
 from leukodetect.runtime.base import REVIEW
 from leukodetect.runtime.classifier import Classifier
-from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import environment_facts, write_csv, write_json
 
 
@@ -159,13 +157,3 @@ def evaluate_checkpoint(
         extra=extra,
     )
 
-
-def bank_hashes(records: Sequence[Record]) -> dict[Path, set[str]]:
-    """Each cell-bank crop's pixel hashes as it is and as the JPEG a bank may be written in (empty where unreadable)."""
-    out = {}
-    for r in records:
-        try:
-            out[r.path] = written_hashes(open_rgb(r.path), BANK_JPEG_QUALITIES)
-        except BadImageError:
-            out[r.path] = set()
-    return out

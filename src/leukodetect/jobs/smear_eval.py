@@ -23,14 +23,12 @@ may have been written in). A smear the bank holds no cell of is unseen by constr
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from leukodetect.data.duplicates import effective_groups, hash_records, near_duplicate_groups
@@ -41,7 +39,7 @@ from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.evaluation.metrics import roc_auc
-from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, written_hashes
+from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
 from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import atomic_write_text, write_csv, write_json
 
@@ -74,24 +72,12 @@ def trained_smears(bank_csv: Path, trained_on: Iterable[str], *, qualities: Sequ
     it is and as JPEG of each of ``qualities``.
     """
     bank_csv = Path(bank_csv)
+    if not is_bank(bank_csv):
+        raise LeukoError(f"{bank_csv} is not a cell bank's cells.csv (with its cells.json beside it): pass the one 'leukodetect cells' wrote.")
     trained = set(trained_on)
-    parents, groups = set(), set()
-    try:
-        rows = list(csv.DictReader(bank_csv.open(newline="", encoding="utf-8")))
-    except OSError as exc:
-        raise LeukoError(f"Cell bank {bank_csv} cannot be read ({exc}): pass the cells.csv of the bank the model was trained on.") from exc
-    if rows and not {"path", "parent", "group"} <= set(rows[0]):
-        raise LeukoError(f"{bank_csv} is not a cell bank's cells.csv (no path, parent and group columns): pass the one 'leukodetect cells' wrote.")
-    for row in rows:
-        try:
-            with Image.open(bank_csv.parent / row["path"]) as image:
-                hashes = written_hashes(image, qualities)
-        except OSError as exc:
-            raise LeukoError(f"Crop {bank_csv.parent / row['path']} of the cell bank cannot be read ({exc}): rebuild the bank.") from exc
-        if hashes & trained:
-            parents.add(row["parent"])
-            groups.add(row["group"])
-    return parents, groups
+    crops = index_dataset(bank_csv, "manifest")
+    seen = [r for r, hashes in zip(crops, bank_hashes(crops, qualities).values()) if hashes & trained]
+    return {r.parent for r in seen}, {r.group for r in seen}
 
 
 def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: float = 0.5) -> dict:
