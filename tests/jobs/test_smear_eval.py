@@ -147,3 +147,23 @@ def test_found_cells_are_matched_to_annotated_white_cells_and_blasts_within_half
     assert (row["blast_tp"], row["blast_fp"], row["blast_fn"]) == (1, 1, 1) and row["right"]
     m = smear_metrics([{**row, "max_prob": 0.9}])
     assert m["blast_detection"]["f1"] == pytest.approx(0.5) and "white_cells" not in m
+
+
+def test_allidb1_photographs_are_all_scored_and_the_run_says_they_cannot_be_told_unseen(crop_checkpoint, tmp_path):
+    root = tmp_path / "ALL_IDB1"
+    (root / "im").mkdir(parents=True)
+    (root / "xyc").mkdir()
+    for stem in ("Im001_1", "Im002_0"):
+        Image.fromarray(synthetic_smear(seed=int(stem[4]))).save(root / "im" / f"{stem}.jpg", quality=95)
+        (root / "xyc" / f"{stem}.xyc").write_text("")
+    crop = np.zeros((8, 8, 3), np.uint8)
+    # A bank whose ALL-IDB2 cell shares a name with an ALL-IDB1 photograph: names say nothing across the two sets.
+    bank = _bank(tmp_path / "bank", {"allidb1:Im001_1": (crop, "allidb1:allidb1:Im001_1")})
+    logged: list[str] = []
+    clf = Classifier.from_checkpoint(crop_checkpoint, backend="torch")
+    metrics = run_smear_eval([LabSource.parse(f"allidb1={root}")], clf, tmp_path / "out", unseen_from=bank, locator=None,
+                             trained_on=[pixel_hash(Image.fromarray(crop))], log=logged.append)
+    m = metrics["labs"]["allidb1"]
+    assert m["smears"] == 2 and m["left_out_as_trained"] == 0 and m["unseen_check"].startswith("not possible")
+    assert any("cannot be told unseen" in line for line in logged)
+    assert "blast_detection" in m  # ALL-IDB1's blast positions are matched
