@@ -479,3 +479,16 @@ def test_serve_passes_allowed_hosts_to_the_service(monkeypatch):
     assert invoke("serve", "--allowed-host", "lab.example", "--allowed-host", "10.0.0.2").exit_code == 0
     assert seen["allowed_hosts"] == ["lab.example", "10.0.0.2"]
     assert invoke("serve").exit_code == 0 and seen["allowed_hosts"] is None  # the service's default: bound host and localhost
+
+
+def test_train_says_which_gifs_it_leaves_out(tiny_tree, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "cells"
+    shutil.copytree(tiny_tree, data)
+    Image.open(data / "blast" / "blast_00.png").save(data / "blast" / "extra.gif")
+    result = invoke("train", "--data", data, "--out", tmp_path / "run", "--epochs", 1, *TINY)
+    assert result.exit_code == 0, result.output
+    assert f"Leaving out 1 GIF file(s), e.g. {data / 'blast' / 'extra.gif'}: a GIF is not a microscope format" in result.output

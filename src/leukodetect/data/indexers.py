@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 
 from leukodetect.data.records import Point, Record
 from leukodetect.errors import LeukoError
-from leukodetect.runtime.images import IMAGE_SUFFIXES
+from leukodetect.runtime.images import IMAGE_SUFFIXES, REFUSED_SUFFIXES
 
 Indexer = Callable[[Path], list[Record]]
 
@@ -510,6 +510,15 @@ def _subfolders(path: Path) -> list[Path]:
 def _is_image(path: Path) -> bool:
     """True for a visible file whose suffix is an image suffix."""
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def refused_files(path: Path) -> list[Path]:
+    """The files of a refused format (GIF) under a data folder, which the indexers leave out: a run says so."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in REFUSED_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(path).parts))
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -27,7 +27,7 @@ import numpy as np
 from leukodetect.config import RunConfig
 from leukodetect.data.augment import expand_dataset
 from leukodetect.data.duplicates import effective_groups, hash_records
-from leukodetect.data.indexers import detect_format, find_allidb1, index_dataset
+from leukodetect.data.indexers import detect_format, find_allidb1, index_dataset, refused_files
 from leukodetect.data.records import Record
 from leukodetect.data.sources import source_groups
 from leukodetect.data.split import (
@@ -49,6 +49,7 @@ from leukodetect.jobs.evaluate import write_evaluation
 from leukodetect.jobs.guard import add_guard
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.images import GIF_RULE
 from leukodetect.runtime.scale import CanonicalScale
 from leukodetect.training import distributed, parallel
 from leukodetect.training.fit import (
@@ -94,6 +95,9 @@ def _index(cfg: RunConfig, out_dir: Path, *, log=print) -> tuple[list[Record], C
         records = index_dataset(manifest, "manifest")
     else:
         records = index_dataset(cfg.data.path, cfg.data.format)
+        refused = refused_files(Path(cfg.data.path))
+        if refused:
+            log(f"Leaving out {len(refused)} GIF file(s), e.g. {refused[0]}: a GIF is {GIF_RULE}.")
         scale = None
         if is_bank(cfg.data.path):
             scale = CanonicalScale.from_dict(bank_summary(Path(cfg.data.path))["scale"])
