@@ -24,7 +24,7 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths, open_rgb
 from leukodetect.runtime.locator import WhiteCellLocator
-from leukodetect.utils import atomic_write_text, write_csv
+from leukodetect.utils import atomic_write, atomic_write_text, write_csv
 
 
 def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
@@ -63,8 +63,8 @@ def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
         raise BadImageError(f"Image {path} could not be analysed ({_one_line(exc)}); check that it is a smear photograph, "
                          f"and report this message if it is.") from exc
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    overlay.save(targets["overlay"])
-    gallery.save(targets["gallery"])
+    for key, picture in (("overlay", overlay), ("gallery", gallery)):  # a crash mid-write leaves no half PNG behind
+        atomic_write(targets[key], lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
     result["outputs"] = {k: str(v) for k, v in targets.items()}
     atomic_write_text(targets["json"], json.dumps(result, indent=2) + "\n")
     return result
