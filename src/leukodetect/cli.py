@@ -182,6 +182,8 @@ ColourOpt = typer.Option(None, "--colour", help="Brightness, contrast and satura
 HedOpt = typer.Option(None, "--hed", help="Stain jitter in haematoxylin-eosin space, e.g. 0.05 (default 0, off).")
 BlurOpt = typer.Option(None, "--blur", help="Probability of a Gaussian blur of each training image, e.g. 0.3 (default 0).")
 JpegOpt = typer.Option(None, "--jpeg", help="Probability of JPEG compression (quality 50-95) of each training image (default 0).")
+LowresOpt = typer.Option(None, "--lowres", help="Probability of a resolution drop (down 1.5-4x and back) of each training image: "
+                         "fewer pixels per cell, as another camera or magnification gives (default 0).")
 BalanceOpt = typer.Option(None, "--balance", help="none (default), or labs: draw so both classes weigh the same and each "
                           "laboratory, within its class, by the square root of its size.")
 GuardOpt = typer.Option(None, "--guard/--no-guard", help="Fit the out-of-distribution guard after training (needs --val-fraction above 0).")
@@ -250,7 +252,7 @@ StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a
 _RUN_CONFIG_FIELDS = {
     "data": ("path", "sources", "format", "image_size", "split_file", "protocol", "num_workers", "val_fraction", "group_by", "allidb1",
              "field_diameters", "labs"),
-    "augment": ("rotation", "colour", "hed", "blur", "jpeg"),
+    "augment": ("rotation", "colour", "hed", "blur", "jpeg", "lowres"),
     "model": ("arch", "weights"),
     "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "ema", "mixup",
               "cutmix", "checkpoint_every", "balance", "guard"),
@@ -325,6 +327,7 @@ def train(
     hed: Optional[float] = HedOpt,
     blur: Optional[float] = BlurOpt,
     jpeg: Optional[float] = JpegOpt,
+    lowres: Optional[float] = LowresOpt,
     balance: Optional[str] = BalanceOpt,
     guard: Optional[bool] = GuardOpt,
     seed: Optional[int] = SeedOpt,
@@ -374,6 +377,7 @@ def cv(
     hed: Optional[float] = HedOpt,
     blur: Optional[float] = BlurOpt,
     jpeg: Optional[float] = JpegOpt,
+    lowres: Optional[float] = LowresOpt,
     balance: Optional[str] = BalanceOpt,
     guard: Optional[bool] = GuardOpt,
     seed: Optional[int] = SeedOpt,
@@ -442,6 +446,7 @@ def cross_lab(
     hed: Optional[float] = HedOpt,
     blur: Optional[float] = BlurOpt,
     jpeg: Optional[float] = JpegOpt,
+    lowres: Optional[float] = LowresOpt,
     balance: Optional[str] = BalanceOpt,
     devices: str = DevicesOpt,
     config: Optional[Path] = ConfigOpt,
@@ -685,6 +690,7 @@ def compare(
     hed: Optional[float] = HedOpt,
     blur: Optional[float] = BlurOpt,
     jpeg: Optional[float] = JpegOpt,
+    lowres: Optional[float] = LowresOpt,
     balance: Optional[str] = BalanceOpt,
     guard: Optional[bool] = GuardOpt,
     device: Optional[str] = DeviceOpt,

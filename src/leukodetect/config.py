@@ -68,6 +68,7 @@ class AugmentConfig:
     hed: float = 0.0  # haematoxylin-eosin-DAB jitter: each stain's density scaled by 1 +- hed and shifted by +- hed / 10
     blur: float = 0.0  # probability of a Gaussian blur (sigma 0.1-1.5 px): cameras and upsampled low-magnification fields
     jpeg: float = 0.0  # probability of JPEG compression at quality 50-95
+    lowres: float = 0.0  # probability of a resolution drop: down by 1.5-4x and back up (fewer pixels per cell: another camera or magnification)
 
 
 @dataclass(kw_only=True)
@@ -172,8 +173,10 @@ class RunConfig:
             raise LeukoError(f"Unknown --balance '{self.train.balance}': use one of {BALANCE}.")
         if self.data.field_diameters < 0:
             raise LeukoError(f"--field {self.data.field_diameters} must be 0 (images as they are) or a number of red-cell diameters such as 3.")
-        if min(self.augment.colour, self.augment.hed, self.augment.blur, self.augment.jpeg) < 0 or max(self.augment.blur, self.augment.jpeg) > 1:
-            raise LeukoError("Colour, HED, blur and JPEG augmentation must be 0 (off) or positive; blur and JPEG are probabilities (at most 1).")
+        if (min(self.augment.colour, self.augment.hed, self.augment.blur, self.augment.jpeg, self.augment.lowres) < 0
+                or max(self.augment.blur, self.augment.jpeg, self.augment.lowres) > 1):
+            raise LeukoError("Colour, HED, blur, JPEG and low-resolution augmentation must be 0 (off) or positive; blur, JPEG and "
+                             "low resolution are probabilities (at most 1).")
         if not 0 <= self.train.ema < 1:
             raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 

@@ -104,3 +104,26 @@ def test_allidb2_duplicate_pair_stays_together(shared_datasets):
     for _, te in kfold_indices(labels, groups, folds=5, seed=0):
         s = set(te.tolist())
         assert (idx["Im223_0"] in s) == (idx["Im257_0"] in s)
+
+
+def test_resolution_drop_keeps_the_size_and_takes_the_finest_detail_away():
+    import numpy as np
+    import pytest
+    import torch
+    from torchvision import tv_tensors
+
+    from leukodetect.config import AugmentConfig, RunConfig
+    from leukodetect.data.transforms import ResolutionDrop, augment_colour
+    from leukodetect.errors import LeukoError
+
+    checker = np.indices((64, 64)).sum(0) % 2 * 255  # one-pixel checkerboard: all of its energy is the finest detail
+    image = tv_tensors.Image(torch.from_numpy(np.stack([checker] * 3).astype(np.uint8)))
+    torch.manual_seed(0)
+    out = ResolutionDrop((2.0, 2.0))(image)
+    assert out.shape == image.shape and out.dtype == torch.uint8
+    assert float(out.float().std()) < 0.1 * float(image.float().std())  # averaged away to a flat grey
+    assert "ResolutionDrop" in repr(augment_colour(AugmentConfig(lowres=0.5))) and augment_colour(AugmentConfig()) is None
+    cfg = RunConfig()
+    cfg.augment.lowres = 1.5
+    with pytest.raises(LeukoError, match="probabilities"):
+        cfg.validate()

@@ -84,8 +84,28 @@ class HedJitter(torch.nn.Module):
         return tv_tensors.Image(torch.from_numpy(out).permute(2, 0, 1).contiguous())
 
 
+class ResolutionDrop(torch.nn.Module):
+    """Fewer pixels per cell: shrink by a random factor in ``factors`` (antialiased) and enlarge back (bilinear).
+
+    A laboratory photographing at a lower magnification or with a coarser camera gives a cell fewer pixels;
+    shown at the canonical scale, it comes out soft (Aria's fields hold 14.7 pixels per red cell, shown
+    at 42.7). Without this, softness itself can tell laboratories, and so labels, apart.
+    """
+
+    def __init__(self, factors: tuple[float, float] = (1.5, 4.0)) -> None:
+        super().__init__()
+        self.factors = factors
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.factors
+        factor = lo + float(torch.rand(())) * (hi - lo)
+        height, width = image.shape[-2:]
+        small = v2.functional.resize(image, [max(1, round(height / factor)), max(1, round(width / factor))], antialias=True)
+        return tv_tensors.Image(v2.functional.resize(small, [height, width], antialias=False))
+
+
 def augment_colour(augment: AugmentConfig) -> v2.Transform | None:
-    """Stain and camera variation, or None when every one is off: HED jitter, colour jitter, blur, JPEG.
+    """Stain and camera variation, or None when every one is off: HED jitter, colour jitter, resolution drop, blur, JPEG.
 
     torchvision's ``ColorJitter``, ``GaussianBlur`` and ``JPEG`` (transforms v2) and scikit-image's
     stain unmixing; the order follows the light path: the stain, then the camera's colour response,
@@ -99,6 +119,8 @@ def augment_colour(augment: AugmentConfig) -> v2.Transform | None:
         # HED jitter already moves the stains' hues.
         c = augment.colour
         steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c))
+    if augment.lowres:
+        steps.append(v2.RandomApply([ResolutionDrop()], p=augment.lowres))
     if augment.blur:
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=7, sigma=(0.1, 1.5))], p=augment.blur))
     if augment.jpeg:
