@@ -167,3 +167,25 @@ def test_allidb1_photographs_are_all_scored_and_the_run_says_they_cannot_be_told
     assert m["smears"] == 2 and m["left_out_as_trained"] == 0 and m["unseen_check"].startswith("not possible")
     assert any("cannot be told unseen" in line for line in logged)
     assert "blast_detection" in m  # ALL-IDB1's blast positions are matched
+
+
+def test_a_smear_whose_analysis_fails_is_reported_and_the_others_go_on(aria_tree, crop_checkpoint, tmp_path, monkeypatch):
+    import leukodetect.jobs.smear_eval as job
+
+    real = job.analyze
+    calls = []
+
+    def fails_once(image, classifier, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("OpenCV(4.10) resize.cpp: error\n(-215:Assertion failed)")
+        return real(image, classifier, **kwargs)
+
+    monkeypatch.setattr(job, "analyze", fails_once)
+    logged: list[str] = []
+    clf = Classifier.from_checkpoint(crop_checkpoint, backend="torch")
+    metrics = run_smear_eval([LabSource.parse(f"aria={aria_tree}")], clf, tmp_path / "out", log=logged.append)
+    assert metrics["labs"]["aria"]["smears"] == 4 and metrics["labs"]["aria"]["unreadable"] == 1
+    assert len(logged) == 1 and "could not be analysed (RuntimeError: OpenCV(4.10) resize.cpp: error)" in logged[0]
+    with pytest.raises(LeukoError, match="named once"):
+        run_smear_eval([LabSource.parse(f"aria={aria_tree}")] * 2, clf, tmp_path / "again", log=lambda *_: None)

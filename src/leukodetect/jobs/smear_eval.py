@@ -148,18 +148,22 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
                    trained_on: Iterable[str] = (), every: int = 1, progress: bool = False, log=print, **analyze_kwargs) -> dict:
     """Analyse every labelled smear of ``sources`` with ``classifier`` and ``locator``; write rows, metrics and a report.
 
-    Unreadable smears are reported and left out; ``every`` keeps every n-th smear of each source.
+    Unreadable smears, and smears whose analysis fails, are reported and left out (counted as
+    ``unreadable``); ``every`` keeps every n-th smear of each source.
     """
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists():
         raise LeukoError(f"{out_dir} already holds a smear evaluation: choose another --out.")
+    labs = [s.lab for s in sources]
+    if len(set(labs)) != len(labs):
+        raise LeukoError(f"Each laboratory may be named once, got {', '.join(labs)}.")
     parents, groups = trained_smears(unseen_from, trained_on) if unseen_from is not None else (set(), set())
     rows, facts = [], {}
     for source in sources:
         fmt, records = smear_records(source)
         records = records[::every]
         kept = records if fmt == "allidb1" else [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
-        facts[source.lab] = {"format": fmt, "smears": len(records), "left_out_as_trained": len(records) - len(kept)}
+        facts[source.lab] = {"format": fmt, "in_source": len(records), "left_out_as_trained": len(records) - len(kept)}
         if unseen_from is not None and fmt == "allidb1":
             facts[source.lab]["unseen_check"] = "not possible: ALL-IDB2's cells are cut from these photographs by its authors"
             log(f"{source.lab}: ALL-IDB1's photographs cannot be told unseen from a cell bank: ALL-IDB2, whose cells banks hold, "
@@ -172,6 +176,13 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
                 result = analyze(np.asarray(open_rgb(record.path)), classifier, locator=locator, **analyze_kwargs)
             except BadImageError as exc:
                 log(f"skipped: {exc}")
+                unreadable += 1
+                continue
+            except LeukoError:
+                raise
+            except Exception as exc:  # one smear's failure is reported and the others go on, as in detect
+                log(f"skipped: Image {record.path} could not be analysed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    "report this message if it is a smear photograph.")
                 unreadable += 1
                 continue
             rows.append(smear_row(source.lab, record, result, fmt=fmt))
@@ -194,7 +205,9 @@ def _pct(entry: dict) -> str:
 def report_markdown(metrics: dict) -> str:
     lines = [f"# Smear verdicts per laboratory ({metrics['locator']} locator)", ""]
     if metrics["unseen_from"]:
-        lines += [f"Only smears the cell model never trained on (bank: {metrics['unseen_from']}).", ""]
+        lines += [f"Only smears the cell model never trained on (bank: {metrics['unseen_from']})."]
+        lines += [f"{lab}: {m['unseen_check']}; every smear is scored." for lab, m in metrics["labs"].items() if "unseen_check" in m]
+        lines += [""]
     lines += ["| laboratory | smears (ALL / healthy) | accuracy | sensitivity (review = ALL) | specificity | ROC AUC | cannot assess |"
               " ALL smears: ALL / review / healthy / cannot | healthy smears: ALL / review / healthy / cannot |",
               "|---|---|---|---|---|---|---|---|---|"]
