@@ -930,8 +930,7 @@ def smear_eval(
         raise LeukoError("No cell model to score with: pass --checkpoint (this installation has no shipped one).")
     clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
     learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if locator == "learned" else None
-    trained_on = clf.bundle.get("trained_on") or () if unseen_from is not None else ()
-    run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=trained_on,
+    run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=clf.bundle.get("trained_on", ()),
                    every=every, review_band=(review_low, review_high), progress=_progress(), log=_log)
     out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
 

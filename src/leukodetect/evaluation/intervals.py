@@ -28,6 +28,12 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     return (float(ci.low), float(ci.high))
 
 
+def proportion(k: int, n: int) -> dict:
+    """``k / n`` with its count and 95% Wilson interval: ``{"value", "k", "n", "ci_low", "ci_high"}`` (None where n is 0)."""
+    low, high = wilson_interval(k, n)
+    return {"value": k / n if n else None, "k": k, "n": n, "ci_low": None if n == 0 else low, "ci_high": None if n == 0 else high}
+
+
 def bootstrap_interval(
     y_true,
     scores,

@@ -54,7 +54,7 @@ from leukodetect.detection.scorer import (
     white_density,
 )
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.evaluation.intervals import wilson_interval
+from leukodetect.evaluation.intervals import proportion
 from leukodetect.jobs.cells import LabSource
 from leukodetect.jobs.locator import load_smears
 from leukodetect.runtime.checkpoint import (
@@ -179,24 +179,19 @@ def cell_rows(cells: list[dict], blast_matching, others, radius: float) -> list[
     return out
 
 
-def _prop(k: int, n: int) -> dict:
-    low, high = wilson_interval(k, n)
-    return {"value": k / n if n else None, "k": k, "n": n, "ci_low": None if n == 0 else low, "ci_high": None if n == 0 else high}
-
-
 def _white_cells(masked: list[dict]) -> dict:
     inside = sum(m["tp"] + m["extra"] for m in masked)
     return {
         "photographs": len(masked),
-        "recall": _prop(sum(m["tp"] for m in masked), sum(m["regions"] for m in masked)),
-        "precision": _prop(inside, sum(m["detections"] for m in masked)),
+        "recall": proportion(sum(m["tp"] for m in masked), sum(m["regions"] for m in masked)),
+        "precision": proportion(inside, sum(m["detections"] for m in masked)),
         "extra_in_merged_regions": sum(m["extra"] for m in masked),
     }
 
 
 def _blast_counts(rows: list[dict], prefix: str) -> dict:
     tp, fp, fn = (sum(r[f"{prefix}_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
-    return {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn), "recall_ci": _prop(tp, tp + fn), "precision_ci": _prop(tp, tp + fp)}
+    return {"tp": tp, "fp": fp, "fn": fn, **detection_scores(tp, fp, fn), "recall_ci": proportion(tp, tp + fn), "precision_ci": proportion(tp, tp + fp)}
 
 
 def aggregate(rows: list[dict], *, classified: bool) -> dict:
@@ -205,7 +200,7 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
     seconds = np.array([r["seconds"] for r in rows])
     out = {
         "photographs": len(rows),
-        "blast_localisation_recall": _prop(sum(r["blast_loc_tp"] for r in rows), n_blasts),
+        "blast_localisation_recall": proportion(sum(r["blast_loc_tp"] for r in rows), n_blasts),
         "seconds_per_photograph": {"median": float(np.median(seconds)), "mean": float(seconds.mean()), "max": float(seconds.max())},
     }
     masked = [r["mask"] for r in rows if "mask" in r]
@@ -223,16 +218,16 @@ def aggregate(rows: list[dict], *, classified: bool) -> dict:
         flagged = lambda r: r["verdict"] in ("ALL", "review")  # noqa: E731
         out["photograph"] = {
             "review_counted_as": "ALL",
-            "accuracy": _prop(sum(flagged(r) == (r["label"] == 1) for r in rows), len(rows)),
-            "sensitivity": _prop(sum(flagged(r) for r in pos), len(pos)),
-            "specificity": _prop(sum(not flagged(r) for r in neg), len(neg)),
+            "accuracy": proportion(sum(flagged(r) == (r["label"] == 1) for r in rows), len(rows)),
+            "sensitivity": proportion(sum(flagged(r) for r in pos), len(pos)),
+            "specificity": proportion(sum(not flagged(r) for r in neg), len(neg)),
             "verdicts": {v: {"ALL_photographs": sum(r["verdict"] == v for r in pos), "healthy_photographs": sum(r["verdict"] == v for r in neg)}
                          for v in ("ALL", "review", "healthy")},
         }
         # As an analyser is used: the photographs it decides on its own, and how many it leaves to a person.
         decided = [r for r in rows if r["verdict"] != "review"]
-        out["photograph"]["decided_accuracy"] = _prop(sum((r["verdict"] == "ALL") == (r["label"] == 1) for r in decided), len(decided))
-        out["photograph"]["review_share"] = _prop(len(rows) - len(decided), len(rows))
+        out["photograph"]["decided_accuracy"] = proportion(sum((r["verdict"] == "ALL") == (r["label"] == 1) for r in decided), len(decided))
+        out["photograph"]["review_share"] = proportion(len(rows) - len(decided), len(rows))
     return out
 
 
@@ -434,6 +429,14 @@ def _fmt(entry: dict | None) -> str:
     return f"{entry['value']:.3f} ({entry['k']}/{entry['n']}; 95% CI {entry['ci_low']:.3f}-{entry['ci_high']:.3f})"
 
 
+def _locator_text(cfg: dict) -> str:
+    """How the evaluated photographs' white cells were found, for the report."""
+    if cfg.get("locator") != "learned":
+        return "the colour locator"
+    extra = f" and {', '.join(cfg['locator_data'])}" if cfg.get("locator_data") else ""
+    return f"a learned locator trained in each fold on its training photographs{extra} ({cfg['locator_iterations']} steps)"
+
+
 def report_markdown(m: dict) -> str:
     """A short Markdown report of ``metrics.json``."""
     cfg = m["config"]
@@ -442,9 +445,7 @@ def report_markdown(m: dict) -> str:
         f"Command: `{m['command']}`  ", f"Machine: {m['environment'].get('machine', '')}  ",
         f"Date: {m['environment'].get('date', '')}", "",
         f"Matching radius: {m['radius_in_rbc_diameters']} x the photograph's measured red-cell diameter.  ",
-        "White cells found by: " + ("a learned locator trained in each fold on its training photographs"
-                                    + (f" and {', '.join(cfg['locator_data'])}" if cfg.get("locator_data") else "")
-                                    + f" ({cfg['locator_iterations']} steps)" if cfg.get("locator") == "learned" else "the colour locator") + ".", "",
+        f"White cells found by: {_locator_text(cfg)}.", "",
         "| metric | value |", "|---|---|",
         f"| photographs | {m['photographs']} |",
         f"| blast localisation recall | {_fmt(m['blast_localisation_recall'])} |",

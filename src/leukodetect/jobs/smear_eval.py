@@ -39,7 +39,7 @@ from leukodetect.data.records import Record
 from leukodetect.detection.match import detection_scores, match_points
 from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.evaluation.intervals import wilson_interval
+from leukodetect.evaluation.intervals import proportion
 from leukodetect.evaluation.metrics import roc_auc
 from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
 from leukodetect.runtime.images import open_rgb
@@ -52,8 +52,9 @@ ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast",
               "cell_tp", "cell_fp", "cell_fn", "blast_tp", "blast_fp", "blast_fn")
 
 
-def smear_records(source: LabSource) -> tuple[str, list[Record]]:
-    """The labelled smears of one source, with near-duplicate and identical smears merged into one group each."""
+def smear_records(source: LabSource, *, grouped: bool = True) -> tuple[str, list[Record]]:
+    """The labelled smears of one source; with ``grouped``, near-duplicate and identical smears merged into one group each
+    (every image is read for it: only the "never trained on" check needs the groups)."""
     fmt = source.format if source.format != "auto" else detect_format(source.path)
     if fmt not in SMEAR_LAYOUTS:
         raise LeukoError(f"{source}: smear-eval scores whole smears with a label each ({', '.join(SMEAR_LAYOUTS)} layouts); "
@@ -61,6 +62,8 @@ def smear_records(source: LabSource) -> tuple[str, list[Record]]:
     records = [r for r in index_dataset(source.path, fmt) if r.label is not None]
     if not records:
         raise LeukoError(f"{source}: no labelled smears found; point to the data set's folder.")
+    if not grouped:
+        return fmt, records
     if fmt == "aria":
         records = near_duplicate_groups(records)
     groups = effective_groups(records, hash_records(records))
@@ -107,11 +110,6 @@ def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: 
     return row
 
 
-def _share(k: int, n: int) -> dict:
-    low, high = wilson_interval(k, n) if n else (float("nan"), float("nan"))
-    return {"k": k, "n": n, "value": k / n if n else None, "low": low if n else None, "high": high if n else None}
-
-
 def smear_metrics(rows: Sequence[dict]) -> dict:
     """Accuracy, sensitivity, specificity (95% Wilson intervals), AUC and verdict counts of one laboratory's rows."""
     assessed = [r for r in rows if r["verdict"] != CANNOT_ASSESS]
@@ -124,10 +122,10 @@ def smear_metrics(rows: Sequence[dict]) -> dict:
         "all": sum(r["label"] == 1 for r in rows), "healthy": sum(r["label"] == 0 for r in rows),
         "verdicts": {label: dict(Counter(r["verdict"] for r in rows if r["label"] == value))
                      for label, value in (("ALL", 1), ("healthy", 0))},
-        "accuracy": _share(sum(r["right"] for r in rows), len(rows)),
-        "cannot_assess": _share(len(rows) - len(assessed), len(rows)),
-        "sensitivity": _share(sum(r["verdict"] in ("ALL", "review") for r in positives), len(positives)),
-        "specificity": _share(sum(r["verdict"] == "healthy" for r in negatives), len(negatives)),
+        "accuracy": proportion(sum(r["right"] for r in rows), len(rows)),
+        "cannot_assess": proportion(len(rows) - len(assessed), len(rows)),
+        "sensitivity": proportion(sum(r["verdict"] in ("ALL", "review") for r in positives), len(positives)),
+        "specificity": proportion(sum(r["verdict"] == "healthy" for r in negatives), len(negatives)),
         "auc": roc_auc(np.array([r["label"] for r in scored]), np.array([r["max_prob"] for r in scored])) if len(labels) == 2 else None,
         "median_cells": float(np.median([r["n_cells"] for r in rows])) if rows else None,
         **_matched(rows, "cell", "white_cells"), **_matched(rows, "blast", "blast_detection"),
@@ -140,7 +138,7 @@ def _matched(rows: Sequence[dict], prefix: str, name: str) -> dict:
     if not rows:
         return {}
     tp, fp, fn = (sum(r[f"{prefix}_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
-    return {name: {"smears": len(rows), "tp": tp, "fp": fp, "fn": fn, "recall": _share(tp, tp + fn), "precision": _share(tp, tp + fp),
+    return {name: {"smears": len(rows), "tp": tp, "fp": fp, "fn": fn, "recall": proportion(tp, tp + fn), "precision": proportion(tp, tp + fp),
                    "f1": detection_scores(tp, fp, fn)["f1"]}}
 
 
@@ -160,7 +158,7 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
     parents, groups = trained_smears(unseen_from, trained_on) if unseen_from is not None else (set(), set())
     rows, facts = [], {}
     for source in sources:
-        fmt, records = smear_records(source)
+        fmt, records = smear_records(source, grouped=unseen_from is not None)
         records = records[::every]
         kept = records if fmt == "allidb1" else [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
         facts[source.lab] = {"format": fmt, "in_source": len(records), "left_out_as_trained": len(records) - len(kept)}
@@ -199,7 +197,7 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
 def _pct(entry: dict) -> str:
     if entry["value"] is None:
         return "-"
-    return f"{100 * entry['value']:.1f}% ({100 * entry['low']:.1f}-{100 * entry['high']:.1f}; {entry['k']}/{entry['n']})"
+    return f"{100 * entry['value']:.1f}% ({100 * entry['ci_low']:.1f}-{100 * entry['ci_high']:.1f}; {entry['k']}/{entry['n']})"
 
 
 def report_markdown(metrics: dict) -> str:
