@@ -105,3 +105,43 @@ def test_compare_puts_each_architecture_s_held_out_laboratories_in_its_report(th
     report = (out / "report.md").read_text()
     assert "## Laboratories held out" in report and "| tiny | tehran | cells | 12 |" in report
     assert "Trained on milan alone" in report
+    assert "Per laboratory, pooled out-of-fold" in report and "| tiny | milan | cells | 12 |" in report  # the cross-validation's own
+
+
+def test_cv_reports_each_laboratory_out_of_fold_every_cell_once(three_labs, tmp_path):
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, ["cv", "--data", str(three_labs), "--out", str(out), "--arch", "tiny", "--folds", "3",
+                                      "--epochs", "1", "--image-size", "24", "--batch-size", "8", "--lr", "0.01",
+                                      "--val-fraction", "0.25", "--guard"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    labs = json.loads((out / "metrics.json").read_text())["labs"]
+    assert set(labs) == set(LABS)
+    for lab in LABS:
+        cells = labs[lab]["cells"]
+        assert (cells["cells"], cells["blast"], cells["normal"]) == (2 * PER_CLASS, PER_CLASS, PER_CLASS)
+        assert {"sensitivity", "specificity", "roc_auc"} <= set(cells)
+    calls = [c for k in range(3) for c in json.loads((out / f"fold_{k}" / "predictions.json").read_text())["call"]]
+    assert sum(labs[lab]["cells"]["flagged"] for lab in LABS) == calls.count("review")  # each fold model's guard, counted once
+    assert "Per laboratory" in result.output and "| tehran | cells | 12 |" in (out / "report.md").read_text()
+
+
+def test_train_reports_each_laboratory_of_its_test_part(three_labs, tmp_path):
+    out = tmp_path / "train"
+    result = CliRunner().invoke(app, ["train", "--data", str(three_labs), "--out", str(out), "--arch", "tiny", "--epochs", "1",
+                                      "--image-size", "24", "--batch-size", "8", "--lr", "0.01", "--val-fraction", "0.2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    test = json.loads((out / "split.json").read_text())["test"]
+    labs = json.loads((out / "test" / "metrics.json").read_text())["labs"]
+    in_test = {lab: sum(f"/{lab}/" in p for p in test) for lab in LABS}
+    assert {lab: figures["cells"]["cells"] for lab, figures in labs.items()} == {lab: n for lab, n in in_test.items() if n}
+    assert all(figures["cells"]["flagged"] == 0 for figures in labs.values())  # no guard, nothing flagged
+    assert "Per laboratory" in result.output
+
+
+def test_a_single_unnamed_data_set_gets_no_laboratory_table(tiny_tree, tmp_path):
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, ["cv", "--data", str(tiny_tree), "--out", str(out), "--arch", "tiny", "--folds", "2",
+                                      "--epochs", "1", "--image-size", "24", "--batch-size", "8", "--val-fraction", "0.25"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "labs" not in json.loads((out / "metrics.json").read_text()) and "Per laboratory" not in result.output

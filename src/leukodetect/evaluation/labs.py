@@ -1,7 +1,8 @@
 """Figures per laboratory: cells, fields and cell types, with 95% intervals and the guard's flag rate.
 
-Pure functions of rows ``{"lab", "kind", "parent", "label", "prob", "flagged"}`` (one per cell):
-``cross-lab`` scores each held-out laboratory with them and ``evaluate`` each laboratory of its data.
+Pure functions of rows ``{"lab", "kind", "parent", "label", "prob", "flagged"}`` (one per cell, made by
+:func:`cell_rows`): ``cross-lab`` scores each held-out laboratory with them; ``evaluate``, ``train``'s test
+part and ``cv``'s out-of-fold predictions each laboratory of their data.
 
 - cells: sensitivity, specificity and ROC AUC at ``threshold`` (Wilson intervals for proportions, a
   bootstrap over cells for AUC); a laboratory of one class (PBC, BCCD) gets the proportion of its
@@ -22,6 +23,19 @@ from leukodetect.evaluation.intervals import binary_report, wilson_interval
 
 #: The rule that makes a field's P(blast) from its cells'.
 FIELD_RULE = "a field's P(blast) is the highest of its cells'"
+
+
+def cell_rows(records: Sequence, probs: Sequence[float], flagged: Sequence[bool] | None = None) -> list[dict]:
+    """The rows the functions below read, from records (their ``lab``, ``kind``, ``parent`` and ``label``), each
+    one's P(blast) and whether the guard flagged it (None: a model without a guard flags nothing)."""
+    flagged = [False] * len(records) if flagged is None else flagged
+    return [{"lab": r.lab or "unnamed", "kind": r.kind, "parent": r.parent, "label": r.label, "prob": float(p), "flagged": bool(f)}
+            for r, p, f in zip(records, probs, flagged, strict=True)]
+
+
+def names_labs(records: Sequence) -> bool:
+    """Whether any record names its laboratory (then the figures are given per laboratory too)."""
+    return any(r.lab for r in records)
 
 
 def score_cells(rows: Sequence[dict], threshold: float = 0.5) -> dict:

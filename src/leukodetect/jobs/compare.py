@@ -214,6 +214,7 @@ class RunResult:
             "held_out_images_sharing_a_source_with_training": self.metrics.get("held_out_images_sharing_a_source_with_training"),
             "cost": self.cost,
             "calibration": self.calibration,
+            **({"labs": self.metrics["labs"]} if self.metrics.get("labs") else {}),
         }
 
 

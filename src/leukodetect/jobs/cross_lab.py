@@ -29,7 +29,7 @@ import numpy as np
 from leukodetect.config import RunConfig
 from leukodetect.data.split import holdout_indices
 from leukodetect.errors import LeukoError
-from leukodetect.evaluation.labs import lab_figures
+from leukodetect.evaluation.labs import cell_rows, lab_figures
 from leukodetect.jobs.train import (
     FoldJob,
     Prepared,
@@ -106,8 +106,7 @@ def _cell_rows(prep: Prepared, run_dir: Path) -> list[dict]:
     stored = json.loads((run_dir / "predictions.json").read_text())
     by_path = {str(r.path): r for r in prep.records}
     calls = stored.get("call") or [None] * len(stored["test"])  # a model without a guard flags nothing
-    return [{"lab": r.lab, "kind": r.kind, "parent": r.parent, "label": r.label, "prob": prob, "flagged": call == "review"}
-            for path, prob, call in zip(stored["test"], stored["prob_blast"], calls) for r in [by_path[path]]]
+    return cell_rows([by_path[path] for path in stored["test"]], stored["prob_blast"], [call == "review" for call in calls])
 
 
 def score_runs(prep: Prepared, out_dir: Path, *, hold_out: Sequence[str], only: str | None) -> dict:

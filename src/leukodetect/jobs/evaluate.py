@@ -12,7 +12,7 @@ from leukodetect.data.indexers import index_dataset
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation import metrics as m
 from leukodetect.evaluation.intervals import binary_report
-from leukodetect.evaluation.labs import per_lab
+from leukodetect.evaluation.labs import cell_rows, names_labs, per_lab
 from leukodetect.jobs.cells import LabSource, bank_hashes, build_bank, is_bank
 from leukodetect.reporting.plots import (
     plot_confusion,
@@ -132,9 +132,9 @@ def evaluate_checkpoint(
     rows = [{"path": str(r.path), "label": r.label, "prob_blast": p.prob_blast, "predicted": int(p.prob_blast >= clf.threshold)}
             | ({"lab": r.lab, "call": p.label} if r.lab else {}) for r, p in good]
     extra = {"excluded_trained_on": len(seen) if not include_training else 0, "unreadable": len(bad)}
-    if any(r.lab for r, _ in good):
-        extra["labs"] = per_lab([{"lab": r.lab or "unnamed", "kind": r.kind, "parent": r.parent, "label": r.label,
-                                  "prob": p.prob_blast, "flagged": p.label == REVIEW} for r, p in good], clf.threshold)
+    if names_labs([r for r, _ in good]):
+        extra["labs"] = per_lab(cell_rows([r for r, _ in good], [p.prob_blast for _, p in good], [p.label == REVIEW for _, p in good]),
+                                clf.threshold)
     facts = {"command": command, "checkpoint": str(checkpoint), "data": described, "architecture": clf.bundle["arch"]}
     if stain is not None:
         extra["stain_normalization"] = stain.describe()

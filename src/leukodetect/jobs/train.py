@@ -37,6 +37,7 @@ from leukodetect.data.split import (
 )
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.intervals import binary_report, summarize_folds
+from leukodetect.evaluation.labs import cell_rows, names_labs, per_lab
 from leukodetect.jobs.cells import (
     DEFAULT_FIELD,
     LabSource,
@@ -47,6 +48,7 @@ from leukodetect.jobs.cells import (
 )
 from leukodetect.jobs.evaluate import write_evaluation
 from leukodetect.jobs.guard import add_guard
+from leukodetect.runtime.base import REVIEW
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import GIF_RULE
@@ -204,7 +206,9 @@ def _split_from_file(prep: Prepared, split_file: Path):
     return parts
 
 
-def _predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list[dict]]:
+def _predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list[dict], dict]:
+    """P(blast) of the images at ``idx``, their rows for predictions.csv, and the figures per laboratory
+    where the records name theirs (else an empty dict)."""
     preds = clf.predict_paths([prep.records[i].path for i in idx], rbc_diameter=prep.declared_rbc)
     prob = np.array([p.prob_blast for p in preds], dtype=float)
     rows = [
@@ -212,7 +216,9 @@ def _predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, lis
          "prob_blast": float(pr), "predicted": int(pr >= clf.threshold)}
         for i, pr in zip(idx, prob)
     ]
-    return prob, rows
+    records = [prep.records[i] for i in idx]
+    labs = {"labs": per_lab(cell_rows(records, prob, [p.label == REVIEW for p in preds]), clf.threshold)} if names_labs(records) else {}
+    return prob, rows, labs
 
 
 def run_train(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
@@ -254,12 +260,13 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
         return ctx.broadcast(None)
     finish_checkpoint(cfg, result.best_path, [prep.records[i] for i in train], [prep.records[i] for i in val], prep.scale, log=log)
     clf = Classifier.from_checkpoint(result.best_path, backend="torch")  # one pass over the test split: an export would not pay
-    prob, rows = _predict_rows(clf, prep, test)
+    prob, rows, labs = _predict_rows(clf, prep, test)
     report = write_evaluation(
         out_dir / "test", title=f"{cfg.model.arch}: held-out test split ({cfg.data.protocol} protocol)",
         y_true=labels[test], prob=prob, threshold=clf.threshold, rows=rows, history=result.history,
         facts={"command": command, "data": cfg.data.path, "protocol": cfg.data.protocol, "best epoch": str(result.best_epoch)},
-        extra={"protocol": cfg.data.protocol, "test_images_sharing_a_source_with_training": leakage(prep, np.concatenate([train, val]), test)},
+        extra={"protocol": cfg.data.protocol, "test_images_sharing_a_source_with_training": leakage(prep, np.concatenate([train, val]), test),
+               **labs},
     )
     return ctx.broadcast({"out_dir": str(out_dir), "checkpoint": str(result.best_path), "test": report})
 
@@ -416,11 +423,15 @@ def finish_cv(run: CvRun, ctx: distributed.DistContext | None = None, *, command
     labels = _labels(prep)
     oof = np.full(len(labels), np.nan)
     oof_fold = np.full(len(labels), -1)
+    oof_flagged = np.zeros(len(labels), dtype=bool)  # by the fold model's guard, where it has one
     per_fold, fold_rows = [], []
     for k, (train_all, test) in enumerate(run.plan):
         done = out_dir / f"fold_{k}" / "predictions.json"
-        prob = ctx.broadcast(np.array(json.loads(done.read_text())["prob_blast"], dtype=float) if ctx.is_main else None)
+        stored = ctx.broadcast(json.loads(done.read_text()) if ctx.is_main else None)
+        prob = np.array(stored["prob_blast"], dtype=float)
         oof[test], oof_fold[test] = prob, k
+        if stored.get("call"):
+            oof_flagged[test] = [call == REVIEW for call in stored["call"]]
         fold_report = binary_report(labels[test], prob, threshold=0.5)
         fold_report["leakage"] = leakage(prep, train_all, test)
         per_fold.append(fold_report)
@@ -431,6 +442,7 @@ def finish_cv(run: CvRun, ctx: distributed.DistContext | None = None, *, command
         for r, g, f, p in zip(prep.records, prep.groups, oof_fold, oof)
     ]
     summary = summarize_folds(per_fold)
+    labs = {"labs": per_lab(cell_rows(prep.records, oof, oof_flagged), 0.5)} if names_labs(prep.records) else {}
     if not ctx.is_main:
         return ctx.broadcast(None)
     report = write_evaluation(
@@ -439,7 +451,7 @@ def finish_cv(run: CvRun, ctx: distributed.DistContext | None = None, *, command
         facts={"command": command, "data": cfg.data.path, "protocol": cfg.data.protocol, "folds": str(folds),
                "epochs": str(cfg.train.epochs), "image size": str(cfg.data.image_size)},
         extra={"protocol": cfg.data.protocol, "per_fold": fold_rows,
-               "held_out_images_sharing_a_source_with_training": int(sum(f["leakage"] for f in per_fold))},
+               "held_out_images_sharing_a_source_with_training": int(sum(f["leakage"] for f in per_fold)), **labs},
         fold_summary=summary,
     )
     return ctx.broadcast({"out_dir": str(out_dir), "pooled": report, "folds": summary})

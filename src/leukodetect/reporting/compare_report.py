@@ -230,6 +230,10 @@ def build_sections(summary: dict, figs: dict, facts: dict) -> list[Section]:
                 "inference ms / image", "ECE (pooled)", "threshold for sensitivity ≥ 0.99", "specificity at it",
                 "held-out images sharing a source with training"), cost_rows(runs, protocol)),
         ])
+        labs = [(r["arch"], *row) for r in runs if r["protocol"] == protocol and r.get("labs") for row in lab_table_rows(r["labs"])]
+        if labs:
+            s.tables.append(("Per laboratory, pooled out-of-fold (95% interval; fields: a field's P(blast) is the highest of its cells')",
+                             ("architecture", *LAB_HEADER), labs))
         if not summary["same_folds"].get(protocol, True):
             s.paragraphs.append("Warning: the architectures did not all get the same folds under this protocol.")
         s.figures = figs.get(f"figures:{protocol}", [])
