@@ -49,6 +49,20 @@ def test_local_weights_roundtrip(tmp_path):
         assert ka == kb and torch.equal(va, vb)
 
 
+def test_a_guarded_leukodetect_safetensors_file_starts_a_new_run(crop_checkpoint, tmp_path):
+    """The shipped model is a safetensors file holding its guard's arrays beside the weights: --weights takes the weights."""
+    import numpy as np
+
+    from leukodetect.runtime.checkpoint import GUARD_TENSORS, load_checkpoint, save_safetensors
+
+    bundle = load_checkpoint(crop_checkpoint)
+    bundle["guard"] = {"threshold": 1.0, **{k: np.ones((2, 2), dtype=np.float32) for k in GUARD_TENSORS}}
+    path = save_safetensors(bundle, tmp_path / "guarded.safetensors", half=False)
+    model = create_model(bundle["arch"], weights=path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, bundle["state_dict"][key].float() if value.is_floating_point() else bundle["state_dict"][key])
+
+
 def test_weights_of_another_head_size_keep_the_body(tmp_path):
     a = create_model("tiny", num_classes=5)
     torch.save(a.state_dict(), tmp_path / "w5.pt")

@@ -96,6 +96,10 @@ def create_model(name: str = "resnet50", num_classes: int = 2, weights: str | Pa
     return model
 
 
+#: Prefix of the out-of-distribution guard's arrays in a leukodetect safetensors file (beside the weights).
+GUARD_PREFIX = "guard."
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read tensors from a .safetensors file, a state dict or a leukodetect checkpoint.
 
@@ -106,8 +110,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise BadCheckpointError(f"Weights file {path} does not exist: check the path given to --weights.")
     try:
         if path.suffix == ".safetensors":
-
-            return load_file(str(path))
+            # A leukodetect safetensors file (the shipped model) also holds its guard's arrays: not weights.
+            return {k: v for k, v in load_file(str(path)).items() if not k.startswith(GUARD_PREFIX)}
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BadCheckpointError(

@@ -22,6 +22,7 @@ from torch import nn
 
 from leukodetect.errors import BadCheckpointError
 from leukodetect.models import create_model
+from leukodetect.models.registry import GUARD_PREFIX
 from leukodetect.utils import atomic_write, environment_facts
 
 #: Class names in label order. Label 1 is the positive class: a blast (cell level) or an ALL
@@ -122,7 +123,6 @@ SAFETENSORS_KEY = "leukodetect"
 #: The out-of-distribution guard's arrays (``bundle["guard"]``, see :mod:`leukodetect.runtime.guard`),
 #: stored as tensors under these names with this prefix in a safetensors file.
 GUARD_TENSORS = ("center", "projection", "class_means", "pixel_center", "pixel_projection", "pixel_class_means")
-GUARD_PREFIX = "guard."
 
 
 def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -> Path:
