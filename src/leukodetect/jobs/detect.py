@@ -60,8 +60,7 @@ def analyze_file(path: Path, classifier, out_dir: Path, **kwargs) -> dict:
     except LeukoError:
         raise
     except Exception as exc:
-        raise BadImageError(f"Image {path} could not be analysed ({_one_line(exc)}); check that it is a smear photograph, "
-                         f"and report this message if it is.") from exc
+        raise analysis_failed(path, exc) from exc
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for key, picture in (("overlay", overlay), ("gallery", gallery)):  # a crash mid-write leaves no half PNG behind
         atomic_write(targets[key], lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
@@ -98,6 +97,12 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
         write_csv(summary, [{k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS}
                             for row in rows], SUMMARY_COLUMNS)
     return rows
+
+
+def analysis_failed(path: Path, exc: Exception) -> BadImageError:
+    """The one sentence for an image whose analysis raised something unexpected (``detect`` and ``smear-eval``)."""
+    return BadImageError(f"Image {path} could not be analysed ({_one_line(exc)}); check that it is a smear photograph, "
+                         "and report this message if it is.")
 
 
 def _one_line(exc: Exception, limit: int = 200) -> str:

@@ -42,6 +42,7 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import proportion
 from leukodetect.evaluation.metrics import roc_auc
 from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
+from leukodetect.jobs.detect import analysis_failed
 from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import atomic_write_text, write_csv, write_json
 
@@ -179,8 +180,7 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
             except LeukoError:
                 raise
             except Exception as exc:  # one smear's failure is reported and the others go on, as in detect
-                log(f"skipped: Image {record.path} could not be analysed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                    "report this message if it is a smear photograph.")
+                log(f"skipped: {analysis_failed(record.path, exc)}")
                 unreadable += 1
                 continue
             rows.append(smear_row(source.lab, record, result, fmt=fmt))
