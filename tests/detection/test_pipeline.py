@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 from smear_images import synthetic_smear
 from typer.testing import CliRunner
 
@@ -170,3 +171,28 @@ def test_no_evidence_is_cannot_assess_never_healthy(crop_checkpoint, smear_png, 
     # The synthetic smear itself, with red and white cells, is assessed as before.
     assessed = analyze(Image.open(smear_png), Classifier.from_checkpoint(crop_checkpoint, backend="torch"))
     assert assessed["verdict"] != "cannot_assess" and assessed["reason"] is None
+
+
+def test_a_cell_beyond_the_guard_is_review_whatever_its_probability_and_the_smear_says_why(crop_checkpoint):
+    clf = Classifier.from_checkpoint(crop_checkpoint, device="cpu")
+    plain = analyze(synthetic_smear(), clf)
+    assert all("unlike_training" not in c for c in plain["cells"]) and plain["n_unlike_training"] == 0  # no guard, no flag
+
+    def outputs(scores):
+        def image_outputs(images, *, batch_size):
+            probs = np.array([0.95] + [0.05] * (len(images) - 1))  # the first cell looks like a blast
+            return probs, np.array(scores[:len(images)], dtype=float)
+        return image_outputs
+
+    clf.guard_threshold = 1.0
+    clf.image_outputs = outputs([5.0, 0.2, 0.3])  # the first cell is unlike the training images
+    flagged = analyze(synthetic_smear(), clf)
+    first = flagged["cells"][0]
+    assert first["call"] == "review" and first["unlike_training"] and first["prob_blast"] == 0.95 and first["ood_score"] == 5.0
+    assert [c["call"] for c in flagged["cells"][1:]] == ["normal", "normal"]
+    assert flagged["verdict"] == "review" and flagged["n_unlike_training"] == 1 and flagged["n_blast"] == 0
+    assert "1 of its 3 white cells are unlike the images this model was trained on" in flagged["reason"]
+
+    clf.image_outputs = outputs([0.5, 0.2, 0.3])  # all within the guard: the blast counts
+    trusted = analyze(synthetic_smear(), clf)
+    assert trusted["verdict"] == "ALL" and trusted["reason"] is None and not any(c["unlike_training"] for c in trusted["cells"])

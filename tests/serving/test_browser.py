@@ -14,6 +14,7 @@ import base64
 import os
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 
 from leukodetect.detection import load_detector
@@ -169,3 +170,34 @@ def test_real_cell_and_smear_in_smear_mode(smear_page, smear_service, smear_png,
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     assert page.outside == [] and page.blocked == []
+
+
+@pytest.fixture(scope="module")
+def flagging_service(classifier, crop_checkpoint):
+    """A smear service whose cell model's guard calls every cell unlike its training images."""
+    detector = load_detector(crop_checkpoint)
+    cells = detector.classifier
+    plain = cells.image_outputs
+
+    def every_cell_beyond_the_guard(images, *, batch_size):
+        probs, _ = plain(images, batch_size=batch_size)
+        return probs, np.full(len(probs), 10.0)
+
+    cells.guard_threshold = 1.0
+    cells.image_outputs = every_cell_beyond_the_guard
+    with running(create_app(classifier, detector=detector)) as url:
+        yield url
+
+
+def test_a_smear_whose_cells_are_unlike_the_training_images_says_review_and_why(browser, flagging_service, smear_png):
+    for page in _page(browser, flagging_service):
+        page.goto(flagging_service + "/")
+        page.locator("#model-info", has_text="tiny").wait_for()
+        page.check("#mode-smear")
+        page.set_input_files("#file-input", str(smear_png))
+        card = page.locator(".result.smear[data-status=done]")
+        card.wait_for(timeout=60_000)
+        assert card.locator(".verdict").text_content().split()[0] == "review"
+        reason = card.locator("p.reason").text_content()
+        assert reason.startswith("review: ") and "unlike the images this model was trained on" in reason
+        assert page.outside == [] and page.blocked == []

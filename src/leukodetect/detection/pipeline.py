@@ -31,6 +31,7 @@ from leukodetect.detection.scorer import CellScorer, white_density
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.checkpoint import DetectorSettings
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.guard import UNLIKE_TRAINING
 from leukodetect.runtime.locator import WhiteCellLocator
 from leukodetect.runtime.scale import estimate_rbc_diameter
 
@@ -143,9 +144,12 @@ def analyze(
             the colour locator's region measurements, are not used.
 
     Returns:
-        A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call),
-        counts, blast fraction among the white cells (smudge cells excluded), white-cell density
-        (:func:`~leukodetect.detection.scorer.white_density`), verdict and timing.
+        A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call; with a
+        guarded cell model also ood_score and unlike_training: a cell beyond the guard is called
+        "review" whatever its P(blast)), counts, blast fraction among the white cells (smudge cells
+        excluded), white-cell density (:func:`~leukodetect.detection.scorer.white_density`), verdict,
+        reason (why a photograph cannot be assessed, or why it is "review" when some of its cells are
+        unlike the model's training images) and timing.
     """
     lo, hi = review_band
     if not 0 <= lo <= hi <= 1:
@@ -168,10 +172,16 @@ def analyze(
     factor = cell_scale.field if cell_scale is not None else settings.crop_factor if settings is not None else DEFAULT_CROP_FACTOR
     side = factor * loc.rbc_diameter
     probs: list[float | None] = [None] * len(loc.cells)
+    ood: list[float | None] = [None] * len(loc.cells)  # the cell model's guard score, where it has a guard
     if classifier is not None and loc.cells:
         size = classifier.preset.image_size
         crops = [crop_around(rgb, c.x, c.y, side, size) for c in loc.cells]
-        probs = [float(p) for p in classifier.image_probabilities(crops, batch_size=batch_size)]
+        found, scores = classifier.image_outputs(crops, batch_size=batch_size)
+        probs = [float(p) for p in found]
+        if scores is not None:
+            ood = [float(v) for v in scores]
+    limit = getattr(classifier, "guard_threshold", None)
+    unlike = [limit is not None and v is not None and v > limit for v in ood]
     gate = gate_of(settings) if use_gate else None
     p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
     height, width = rgb.shape[:2]
@@ -185,17 +195,22 @@ def analyze(
     cells = [
         {**c.to_dict(), "prob_blast": None if p is None else round(p, 5),
          "p_white_cell": None if q is None else round(float(q), 5),
-         "call": "smudge" if q is not None and q < gate.threshold else call_of(p, review_band)}
+         # A cell beyond the cell model's guard is "review" whatever its P(blast), which stays beside it.
+         "call": "smudge" if q is not None and q < gate.threshold else "review" if odd else call_of(p, review_band)}
         | ({"prob_crop": round(float(pc), 5)} if scorer is not None else {})
-        for c, p, q, pc in zip(loc.cells, probs, p_cell, crop_probs)
+        | ({"ood_score": round(v, 4), "unlike_training": odd} if v is not None else {})
+        for c, p, q, pc, v, odd in zip(loc.cells, probs, p_cell, crop_probs, ood, unlike)
     ]
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
+    n_unlike = sum(c.get("unlike_training", False) and c["call"] != "smudge" for c in cells)
     reason = assessment(grey, loc.rbc_count, white, size=(width, height) if small else None)
     if reason is not None:
         verdict = CANNOT_ASSESS
     else:
         verdict = rule(counts["blast"], counts["review"]) if classifier is not None else "not classified"
+        if verdict == "review" and n_unlike:
+            reason = f"{n_unlike} of its {white} white cells are {UNLIKE_TRAINING}: a person should look"
     return {
         "width": width, "height": height,
         "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
@@ -203,7 +218,7 @@ def analyze(
         "review_band": [lo, hi], "rule": asdict(rule), "locator": "learned" if locator is not None else "colour",
         "scale": "unknown" if loc.rbc_count == 0 else scale_source,
         "n_cells": white, "n_blast": counts["blast"], "n_review": counts["review"], "n_normal": counts["normal"],
-        "n_smudge": counts["smudge"], "smudge_gate": gate is not None, "cell_scorer": scorer is not None,
+        "n_smudge": counts["smudge"], "n_unlike_training": n_unlike, "smudge_gate": gate is not None, "cell_scorer": scorer is not None,
         "white_density": round(density, 4),
         "blast_fraction": counts["blast"] / white if white and classifier is not None else None,
         "verdict": verdict, "reason": reason,

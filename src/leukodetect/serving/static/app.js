@@ -82,7 +82,8 @@ function showSmear(card, r) {
   // label or call, and images as base64 PNGs: overlay_png, gallery_png, cells[].crop_png.
   card.classList.add("smear");
   card.replaceChildren(el("h2", {}, r.filename), verdict(r.verdict ?? "analysed"));
-  if (r.reason) card.append(el("p", { class: "reason" }, `cannot assess: ${r.reason}`));
+  // "review" carries a reason when some cells are unlike the model's training images; cannot_assess always does.
+  if (r.reason) card.append(el("p", { class: "reason" }, `${r.verdict === "review" ? "review" : "cannot assess"}: ${r.reason}`));
   const counts = r.counts ?? (r.n_cells !== undefined ? { cells: r.n_cells, blast: r.n_blast, review: r.n_review, normal: r.n_normal } : null);
   if (counts) {
     const table = el("table", { class: "counts" });
@@ -95,7 +96,7 @@ function showSmear(card, r) {
   if (cells.length) {
     const gallery = el("div", { class: "gallery" });
     for (const c of cells) {
-      const label = c.label ?? c.call ?? "";
+      const label = (c.label ?? c.call ?? "") + (c.unlike_training ? " (unlike the training images)" : "");
       gallery.append(el("figure", {}, el("img", { src: png(c.crop_png), alt: label || "cell" }),
         el("figcaption", {}, `${label} ${c.prob_blast != null ? pct(c.prob_blast) : ""}`)));
     }
