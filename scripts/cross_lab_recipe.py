@@ -5,7 +5,8 @@ stage is the command line printed in its log. Usage (PYTHONPATH=src where leukod
 
     python scripts/cross_lab_recipe.py --bank runs/bank3/cells.csv --out runs/xlab --stage final --epochs 30
 
-Stages: ``final`` (train on every laboratory: the shipped model's recipe), ``lolo`` (leave one
+Stages: ``final`` (train on every laboratory: the shipped model's recipe), ``final-geometry`` (the same
+without stain and colour augmentation: the recipe the leave-one-out table picked on 2026-12-05), ``lolo`` (leave one
 laboratory out, colour recipe), ``lolo-geometry`` (the same without stain and colour augmentation),
 ``allidb-cv`` (ALL-IDB2's 5-fold cross-validation of the recipe).
 """
@@ -49,19 +50,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bank", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--stage", choices=("final", "lolo", "lolo-geometry", "allidb-cv"), required=True)
+    parser.add_argument("--stage", choices=("final", "final-geometry", "lolo", "lolo-geometry", "allidb-cv"), required=True)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="Write last.pt every N epochs (default: at the end).")
+    parser.add_argument("--resume", action="store_true", help="Continue an interrupted final or final-geometry run from its last.pt.")
     parser.add_argument("--devices", default="off", help="e.g. cuda:0,cuda:0,cuda:0,cuda:0: four jobs at once on one GPU")
     args = parser.parse_args()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     common = f"--epochs {args.epochs} --batch-size {args.batch_size} --image-size 128 --val-fraction 0.1 --balance labs --workers {args.workers}"
-    if args.stage == "final":
-        cfg = config(args.bank, epochs=args.epochs, augment=COLOUR, workers=args.workers, batch_size=args.batch_size)
-        log(f"leukodetect train --data {args.bank} --out {args.out}/final --guard {common} {flags(COLOUR)}")
-        run_train(cfg, args.out / "final", progress=False, command="train (scripts/cross_lab_recipe.py final)", log=log)
+    if args.stage in ("final", "final-geometry"):
+        augment = COLOUR if args.stage == "final" else GEOMETRY
+        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size)
+        cfg.train.checkpoint_every = args.checkpoint_every or args.epochs
+        log(f"leukodetect train --data {args.bank} --out {args.out}/{args.stage} --guard {common} {flags(augment)} (test part 10%)")
+        run_train(cfg, args.out / args.stage, resume=args.resume, progress=False,
+                  command=f"train (scripts/cross_lab_recipe.py {args.stage})", log=log)
     elif args.stage in ("lolo", "lolo-geometry"):
         augment = COLOUR if args.stage == "lolo" else GEOMETRY
         cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size)
