@@ -180,8 +180,7 @@ def analyze(
         probs = [float(p) for p in found]
         if scores is not None:
             ood = [float(v) for v in scores]
-    limit = getattr(classifier, "guard_threshold", None)
-    unlike = [limit is not None and v is not None and v > limit for v in ood]
+    unlike = [classifier is not None and classifier.beyond_guard(v) for v in ood]
     gate = gate_of(settings) if use_gate else None
     p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
     height, width = rgb.shape[:2]

@@ -87,9 +87,13 @@ class ImageClassifier:
         """Blast probability for a preprocessed batch (N, 3, S, S), temperature applied."""
         return self.outputs(batch)[0]
 
+    def beyond_guard(self, ood_score: float | None) -> bool:
+        """Whether an image with this out-of-distribution score is unlike the model's training images."""
+        return self.guard_threshold is not None and ood_score is not None and ood_score > self.guard_threshold
+
     def call(self, prob: float, ood_score: float | None = None) -> str:
         """The class, or "review" where the image is beyond the guard."""
-        if self.guard_threshold is not None and ood_score is not None and ood_score > self.guard_threshold:
+        if self.beyond_guard(ood_score):
             return REVIEW
         return self.class_names[1] if prob >= self.threshold else self.class_names[0]
 
