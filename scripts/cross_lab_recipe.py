@@ -8,7 +8,7 @@ stage is the command line printed in its log. Usage (PYTHONPATH=src where leukod
 Stages: ``final`` (train on every laboratory: the shipped model's recipe), ``final-geometry`` (the same
 without stain and colour augmentation: the recipe the leave-one-out table picked on 2026-12-05), ``lolo`` (leave one
 laboratory out, colour recipe), ``lolo-geometry`` (the same without stain and colour augmentation),
-``allidb-cv`` (ALL-IDB2's 5-fold cross-validation of the recipe).
+``allidb-cv`` (ALL-IDB2's 5-fold cross-validation of the recipe), ``allidb-cv-geometry`` (the same, colour-free).
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bank", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--stage", choices=("final", "final-geometry", "lolo", "lolo-geometry", "allidb-cv"), required=True)
+    parser.add_argument("--stage", choices=("final", "final-geometry", "lolo", "lolo-geometry", "allidb-cv", "allidb-cv-geometry"), required=True)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=None, help="Write last.pt every N epochs (default: at the end).")
-    parser.add_argument("--resume", action="store_true", help="Continue an interrupted final or final-geometry run from its last.pt.")
+    parser.add_argument("--resume", action="store_true", help="Continue an interrupted run: final and final-geometry from last.pt, allidb-cv* from its finished folds.")
     parser.add_argument("--devices", default="off", help="e.g. cuda:0,cuda:0,cuda:0,cuda:0: four jobs at once on one GPU")
     args = parser.parse_args()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -74,9 +74,10 @@ def main() -> None:
         log(f"leukodetect cross-lab --data {args.bank} --out {args.out}/{args.stage} {common} {flags(augment)} --devices {args.devices}")
         run_cross_lab(cfg, args.out / args.stage, only="allidb", devices=args.devices, command=f"cross-lab (scripts/cross_lab_recipe.py {args.stage})", log=log)
     else:
-        cfg = config(args.bank, epochs=args.epochs, augment=COLOUR, workers=args.workers, batch_size=args.batch_size, labs=["allidb"])
-        log(f"leukodetect cv --data {args.bank} --labs allidb --folds 5 --out {args.out}/allidb-cv --guard {common} {flags(COLOUR)} --devices {args.devices}")
-        run_cv(cfg, args.out / "allidb-cv", folds=5, devices=args.devices, progress=False, command="cv (scripts/cross_lab_recipe.py allidb-cv)", log=log)
+        augment = COLOUR if args.stage == "allidb-cv" else GEOMETRY
+        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size, labs=["allidb"])
+        log(f"leukodetect cv --data {args.bank} --labs allidb --folds 5 --out {args.out}/{args.stage} --guard {common} {flags(augment)} --devices {args.devices}")
+        run_cv(cfg, args.out / args.stage, folds=5, resume=args.resume, devices=args.devices, progress=False, command=f"cv (scripts/cross_lab_recipe.py {args.stage})", log=log)
     log(f"stage {args.stage}: {time.perf_counter() - t0:.0f} s")
 
 

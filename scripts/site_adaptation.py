@@ -100,7 +100,7 @@ def adapt_batch_norm(clf: Classifier, paths: list[str], rbc_diameter: float, *, 
     clf.model.train()
     with torch.no_grad():
         for batch in clf.preprocessed_batches(views, batch_size):
-            clf.model(clf._input(batch))
+            clf.model(clf.model_input(batch))
     clf.model.eval()
 
 

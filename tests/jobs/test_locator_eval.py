@@ -41,12 +41,21 @@ def test_every_photograph_is_tested_once_per_pooled_plan_and_a_held_out_lab_is_n
         assert {smears[i].lab for i in plan["test"]} == {lab, "pbc"}
 
 
-def test_byte_identical_photographs_share_a_group(tmp_path):
-    a = smear(tmp_path, "Im093_0", "allidb1", "allidb1", content="same")
-    b = smear(tmp_path, "Im108_0", "allidb1", "allidb1", content="same")
-    c = smear(tmp_path, "Im001_1", "allidb1", "allidb1")
-    groups = content_groups([a.path, b.path, c.path])
-    assert groups[0] == groups[1] != groups[2]
+def test_photographs_with_the_same_pixels_or_nearly_share_a_group(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    other = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(base).save(tmp_path / "Im093_0.png")
+    Image.fromarray(base).save(tmp_path / "Im108_0.bmp")  # the same pixels, other bytes
+    Image.fromarray(np.clip(base.astype(int) + 2, 0, 255).astype(np.uint8)).save(tmp_path / "recapture.png")  # a near-duplicate
+    Image.fromarray(other).save(tmp_path / "Im001_1.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    names = ["Im093_0.png", "Im108_0.bmp", "recapture.png", "Im001_1.png", "broken.jpg"]
+    groups = content_groups([tmp_path / n for n in names])
+    assert groups[0] == groups[1] == groups[2]
+    assert len({groups[0], groups[3], groups[4]}) == 3  # a distinct photograph, and an unreadable one, stand alone
 
 
 def test_scores_follow_what_each_photograph_annotates(tmp_path):

@@ -23,12 +23,11 @@ photographs. A found cell matches an annotated one within half the photograph's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,9 @@ from PIL import Image
 from skimage.measure import label, regionprops
 from tqdm.auto import tqdm
 
+from leukodetect.data.duplicates import effective_groups, hash_records, near_duplicate_groups
 from leukodetect.data.indexers import detect_format, find_masks, index_dataset
+from leukodetect.data.records import Record
 from leukodetect.data.split import kfold_indices
 from leukodetect.detection.locate import LocateParams, locate_cells
 from leukodetect.detection.match import match_points
@@ -216,13 +217,14 @@ def run_locator_eval(sources: Sequence[LabSource], out_dir: Path, *, folds: int 
 
 
 def content_groups(paths: Sequence[Path]) -> list[str]:
-    """A group per distinct file content: byte-identical photographs (ALL-IDB1's Im093_0 and Im108_0) share one."""
-    first: dict[str, str] = {}
-    out = []
-    for path in paths:
-        digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
-        out.append(first.setdefault(digest, str(path)))
-    return out
+    """A split group per photograph, by the rule every split of the project follows (data/duplicates.py).
+
+    Photographs with identical pixels (ALL-IDB1's Im093_0 and Im108_0) and near-duplicates (BCCD's
+    BloodImage_00037 and its re-capture) share a group, whatever their file names or encodings.
+    """
+    records = [Record(path=Path(p), label=None, group=str(p)) for p in paths]
+    pixels = effective_groups(records, hash_records(records))
+    return [r.group for r in near_duplicate_groups([replace(r, group=g) for r, g in zip(records, pixels)])]
 
 
 def _cell(entry: dict | None) -> str:

@@ -134,23 +134,23 @@ class Classifier(ImageClassifier):
             return self._onnx.outputs(batch)
         return self._torch_outputs(batch)
 
-    def _input(self, batch: torch.Tensor) -> torch.Tensor:
+    def model_input(self, batch: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch on the model's device and in its memory layout: what the network is called on."""
         x = batch.to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
     def _torch_outputs(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         with autocast(self.device, self.amp_dtype):
-            logits, score = self.inference_model(self._input(batch))
+            logits, score = self.inference_model(self.model_input(batch))
         prob = torch.softmax(logits.float() / self.temperature, dim=1)[:, 1].cpu().numpy()
         return prob, (score.float().cpu().numpy() if self.guard_threshold is not None else None)
 
     @torch.inference_mode()
     def image_features(self, images, *, batch_size: int = 16) -> np.ndarray:
         """Float32 penultimate-layer features (N, D) of model inputs, without autocast: what the guard is fitted on."""
-        out = [self.network.body(self._input(batch)).float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
+        out = [self.network.body(self.model_input(batch)).float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
 
     @torch.inference_mode()
     def image_logits(self, images, *, batch_size: int = 16) -> np.ndarray:
@@ -159,7 +159,7 @@ class Classifier(ImageClassifier):
         They come from ``inference_model``, the network the PyTorch backend runs, so a threshold
         chosen on them sits on the numbers the calls use.
         """
-        out = [self.inference_model(self._input(batch))[0].float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
+        out = [self.inference_model(self.model_input(batch))[0].float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
 
 
