@@ -31,7 +31,7 @@ def figures(by_lab: dict) -> dict:
             for lab, parts in by_lab.items()}
 
 
-def model_card(bundle: dict, test: dict, cross_lab: dict | None, note: str) -> dict:
+def model_card(bundle: dict, test: dict, cross_lab: dict | None, note: str, cross_lab_doc: str = "") -> dict:
     cfg = bundle["config"]
     labs = bundle["labs"]
     scale = bundle["scale"]
@@ -52,6 +52,7 @@ def model_card(bundle: dict, test: dict, cross_lab: dict | None, note: str) -> d
         "threshold": bundle["threshold"],
         "in_laboratory_test": figures(test),
         "leave_one_laboratory_out": {lab: figures({lab: parts})[lab] for lab, parts in (cross_lab or {}).get("held_out", {}).items()},
+        **({"leave_one_laboratory_out_see": cross_lab_doc} if cross_lab_doc else {}),
         "note": note,
     }
 
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--test", type=Path, required=True, help="figures of the run's test split, by laboratory (JSON)")
     parser.add_argument("--cross-lab", type=Path, help="cross_lab.json of the recipe's leave-one-laboratory-out run")
+    parser.add_argument("--cross-lab-doc", default="", help="where the leave-one-laboratory-out figures are written, "
+                        "when the run's cross_lab.json is not at hand")
     parser.add_argument("--note", default="", help="where and how the figures were measured")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL)
     args = parser.parse_args()
@@ -69,7 +72,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"{args.checkpoint} lacks {missing}: train it with --data LAB=PATH ... --guard.")
     cross = json.loads(args.cross_lab.read_text()) if args.cross_lab else None
-    bundle["model_card"] = model_card(bundle, json.loads(args.test.read_text()), cross, args.note)
+    bundle["model_card"] = model_card(bundle, json.loads(args.test.read_text()), cross, args.note, args.cross_lab_doc)
     for key in ("optimizer", "scheduler", "raw_state_dict"):
         bundle.pop(key, None)
     save_safetensors(bundle, args.out)

@@ -172,6 +172,7 @@ def _log(message: str) -> None:
 # Options of train, cv and compare. Each names a RunConfig field (see _run_config); None keeps the value
 # of --config's YAML, or RunConfig's default.
 DataOpt = typer.Option(..., "--data", help="Data folder or CSV manifest.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 SourcesOpt = typer.Option(..., "--data", help="Data folder or CSV manifest (a cell bank's cells.csv too); or, repeated, one "
                           "laboratory each as LAB=PATH[:FORMAT][@PIXELS] (PIXELS: its red-cell diameter, where none can be measured).")
 FieldOpt = typer.Option(None, "--field", help="Red-cell diameters across the model's input: every cell is shown at one physical "
@@ -336,7 +337,7 @@ def train(
     workers: Optional[int] = WorkersOpt,
     config: Optional[Path] = ConfigOpt,
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JsonOpt,
 ):
     """Train on a stratified, group- and duplicate-aware split and score the held-out test part."""
     from leukodetect.jobs.train import run_train
@@ -387,7 +388,7 @@ def cv(
     devices: str = DevicesOpt,
     config: Optional[Path] = ConfigOpt,
     resume: bool = typer.Option(False, help="Keep finished folds and continue."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Stratified group k-fold cross-validation: every image predicted once, out of fold."""
     from leukodetect.jobs.train import run_cv
@@ -451,7 +452,7 @@ def cross_lab(
     devices: str = DevicesOpt,
     config: Optional[Path] = ConfigOpt,
     resume: bool = typer.Option(False, help="Keep finished runs and continue."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Leave one laboratory out at a time: train on the others, score it, per laboratory with 95% intervals and the guard's flag rate."""
     from leukodetect.jobs.cross_lab import run_cross_lab
@@ -477,7 +478,7 @@ def evaluate(
     backend: str = BackendOpt,
     stain_normalize: str = typer.Option("none", help="none, or macenko: re-render every image in the stain of --stain-reference."),
     stain_reference: Optional[Path] = StainReferenceOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Metrics with 95% intervals, ROC, confusion matrix and training curves for a checkpoint; per laboratory where the data names them."""
     from leukodetect.data.stain import stain_from_options
@@ -595,7 +596,7 @@ def explain(
                                            "IMAGE_gradcam.png (-2, -3... if taken); or the PNG file itself, which must not exist. "
                                            "Default: IMAGE_gradcam.png beside the image."),
     target_class: int = typer.Option(1, help="Class whose evidence is shown: 1 = blast, 0 = normal."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Grad-CAM overlay: the regions of the image that drove the model's score."""
     from leukodetect.jobs.explain import explain_file, overlay_folder
@@ -619,7 +620,7 @@ def calibrate(
     target_sensitivity: float = typer.Option(0.99, help="Fraction of validation blasts the threshold must find."),
     split_file: Optional[Path] = typer.Option(None, help="Use only the 'val' part of this run's split.json."),
     fmt: Optional[str] = FormatOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Fit a temperature and a threshold for a target sensitivity; write them into a new checkpoint."""
     from leukodetect.data.indexers import index_dataset
@@ -646,7 +647,7 @@ def export(
     out_file: Path = typer.Option(..., "--out", help="File to write (must not exist)."),
     opset: int = typer.Option(18, help="ONNX opset version (18 or newer)."),
     atol: float = typer.Option(1e-4, help="Largest allowed difference in P(blast) from PyTorch."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Export to ONNX or TorchScript with the preprocessing stored inside; reload and check it against PyTorch."""
     from leukodetect.runtime.export import export_model
@@ -705,7 +706,7 @@ def compare(
     cross_lab: bool = typer.Option(False, "--cross-lab", help="Also leave each laboratory of the data out in turn, per architecture "
                                    "(LAB=PATH sources or a cell bank), and put the held-out table in the report."),
     only: Optional[str] = typer.Option(None, "--only", help="With --cross-lab: also train on this laboratory alone and score every other one."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """The paper's Table 2: cross-validate several architectures with the same folds and budget; one report."""
     from leukodetect.jobs.compare import parse_archs, parse_protocols, run_comparison
@@ -887,7 +888,7 @@ def detect_eval(
     locator_data: Optional[list[str]] = typer.Option(None, "--locator-data", help="LAB=PATH, repeated: more positioned smears for each "
                                                      "fold's learned locator (e.g. bccd=../shared/datasets/BCCD)."),
     locator_iterations: int = typer.Option(2000, help="Training steps of each fold's learned locator."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
     from leukodetect.jobs.detect_eval import run_detect_eval
@@ -971,7 +972,7 @@ def benchmark(
     data: Optional[Path] = typer.Option(None, "--data", help="Images for the data-pipeline figures (default: the bundled sample)."),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers for the data-pipeline figures."),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also time ONNX Runtime."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = JsonOpt,
     out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the result as JSON to this file."),
 ):
     """Training, inference and data-pipeline speed of our paths against a naive float32 baseline."""
@@ -1010,7 +1011,7 @@ def models():
 def data_check(
     path: Path = typer.Argument(..., help="Data folder or CSV manifest; a folder in no known layout is checked as unlabelled images."),
     fmt: Optional[str] = FormatOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JsonOpt,
 ):
     """Counts, sizes, modes, duplicates and every unreadable file, with reasons, of a data set or any folder of images;
     exit status 1 when a file is bad."""
