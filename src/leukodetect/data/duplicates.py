@@ -52,28 +52,32 @@ def duplicate_sets(records: Sequence[Record], hashes: dict[Path, str | None]) ->
     return sorted(sets, key=lambda same: same[0].path)
 
 
-def effective_groups(records: Sequence[Record], hashes: dict[Path, str | None]) -> list[str]:
-    """One split group per record, merging records that share a group or a pixel hash.
-
-    The merge is transitive (connected components of the "same group or same pixels" graph), and
-    each component is named after its smallest original group, so the result is deterministic
-    and unchanged for records that have no duplicates.
-    """
-    n = len(records)
-    if n == 0:
-        return []
-    rows, cols = [], []
-    by_group = [record.group for record in records]
-    by_pixels = [hashes.get(record.path) for record in records]
-    for keys in (by_group, by_pixels):
-        first_seen: dict[str, int] = {}
-        for index, value in enumerate(keys):
-            if value is None:
-                continue
-            # Linking every member to the first one of its key is enough for connectivity.
+def _key_edges(keys: Sequence[str | None]) -> tuple[list[int], list[int]]:
+    """Edges linking every record to the first one with its key (enough for connectivity); None links nothing."""
+    rows, cols, first_seen = [], [], {}
+    for index, value in enumerate(keys):
+        if value is not None:
             rows.append(first_seen.setdefault(value, index))
             cols.append(index)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return rows, cols
+
+
+def _phash_edges(bits: Sequence[np.ndarray | None], max_bits: int) -> tuple[list[int], list[int]]:
+    """Edges between the records whose perceptual hashes differ in at most ``max_bits`` bits."""
+    readable = [i for i, h in enumerate(bits) if h is not None]
+    if len(readable) < 2:
+        return [], []
+    stacked = np.stack([bits[i] for i in readable])
+    distance = (stacked[:, None, :] != stacked[None, :, :]).sum(-1)
+    rows, cols = np.nonzero(np.triu(distance <= max_bits, k=1))
+    return [readable[r] for r in rows], [readable[c] for c in cols]
+
+
+def _merged_names(records: Sequence[Record], *edges: tuple[list[int], list[int]]) -> list[str]:
+    """Connected components of the edges, each named after its smallest original group."""
+    rows = [r for e in edges for r in e[0]]
+    cols = [c for e in edges for c in e[1]]
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(records),) * 2)
     _, component = connected_components(graph, directed=False)
     names: dict[int, str] = {}
     for record, comp in zip(records, component):
@@ -81,10 +85,26 @@ def effective_groups(records: Sequence[Record], hashes: dict[Path, str | None]) 
     return [names[comp] for comp in component]
 
 
+def effective_groups(records: Sequence[Record], hashes: dict[Path, str | None]) -> list[str]:
+    """One split group per record, merging records that share a group or a pixel hash.
+
+    The merge is transitive (connected components of the "same group or same pixels" graph), and
+    each component is named after its smallest original group, so the result is deterministic
+    and unchanged for records that have no duplicates.
+    """
+    if not records:
+        return []
+    return _merged_names(records, _key_edges([r.group for r in records]), _key_edges([hashes.get(r.path) for r in records]))
+
+
 #: Largest Hamming distance (of 64 bits) between the perceptual hashes of two near-duplicate images.
 #: On the Aria fields the closest pairs of distinct captures are 14-16 bits apart (a few across
 #: classes); adjacent captures of one field and re-saved copies are 0-12 apart.
 NEAR_DUPLICATE_BITS = 10
+
+
+def _phash(rgb) -> np.ndarray:
+    return imagehash.phash(rgb).hash.reshape(-1)
 
 
 def near_duplicate_groups(records: Sequence[Record], *, max_bits: int = NEAR_DUPLICATE_BITS) -> list[Record]:
@@ -94,21 +114,30 @@ def near_duplicate_groups(records: Sequence[Record], *, max_bits: int = NEAR_DUP
     must never straddle a split. Each merged group is named after its smallest member group, as in
     :func:`effective_groups`; unreadable images keep their group.
     """
-    hashes = []
+    bits = []
     for record in records:
         try:
-            hashes.append(imagehash.phash(open_rgb(record.path)).hash.reshape(-1))
+            bits.append(_phash(open_rgb(record.path)))
         except BadImageError:
-            hashes.append(None)
-    readable = [i for i, h in enumerate(hashes) if h is not None]
-    if len(readable) < 2:
-        return list(records)
-    bits = np.stack([hashes[i] for i in readable])
-    distance = (bits[:, None, :] != bits[None, :, :]).sum(-1)
-    rows, cols = np.nonzero(np.triu(distance <= max_bits, k=1))
-    graph = coo_matrix((np.ones(len(rows)), ([readable[r] for r in rows], [readable[c] for c in cols])), shape=(len(records),) * 2)
-    _, component = connected_components(graph, directed=False)
-    names: dict[int, str] = {}
-    for record, comp in zip(records, component):
-        names[comp] = min(names.get(comp, record.group), record.group)
-    return [dataclasses.replace(r, group=names[c]) for r, c in zip(records, component)]
+            bits.append(None)
+    names = _merged_names(records, _phash_edges(bits, max_bits))
+    return [dataclasses.replace(r, group=name) for r, name in zip(records, names)]
+
+
+def split_groups(records: Sequence[Record], *, near_duplicates: bool = False, max_bits: int = NEAR_DUPLICATE_BITS) -> list[str]:
+    """One split group per record, the rule every split follows: records sharing a group, identical pixels
+    or, with ``near_duplicates``, perceptual hashes within ``max_bits`` share one (transitively), named after
+    its smallest original group. Each image is decoded once; an unreadable one keeps its group."""
+    pixels, bits = [], []
+    for record in records:
+        try:
+            rgb = open_rgb(record.path)
+        except BadImageError:
+            pixels.append(None)
+            bits.append(None)
+            continue
+        pixels.append(pixel_hash(rgb))
+        bits.append(_phash(rgb) if near_duplicates else None)
+    if not records:
+        return []
+    return _merged_names(records, _key_edges([r.group for r in records]), _key_edges(pixels), _phash_edges(bits, max_bits))

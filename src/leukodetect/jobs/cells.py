@@ -38,11 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from leukodetect.data.duplicates import (
-    effective_groups,
-    hash_records,
-    near_duplicate_groups,
-)
+from leukodetect.data.duplicates import split_groups
 from leukodetect.data.indexers import (
     FORMATS,
     detect_format,
@@ -181,11 +177,9 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
         if fmt == "allidb1":
             raise LeukoError(f"{source}: use ALL-IDB2's single cells for a cell bank (ALL-IDB1 photographs are for detect-eval).")
         records = [r for r in index_dataset(source.path, fmt) if r.label is not None]
-        if fmt == "aria":
-            records = near_duplicate_groups(records)
         diameter, how = lab_scale(source, fmt, records)
         log(f"{source.lab}: {len(records)} images ({fmt}); red-cell diameter {diameter:g} px ({how}).")
-        groups = effective_groups(records, hash_records(records))
+        groups = split_groups(records, near_duplicates=fmt == "aria")
         n_cells, unreadable = 0, 0
         for record, group in tqdm(list(zip(records, groups)), desc=f"cells of {source.lab}", disable=not progress):
             try:

@@ -27,7 +27,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from PIL import Image
 from skimage.measure import label, regionprops
 from tqdm.auto import tqdm
 
-from leukodetect.data.duplicates import effective_groups, hash_records, near_duplicate_groups
+from leukodetect.data.duplicates import split_groups
 from leukodetect.data.indexers import detect_format, find_masks, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.data.split import kfold_indices
@@ -222,9 +222,7 @@ def content_groups(paths: Sequence[Path]) -> list[str]:
     Photographs with identical pixels (ALL-IDB1's Im093_0 and Im108_0) and near-duplicates (BCCD's
     BloodImage_00037 and its re-capture) share a group, whatever their file names or encodings.
     """
-    records = [Record(path=Path(p), label=None, group=str(p)) for p in paths]
-    pixels = effective_groups(records, hash_records(records))
-    return [r.group for r in near_duplicate_groups([replace(r, group=g) for r, g in zip(records, pixels)])]
+    return split_groups([Record(path=Path(p), label=None, group=str(p)) for p in paths], near_duplicates=True)
 
 
 def _cell(entry: dict | None) -> str:

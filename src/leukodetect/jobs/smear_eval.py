@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from leukodetect.data.duplicates import effective_groups, hash_records, near_duplicate_groups
+from leukodetect.data.duplicates import split_groups
 from leukodetect.data.indexers import detect_format, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.detection.match import detection_scores, match_points
@@ -65,9 +65,7 @@ def smear_records(source: LabSource, *, grouped: bool = True) -> tuple[str, list
         raise LeukoError(f"{source}: no labelled smears found; point to the data set's folder.")
     if not grouped:
         return fmt, records
-    if fmt == "aria":
-        records = near_duplicate_groups(records)
-    groups = effective_groups(records, hash_records(records))
+    groups = split_groups(records, near_duplicates=fmt == "aria")
     return fmt, [replace(r, group=f"{source.lab}:{g}") for r, g in zip(records, groups)]
 
 
