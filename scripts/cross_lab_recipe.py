@@ -28,13 +28,15 @@ COLOUR = {"rotation": 180.0, "colour": 0.2, "hed": 0.05, "blur": 0.3, "jpeg": 0.
 GEOMETRY = {"rotation": 180.0, "colour": 0.0, "hed": 0.0, "blur": 0.0, "jpeg": 0.0}
 
 
-def config(bank: Path, *, epochs: int, augment: dict, workers: int, batch_size: int, labs: list[str] | None = None) -> RunConfig:
+def config(bank: Path, *, epochs: int, augment: dict, workers: int, batch_size: int, labs: list[str] | None = None,
+           label_smoothing: float = 0.0) -> RunConfig:
     cfg = RunConfig()
     cfg.data.path, cfg.data.format, cfg.data.image_size = str(bank), "manifest", 128
     cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.num_workers = 0.1, 0.1, workers
     cfg.data.labs = labs or []
     cfg.model.arch = "resnet50"
     cfg.train.epochs, cfg.train.batch_size, cfg.train.balance, cfg.train.guard = epochs, batch_size, "labs", True
+    cfg.train.label_smoothing = label_smoothing
     cfg.train.checkpoint_every = epochs  # resume points cost more than the epochs they save on a GPU
     for key, value in augment.items():
         setattr(cfg.augment, key, value)
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="The recipe has none; ALL-IDB2's own recipe used 0.1.")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="Write last.pt every N epochs (default: at the end).")
     parser.add_argument("--resume", action="store_true", help="Continue an interrupted run: final and final-geometry from last.pt, allidb-cv* from its finished folds.")
     parser.add_argument("--devices", default="off", help="e.g. cuda:0,cuda:0,cuda:0,cuda:0: four jobs at once on one GPU")
@@ -61,21 +64,26 @@ def main() -> None:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     common = f"--epochs {args.epochs} --batch-size {args.batch_size} --image-size 128 --val-fraction 0.1 --balance labs --workers {args.workers}"
+    if args.label_smoothing:
+        common += f" --label-smoothing {args.label_smoothing:g}"
     if args.stage in ("final", "final-geometry"):
         augment = COLOUR if args.stage == "final" else GEOMETRY
-        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size)
+        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size,
+                     label_smoothing=args.label_smoothing)
         cfg.train.checkpoint_every = args.checkpoint_every or args.epochs
         log(f"leukodetect train --data {args.bank} --out {args.out}/{args.stage} --guard {common} {flags(augment)} (test part 10%)")
         run_train(cfg, args.out / args.stage, resume=args.resume, progress=False,
                   command=f"train (scripts/cross_lab_recipe.py {args.stage})", log=log)
     elif args.stage in ("lolo", "lolo-geometry"):
         augment = COLOUR if args.stage == "lolo" else GEOMETRY
-        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size)
+        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size,
+                     label_smoothing=args.label_smoothing)
         log(f"leukodetect cross-lab --data {args.bank} --out {args.out}/{args.stage} {common} {flags(augment)} --devices {args.devices}")
         run_cross_lab(cfg, args.out / args.stage, only="allidb", devices=args.devices, command=f"cross-lab (scripts/cross_lab_recipe.py {args.stage})", log=log)
     else:
         augment = COLOUR if args.stage == "allidb-cv" else GEOMETRY
-        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size, labs=["allidb"])
+        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size, labs=["allidb"],
+                     label_smoothing=args.label_smoothing)
         log(f"leukodetect cv --data {args.bank} --labs allidb --folds 5 --out {args.out}/{args.stage} --guard {common} {flags(augment)} --devices {args.devices}")
         run_cv(cfg, args.out / args.stage, folds=5, resume=args.resume, devices=args.devices, progress=False, command=f"cv (scripts/cross_lab_recipe.py {args.stage})", log=log)
     log(f"stage {args.stage}: {time.perf_counter() - t0:.0f} s")

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from leukodetect.config import AugmentConfig
 from leukodetect.runtime.checkpoint import load_checkpoint, save_safetensors
 from leukodetect.weights import DEFAULT_MODEL
 
@@ -37,8 +38,7 @@ def model_card(bundle: dict, test: dict, cross_lab: dict | None, note: str, cros
     scale = bundle["scale"]
     guard = bundle["guard"]
     augment = ", ".join(f"{k} {v:g}" for k, v in cfg["augment"].items() if isinstance(v, float) and v)
-    camera = ("colour", "hed", "blur", "jpeg")
-    colourless = "; no stain, colour, blur or JPEG augmentation" if not any(cfg["augment"].get(k) for k in camera) else ""
+    colourless = "; no stain, colour, blur or JPEG augmentation" if not any(cfg["augment"].get(k) for k in AugmentConfig.CAMERA) else ""
     return {
         "name": "leukodetect ResNet-50, five laboratories, physical scale, with an out-of-distribution guard",
         "intended_use": "Research use only, not for diagnosis. Not validated on any laboratory it was not trained on: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -69,6 +69,9 @@ class AugmentConfig:
     blur: float = 0.0  # probability of a Gaussian blur (sigma 0.1-1.5 px): cameras and upsampled low-magnification fields
     jpeg: float = 0.0  # probability of JPEG compression at quality 50-95
     lowres: float = 0.0  # probability of a resolution drop: down by 1.5-4x and back up (fewer pixels per cell: another camera or magnification)
+
+    #: The stain and camera settings above: a recipe with all of them 0 is the "colour-free" one.
+    CAMERA: ClassVar[tuple[str, ...]] = ("colour", "hed", "blur", "jpeg", "lowres")
 
 
 @dataclass(kw_only=True)

@@ -266,7 +266,7 @@ def test_manifest_reads_lab_kind_and_parent(tmp_path, write_image):
 def test_near_duplicate_fields_share_a_group(tmp_path, write_image):
     from PIL import Image
 
-    from leukodetect.data.duplicates import near_duplicate_groups
+    from leukodetect.data.duplicates import split_groups
 
     base = write_image(tmp_path / "Benign" / "a.jpg", size=(64, 64), seed=1)
     shifted = np.asarray(Image.open(base)).copy()
@@ -274,6 +274,6 @@ def test_near_duplicate_fields_share_a_group(tmp_path, write_image):
     Image.fromarray(shifted).save(tmp_path / "Benign" / "b.jpg")
     write_image(tmp_path / "Benign" / "c.jpg", size=(64, 64), seed=2)
     write_image(tmp_path / "Pro" / "d.jpg", size=(64, 64), seed=3)
-    records = near_duplicate_groups(index_dataset(tmp_path, "aria"))
-    groups = {r.path.name: r.group for r in records}
+    records = index_dataset(tmp_path, "aria")
+    groups = {r.path.name: g for r, g in zip(records, split_groups(records, near_duplicates=True))}
     assert groups["a.jpg"] == groups["b.jpg"] == "aria:a" and len(set(groups.values())) == 3

@@ -7,7 +7,6 @@ duplicates must share a group, and so must everything already sharing a group wi
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,23 +104,6 @@ NEAR_DUPLICATE_BITS = 10
 
 def _phash(rgb) -> np.ndarray:
     return imagehash.phash(rgb).hash.reshape(-1)
-
-
-def near_duplicate_groups(records: Sequence[Record], *, max_bits: int = NEAR_DUPLICATE_BITS) -> list[Record]:
-    """The records with groups merged where their images are near-duplicates (perceptual hash, imagehash's pHash).
-
-    For data sets without patient ids that hold several captures of one field (Aria): the copies
-    must never straddle a split. Each merged group is named after its smallest member group, as in
-    :func:`effective_groups`; unreadable images keep their group.
-    """
-    bits = []
-    for record in records:
-        try:
-            bits.append(_phash(open_rgb(record.path)))
-        except BadImageError:
-            bits.append(None)
-    names = _merged_names(records, _phash_edges(bits, max_bits))
-    return [dataclasses.replace(r, group=name) for r, name in zip(records, names)]
 
 
 def split_groups(records: Sequence[Record], *, near_duplicates: bool = False, max_bits: int = NEAR_DUPLICATE_BITS) -> list[str]:

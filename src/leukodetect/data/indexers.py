@@ -416,7 +416,7 @@ def index_aria(path: Path) -> list[Record]:
 
     Each field is its own group here; exact and near-duplicate fields (adjacent captures of one
     smear) are merged by content when a run prepares its splits
-    (:func:`leukodetect.data.duplicates.near_duplicate_groups`).
+    (:func:`leukodetect.data.duplicates.split_groups`).
     """
     root = _find_class_root(path, ARIA_CLASSES)
     if root is None:
