@@ -1,5 +1,6 @@
 """The guard of a cell model on images that are not blood cells: noise, smooth colour noise, flat colours,
-text, grey textures, white and black frames (100 of each kind, seed 0, 128x128), shown as predict shows
+text, grey textures, crops of photographs and of stained tissue (scikit-image's samples), white and black
+frames (100 of each kind, seed 0, 128x128), shown as predict shows
 an image without red cells. Prints, per kind, how many the guard flags and how many are called blast unflagged.
 
     python scripts/guard_probe.py src/leukodetect/weights/resnet50_5labs.safetensors
@@ -8,6 +9,7 @@ import json
 import sys
 
 import numpy as np
+import skimage.data
 from PIL import Image, ImageDraw
 
 from leukodetect.runtime.classifier import Classifier
@@ -26,6 +28,15 @@ for i in range(100):
     g = Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).resize((128, 128), Image.BICUBIC).convert("RGB")
     probes[f"grey texture_{i}"] = g
 probes["white_0"] = Image.new("RGB", (128, 128), "white"); probes["black_0"] = Image.new("RGB", (128, 128), "black")
+# Photographs that are not blood (scikit-image's bundled samples, no download), and stained tissue under a
+# microscope (immunohistochemistry, the nearest thing to a smear among them): random square crops of 64-300 px.
+photos = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "colorwheel")}
+for kind, sources in (("photograph", list(photos.values())), ("stained tissue", [skimage.data.immunohistochemistry()])):
+    for i in range(100):
+        a = sources[i % len(sources)]
+        side = int(rng.integers(64, min(300, *a.shape[:2]) + 1))
+        y, x = (int(rng.integers(0, a.shape[k] - side + 1)) for k in (0, 1))
+        probes[f"{kind}_{i}"] = Image.fromarray(a[y:y + side, x:x + side, :3]).resize((128, 128), Image.BILINEAR)
 views = [clf.view(im)[0] for im in probes.values()]  # no red cells: each is shown whole, as predict would
 probs, scores = clf.image_outputs(views, batch_size=32)
 out = {"threshold": clf.guard_threshold}

@@ -20,10 +20,32 @@ def test_pixel_statistics_tell_noise_text_and_flat_frames_from_cells():
     noise = torch.from_numpy(rng.normal(0, 1, (1, 3, 32, 32)).astype(np.float32))
     flat = torch.zeros(1, 3, 32, 32)
     stats = pixel_statistics(torch.cat([noise, flat]))
-    assert stats.shape == (2, 10)
+    assert stats.shape == (2, 13)
     assert stats[0, 6:9].min() > stats[1, 6:9].max() + 5  # noise: detail everywhere; a flat frame: none (log scale)
     grey = torch.rand(1, 1, 32, 32).expand(1, 3, 32, 32)
     assert pixel_statistics(grey)[0, 9] < -6  # no spread between the channels: no colour
+
+
+def test_pixel_statistics_tell_random_colour_blobs_from_stained_cells():
+    """Stained cells: the channels rise and fall together; smooth random colours: they do not."""
+    rng = np.random.default_rng(0)
+    shade = torch.nn.functional.interpolate(torch.rand(1, 1, 8, 8), size=32, mode="bilinear")
+    stained = torch.cat([0.9 * shade, 0.6 * shade + 0.1, 0.8 * shade + 0.15], dim=1)  # purple where dark, pale elsewhere
+    blobs = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 3, 8, 8), dtype=np.float32)), size=32, mode="bilinear")
+    corr = pixel_statistics(torch.cat([stained, blobs]))[:, 10:]
+    assert corr[0].min() > 0.99 and corr[1, 0].abs() < 0.5
+
+
+def test_a_guard_fitted_on_the_first_ten_statistics_still_scores():
+    """Checkpoints shipped before the correlations were added keep working, on the statistics they were fitted on."""
+    from leukodetect.runtime.guard import Guard, _Distance
+
+    features = _Distance(torch.zeros(4), torch.eye(4), torch.zeros(1, 4))
+    pixels = _Distance(torch.zeros(10), torch.eye(10), torch.zeros(1, 10))
+    guard = Guard(features, pixels, (1.0, 1.0))
+    image = torch.rand(2, 3, 16, 16)
+    expected = torch.maximum(features(torch.ones(2, 4)), pixels(pixel_statistics(image)[:, :10]))
+    assert torch.allclose(guard(torch.ones(2, 4), image), expected)
 
 
 def test_add_guard_flags_odd_images_and_passes_most_held_out_cells(tiny_tree, tmp_path):

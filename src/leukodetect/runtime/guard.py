@@ -26,13 +26,17 @@ UNLIKE_TRAINING = "unlike the images this model was trained on"
 
 
 def pixel_statistics(x: torch.Tensor) -> torch.Tensor:
-    """Ten numbers describing an RGB batch in [0, 1] (N, 3, S, S) as an image, not as a cell.
+    """Thirteen numbers describing an RGB batch in [0, 1] (N, 3, S, S) as an image, not as a cell.
 
     Per channel the mean, the log standard deviation and the log mean gradient magnitude (how much
-    fine detail), and the log mean spread between the channels (how coloured). A stained cell crop
+    fine detail); the log mean spread between the channels (how coloured); and the correlations of
+    red with green, red with blue and green with blue over the image's pixels. A stained cell crop
     sits in a narrow region of this space; noise (detail everywhere), text and grey pictures (no
     colour) and flat or blank frames (no detail) lie far from it, whatever the network's features make
-    of them.
+    of them; so do random colour blobs, smooth as they may be: in a stained smear, red and green rise
+    and fall together (a dark nucleus is dark in both), in random colours they do not.
+
+    The first ten are the statistics of guards fitted before 2026-12-06, which use only those.
     """
     x = x.float()
     mean = x.mean(dim=(2, 3))
@@ -40,7 +44,11 @@ def pixel_statistics(x: torch.Tensor) -> torch.Tensor:
     grad = (x[:, :, 1:, :-1] - x[:, :, :-1, :-1]).abs() + (x[:, :, :-1, 1:] - x[:, :, :-1, :-1]).abs()
     detail = torch.log(grad.mean(dim=(2, 3)) + 1e-3)
     spread = torch.log((x.amax(dim=1) - x.amin(dim=1)).mean(dim=(1, 2)) + 1e-3)
-    return torch.cat([mean, std, detail, spread[:, None]], dim=1)
+    centred = x - mean[:, :, None, None]
+    cov = lambda a, b: (centred[:, a] * centred[:, b]).mean(dim=(1, 2))  # noqa: E731
+    var = [cov(c, c) for c in range(3)]
+    corr = torch.stack([cov(a, b) / torch.sqrt(var[a] * var[b] + 1e-8) for a, b in ((0, 1), (0, 2), (1, 2))], dim=1)
+    return torch.cat([mean, std, detail, spread[:, None], corr], dim=1)
 
 
 class _Distance(nn.Module):
@@ -80,7 +88,8 @@ class Guard(nn.Module):
         score = self.features(features) / self.feature_scale
         if self.pixels is not None and image is not None:
             rgb = image.float() * self.std + self.mean
-            score = torch.maximum(score, self.pixels(pixel_statistics(rgb)) / self.pixel_scale)
+            stats = pixel_statistics(rgb)[:, : self.pixels.center.shape[0]]  # a guard fitted on fewer statistics reads its own
+            score = torch.maximum(score, self.pixels(stats) / self.pixel_scale)
         return score
 
     @classmethod
