@@ -813,7 +813,7 @@ def _locator_kind(kind: str) -> str:
 @app.command("train-locator")
 @_errors_to_exit
 def train_locator(
-    data: list[str] = typer.Option(..., "--data", help="LAB=PATH[:FORMAT], repeated: allidb1 and bccd layouts give white-cell positions."),
+    data: list[str] = typer.Option(..., "--data", help="LAB=PATH[:FORMAT], repeated: the allidb1, bccd and pbc layouts give white-cell positions."),
     out_file: Path = typer.Option(..., "--out", help="The new locator file (.safetensors); never overwritten."),
     iterations: int = typer.Option(2000, help="Training steps (batches of 16 patches of 128 pixels)."),
     seed: int = typer.Option(0),
@@ -831,11 +831,11 @@ def train_locator(
 @app.command("locator-eval")
 @_errors_to_exit
 def locator_eval(
-    data: list[str] = typer.Option(..., "--data", help="LAB=PATH[:FORMAT], repeated: allidb1 and bccd train and test; pbc and aria test only."),
+    data: list[str] = typer.Option(..., "--data", help="LAB=PATH[:FORMAT], repeated: allidb1, bccd and pbc train and test; aria tests only."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder (finished folds in it are kept: rerun to resume)."),
     folds: int = typer.Option(3, help="Pooled folds, split by photograph (byte-identical photographs together)."),
     iterations: int = typer.Option(2000, help="Training steps per fold."),
-    every: int = typer.Option(1, help="Use every n-th image of the test-only layouts (pbc, aria)."),
+    every: int = typer.Option(1, help="Use every n-th image of the large layouts (pbc, aria)."),
     seed: int = typer.Option(0),
 ):
     """White-cell recall and precision per laboratory: pooled folds and each laboratory held out, beside the colour locator."""

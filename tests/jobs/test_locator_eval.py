@@ -26,19 +26,20 @@ def test_every_photograph_is_tested_once_per_pooled_plan_and_a_held_out_lab_is_n
     smears += [smear(tmp_path, "healthy", "allidb1", "allidb1", "none", points=())]
     smears += [smear(tmp_path, f"b{i}", "bccd", "bccd") for i in range(9)]
     smears += [smear(tmp_path, f"p{i}", "pbc", "pbc") for i in range(3)]
+    smears += [smear(tmp_path, f"f{i}", "aria", "aria", "none", points=()) for i in range(2)]
     plans = plan_folds(smears, 3, seed=0)
     pooled = [p for p in plans if p["name"].startswith("pooled")]
     tested = sorted(i for p in pooled for i in p["test"])
-    assert tested == [i for i, s in enumerate(smears) if s.layout in ("allidb1", "bccd")]  # each once; pbc is test-only
+    assert tested == [i for i, s in enumerate(smears) if s.layout in ("allidb1", "bccd", "pbc")]  # each once; aria is test-only
     for p in pooled:
         assert not set(p["train"]) & set(p["test"])
         assert all(smears[i].annotated != "none" for i in p["train"])  # an unannotated photograph teaches nothing
     held = {p["name"]: p for p in plans if p["name"].startswith("held-out")}
-    assert set(held) == {"held-out-allidb1", "held-out-bccd"}
-    for lab in ("allidb1", "bccd"):
+    assert set(held) == {"held-out-allidb1", "held-out-bccd", "held-out-pbc"}
+    for lab in ("allidb1", "bccd", "pbc"):
         plan = held[f"held-out-{lab}"]
         assert all(smears[i].lab != lab for i in plan["train"])
-        assert {smears[i].lab for i in plan["test"]} == {lab, "pbc"}
+        assert {smears[i].lab for i in plan["test"]} == {lab, "aria"}
 
 
 def test_photographs_with_the_same_pixels_or_nearly_share_a_group(tmp_path):

@@ -9,8 +9,10 @@ layout gives as white-cell positions:
   are found). ALL-IDB-Patches' ``other`` centroids are not used: they mark platelets and debris, not
   white cells;
 - ``bccd``: the centres of the white-cell boxes on 364 fields: trains and tests;
-- ``pbc``: single-cell crops of a normal white cell, centred: tests only (one cell at the centre;
-  platelet and erythroblast crops are left out: they are not white cells);
+- ``pbc``: single-cell crops of a normal white cell, centred: one white cell at the centre, trains and
+  tests (platelet and erythroblast crops are left out: they are not white cells). A third laboratory of
+  positions: trained beside ALL-IDB1 alone, it took the recall on BCCD, never seen, from 0.29 to 0.75
+  (docs/detection.md, 2026-12-06);
 - ``aria``: fields without positions: tests only, as the share of fields in which at least one white
   cell is found (every Aria field holds white cells) and the number found per field.
 
@@ -58,7 +60,7 @@ from leukodetect.utils import write_json
 DEFAULT_RECIPE = LocatorRecipe()
 DEFAULT_SETTINGS = LocatorSettings()
 #: Layouts with white-cell positions to train on.
-TRAINABLE = ("allidb1", "bccd")
+TRAINABLE = ("allidb1", "bccd", "pbc")
 #: PBC crop types that are white cells.
 PBC_WHITE = {"lymphocyte", "neutrophil", "monocyte", "eosinophil", "basophil", "ig"}
 
@@ -81,7 +83,7 @@ def _points(record, fmt: str, masks: Path | None) -> tuple[tuple, str]:
 def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, log=print, progress=False) -> tuple[list[Smear], list[str]]:
     """Every photograph of every source, measured and resampled; and a sentence per one left out.
 
-    ``every`` keeps every n-th image of the test-only layouts (PBC, Aria), which are large.
+    ``every`` keeps every n-th image of the PBC and Aria layouts, which are large.
     """
     smears, skipped = [], []
     for source in sources:
@@ -93,7 +95,7 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
             records = records[::every]
         elif fmt not in TRAINABLE:
             raise LeukoError(f"--data {source}: the {fmt} layout gives no white-cell positions; the locator takes "
-                             "allidb1 and bccd (train and test) and pbc and aria (test only).")
+                             "allidb1, bccd and pbc (train and test) and aria (test only).")
         masks = find_masks(source.path) if fmt == "allidb1" else None
         for record in tqdm(records, desc=f"reading {source.lab}", disable=not progress, leave=False):
             points, annotated = _points(record, fmt, masks)
@@ -165,7 +167,7 @@ def plan_folds(smears: list[Smear], folds: int, seed: int) -> list[dict]:
     trainable = {i for i in train_idx if smears[i].annotated != "none"}
     groups = content_groups([smears[i].path for i in train_idx])
     labs = sorted({smears[i].lab for i in train_idx})
-    strata = [min(1, labs.index(smears[i].lab)) for i in train_idx]  # two labs: stratified by lab
+    strata = [labs.index(smears[i].lab) for i in train_idx]  # stratified by laboratory
     plans = []
     for k, (tr, te) in enumerate(kfold_indices(strata, groups, folds=folds, seed=seed)):
         plans.append({"name": f"pooled-fold{k + 1}", "train": [train_idx[i] for i in tr if train_idx[i] in trainable],
