@@ -24,7 +24,7 @@ from leukodetect.config import RunConfig
 from leukodetect.data.split import train_val_test_indices
 from leukodetect.jobs.cells import labs_of
 from leukodetect.jobs.guard import add_guard
-from leukodetect.jobs.train import _predict_rows, prepare
+from leukodetect.jobs.train import predict_rows, prepare
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 
@@ -57,7 +57,7 @@ def main() -> None:
     save_checkpoint(bundle, args.out)
     stored = add_guard(args.out, fit, held, percentile=old["percentile"], device="cpu", log=log)
     clf = Classifier.from_checkpoint(args.out, backend="torch", precision="fp32")
-    _, _, labs = _predict_rows(clf, prep, test)
+    _, _, labs = predict_rows(clf, prep, test)
     args.test.write_text(json.dumps(labs["labs"], indent=2))
     flagged = {lab: parts["cells"]["flag_rate"] for lab, parts in labs["labs"].items()}
     log(f"Guard: features {old['feature_threshold']:.1f} -> {stored['feature_threshold']:.1f}, pixels {old['pixel_threshold']:.1f} -> "

@@ -206,7 +206,7 @@ def _split_from_file(prep: Prepared, split_file: Path):
     return parts
 
 
-def _predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list[dict], dict]:
+def predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list[dict], dict]:
     """P(blast) of the images at ``idx``, their rows for predictions.csv, and the figures per laboratory
     where the records name theirs (else an empty dict)."""
     preds = clf.predict_paths([prep.records[i].path for i in idx], rbc_diameter=prep.declared_rbc)
@@ -260,7 +260,7 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
         return ctx.broadcast(None)
     finish_checkpoint(cfg, result.best_path, [prep.records[i] for i in train], [prep.records[i] for i in val], prep.scale, log=log)
     clf = Classifier.from_checkpoint(result.best_path, backend="torch")  # one pass over the test split: an export would not pay
-    prob, rows, labs = _predict_rows(clf, prep, test)
+    prob, rows, labs = predict_rows(clf, prep, test)
     report = write_evaluation(
         out_dir / "test", title=f"{cfg.model.arch}: held-out test split ({cfg.data.protocol} protocol)",
         y_true=labels[test], prob=prob, threshold=clf.threshold, rows=rows, history=result.history,
