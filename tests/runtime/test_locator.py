@@ -176,7 +176,7 @@ def test_the_shipped_locator_loads_and_was_trained_with_train_locators_defaults(
     from leukodetect.weights import resolve_locator
 
     shipped = WhiteCellLocator.load(resolve_locator(None))
-    assert set(shipped.settings.trained_on) == {"allidb1", "bccd"}
+    assert set(shipped.settings.trained_on) == {"allidb1", "bccd", "pbc"}
     command = {name: p.default.default for name, p in inspect.signature(train_locator).parameters.items()}
     recipe = LocatorRecipe(iterations=command["iterations"], seed=command["seed"])
     assert shipped.settings.recipe == {**recipe.__dict__}

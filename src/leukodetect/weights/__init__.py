@@ -10,7 +10,7 @@ from leukodetect.errors import LeukoError
 DEFAULT_MODEL = Path(__file__).resolve().parent / "resnet50_5labs.safetensors"
 #: The crop classifier of whole-smear detection, trained on ALL-IDB1 photographs (see DETECTOR_CARD.md).
 DEFAULT_DETECTOR = Path(__file__).resolve().parent / "detector_allidb1.safetensors"
-#: The learned white-cell locator of whole-smear detection, trained on ALL-IDB1 and BCCD (see LOCATOR_CARD.md).
+#: The learned white-cell locator of whole-smear detection, trained on ALL-IDB1, BCCD and PBC (see LOCATOR_CARD.md).
 DEFAULT_LOCATOR = Path(__file__).resolve().parent / "locator_wbc.safetensors"
 
 
