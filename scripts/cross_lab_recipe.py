@@ -66,24 +66,22 @@ def main() -> None:
     common = f"--epochs {args.epochs} --batch-size {args.batch_size} --image-size 128 --val-fraction 0.1 --balance labs --workers {args.workers}"
     if args.label_smoothing:
         common += f" --label-smoothing {args.label_smoothing:g}"
+    recipe = {"epochs": args.epochs, "workers": args.workers, "batch_size": args.batch_size, "label_smoothing": args.label_smoothing}
     if args.stage in ("final", "final-geometry"):
         augment = COLOUR if args.stage == "final" else GEOMETRY
-        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size,
-                     label_smoothing=args.label_smoothing)
+        cfg = config(args.bank, augment=augment, **recipe)
         cfg.train.checkpoint_every = args.checkpoint_every or args.epochs
         log(f"leukodetect train --data {args.bank} --out {args.out}/{args.stage} --guard {common} {flags(augment)} (test part 10%)")
         run_train(cfg, args.out / args.stage, resume=args.resume, progress=False,
                   command=f"train (scripts/cross_lab_recipe.py {args.stage})", log=log)
     elif args.stage in ("lolo", "lolo-geometry"):
         augment = COLOUR if args.stage == "lolo" else GEOMETRY
-        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size,
-                     label_smoothing=args.label_smoothing)
+        cfg = config(args.bank, augment=augment, **recipe)
         log(f"leukodetect cross-lab --data {args.bank} --out {args.out}/{args.stage} {common} {flags(augment)} --devices {args.devices}")
         run_cross_lab(cfg, args.out / args.stage, only="allidb", devices=args.devices, command=f"cross-lab (scripts/cross_lab_recipe.py {args.stage})", log=log)
     else:
         augment = COLOUR if args.stage == "allidb-cv" else GEOMETRY
-        cfg = config(args.bank, epochs=args.epochs, augment=augment, workers=args.workers, batch_size=args.batch_size, labs=["allidb"],
-                     label_smoothing=args.label_smoothing)
+        cfg = config(args.bank, augment=augment, labs=["allidb"], **recipe)
         log(f"leukodetect cv --data {args.bank} --labs allidb --folds 5 --out {args.out}/{args.stage} --guard {common} {flags(augment)} --devices {args.devices}")
         run_cv(cfg, args.out / args.stage, folds=5, resume=args.resume, devices=args.devices, progress=False, command=f"cv (scripts/cross_lab_recipe.py {args.stage})", log=log)
     log(f"stage {args.stage}: {time.perf_counter() - t0:.0f} s")

@@ -30,25 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from leukodetect.config import load_config
-from leukodetect.data.split import holdout_indices, kfold_indices
 from leukodetect.evaluation.intervals import wilson_interval
-from leukodetect.jobs.train import prepare
+from leukodetect.evaluation.labs import cell_rows, field_rows
+from leukodetect.jobs.train import start_cv
 from leukodetect.runtime.classifier import Classifier
 
 CANDIDATES = np.round(np.arange(0.05, 1.0, 0.01), 2)
 
 
 def units(records, probs) -> dict[str, list[tuple[int, float]]]:
-    """(label, P(blast)) per laboratory: Aria's fields (their most blast-like cell), every other laboratory's cells."""
+    """(label, P(blast)) per laboratory: Aria's fields (the project's field rule, ``field_rows``), every other laboratory's cells."""
+    rows = cell_rows(records, probs)
     out: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    fields: dict[str, list] = defaultdict(list)
-    for r, p in zip(records, probs):
-        if r.lab == "aria":
-            fields[r.parent].append((r.label, p))
-        else:
-            out[r.lab].append((r.label, p))
-    if fields:
-        out["aria"] = [(cells[0][0], max(p for _, p in cells)) for cells in fields.values()]
+    for r in [r for r in rows if r["lab"] != "aria"] + field_rows([r for r in rows if r["lab"] == "aria"]):
+        out[r["lab"]].append((r["label"], r["prob"]))
     return dict(out)
 
 
@@ -89,25 +84,19 @@ def main() -> None:
     args = parser.parse_args()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     plan = json.loads((args.cv_dir / "cv_plan.json").read_text())
-    folds = plan["folds"]
     cfg = load_config(args.cv_dir / "fold_0" / "config.yaml")
     cfg.data.path = str(args.bank)
-    with tempfile.TemporaryDirectory() as tmp:
-        prep = prepare(cfg, Path(tmp), log=log)
-    strata, groups = prep.strata(), np.array(prep.groups)
-    folds_plan = kfold_indices(strata, groups, folds=folds, seed=cfg.train.seed)
-    if [[str(prep.records[i].path) for i in te] for _, te in folds_plan] != plan["test"]:
+    with tempfile.TemporaryDirectory() as tmp:  # cv's own plan: its folds and each fold's validation part
+        run = start_cv(cfg, Path(tmp), folds=plan["folds"], resume=False, log=log)
+    if [[str(r.path) for r in job.test] for job in run.todo] != plan["test"]:
         raise SystemExit(f"The folds made again differ from {args.cv_dir}/cv_plan.json: wrong bank or config.")
+    where = {str(r.path): r for r in run.prep.records}
     result: dict = {"cv_dir": str(args.cv_dir), "candidates": [float(CANDIDATES[0]), float(CANDIDATES[-1]), 0.01], "folds": []}
     pooled: dict = defaultdict(lambda: defaultdict(list))
-    for k, (train_all, test) in enumerate(folds_plan):
-        _, inner_val = holdout_indices(strata[train_all], groups[train_all], fraction=cfg.data.val_fraction / (1 - 1 / folds), seed=cfg.train.seed + k)
-        val = [prep.records[i] for i in train_all[inner_val]]
+    for k, job in enumerate(run.todo):
         clf = Classifier.from_checkpoint(args.cv_dir / f"fold_{k}" / "best.pt", backend="torch", precision="fp32")
-        rbc = prep.scale.pixels_per_rbc if prep.scale else None  # the bank's crops are at the canonical scale, as cv scores them
-        val_units = units(val, [p.prob_blast for p in clf.predict_paths([r.path for r in val], rbc_diameter=rbc)])
+        val_units = units(job.val, [p.prob_blast for p in clf.predict_paths([r.path for r in job.val], rbc_diameter=run.prep.declared_rbc)])
         found = json.loads((args.cv_dir / f"fold_{k}" / "predictions.json").read_text())
-        where = {str(r.path): r for r in prep.records}
         test_units = units([where[p] for p in found["test"]], found["prob_blast"])
         chosen = {"0.5": 0.5, "balanced": choose(lambda t: balanced(val_units, t)),
                   **({"aria": choose(lambda t: rates(val_units["aria"], t)["right"])} if "aria" in val_units else {})}

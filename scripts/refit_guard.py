@@ -21,10 +21,9 @@ import tempfile
 from pathlib import Path
 
 from leukodetect.config import RunConfig
-from leukodetect.data.split import train_val_test_indices
 from leukodetect.jobs.cells import labs_of
 from leukodetect.jobs.guard import add_guard
-from leukodetect.jobs.train import predict_rows, prepare
+from leukodetect.jobs.train import predict_rows, prepare, split_parts
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 
@@ -44,8 +43,7 @@ def main() -> None:
     cfg.data.path, cfg.data.split_file = str(args.bank), None
     with tempfile.TemporaryDirectory() as tmp:
         prep = prepare(cfg, Path(tmp), log=log)
-    train, val, test = train_val_test_indices(prep.strata(), prep.groups, val_fraction=cfg.data.val_fraction,
-                                              test_fraction=cfg.data.test_fraction, seed=cfg.train.seed)
+    train, val, test = split_parts(cfg, prep)
     fit, held = [prep.records[i] for i in train], [prep.records[i] for i in val]
     old = bundle["guard"]
     seen = (labs_of([*fit, *held]), len(fit), len(held))

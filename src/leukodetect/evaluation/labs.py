@@ -56,13 +56,18 @@ def score_cells(rows: Sequence[dict], threshold: float = 0.5) -> dict:
     return out
 
 
-def score_fields(rows: Sequence[dict], threshold: float = 0.5) -> dict:
-    """Field-level figures: a field is ALL when its most blast-like cell is called a blast."""
+def field_rows(rows: Sequence[dict]) -> list[dict]:
+    """One row per field (cells sharing a ``parent``), by :data:`FIELD_RULE`; flagged when all its cells are."""
     fields: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         fields[r["parent"]].append(r)
-    merged = [{"label": cells[0]["label"], "prob": max(c["prob"] for c in cells), "flagged": all(c["flagged"] for c in cells),
-               "lab": cells[0]["lab"], "kind": cells[0]["kind"], "parent": parent} for parent, cells in fields.items()]
+    return [{"label": cells[0]["label"], "prob": max(c["prob"] for c in cells), "flagged": all(c["flagged"] for c in cells),
+             "lab": cells[0]["lab"], "kind": cells[0]["kind"], "parent": parent} for parent, cells in fields.items()]
+
+
+def score_fields(rows: Sequence[dict], threshold: float = 0.5) -> dict:
+    """Field-level figures: a field is ALL when its most blast-like cell is called a blast."""
+    merged = field_rows(rows)
     return {**score_cells(merged, threshold), "fields": len(merged), "rule": FIELD_RULE}
 
 

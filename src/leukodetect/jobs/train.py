@@ -206,6 +206,12 @@ def _split_from_file(prep: Prepared, split_file: Path):
     return parts
 
 
+def split_parts(cfg: RunConfig, prep: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``train``'s split of the prepared records (train, validation, test indices): whole groups, stratified, seeded."""
+    return train_val_test_indices(prep.strata(), prep.groups, val_fraction=cfg.data.val_fraction,
+                                  test_fraction=cfg.data.test_fraction, seed=cfg.train.seed)
+
+
 def predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list[dict], dict]:
     """P(blast) of the images at ``idx``, their rows for predictions.csv, and the figures per laboratory
     where the records name theirs (else an empty dict)."""
@@ -246,9 +252,7 @@ def _run_train(cfg: RunConfig, out_dir: Path, ctx: distributed.DistContext, *, r
         elif resume and (out_dir / "split.json").exists():
             train, val, test = _split_from_file(prep, out_dir / "split.json")
         else:
-            train, val, test = train_val_test_indices(
-                prep.strata(), prep.groups, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction, seed=cfg.train.seed
-            )
+            train, val, test = split_parts(cfg, prep)
         write_json(out_dir / "split.json", {k: [str(prep.records[i].path) for i in v] for k, v in (("train", train), ("val", val), ("test", test))})
     train, val, test = ctx.broadcast((train, val, test) if ctx.is_main else None)
     log(f"Split: {len(train)} train, {len(val)} validation, {len(test)} test images ({cfg.data.protocol} protocol).")
