@@ -641,6 +641,34 @@ def calibrate(
 
 @app.command()
 @_errors_to_exit
+def guard(
+    checkpoint: Path = typer.Argument(..., help="A model trained with --guard (e.g. the shipped file); left unchanged."),
+    data: Path = typer.Option(..., "--data", help="The cell bank (cells.csv) the model was trained on."),
+    out_file: Path = typer.Option(..., "--out", help="The checkpoint to write, with the refitted guard (must not exist)."),
+    test_file: Optional[Path] = typer.Option(None, "--test", help="Also write the test part's figures by laboratory here (JSON)."),
+    as_json: bool = JsonOpt,
+):
+    """Fit a model's out-of-distribution guard again on the split it was trained on, without retraining."""
+    from leukodetect.jobs.train import refit_guard
+    from leukodetect.utils import write_json
+
+    if test_file is not None and test_file.exists():
+        raise typer.BadParameter(f"{test_file} exists: choose another --test file.")
+    result = refit_guard(checkpoint, data, out_file, log=_log)
+    if test_file is not None:
+        write_json(test_file, result["test"])
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    flagged = ", ".join(f"{lab} {parts['cells']['flag_rate']:.1%}" for lab, parts in result["test"].items())
+    b, a = result["before"], result["after"]
+    out.print(f"Wrote {result['out']}: guard thresholds features {b['feature_threshold']:.1f} -> {a['feature_threshold']:.1f}, "
+              f"pixels {b['pixel_threshold']:.1f} -> {a['pixel_threshold']:.1f}; test part flagged: {flagged or 'no laboratories named'}.",
+              highlight=False)
+
+
+@app.command()
+@_errors_to_exit
 def export(
     checkpoint: Optional[Path] = typer.Option(None, help="A best.pt from train, cv or calibrate (default: the shipped ResNet-50)."),
     fmt: str = typer.Option(..., "--format", help="onnx or torchscript."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -145,3 +146,30 @@ def test_a_single_unnamed_data_set_gets_no_laboratory_table(tiny_tree, tmp_path)
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "labs" not in json.loads((out / "metrics.json").read_text()) and "Per laboratory" not in result.output
+
+
+def test_guard_refits_on_the_same_split_keeps_the_weights_and_refuses_another_bank(three_labs, tmp_path):
+    run = tmp_path / "train"
+    trained = CliRunner().invoke(app, ["train", "--data", str(three_labs), "--out", str(run), "--arch", "tiny", "--epochs", "1",
+                                       "--image-size", "24", "--batch-size", "8", "--lr", "0.01", "--val-fraction", "0.25",
+                                       "--guard"], catch_exceptions=False)
+    assert trained.exit_code == 0, trained.output
+    before = load_checkpoint(run / "best.pt")
+    out, test = tmp_path / "refit.pt", tmp_path / "test.json"
+    result = CliRunner().invoke(app, ["guard", str(run / "best.pt"), "--data", str(three_labs), "--out", str(out),
+                                      "--test", str(test), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    after = load_checkpoint(out)
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+    assert (after["guard"]["fitted_on"], after["guard"]["threshold_on"]) == (before["guard"]["fitted_on"], before["guard"]["threshold_on"])
+    split = json.loads((run / "split.json").read_text())
+    figures = json.loads(test.read_text())
+    assert sum(parts["cells"]["cells"] for parts in figures.values()) == len(split["test"])  # the untouched test part, scored
+    again = CliRunner().invoke(app, ["guard", str(run / "best.pt"), "--data", str(three_labs), "--out", str(out)])
+    assert again.exit_code != 0 and "exists" in again.output  # nothing overwritten
+    # Another bank (one laboratory fewer) makes another split: refused, nothing written.
+    rows = [line for line in three_labs.read_text().splitlines() if not line.endswith(",tehran")]
+    other = three_labs.parent / "two_labs.csv"
+    other.write_text("\n".join(rows) + "\n")
+    wrong = CliRunner().invoke(app, ["guard", str(run / "best.pt"), "--data", str(other), "--out", str(tmp_path / "wrong.pt")])
+    assert wrong.exit_code != 0 and "does not match" in wrong.output and not (tmp_path / "wrong.pt").exists()

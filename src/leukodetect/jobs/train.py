@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -225,6 +226,44 @@ def predict_rows(clf: Classifier, prep: Prepared, idx) -> tuple[np.ndarray, list
     records = [prep.records[i] for i in idx]
     labs = {"labs": per_lab(cell_rows(records, prob, [p.label == REVIEW for p in preds]), clf.threshold)} if names_labs(records) else {}
     return prob, rows, labs
+
+
+def refit_guard(checkpoint: Path, bank: Path, out: Path, *, log=print) -> dict:
+    """Fit the guard of a trained model again on the split it was trained on, without retraining; write it to ``out``.
+
+    For when the guard's statistics change and the model's run folder is gone. The split is made again
+    from the checkpoint's own config on ``bank`` (the cells.csv it was trained on) and must match what the
+    checkpoint recorded (its laboratories, the counts its guard was fitted and thresholded on), else nothing
+    is written. The guard is fitted on the training part, thresholded on the validation part (as ``train
+    --guard`` does, at the old guard's percentile) and the untouched test part is scored. The weights are
+    copied unchanged. Returns the old and new thresholds and the test part's figures by laboratory.
+    """
+    out = Path(out)
+    if out.exists():
+        raise LeukoError(f"{out} exists: choose another --out (the guard is written to a new checkpoint).")
+    bundle = load_checkpoint(checkpoint)
+    old = bundle.get("guard")
+    if not old or "fitted_on" not in old:
+        raise LeukoError(f"{checkpoint} has no guard to refit (it was trained without --guard): train it again with --guard.")
+    cfg = RunConfig.from_dict(bundle["config"])
+    cfg.data.path, cfg.data.split_file = str(bank), None
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = prepare(cfg, Path(tmp), log=log)
+    train, val, test = split_parts(cfg, prep)
+    fit, held = [prep.records[i] for i in train], [prep.records[i] for i in val]
+    seen = (labs_of([*fit, *held]), len(fit), len(held))
+    recorded = (bundle.get("labs"), old["fitted_on"], old["threshold_on"])
+    if seen != recorded:
+        raise LeukoError(f"The split made again from {bank} does not match the one {checkpoint} records "
+                         f"(laboratories and counts {seen} against {recorded}): pass the cell bank the model was trained on.")
+    log(f"Split made again and matched: {len(fit)} train, {len(held)} validation, {len(test)} test cells.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(bundle, out)
+    stored = add_guard(out, fit, held, percentile=old["percentile"], device="cpu", log=log)
+    clf = Classifier.from_checkpoint(out, backend="torch", precision="fp32")
+    _, _, labs = predict_rows(clf, prep, test)
+    return {"out": str(out), "before": {k: old[k] for k in ("feature_threshold", "pixel_threshold")},
+            "after": {k: stored[k] for k in ("feature_threshold", "pixel_threshold")}, "test": labs.get("labs", {})}
 
 
 def run_train(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: bool = True, command: str = "", log=print) -> dict:
