@@ -258,8 +258,13 @@ def refit_guard(checkpoint: Path, bank: Path, out: Path, *, log=print) -> dict:
                          f"(laboratories and counts {seen} against {recorded}): pass the cell bank the model was trained on.")
     log(f"Split made again and matched: {len(fit)} train, {len(held)} validation, {len(test)} test cells.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(bundle, out)
-    stored = add_guard(out, fit, held, percentile=old["percentile"], device="cpu", log=log)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed to out only once the guard is in
+    save_checkpoint(bundle, partial)
+    try:
+        stored = add_guard(partial, fit, held, percentile=old["percentile"], device="cpu", log=log)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
     clf = Classifier.from_checkpoint(out, backend="torch", precision="fp32")
     _, _, labs = predict_rows(clf, prep, test)
     return {"out": str(out), "before": {k: old[k] for k in ("feature_threshold", "pixel_threshold")},
