@@ -1,7 +1,7 @@
 """Aria's field calls in a finished cross-validation, with the blast threshold chosen inside each fold.
 
 Written 2026-12-06 and run then only on ALL-IDB2's cross-validation (no Aria fields; at 0.5 it gives back the run's own 97.3%),
-to check the folds are made again right; its first Aria figures are still to come.
+to check the folds are made again right; its Aria figures (the five-laboratory CV, 2026-12-06 evening) are in docs/detection.md.
 
 A field is ALL when its most blast-like cell reaches the threshold. ``cv`` reports fields at 0.5; here each
 fold's threshold is chosen on that fold's own validation part (images its model never trained on, whose
