@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -160,7 +160,7 @@ def test_guard_refits_on_the_same_split_keeps_the_weights_and_refuses_another_ba
                                       "--test", str(test), "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     after = load_checkpoint(out)
-    assert not list(tmp_path.glob(".*partial*"))  # the half-written file is renamed into place, not left beside it
+    assert not list(tmp_path.glob(".*"))  # the half-written file is linked into place, no hidden temporary left beside it
     assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
     assert (after["guard"]["fitted_on"], after["guard"]["threshold_on"]) == (before["guard"]["fitted_on"], before["guard"]["threshold_on"])
     split = json.loads((run / "split.json").read_text())

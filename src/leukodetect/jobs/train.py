@@ -60,7 +60,7 @@ from leukodetect.training.fit import (
     local_batch_size,
     train_model,
 )
-from leukodetect.utils import write_json
+from leukodetect.utils import atomic_write, write_json
 
 
 @dataclass
@@ -257,14 +257,13 @@ def refit_guard(checkpoint: Path, bank: Path, out: Path, *, log=print) -> dict:
         raise LeukoError(f"The split made again from {bank} does not match the one {checkpoint} records "
                          f"(laboratories and counts {seen} against {recorded}): pass the cell bank the model was trained on.")
     log(f"Split made again and matched: {len(fit)} train, {len(held)} validation, {len(test)} test cells.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # renamed to out only once the guard is in
-    save_checkpoint(bundle, partial)
-    try:
-        stored = add_guard(partial, fit, held, percentile=old["percentile"], device="cpu", log=log)
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+    stored: dict = {}
+
+    def write(tmp: Path) -> None:  # linked to ``out`` only once the guard is in, and never over an existing file
+        save_checkpoint(bundle, tmp)
+        stored.update(add_guard(tmp, fit, held, percentile=old["percentile"], device="cpu", log=log))
+
+    atomic_write(out, write, exclusive=True)
     clf = Classifier.from_checkpoint(out, backend="torch", precision="fp32")
     _, _, labs = predict_rows(clf, prep, test)
     return {"out": str(out), "before": {k: old[k] for k in ("feature_threshold", "pixel_threshold")},
