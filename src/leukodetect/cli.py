@@ -614,22 +614,32 @@ def explain(
 @app.command()
 @_errors_to_exit
 def calibrate(
-    checkpoint: Path = typer.Option(..., help="A best.pt to calibrate (left unchanged)."),
-    data: Path = typer.Option(..., "--data", help="Labelled validation images (folder or CSV manifest), not training images."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The checkpoint to calibrate, left unchanged (default: the shipped ResNet-50)."),
+    data: Path = typer.Option(..., "--data", help="Labelled validation images (folder, CSV manifest or cell bank), not training images."),
     out_file: Path = typer.Option(..., "--out", help="The calibrated checkpoint to write (must not exist)."),
     target_sensitivity: float = typer.Option(0.99, help="Fraction of validation blasts the threshold must find."),
     split_file: Optional[Path] = typer.Option(None, help="Use only the 'val' part of this run's split.json."),
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the images, for a "
+                                               "model with a physical scale (default: measured on each image's red cells)."),
     fmt: Optional[str] = FormatOpt,
     as_json: bool = JsonOpt,
 ):
-    """Fit a temperature and a threshold for a target sensitivity; write them into a new checkpoint."""
+    """Fit a temperature and a threshold for a target sensitivity; write them into a new checkpoint.
+
+    The images are shown to the model as predict shows them (at its physical scale, where it has one), so a
+    laboratory can set the threshold on labelled cells of its own."""
     from leukodetect.data.indexers import index_dataset
     from leukodetect.jobs.calibrate import calibrate_checkpoint, select_split
+    from leukodetect.jobs.cells import is_bank
+    from leukodetect.runtime.scale import diameter_from_pixel_size
+    from leukodetect.weights import resolve_checkpoint
 
     records = index_dataset(data, fmt or "auto")
     if split_file:
         records = select_split(records, split_file, "val")
-    result = calibrate_checkpoint(checkpoint, records, out_file, target_sensitivity=target_sensitivity, log=_log)
+    rbc = diameter_from_pixel_size(pixel_size) if pixel_size else None
+    result = calibrate_checkpoint(resolve_checkpoint(checkpoint), records, out_file, target_sensitivity=target_sensitivity,
+                                  rbc_diameter=rbc, bank=is_bank(data), log=_log)
     c = result["calibration"]
     if as_json:
         print(json.dumps(result, indent=2))

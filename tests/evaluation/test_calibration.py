@@ -14,16 +14,18 @@ from leukodetect.errors import LeukoError
 from leukodetect.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
+    margin_threshold,
     nll,
     reliability_curve,
     threshold_for_sensitivity,
 )
-from leukodetect.jobs.calibrate import calibrate_checkpoint
+from leukodetect.jobs.calibrate import calibrate_checkpoint, validation_logits
 from leukodetect.models import create_model
 from leukodetect.reporting.calibration_plots import plot_reliability
 from leukodetect.runtime.checkpoint import load_checkpoint, make_bundle, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.scale import CanonicalScale
 
 # Hand example, 10 equal-width bins:
 #   bin (0.1, 0.2]: p = 0.15, 0.15, labels 0, 1 -> |0.50 - 0.15| * 2/5 = 0.14
@@ -100,6 +102,15 @@ def test_threshold_for_sensitivity_by_hand(target, threshold, sensitivity, speci
     assert threshold_for_sensitivity(y, p, target) == pytest.approx(
         {"threshold": threshold, "sensitivity": sensitivity, "specificity": specificity}
     )
+
+
+def test_margin_threshold_splits_the_scores_the_same_way_halfway_to_the_next_lower_one():
+    p = [0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1]
+    assert margin_threshold(p, 0.6) == pytest.approx(0.5)  # between 0.6 (kept above) and 0.4
+    assert margin_threshold(p, 0.3) == pytest.approx(0.25)
+    assert margin_threshold(p, 0.1) == 0.1  # nothing below: the cut itself
+    for cut in (0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1):
+        assert [x >= margin_threshold(p, cut) for x in p] == [x >= cut for x in p]
 
 
 def test_threshold_for_sensitivity_needs_both_classes():
@@ -191,3 +202,44 @@ def test_calibrate_cli_round_trip(trained_checkpoint, tiny_tree, tmp_path):
     assert load_checkpoint(tmp_path / "cal.pt")["calibration"]["target_sensitivity"] == 0.9
     again = runner.invoke(app, args, catch_exceptions=False)
     assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
+
+
+@pytest.fixture(scope="module")
+def scaled_checkpoint(trained_checkpoint, tmp_path_factory):
+    """The briefly trained tiny model with a physical scale: 24-pixel inputs of 3 red-cell diameters."""
+    bundle = load_checkpoint(trained_checkpoint)
+    bundle["scale"] = CanonicalScale(field=3.0, size=24).to_dict()
+    return save_checkpoint(bundle, tmp_path_factory.mktemp("scaled") / "best.pt")
+
+
+def test_calibration_shows_a_scaled_model_the_images_as_predict_does(scaled_checkpoint, tiny_tree, tmp_path):
+    """A model with a physical scale sees a window of its red-cell diameters: the threshold must be chosen on that window."""
+    val = _val(tiny_tree)
+    clf = Classifier.from_checkpoint(scaled_checkpoint, backend="torch")
+    diameter = 5.0  # declared: a 15-pixel window of each 24-pixel image, enlarged to 24
+    logits, labels = validation_logits(clf, val, rbc_diameter=diameter, log=lambda m: None)
+    windows = [clf.view(open_rgb(path), rbc_diameter=diameter)[0] for path, _ in val]
+    np.testing.assert_allclose(logits, clf.image_logits(windows), atol=1e-6)
+    assert not np.allclose(logits, clf.image_logits([open_rgb(path) for path, _ in val]), atol=1e-3)  # not the whole image
+
+    result = calibrate_checkpoint(scaled_checkpoint, val, tmp_path / "cal.pt", target_sensitivity=0.99, rbc_diameter=diameter,
+                                  log=lambda m: None)
+    deployed = Classifier.from_checkpoint(tmp_path / "cal.pt", backend="torch", precision="fp32")  # as calibration computes
+    preds = deployed.predict_paths([path for path, _ in val], rbc_diameter=diameter)
+    called = np.array([p.label == "blast" for p in preds])
+    assert called[labels == 1].all()  # deployed at the same scale, the threshold finds every validation blast
+    assert (~called[labels == 0]).mean() == pytest.approx(result["calibration"]["specificity"])
+
+    said = []
+    validation_logits(clf, val, log=said.append)  # no red cells to measure in these images, no diameter declared
+    assert len(said) == 1 and said[0].startswith(f"{len(val)} of {len(val)} images") and "no measurable red cells" in said[0]
+
+
+def test_calibrate_cli_declares_the_pixel_size(scaled_checkpoint, tiny_tree, tmp_path):
+    runner = CliRunner()
+    args = ["calibrate", "--checkpoint", str(scaled_checkpoint), "--data", str(tiny_tree), "--out", str(tmp_path / "cal.pt"),
+            "--pixel-size", "1.5"]  # 7.5 um red cells = 5 pixels
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "no measurable red cells" not in result.output  # declared, not measured
+    assert load_checkpoint(tmp_path / "cal.pt")["scale"] == load_checkpoint(scaled_checkpoint)["scale"]

@@ -7,7 +7,8 @@ The first part is pure functions of labels, probabilities and logits:
 - :func:`fit_temperature` finds the temperature T that makes ``softmax(logits / T)`` best match the
   labels (Guo et al., 2017); it never changes which class ranks higher, only how confident it is;
 - :func:`threshold_for_sensitivity` finds the highest threshold that still finds a target fraction
-  of blasts, and says what specificity that costs.
+  of blasts, and says what specificity that costs; :func:`margin_threshold` moves it halfway to the
+  next lower score, which splits the scores the same way and leaves room for rounding.
 
 :func:`calibrate_checkpoint` wires them up: validation logits from a checkpoint, a temperature, a
 threshold, written into a copy of the checkpoint that :class:`~leukodetect.runtime.classifier.Classifier`
@@ -113,3 +114,16 @@ def threshold_for_sensitivity(y_true, prob, target: float = 0.99) -> dict:
     fpr, tpr, thresholds = roc_curve(y, np.asarray(prob, dtype=float), drop_intermediate=False)
     i = int(np.argmax(tpr >= target - 1e-12))  # tpr is non-decreasing and ends at 1
     return {"threshold": float(thresholds[i]), "sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i])}
+
+
+def margin_threshold(prob, cut: float) -> float:
+    """A threshold that splits ``prob`` as ``cut`` does, halfway between ``cut`` and the highest probability below it.
+
+    ``cut`` is a validation blast's own probability, the highest threshold that still finds it; any rounding
+    on the machine that calls (a bfloat16 PyTorch backend, another library's kernels) would drop that blast
+    below it. Halfway to the next lower probability, the validation cells are called the same and that
+    rounding has room.
+    """
+    prob = np.asarray(prob, dtype=float)
+    below = prob[prob < cut]
+    return float((cut + below.max()) / 2) if below.size else float(cut)

@@ -16,6 +16,7 @@ from leukodetect.evaluation.calibration import (
     T_BOUNDS,
     expected_calibration_error,
     fit_temperature,
+    margin_threshold,
     threshold_for_sensitivity,
 )
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -35,15 +36,30 @@ def select_split(records, split_file: str | Path, part: str = "val") -> list:
     return chosen
 
 
-def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 logits (N, C) and labels (N,) of the readable images; unreadable ones are logged and skipped."""
-    images, labels = [], []
+def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16,
+                      rbc_diameter: float | None = None, log=print) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 logits (N, C) and labels (N,) of the readable images; unreadable ones are logged and skipped.
+
+    Each image is shown to the model as ``predict`` shows it (:meth:`Classifier.view`): for a model with a
+    physical scale, the canonical window at the red-cell diameter ``rbc_diameter`` (declared) or measured on
+    the image's red cells, so the threshold is chosen on the numbers the calls will use. Images whose scale
+    cannot be known are used at their own size, as ``predict`` uses them, and counted in one line.
+    """
+    images, labels, unknown = [], [], []
     for path, label in pairs:
         try:
-            images.append(open_rgb(path))
-            labels.append(label)
+            image = open_rgb(path)
         except BadImageError as exc:
             log(f"skipped: {exc}")
+            continue
+        shown, estimate = clf.view(image, rbc_diameter=rbc_diameter)
+        if estimate is not None and estimate.diameter is None:
+            unknown.append(Path(path).name)
+        images.append(shown)
+        labels.append(label)
+    if unknown:
+        log(f"{len(unknown)} of {len(images)} images ({unknown[0]}{', ...' if len(unknown) > 1 else ''}) have no measurable "
+            "red cells: used at their own size, as predict uses them; pass --pixel-size if you know it.")
     return clf.image_logits(images, batch_size=batch_size), np.array(labels, dtype=np.int64)
 
 
@@ -53,6 +69,8 @@ def calibrate_checkpoint(
     out: str | Path | None = None,
     *,
     target_sensitivity: float = 0.99,
+    rbc_diameter: float | None = None,
+    bank: bool = False,
     n_bins: int = 10,
     device: str = "auto",
     log=print,
@@ -60,13 +78,17 @@ def calibrate_checkpoint(
     """Fit a temperature and a decision threshold on validation images; save them in a new checkpoint.
 
     The temperature is fitted on raw (float32) logits, so it replaces any earlier one. The threshold
-    is the highest whose validation sensitivity reaches ``target_sensitivity``, on probabilities with
-    the new temperature applied, exactly as :class:`~leukodetect.runtime.classifier.Classifier` will compute them.
+    finds the same validation cells as the highest whose validation sensitivity reaches ``target_sensitivity``,
+    on probabilities with the new temperature applied, exactly as :class:`~leukodetect.runtime.classifier.Classifier`
+    will compute them, and sits halfway to the next lower probability (:func:`margin_threshold`).
 
     Args:
         checkpoint: the checkpoint to calibrate; it is never modified.
         val: labelled validation images, as records (``.path``, ``.label``) or (path, label) pairs.
             Use images the model was not trained on, e.g. the run's validation part.
+        rbc_diameter: the images' red-cell diameter in pixels, for a model with a physical scale (from
+                        ``--pixel-size``); None measures each image's red cells, as ``predict`` does.
+        bank: the images are a cell bank's crops (``leukodetect cells``), cut at the model's own scale already.
         out: the new checkpoint; it must not exist. None writes ``<name>-calibrated.pt`` beside the
             original (``-calibrated-2.pt``... if taken).
 
@@ -84,7 +106,9 @@ def calibrate_checkpoint(
     pairs = [(p, int(label)) for p, label in pairs if label is not None]
     bundle = load_checkpoint(checkpoint)
     clf = Classifier(bundle, device=device, precision="fp32", source=str(checkpoint), backend="torch")  # reads logits
-    logits, y = validation_logits(clf, pairs, log=log)
+    if bank and clf.scale is not None:
+        rbc_diameter = clf.scale.pixels_per_rbc
+    logits, y = validation_logits(clf, pairs, rbc_diameter=rbc_diameter, log=log)
     if len(set(y.tolist())) < 2:
         raise LeukoError(
             f"Calibration needs readable validation images of both classes (got {len(y)} images, "
@@ -98,6 +122,7 @@ def calibrate_checkpoint(
     before = _blast_prob(logits, float(bundle["temperature"]))
     after = _blast_prob(logits, temperature)
     choice = threshold_for_sensitivity(y, after, target_sensitivity)
+    threshold = margin_threshold(after, choice["threshold"])
     calibration = {
         "ece_before": expected_calibration_error(y, before, n_bins),
         "ece_after": expected_calibration_error(y, after, n_bins),
@@ -109,11 +134,11 @@ def calibrate_checkpoint(
         "temperature_at_bound": at_bound,
         "calibrated_from": str(checkpoint),
     }
-    bundle.update(temperature=temperature, threshold=choice["threshold"], calibration=calibration)
+    bundle.update(temperature=temperature, threshold=threshold, calibration=calibration)
     if target.exists():  # checked again: another process may have written it meanwhile
         raise LeukoError(f"{target} already exists: choose another --out; checkpoints are never overwritten.")
     save_checkpoint(bundle, target)
-    return {"out": str(target), "temperature": temperature, "threshold": choice["threshold"], "calibration": calibration}
+    return {"out": str(target), "temperature": temperature, "threshold": threshold, "calibration": calibration}
 
 
 def _blast_prob(logits: np.ndarray, temperature: float) -> np.ndarray:
