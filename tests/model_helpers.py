@@ -1,9 +1,13 @@
 """Small models for tests, importable by one name from any test file."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from leukodetect.models import create_model
+from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
+from leukodetect.runtime.scale import CanonicalScale
 
 
 def tiny_with_batchnorm_statistics(seed: int = 0) -> nn.Module:
@@ -18,3 +22,10 @@ def tiny_with_batchnorm_statistics(seed: int = 0) -> nn.Module:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return model
+
+
+def with_scale(checkpoint: Path, folder: Path) -> Path:
+    """A copy of a 24-pixel tiny checkpoint, in ``folder``, with a physical scale: inputs of 3 red-cell diameters."""
+    bundle = load_checkpoint(checkpoint)
+    bundle["scale"] = CanonicalScale(field=3.0, size=24).to_dict()
+    return save_checkpoint(bundle, Path(folder) / "best.pt")

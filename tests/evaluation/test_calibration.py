@@ -25,7 +25,7 @@ from leukodetect.reporting.calibration_plots import plot_reliability
 from leukodetect.runtime.checkpoint import load_checkpoint, make_bundle, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
-from leukodetect.runtime.scale import CanonicalScale
+from model_helpers import with_scale
 
 # Hand example, 10 equal-width bins:
 #   bin (0.1, 0.2]: p = 0.15, 0.15, labels 0, 1 -> |0.50 - 0.15| * 2/5 = 0.14
@@ -207,9 +207,7 @@ def test_calibrate_cli_round_trip(trained_checkpoint, tiny_tree, tmp_path):
 @pytest.fixture(scope="module")
 def scaled_checkpoint(trained_checkpoint, tmp_path_factory):
     """The briefly trained tiny model with a physical scale: 24-pixel inputs of 3 red-cell diameters."""
-    bundle = load_checkpoint(trained_checkpoint)
-    bundle["scale"] = CanonicalScale(field=3.0, size=24).to_dict()
-    return save_checkpoint(bundle, tmp_path_factory.mktemp("scaled") / "best.pt")
+    return with_scale(trained_checkpoint, tmp_path_factory.mktemp("scaled"))
 
 
 def test_calibration_shows_a_scaled_model_the_images_as_predict_does(scaled_checkpoint, tiny_tree, tmp_path):

@@ -10,8 +10,7 @@ from leukodetect.errors import LeukoError
 from leukodetect.evaluation.labs import per_lab
 from leukodetect.jobs.cells import LabSource
 from leukodetect.jobs.evaluate import evaluate_checkpoint
-from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
-from leukodetect.runtime.scale import CanonicalScale
+from model_helpers import with_scale
 
 
 def _row(lab, label, prob, *, kind="", parent=None, flagged=False):
@@ -39,9 +38,7 @@ def test_per_lab_figures_split_pbc_cell_types_and_score_aria_fields_by_their_mos
 @pytest.fixture(scope="module")
 def scaled_checkpoint(crop_checkpoint, tmp_path_factory):
     """The tiny crop model with a physical scale: 24-pixel inputs of 3 red-cell diameters."""
-    bundle = load_checkpoint(crop_checkpoint)
-    bundle["scale"] = CanonicalScale(field=3.0, size=24).to_dict()
-    return save_checkpoint(bundle, tmp_path_factory.mktemp("scaled") / "best.pt")
+    return with_scale(crop_checkpoint, tmp_path_factory.mktemp("scaled"))
 
 
 def test_laboratories_given_as_sources_are_cut_at_the_model_scale_and_reported_each(scaled_checkpoint, tiny_tree, tmp_path):
