@@ -5,6 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from model_helpers import with_scale
 from sklearn.calibration import calibration_curve
 from typer.testing import CliRunner
 
@@ -25,7 +26,6 @@ from leukodetect.reporting.calibration_plots import plot_reliability
 from leukodetect.runtime.checkpoint import load_checkpoint, make_bundle, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
-from model_helpers import with_scale
 
 # Hand example, 10 equal-width bins:
 #   bin (0.1, 0.2]: p = 0.15, 0.15, labels 0, 1 -> |0.50 - 0.15| * 2/5 = 0.14

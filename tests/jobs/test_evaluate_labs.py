@@ -5,12 +5,12 @@ from __future__ import annotations
 import csv
 
 import pytest
+from model_helpers import with_scale
 
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.labs import per_lab
 from leukodetect.jobs.cells import LabSource
 from leukodetect.jobs.evaluate import evaluate_checkpoint
-from model_helpers import with_scale
 
 
 def _row(lab, label, prob, *, kind="", parent=None, flagged=False):
