@@ -626,8 +626,7 @@ def calibrate(
 ):
     """Fit a temperature and a threshold for a target sensitivity; write them into a new checkpoint.
 
-    The images are shown to the model as predict shows them (at its physical scale, where it has one), so a
-    laboratory can set the threshold on labelled cells of its own."""
+    Each image is shown to the model as predict shows it (its physical scale), so a laboratory can set the threshold on its own cells."""
     from leukodetect.data.indexers import index_dataset
     from leukodetect.jobs.calibrate import calibrate_checkpoint, select_split
     from leukodetect.jobs.cells import is_bank
