@@ -596,19 +596,26 @@ def explain(
                                            "IMAGE_gradcam.png (-2, -3... if taken); or the PNG file itself, which must not exist. "
                                            "Default: IMAGE_gradcam.png beside the image."),
     target_class: int = typer.Option(1, help="Class whose evidence is shown: 1 = blast, 0 = normal."),
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the image, for a "
+                                               "model with a physical scale (default: measured on its red cells)."),
     as_json: bool = JsonOpt,
 ):
-    """Grad-CAM overlay: the regions of the image that drove the model's score."""
+    """Grad-CAM overlay: the regions of the image that drove the model's score, on the image as predict shows it."""
     from leukodetect.jobs.explain import explain_file, overlay_folder
+    from leukodetect.runtime.scale import diameter_from_pixel_size
     from leukodetect.weights import resolve_checkpoint
 
     folder = overlay_folder(image, out_file)
     _check_output_folder(folder or Path(out_file).parent, file=None if folder else Path(out_file))
-    result = explain_file(resolve_checkpoint(checkpoint), image, out_file, target_class=target_class)
+    rbc = diameter_from_pixel_size(pixel_size) if pixel_size else None
+    result = explain_file(resolve_checkpoint(checkpoint), image, out_file, target_class=target_class, rbc_diameter=rbc)
     if as_json:
         print(json.dumps(result))
     else:
-        out.print(f"{image}: {result['label']} (P(blast) {result['prob_blast']:.4f}); overlay written to {result['out']}", highlight=False)
+        for note in result["notes"]:
+            _log(note)
+        call = f"review: {result['reason']} (score {result['ood_score']:.1f})" if result["reason"] else result["label"]
+        out.print(f"{image}: {call} (P(blast) {result['prob_blast']:.4f}); overlay written to {result['out']}", highlight=False)
 
 
 @app.command()

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_helpers import with_scale
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -15,6 +16,8 @@ from leukodetect.models import create_model
 from leukodetect.reporting.gradcam import gradcam, overlay
 from leukodetect.runtime.checkpoint import make_bundle, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.guard import REVIEW, UNLIKE_TRAINING
+from leukodetect.weights import resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -122,5 +125,32 @@ def test_explain_cli_takes_a_folder_and_says_so_in_its_help(checkpoint, cell, tm
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["out"] == str(tmp_path / "out" / "cell_gradcam.png")
-    helped = " ".join(runner.invoke(app, ["explain", "--help"]).output.split())
+    helped = " ".join(runner.invoke(app, ["explain", "--help"], env={"COLUMNS": "160"}).output.split())  # room for every column
     assert "A folder" in helped and "the PNG file itself" in helped
+
+
+def test_explain_shows_a_scaled_model_the_window_that_predict_scores(checkpoint, cell, tmp_path):
+    """The shipped model has a physical scale: explain must score and draw the window predict scores, not the whole image."""
+    scaled = Classifier.from_checkpoint(with_scale(checkpoint, tmp_path), backend="torch", precision="fp32")
+    result = explain_file(scaled, cell, tmp_path / "declared.png", rbc_diameter=5.0)  # a 15-pixel window of the 30x20 image
+    assert Image.open(tmp_path / "declared.png").size == (24, 24) and result["notes"] == []
+    (predicted,) = scaled.predict_paths([cell], rbc_diameter=5.0)
+    assert result["prob_blast"] == pytest.approx(predicted.prob_blast, abs=1e-5) and result["label"] == predicted.label
+    whole = explain_file(Classifier.from_checkpoint(checkpoint, backend="torch", precision="fp32"), cell, tmp_path / "whole.png")
+    assert whole["prob_blast"] != pytest.approx(result["prob_blast"], abs=1e-4)  # the window is not the whole image
+    unknown = explain_file(scaled, cell, tmp_path / "unknown.png")  # no red cells to measure, none declared: said so
+    assert len(unknown["notes"]) == 1 and "scale unknown" in unknown["notes"][0]
+
+
+def test_explain_says_review_where_predict_does(tmp_path):
+    """The shipped model's guard: noise is "review" in explain as in predict, with the same score, and a PBC-like call stays a class."""
+    shipped = Classifier.from_checkpoint(resolve_checkpoint(None), backend="torch", precision="fp32")
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(noise)
+    result = explain_file(shipped, noise, tmp_path / "noise_cam.png")
+    (predicted,) = shipped.predict_paths([noise])
+    assert result["label"] == predicted.label == REVIEW and result["reason"] == UNLIKE_TRAINING
+    assert result["ood_score"] == pytest.approx(predicted.ood_score, rel=1e-3) and result["ood_score"] > 1
+    runner = CliRunner()
+    said = runner.invoke(app, ["explain", str(noise), "--out", str(tmp_path / "cli.png")], catch_exceptions=False)
+    assert said.exit_code == 0 and f"review: {UNLIKE_TRAINING}" in " ".join(said.output.split())

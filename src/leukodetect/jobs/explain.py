@@ -25,6 +25,7 @@ from PIL import Image
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.reporting.gradcam import gradcam_batch, overlay
 from leukodetect.runtime.classifier import Classifier
+from leukodetect.runtime.guard import REVIEW, UNLIKE_TRAINING
 from leukodetect.runtime.images import open_rgb
 from leukodetect.utils import atomic_write
 
@@ -37,8 +38,14 @@ def explain_file(
     out: str | Path | None = None,
     *,
     target_class: int = 1,
+    rbc_diameter: float | None = None,
 ) -> dict:
-    """Write the Grad-CAM overlay of one image file.
+    """Write the Grad-CAM overlay of one image file, shown to the model as ``predict`` shows it.
+
+    A model with a physical scale (the shipped one) sees a window of its red-cell diameters around the
+    image's centre, at ``rbc_diameter`` pixels per red cell (declared) or the diameter measured on the
+    image's red cells; the overlay is drawn on that window, the image the model scored. Where the scale
+    cannot be known, or the model has none, the whole image is used and the overlay has its size.
 
     Args:
         checkpoint_or_classifier: a loaded :class:`Classifier` or a checkpoint path.
@@ -46,10 +53,13 @@ def explain_file(
         out: a folder (one that exists, or a path ending in a separator, made if missing) that
             receives ``<image stem>_gradcam.png`` (``_gradcam-2.png``... if that name is taken); or
             the PNG to write, which must not exist. None: the image's own folder.
+        rbc_diameter: the image's red-cell diameter in pixels (from ``--pixel-size``); None measures it.
 
     Returns:
-        {"path", "prob_blast", "label", "out"}: the blast probability (temperature applied) and
-        call (threshold applied) from the same float32 forward pass that Grad-CAM used.
+        {"path", "prob_blast", "label", "out", "ood_score", "reason", "notes"}: the blast probability
+        (temperature applied) from the same float32 forward pass that Grad-CAM used, and the call as
+        ``predict`` makes it: "review" with the reason where the model's guard finds the image unlike
+        its training images (``ood_score`` None for a model without a guard).
 
     Raises:
         BadImageError: the image cannot be read (one sentence naming it).
@@ -60,8 +70,15 @@ def explain_file(
     folder = overlay_folder(path, out)
     if folder is None and Path(out).exists():
         raise _exists(out)
-    image = open_rgb(path)
+    notes: list[str] = []
+    shown, estimate = clf.view(open_rgb(path, notes=notes), rbc_diameter=rbc_diameter)
+    image = shown if isinstance(shown, Image.Image) else Image.fromarray(shown)
+    if estimate is not None and (note := estimate.note(path.name)) is not None:
+        notes.append(note)
     heatmaps, probs = gradcam_batch(clf, [image], target_class)
+    _, scores = clf.image_outputs([image])
+    score = None if scores is None else float(scores[0])
+    label = clf.call(float(probs[0]), score)
     png = _png_bytes(overlay(image, heatmaps[0]))
     if folder is not None:
         written = _write_fresh(folder / f"{path.stem}{SUFFIX}.png", png)
@@ -70,7 +87,9 @@ def explain_file(
             written = _write_new(Path(out), png)
         except FileExistsError:
             raise _exists(out) from None
-    return {"path": str(path), "prob_blast": float(probs[0]), "label": clf.call(float(probs[0])), "out": str(written)}
+    return {"path": str(path), "prob_blast": float(probs[0]), "label": label, "out": str(written),
+            "ood_score": None if score is None else round(score, 4), "reason": UNLIKE_TRAINING if label == REVIEW else None,
+            "notes": notes}
 
 
 def overlay_folder(image: str | Path, out: str | Path | None) -> Path | None:
