@@ -86,11 +86,11 @@ def calibrate_checkpoint(
         checkpoint: the checkpoint to calibrate; it is never modified.
         val: labelled validation images, as records (``.path``, ``.label``) or (path, label) pairs.
             Use images the model was not trained on, e.g. the run's validation part.
-        rbc_diameter: the images' red-cell diameter in pixels, for a model with a physical scale (from
-                        ``--pixel-size``); None measures each image's red cells, as ``predict`` does.
-        bank: the images are a cell bank's crops (``leukodetect cells``), cut at the model's own scale already.
         out: the new checkpoint; it must not exist. None writes ``<name>-calibrated.pt`` beside the
             original (``-calibrated-2.pt``... if taken).
+        rbc_diameter: the images' red-cell diameter in pixels, for a model with a physical scale (from
+            ``--pixel-size``); None measures each image's red cells, as ``predict`` does.
+        bank: the images are a cell bank's crops (``leukodetect cells``), cut at the model's own scale already.
 
     Returns:
         {"out", "temperature", "threshold", "calibration": {ece_before, ece_after,

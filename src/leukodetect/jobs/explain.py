@@ -45,7 +45,8 @@ def explain_file(
     A model with a physical scale (the shipped one) sees a window of its red-cell diameters around the
     image's centre, at ``rbc_diameter`` pixels per red cell (declared) or the diameter measured on the
     image's red cells; the overlay is drawn on that window, the image the model scored. Where the scale
-    cannot be known, or the model has none, the whole image is used and the overlay has its size.
+    cannot be known, the window is the whole image (and a note says so); a model without a scale takes the
+    whole image, and the overlay has the image's size.
 
     Args:
         checkpoint_or_classifier: a loaded :class:`Classifier` or a checkpoint path.
