@@ -19,8 +19,8 @@ class Counting:
     def call(self, prob, score=None):
         return self.inner.call(prob, score)
 
-    def view(self, image):
-        return self.inner.view(image)
+    def view(self, image, **kwargs):
+        return self.inner.view(image, **kwargs)
 
     def image_outputs(self, images, *, batch_size):
         self.calls.append(len(images))

@@ -72,10 +72,7 @@ def explain_file(
     if folder is None and Path(out).exists():
         raise _exists(out)
     notes: list[str] = []
-    shown, estimate = clf.view(open_rgb(path, notes=notes), rbc_diameter=rbc_diameter)
-    image = shown if isinstance(shown, Image.Image) else Image.fromarray(shown)
-    if estimate is not None and (note := estimate.note(path.name)) is not None:
-        notes.append(note)
+    image, _ = clf.view(open_rgb(path, notes=notes), rbc_diameter=rbc_diameter, name=path.name, notes=notes)
     heatmaps, probs = gradcam_batch(clf, [image], target_class)
     _, scores = clf.image_outputs([image])
     score = None if scores is None else float(scores[0])

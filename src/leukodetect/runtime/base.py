@@ -129,13 +129,21 @@ class ImageClassifier:
         """Blast probability (N,) of decoded images, temperature applied, ``batch_size`` at a time."""
         return self.image_outputs(images, batch_size=batch_size)[0]
 
-    def view(self, image: Image.Image, *, rbc_diameter: float | None = None) -> tuple[Image.Image | np.ndarray, ScaleEstimate | None]:
+    def view(self, image: Image.Image, *, rbc_diameter: float | None = None, name: str = "the image",
+             notes: list[str] | None = None) -> tuple[Image.Image, ScaleEstimate | None]:
         """What the model is shown of a single-cell image: with a scale, the canonical window around
-        its centre (red-cell diameter declared, else measured, else unknown); without one, the image."""
+        its centre (red-cell diameter declared, else measured, else unknown); without one, the image.
+
+        Every command that shows the model an image goes through here (predict, calibrate, explain, the
+        service), so each sees what the others see. Where ``notes`` is given, a scale that cannot be known
+        is said there, naming the image ``name``.
+        """
         if self.scale is None:
             return image, None
         estimate = ScaleEstimate(rbc_diameter, "declared") if rbc_diameter else estimate_rbc_diameter(np.asarray(image))
-        return canonical_crop(image, self.scale, estimate.diameter), estimate
+        if notes is not None and (note := estimate.note(name)) is not None:
+            notes.append(note)
+        return Image.fromarray(canonical_crop(image, self.scale, estimate.diameter)), estimate
 
     def predict_paths(self, paths: Sequence[Path], *, batch_size: int = 16, progress: bool = False, stain=None,
                       rbc_diameter: float | None = None) -> list[Prediction]:
@@ -168,11 +176,9 @@ class ImageClassifier:
                 continue
             if stain is not None:
                 image = stain(image, notes=results[i].notes)
-            shown, estimate = self.view(image, rbc_diameter=rbc_diameter)
+            shown, estimate = self.view(image, rbc_diameter=rbc_diameter, name=Path(path).name, notes=results[i].notes)
             if estimate is not None:
                 results[i].rbc_diameter, results[i].scale = estimate.diameter, estimate.source
-                if (note := estimate.note(Path(path).name)) is not None:
-                    results[i].notes.append(note)
             pending.append((i, shown))
             if len(pending) >= batch_size:
                 flush()

@@ -277,10 +277,8 @@ class ModelWork:
             image.thumbnail((self.cell_side, self.cell_side))  # in place: the full-size pixels are freed here
             notes.append(f"{upload.name} was downscaled on arrival from {width}x{height} to {image.width}x{image.height} "
                          f"pixels, still more than the model uses.")
-        shown, estimate = self.classifier.view(image)  # a model with a physical scale sees its window of red-cell diameters
-        if estimate is not None and (note := estimate.note(upload.name)) is not None:
-            notes.append(note)
-        return (shown if isinstance(shown, Image.Image) else Image.fromarray(shown)), notes
+        shown, _ = self.classifier.view(image, name=upload.name, notes=notes)  # a model with a scale: its window of red-cell diameters
+        return shown, notes
 
     def _outputs(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
         return self.classifier.image_outputs(images, batch_size=_BATCH)
