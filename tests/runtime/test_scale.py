@@ -72,3 +72,24 @@ def test_unknown_scale_shows_the_whole_image_and_reflects_beyond_the_border():
     corner = canonical_crop(image, scale, 20.0, centre=(0.0, 0.0))  # a 60-pixel window around a corner
     assert corner.shape == (32, 32, 3) and corner.max() == 0  # reflected black, never an invented colour
     assert CanonicalScale.from_dict(scale.to_dict()) == scale and scale.to_dict()["rbc_um"] == RBC_UM
+
+
+def _crop_with_fragments() -> np.ndarray:
+    """A single-cell crop: a purple cell, pairs of overlapping 70-px red cells, and four round 8-px fragments."""
+    rgb = np.full((360, 360, 3), SLIDE, np.uint8)
+    yy, xx = np.mgrid[:360, :360]
+    disc = lambda x, y, d: (yy - y) ** 2 + (xx - x) ** 2 <= (d / 2) ** 2  # noqa: E731
+    for x, y in ((60, 60), (300, 60), (60, 300), (300, 300)):  # each red cell overlaps a neighbour: not isolated
+        rgb[disc(x, y, 70) | disc(x + 45 * (1 if x < 180 else -1), y, 70)] = PINK
+    for x, y in ((180, 30), (180, 330), (30, 180), (330, 180)):
+        rgb[disc(x, y, 8)] = PINK
+    rgb[disc(180, 180, 110)] = PURPLE
+    return rgb
+
+
+def test_fragments_far_smaller_than_the_red_cells_are_not_taken_for_red_cells():
+    rgb = _crop_with_fragments()
+    crop = estimate_rbc_diameter(rgb)  # a single-cell crop: unknown, not 8 px (a window ten times too small)
+    assert crop.diameter is None and crop.source == "unknown" and crop.red_cells >= 3
+    smear = estimate_rbc_diameter(rgb, packed=True)  # a smear field: the packed red cells measure it
+    assert smear.source == "packed" and smear.diameter == pytest.approx(70, rel=0.3)
