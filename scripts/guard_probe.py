@@ -1,5 +1,6 @@
 """The guard of a cell model on images that are not blood cells: noise, smooth colour noise, flat colours,
-text, grey textures, crops of photographs and of stained tissue (scikit-image's samples), white and black
+text, grey textures, crops of photographs (scikit-image's, scikit-learn's and matplotlib's samples) and of
+stained tissue (scikit-image's immunohistochemistry image), white and black
 frames (100 of each kind, seed 0, 128x128), shown as predict shows
 an image without red cells. Prints, per kind, how many the guard flags and how many are called blast unflagged.
 
@@ -7,9 +8,12 @@ an image without red cells. Prints, per kind, how many the guard flags and how m
 """
 import json
 import sys
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import skimage.data
+import sklearn.datasets
 from PIL import Image, ImageDraw
 
 from leukodetect.runtime.classifier import Classifier
@@ -31,7 +35,13 @@ probes["white_0"] = Image.new("RGB", (128, 128), "white"); probes["black_0"] = I
 # Photographs that are not blood (scikit-image's bundled samples, no download), and stained tissue under a
 # microscope (immunohistochemistry, the nearest thing to a smear among them): random square crops of 64-300 px.
 photos = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "colorwheel")}
-for kind, sources in (("photograph", list(photos.values())), ("stained tissue", [skimage.data.immunohistochemistry()])):
+# More photographs, added 2026-12-06 (late evening): scikit-image's other colour and grey samples, scikit-learn's
+# two and matplotlib's portrait, all bundled with the packages.
+more = [skimage.data.stereo_motorcycle()[0], skimage.data.logo()[..., :3], *sklearn.datasets.load_sample_images().images,
+        np.asarray(Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")),
+        np.stack([skimage.data.coins()] * 3, -1), np.stack([skimage.data.horse().astype(np.uint8) * 255] * 3, -1)]
+for kind, sources in (("photograph", list(photos.values())), ("stained tissue", [skimage.data.immunohistochemistry()]),
+                      ("photograph, more", more)):
     for i in range(100):
         a = sources[i % len(sources)]
         side = int(rng.integers(64, min(300, *a.shape[:2]) + 1))

@@ -1,4 +1,4 @@
-"""The out-of-distribution guard: Mahalanobis distance to the nearer class, with a shared covariance."""
+"""The out-of-distribution guard: Mahalanobis distance to the nearest group (a laboratory and class), with a shared covariance."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from leukodetect.evaluation.ood import fit_guard, guard_scores, guard_threshold
+from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, guard_threshold
 from leukodetect.runtime.guard import Guard
 
 
@@ -50,3 +50,31 @@ def test_bad_inputs_are_refused():
         fit_guard(np.zeros((3, 2)), np.array([0, 1, 1]))  # one image of class 0
     with pytest.raises(ValueError):
         guard_threshold(np.array([]))
+
+
+def test_groups_are_a_laboratory_and_a_class_and_small_ones_are_pooled():
+    labs = ["milan", "milan", "milan", "delhi", "delhi", "delhi", "tehran", "barcelona", "barcelona"]
+    labels = [0, 0, 1, 0, 1, 1, 1, 0, 0]
+    groups, names = guard_groups(labs, labels, ["normal", "blast"])
+    # milan/blast and tehran/blast have one image each: they make "*/blast"; delhi/normal alone pools into
+    # "*/normal"; with one image there, it joins normal's largest group, barcelona/normal (2, before milan's 2).
+    assert names == ["*/blast", "barcelona/normal", "delhi/blast", "milan/normal"]
+    assert [names[g] for g in groups] == ["milan/normal", "milan/normal", "*/blast", "barcelona/normal", "delhi/blast",
+                                          "delhi/blast", "*/blast", "barcelona/normal", "barcelona/normal"]
+    plain, plain_names = guard_groups([None] * 4, [0, 1, 1, 0])  # one data set: the classes
+    assert plain.tolist() == [0, 1, 1, 0] and plain_names == ["0", "1"]
+    with pytest.raises(ValueError):
+        guard_groups(["a"], [0, 1])
+
+
+def test_a_point_between_two_laboratories_is_flagged_only_with_a_group_per_laboratory():
+    """Two laboratories' cells, far apart: pooled by class, the shared covariance spans the gap between them."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (500, 2)), rng.normal(0, 1, (500, 2)) + [12.0, 0.0]
+    x, labels, labs = np.vstack([a, b]), np.zeros(1000, int), ["a"] * 500 + ["b"] * 500
+    held = np.vstack([rng.normal(0, 1, (200, 2)), rng.normal(0, 1, (200, 2)) + [12.0, 0.0]])
+    between = np.array([[6.0, 0.0]])
+    pooled = fit_guard(x, labels)
+    per_lab = fit_guard(x, guard_groups(labs, labels)[0])
+    assert guard_scores(between, pooled)[0] < guard_threshold(guard_scores(held, pooled), 97.5)
+    assert guard_scores(between, per_lab)[0] > 5 * guard_threshold(guard_scores(held, per_lab), 97.5)

@@ -163,6 +163,11 @@ def test_guard_refits_on_the_same_split_keeps_the_weights_and_refuses_another_ba
     assert not list(tmp_path.glob(".*"))  # the half-written file is linked into place, no hidden temporary left beside it
     assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
     assert (after["guard"]["fitted_on"], after["guard"]["threshold_on"]) == (before["guard"]["fitted_on"], before["guard"]["threshold_on"])
+    # The guard's groups are a laboratory and a class (each laboratory its own tint here; a
+    # laboratory's class with one training cell joins "*/CLASS").
+    groups = after["guard"]["groups"]
+    assert {g.split("/")[0] for g in groups} - {"*"} == set(LABS) and {g.split("/")[1] for g in groups} == {"normal", "blast"}
+    assert len(groups) >= 5 and len(groups) == len(after["guard"]["class_means"]) == len(after["guard"]["pixel_class_means"])
     split = json.loads((run / "split.json").read_text())
     figures = json.loads(test.read_text())
     assert sum(parts["cells"]["cells"] for parts in figures.values()) == len(split["test"])  # the untouched test part, scored

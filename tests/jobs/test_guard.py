@@ -58,6 +58,7 @@ def test_add_guard_flags_odd_images_and_passes_most_held_out_cells(tiny_tree, tm
     stored = add_guard(best, fit, held, percentile=90, device="cpu", log=lambda *_: None)
     assert stored["threshold"] == 1.0 and stored["feature_threshold"] > 0 and stored["pixel_threshold"] > 0
     assert stored["fitted_on"] == len(fit) and stored["threshold_on"] == len(held)
+    assert stored["groups"] == ["normal", "blast"]  # one data set, no laboratories: a group per class
     clf = Classifier.from_checkpoint(best, backend="torch", precision="fp32")
     cells = clf.predict_paths([r.path for r in held])
     assert sum(p.label == "review" for p in cells) <= 0.2 * len(held) + 1  # about 10% by construction

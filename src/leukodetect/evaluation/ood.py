@@ -1,8 +1,13 @@
 """The out-of-distribution guard's maths: how unlike the training images an image's features are.
 
-The score is the Mahalanobis distance of an image's penultimate-layer features to the nearer of the
-two class means, with one covariance shared by the classes (Lee et al., 2018, "A simple unified
-framework for detecting out-of-distribution samples"). The features are first projected on their
+The score is the Mahalanobis distance of an image's penultimate-layer features to the nearest of the
+group means, with one covariance shared by the groups (Lee et al., 2018, "A simple unified framework
+for detecting out-of-distribution samples", with a class per group). The guard of a cell model
+(:mod:`leukodetect.jobs.guard`) groups its training images by laboratory and class
+(:func:`guard_groups`): each laboratory photographs its cells with its own stain, camera
+and light, so a covariance shared around two class means pooled over laboratories is as wide as the
+laboratories are apart, and an image lying between their clouds passes (stained tissue, photographs);
+around a mean per laboratory and class it is as wide as one laboratory's cells of one class. The features are first projected on their
 leading principal components (at most :data:`MAX_DIMS`), where the covariance can be estimated
 from a few thousand cells; a Ledoit-Wolf shrinkage keeps it invertible. In the projected, whitened
 space the distance is a plain Euclidean norm, so the runtime computes it with two matrix products
@@ -16,6 +21,8 @@ percent of new in-distribution images are flagged, and anything farther than alm
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +30,8 @@ from sklearn.covariance import LedoitWolf
 
 #: Most principal components kept: enough for the cell features, few enough to estimate a covariance.
 MAX_DIMS = 64
+#: Fewest training images of a laboratory and class to make a group of their own.
+MIN_GROUP = 2
 
 
 @dataclass(frozen=True)
@@ -31,26 +40,49 @@ class GuardFit:
 
     center: np.ndarray  # (D,)
     projection: np.ndarray  # (D, K): principal axes, scaled so the shared covariance becomes the identity
-    class_means: np.ndarray  # (C, K): class means in the whitened space
+    class_means: np.ndarray  # (C, K): the groups' means in the whitened space
+
+
+def guard_groups(labs: Sequence[str | None], labels: Sequence[int], class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The guard's groups of training images: one per laboratory and class; (group index per image, group names).
+
+    Images without a laboratory (one data set used alone) are grouped by class only. A laboratory's
+    class with fewer than :data:`MIN_GROUP` images joins the class's images of no group of their own
+    (named ``"*/CLASS"``), or, where those are fewer than :data:`MIN_GROUP` too, the class's largest
+    group. Names are ``"LAB/CLASS"`` (``class_names[label]`` where given), in sorted order.
+    """
+    if len(labs) != len(labels):
+        raise ValueError(f"guard_groups needs a laboratory per label, got {len(labs)} and {len(labels)}")
+    keys = [("" if lab is None else str(lab), int(y)) for lab, y in zip(labs, labels)]
+    counts = Counter(keys)
+    keys = [k if counts[k] >= MIN_GROUP or not k[0] else ("*", k[1]) for k in keys]
+    counts = Counter(keys)
+    for y in {y for lab, y in keys if lab == "*" and counts[("*", y)] < MIN_GROUP}:
+        largest = max(sorted(k for k in counts if k[1] == y), key=lambda k: (counts[k], k[0] != "*"))  # ties: the first name
+        keys = [largest if k == ("*", y) else k for k in keys]
+    order = sorted(set(keys))
+    index = {k: i for i, k in enumerate(order)}
+    name = lambda y: class_names[y] if class_names is not None else str(y)  # noqa: E731
+    return np.array([index[k] for k in keys], dtype=int), [f"{lab}/{name(y)}" if lab else name(y) for lab, y in order]
 
 
 def fit_guard(features: np.ndarray, labels: np.ndarray, *, max_dims: int = MAX_DIMS) -> GuardFit:
-    """Fit the class-conditional Gaussian model with a shared covariance.
+    """Fit the group-conditional Gaussian model with a shared covariance.
 
     Args:
         features: (N, D) penultimate-layer features of the training images (no augmentation).
-        labels: (N,) class indices; every class present needs at least two images.
+        labels: (N,) group indices (classes, or :func:`guard_groups`); every group present needs at least two images.
         max_dims: principal components kept (fewer when N or D is small).
     """
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(int)
     classes = np.unique(y)
     if x.ndim != 2 or len(x) != len(y) or len(classes) < 1 or min(np.bincount(y)[classes]) < 2:
-        raise ValueError(f"fit_guard needs (N, D) features with at least two images per class, got {x.shape} and {np.bincount(y)}")
+        raise ValueError(f"fit_guard needs (N, D) features with at least two images per group, got {x.shape} and {np.bincount(y)}")
     center = x.mean(0)
     xc = x - center
     k = int(max(1, min(max_dims, x.shape[1], len(x) - 1)))
-    # Principal axes of the whole set (the class means included), then the within-class covariance there.
+    # Principal axes of the whole set (the group means included), then the within-group covariance there.
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
     axes = vt[:k].T  # (D, K)
     z = xc @ axes
@@ -67,7 +99,7 @@ def fit_guard(features: np.ndarray, labels: np.ndarray, *, max_dims: int = MAX_D
 
 
 def guard_scores(features: np.ndarray, fit: GuardFit) -> np.ndarray:
-    """Squared Mahalanobis distance to the nearer class mean, for (N, D) features (numpy reference)."""
+    """Squared Mahalanobis distance to the nearest group mean, for (N, D) features (numpy reference)."""
     z = (np.asarray(features, dtype=np.float64) - fit.center) @ fit.projection
     d = ((z[:, None, :] - fit.class_means[None].astype(np.float64)) ** 2).sum(-1)
     return d.min(1)

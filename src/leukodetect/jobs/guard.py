@@ -16,7 +16,7 @@ import torch
 
 from leukodetect.data.records import Record
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.evaluation.ood import fit_guard, guard_scores, guard_threshold
+from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, guard_threshold
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.guard import pixel_statistics
@@ -47,10 +47,11 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     """Fit the guard on ``fit`` (the training images), set its threshold on ``held_out``, save it in ``checkpoint``.
 
     Two distances are fitted (:class:`leukodetect.runtime.guard.Guard`): of the penultimate-layer
-    features and of the pixel statistics. Each is scaled by its own threshold, the
-    ``(100 + percentile) / 2``-th percentile of the held-out images' distances, so that together
-    they flag about ``100 - percentile`` percent of new in-distribution images; the stored threshold
-    of the combined score is 1. With several laboratories the percentile is taken in each one (of at
+    features and of the pixel statistics, each to the nearest mean of a laboratory and class
+    (:func:`~leukodetect.evaluation.ood.guard_groups`; before 2026-12-06, of a class). Each is scaled
+    by its own threshold, the ``(100 + percentile) / 2``-th percentile of the held-out images'
+    distances, so that together they flag about ``100 - percentile`` percent of new in-distribution
+    images; the stored threshold of the combined score is 1. With several laboratories the percentile is taken in each one (of at
     least :data:`MIN_LAB_HELD_OUT` held-out images) and the largest kept: a small laboratory with
     unusual images (C-NMC's cells on black) is not flagged wholesale because the pooled percentile
     is set by the large ones.
@@ -63,12 +64,12 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     clf = Classifier.from_checkpoint(checkpoint, device=device, precision="fp32", backend="torch")
     fit_images, fit_kept = model_inputs(clf, fit, log=log)
     held_images, held_kept = model_inputs(clf, held_out, log=log)
-    labels = np.array([r.label for r in fit_kept])
+    groups, group_names = guard_groups([r.lab for r in fit_kept], [r.label for r in fit_kept], clf.class_names)
     part = (100 + percentile) / 2
     held_labs = np.array([str(r.lab) for r in held_kept])
-    feature_fit = fit_guard(clf.image_features(fit_images, batch_size=32), labels)
+    feature_fit = fit_guard(clf.image_features(fit_images, batch_size=32), groups)
     feature_threshold = _threshold(guard_scores(clf.image_features(held_images, batch_size=32), feature_fit), held_labs, part)
-    pixel_fit = fit_guard(_pixel_statistics(clf, fit_images), labels)
+    pixel_fit = fit_guard(_pixel_statistics(clf, fit_images), groups)
     pixel_threshold = _threshold(guard_scores(_pixel_statistics(clf, held_images), pixel_fit), held_labs, part)
     bundle = load_checkpoint(checkpoint)
     arrays = {"center": feature_fit.center, "projection": feature_fit.projection, "class_means": feature_fit.class_means,
@@ -76,13 +77,14 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     guard = {**{k: torch.from_numpy(v) for k, v in arrays.items()},
              "threshold": 1.0, "feature_threshold": feature_threshold, "pixel_threshold": pixel_threshold,
              "percentile": float(percentile), "fitted_on": len(fit_kept), "threshold_on": len(held_images),
-             "dims": int(feature_fit.projection.shape[1]),
-             "score": "the larger of two squared Mahalanobis distances to the nearer class mean (shared covariance), each "
-                      "divided by its threshold: of the penultimate-layer features, and of the pixel statistics"}
+             "dims": int(feature_fit.projection.shape[1]), "groups": group_names,
+             "score": "the larger of two squared Mahalanobis distances to the nearest mean of a laboratory and class "
+                      "(shared covariance), each divided by its threshold: of the penultimate-layer features, and of the "
+                      "pixel statistics"}
     bundle["guard"] = guard
     save_checkpoint(bundle, checkpoint)
-    log(f"Guard fitted on {len(fit_kept)} training images; thresholds (features {feature_threshold:.1f}, pixels "
-        f"{pixel_threshold:.1f}) at the {part:g}th percentile of {len(held_images)} held-out images' distances each.")
+    log(f"Guard fitted on {len(fit_kept)} training images in {len(group_names)} groups (laboratory and class); "
+        f"thresholds (features {feature_threshold:.1f}, pixels {pixel_threshold:.1f}) at the {part:g}th percentile of {len(held_images)} held-out images' distances each.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
 
 

@@ -1,0 +1,108 @@
+"""Why the guard groups its training cells by laboratory and class: the same model, two groupings, measured.
+
+For a checkpoint trained on a cell bank (the shipped model and runs/bank3/cells.csv), the split is made
+again from the checkpoint's config (as ``leukodetect guard`` does). The penultimate features and pixel
+statistics of its training, validation and test cells, and of crops of non-blood pictures bundled with
+scikit-image, scikit-learn and matplotlib, are computed once; then, without touching the model:
+
+1. both guard parts fitted with a group per class (the guard before 2026-12-06, late evening) and with a
+   group per laboratory and class, thresholds as ``add_guard`` sets them: the share of test cells flagged,
+   per laboratory, and of the pictures flagged;
+2. the pixel part alone (it reads only the image, so it needs no model trained without the laboratory)
+   fitted with each laboratory left out in turn: the share of that laboratory's cells it flags. The
+   combined guard takes the larger of its two parts, so it flags at least as many.
+
+    python scripts/guard_groups_probe.py src/leukodetect/weights/resnet50_5labs.safetensors runs/bank3/cells.csv
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import skimage.data
+import sklearn.datasets
+from PIL import Image
+
+from leukodetect.config import RunConfig
+from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores
+from leukodetect.jobs.guard import DEFAULT_PERCENTILE, _pixel_statistics, _threshold, model_inputs
+from leukodetect.jobs.train import prepare, split_parts
+from leukodetect.runtime.checkpoint import load_checkpoint
+from leukodetect.runtime.classifier import Classifier
+
+PART = (100 + DEFAULT_PERCENTILE) / 2
+
+
+def crops(sources: list[np.ndarray], n: int, rng: np.random.Generator) -> list[Image.Image]:
+    """``n`` random square crops (64-300 px) of the pictures, resized to 128 px, as guard_probe.py cuts them."""
+    out = []
+    for i in range(n):
+        a = sources[i % len(sources)]
+        side = int(rng.integers(64, min(300, *a.shape[:2]) + 1))
+        y, x = (int(rng.integers(0, a.shape[k] - side + 1)) for k in (0, 1))
+        out.append(Image.fromarray(a[y:y + side, x:x + side]).resize((128, 128), Image.BILINEAR))
+    return out
+
+
+def main(checkpoint: str, bank: str) -> None:
+    bundle = load_checkpoint(checkpoint)
+    cfg = RunConfig.from_dict(bundle["config"])
+    cfg.data.path, cfg.data.split_file = bank, None
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = prepare(cfg, Path(tmp), log=lambda *_: None)
+    clf = Classifier.from_checkpoint(checkpoint, device="cpu", precision="fp32", backend="torch")
+    d: dict[str, np.ndarray] = {}
+    for name, idx in zip(("train", "val", "test"), split_parts(cfg, prep)):
+        images, kept = model_inputs(clf, [prep.records[i] for i in idx])
+        d[f"{name}_f"], d[f"{name}_p"] = clf.image_features(images, batch_size=32), _pixel_statistics(clf, images)
+        d[f"{name}_y"], d[f"{name}_lab"] = np.array([r.label for r in kept]), np.array([str(r.lab) for r in kept])
+    rgb = lambda a: np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]  # noqa: E731
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    pictures = {
+        "photographs": [getattr(skimage.data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "colorwheel")],
+        "more photographs": [skimage.data.stereo_motorcycle()[0], rgb(skimage.data.logo()), *sklearn.datasets.load_sample_images().images,
+                             np.asarray(Image.open(mpl / "grace_hopper.jpg").convert("RGB")), rgb(skimage.data.coins()),
+                             rgb(skimage.data.horse().astype(np.uint8) * 255)],
+        "stained tissue": [skimage.data.immunohistochemistry()],
+    }
+    rng = np.random.default_rng(1)
+    for kind, sources in pictures.items():
+        views = [clf.view(im)[0] for im in crops(sources, 200, rng)]
+        d[f"{kind}_f"], d[f"{kind}_p"] = clf.image_features(views, batch_size=32), _pixel_statistics(clf, views)
+
+    def groups(by: str, mask=slice(None)) -> np.ndarray:
+        y = d["train_y"][mask]
+        return y if by == "class" else guard_groups(list(d["train_lab"][mask]), list(y))[0]
+
+    print(f"Guard of {checkpoint}: {len(d['train_y'])} training, {len(d['val_y'])} validation, {len(d['test_y'])} test cells.")
+    print("1. Both parts, share flagged (%):")
+    labs = sorted(set(d["test_lab"]))
+    print("   groups              | test cells | " + " ".join(f"{lab:>6s}" for lab in labs) + " | " + " | ".join(pictures))
+    for by in ("class", "laboratory and class"):
+        score = None
+        for part in ("f", "p"):
+            fit = fit_guard(d[f"train_{part}"], groups(by))
+            threshold = _threshold(guard_scores(d[f"val_{part}"], fit), d["val_lab"], PART)
+            one = {k: guard_scores(d[f"{k}_{part}"], fit) / threshold for k in ("test", *pictures)}
+            score = one if score is None else {k: np.maximum(score[k], v) for k, v in one.items()}
+        test = score["test"] > 1
+        print(f"   {by:20s}|    {100 * test.mean():5.1f}   | " + " ".join(f"{100 * test[d['test_lab'] == lab].mean():6.1f}" for lab in labs)
+              + " | " + " | ".join(f"{100 * (score[k] > 1).mean():5.1f} (lowest {score[k].min():.2f})" for k in pictures))
+    print("2. Pixel part alone, fitted without one laboratory: share of that laboratory's cells flagged (%):")
+    cells = {k: np.concatenate([d[f"{s}_{k}"] for s in ("train", "val", "test")]) for k in ("p", "lab")}
+    for by in ("class", "laboratory and class"):
+        row = []
+        for lab in labs:
+            keep, keep_val = d["train_lab"] != lab, d["val_lab"] != lab
+            fit = fit_guard(d["train_p"][keep], groups(by, keep))
+            threshold = _threshold(guard_scores(d["val_p"][keep_val], fit), d["val_lab"][keep_val], PART)
+            row.append(f"{lab} {100 * (guard_scores(cells['p'][cells['lab'] == lab], fit) > threshold).mean():5.1f}")
+        print(f"   {by:20s}| " + " | ".join(row))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
