@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from model_helpers import with_scale
+from PIL import Image
 from sklearn.calibration import calibration_curve
 from typer.testing import CliRunner
 
@@ -215,7 +216,7 @@ def test_calibration_shows_a_scaled_model_the_images_as_predict_does(scaled_chec
     val = _val(tiny_tree)
     clf = Classifier.from_checkpoint(scaled_checkpoint, backend="torch")
     diameter = 5.0  # declared: a 15-pixel window of each 24-pixel image, enlarged to 24
-    logits, labels = validation_logits(clf, val, rbc_diameter=diameter, log=lambda m: None)
+    logits, labels, _ = validation_logits(clf, val, rbc_diameter=diameter, log=lambda m: None)
     windows = [clf.view(open_rgb(path), rbc_diameter=diameter)[0] for path, _ in val]
     np.testing.assert_allclose(logits, clf.image_logits(windows), atol=1e-6)
     assert not np.allclose(logits, clf.image_logits([open_rgb(path) for path, _ in val]), atol=1e-3)  # not the whole image
@@ -241,3 +242,23 @@ def test_calibrate_cli_declares_the_pixel_size(scaled_checkpoint, tiny_tree, tmp
     assert result.exit_code == 0, result.output
     assert "no measurable red cells" not in result.output  # declared, not measured
     assert load_checkpoint(tmp_path / "cal.pt")["scale"] == load_checkpoint(scaled_checkpoint)["scale"]
+
+
+def test_calibrate_says_how_many_images_its_guard_will_still_send_to_review(tmp_path):
+    """Calibration leaves the guard alone: images beyond it are counted and the user is told, not silently kept."""
+    from leukodetect.sample import sample_dir
+    from leukodetect.weights import DEFAULT_MODEL
+
+    sample = sample_dir()  # the bundled C-NMC cells
+    rng = np.random.default_rng(0)
+    for folder, cells in (("blast", sorted((sample / "all").glob("*.png"))[:2]), ("normal", sorted((sample / "hem").glob("*.png"))[:2])):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for cell in cells:
+            (tmp_path / "data" / folder / cell.name).write_bytes(cell.read_bytes())
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "data" / folder / "noise.png")
+    said = []
+    records = index_dataset(tmp_path / "data", "folders")
+    result = calibrate_checkpoint(DEFAULT_MODEL, records, tmp_path / "cal.pt", target_sensitivity=0.9,
+                                  rbc_diameter=138.0, log=said.append)  # C-NMC's declared red-cell diameter
+    assert result["calibration"]["guard_flagged"] == 2  # the two noise images, not the four cells
+    assert any("2 of 6 of these images are beyond the model's guard" in line and "--guard" in line for line in said)

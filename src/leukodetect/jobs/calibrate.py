@@ -37,8 +37,10 @@ def select_split(records, split_file: str | Path, part: str = "val") -> list:
 
 
 def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16,
-                      rbc_diameter: float | None = None, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 logits (N, C) and labels (N,) of the readable images; unreadable ones are logged and skipped.
+                      rbc_diameter: float | None = None, log=print) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float32 logits (N, C), labels (N,) and guard scores (N,) or None of the readable images.
+
+    Unreadable images are logged and skipped.
 
     Each image is shown to the model as ``predict`` shows it (:meth:`Classifier.view`): for a model with a
     physical scale, the canonical window at the red-cell diameter ``rbc_diameter`` (declared) or measured on
@@ -60,7 +62,8 @@ def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, bat
     if unknown:
         log(f"{len(unknown)} of {len(images)} images ({unknown[0]}{', ...' if len(unknown) > 1 else ''}) have no measurable "
             "red cells: used at their own size, as predict uses them; pass --pixel-size if you know it.")
-    return clf.image_logits(images, batch_size=batch_size), np.array(labels, dtype=np.int64)
+    logits, scores = clf.image_logits_and_scores(images, batch_size=batch_size)
+    return logits, np.array(labels, dtype=np.int64), scores
 
 
 def calibrate_checkpoint(
@@ -108,7 +111,7 @@ def calibrate_checkpoint(
     clf = Classifier(bundle, device=device, precision="fp32", source=str(checkpoint), backend="torch")  # reads logits
     if bank and clf.scale is not None:
         rbc_diameter = clf.scale.pixels_per_rbc
-    logits, y = validation_logits(clf, pairs, rbc_diameter=rbc_diameter, log=log)
+    logits, y, scores = validation_logits(clf, pairs, rbc_diameter=rbc_diameter, log=log)
     if len(set(y.tolist())) < 2:
         raise LeukoError(
             f"Calibration needs readable validation images of both classes (got {len(y)} images, "
@@ -133,7 +136,13 @@ def calibrate_checkpoint(
         "n_blast": int(y.sum()),
         "temperature_at_bound": at_bound,
         "calibrated_from": str(checkpoint),
+        # The guard is not changed by calibration: images beyond it stay "review" whatever the threshold.
+        "guard_flagged": None if scores is None else int(sum(clf.beyond_guard(float(v)) for v in scores)),
     }
+    if calibration["guard_flagged"]:
+        log(f"warning: {calibration['guard_flagged']} of {len(y)} of these images are beyond the model's guard (unlike "
+            "the images it was trained on): predict calls them review whatever the threshold. For a laboratory of "
+            "your own, fine-tune on its labelled cells with --guard (README, 'Your own laboratory').")
     bundle.update(temperature=temperature, threshold=threshold, calibration=calibration)
     if target.exists():  # checked again: another process may have written it meanwhile
         raise LeukoError(f"{target} already exists: choose another --out; checkpoints are never overwritten.")

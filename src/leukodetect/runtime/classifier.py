@@ -152,15 +152,25 @@ class Classifier(ImageClassifier):
         out = [self.network.body(self.model_input(batch)).float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
-    @torch.inference_mode()
     def image_logits(self, images, *, batch_size: int = 16) -> np.ndarray:
         """Float32 logits (N, C) of decoded images, without autocast: what calibration fits.
 
         They come from ``inference_model``, the network the PyTorch backend runs, so a threshold
         chosen on them sits on the numbers the calls use.
         """
-        out = [self.inference_model(self.model_input(batch))[0].float().cpu() for batch in self.preprocessed_batches(images, batch_size)]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return self.image_logits_and_scores(images, batch_size=batch_size)[0]
+
+    @torch.inference_mode()
+    def image_logits_and_scores(self, images, *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`image_logits` and, from the same pass, the guard's scores (N,), or None without a guard."""
+        logits, scores = [], []
+        for batch in self.preprocessed_batches(images, batch_size):
+            out, score = self.inference_model(self.model_input(batch))
+            logits.append(out.float().cpu())
+            scores.append(score.float().cpu())
+        if not logits:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32), None if self.guard_threshold is None else np.zeros(0, np.float32)
+        return torch.cat(logits).numpy(), torch.cat(scores).numpy() if self.guard_threshold is not None else None
 
 
 def auto_backend(device: torch.device, amp_dtype: torch.dtype | None) -> str:
