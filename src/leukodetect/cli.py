@@ -653,7 +653,8 @@ def calibrate(
         out.print(f"Wrote {result['out']}: temperature {result['temperature']:.3f}, threshold {result['threshold']:.4f} "
                   f"(validation sensitivity {c['sensitivity']:.3f}, specificity {c['specificity']:.3f}, n={c['n_val']}); "
                   f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}"
-                  + (f"; {c['guard_flagged']} of them beyond the guard (review)." if c.get("guard_flagged") else "."), highlight=False)
+                  + (f"; {c['guard_flagged']} of them beyond the guard (review)." if c.get("guard_flagged") else "."),
+                  highlight=False)
 
 
 @app.command()

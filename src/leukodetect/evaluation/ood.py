@@ -1,17 +1,17 @@
 """The out-of-distribution guard's maths: how unlike the training images an image's features are.
 
 The score is the Mahalanobis distance of an image's penultimate-layer features to the nearest of the
-group means, with one covariance shared by the groups (Lee et al., 2018, "A simple unified framework
-for detecting out-of-distribution samples", with a class per group). The guard of a cell model
+group means, with one covariance shared by the groups (Lee et al., 2018, "A simple unified framework for
+detecting out-of-distribution samples", with a class per group). The guard of a cell model
 (:mod:`leukodetect.jobs.guard`) groups its training images by laboratory and class
-(:func:`guard_groups`): each laboratory photographs its cells with its own stain, camera
-and light, so a covariance shared around two class means pooled over laboratories is as wide as the
-laboratories are apart, and an image lying between their clouds passes (stained tissue, photographs);
-around a mean per laboratory and class it is as wide as one laboratory's cells of one class. The features are first projected on their
-leading principal components (at most :data:`MAX_DIMS`), where the covariance can be estimated
-from a few thousand cells; a Ledoit-Wolf shrinkage keeps it invertible. In the projected, whitened
-space the distance is a plain Euclidean norm, so the runtime computes it with two matrix products
-(:class:`leukodetect.runtime.guard.Guard`), also inside an exported ONNX graph.
+(:func:`guard_groups`): each laboratory photographs its cells with its own stain, camera and light, so a
+covariance shared around two class means pooled over laboratories is as wide as the laboratories are
+apart, and an image lying between their clouds passes (stained tissue, photographs); around a mean per
+laboratory and class it is as wide as one laboratory's cells of one class. The features are first
+projected on their leading principal components (at most :data:`MAX_DIMS`), where the covariance can be
+estimated from a few thousand cells; a Ledoit-Wolf shrinkage keeps it invertible. In the projected,
+whitened space the distance is a plain Euclidean norm, so the runtime computes it with two matrix
+products (:class:`leukodetect.runtime.guard.Guard`), also inside an exported ONNX graph.
 
 The threshold is a high percentile of the scores of held-out in-distribution images (never the
 training images, whose features the network has fitted): by construction about ``100 - percentile``
@@ -43,7 +43,8 @@ class GuardFit:
     class_means: np.ndarray  # (C, K): the groups' means in the whitened space
 
 
-def guard_groups(labs: Sequence[str | None], labels: Sequence[int], class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def guard_groups(labs: Sequence[str | None], labels: Sequence[int],
+                 class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """The guard's groups of training images: one per laboratory and class; (group index per image, group names).
 
     Images without a laboratory (one data set used alone) are grouped by class only. A laboratory's

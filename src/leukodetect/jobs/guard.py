@@ -48,13 +48,13 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
 
     Two distances are fitted (:class:`leukodetect.runtime.guard.Guard`): of the penultimate-layer
     features and of the pixel statistics, each to the nearest mean of a laboratory and class
-    (:func:`~leukodetect.evaluation.ood.guard_groups`; before 2026-12-06, of a class). Each is scaled
-    by its own threshold, the ``(100 + percentile) / 2``-th percentile of the held-out images'
-    distances, so that together they flag about ``100 - percentile`` percent of new in-distribution
-    images; the stored threshold of the combined score is 1. With several laboratories the percentile is taken in each one (of at
-    least :data:`MIN_LAB_HELD_OUT` held-out images) and the largest kept: a small laboratory with
-    unusual images (C-NMC's cells on black) is not flagged wholesale because the pooled percentile
-    is set by the large ones.
+    (:func:`~leukodetect.evaluation.ood.guard_groups`; before 2026-12-06, of a class). Each is scaled by
+    its own threshold, the ``(100 + percentile) / 2``-th percentile of the held-out images' distances,
+    so that together they flag about ``100 - percentile`` percent of new in-distribution images; the
+    stored threshold of the combined score is 1. With several laboratories the percentile is taken in
+    each one (of at least :data:`MIN_LAB_HELD_OUT` held-out images) and the largest kept: a small
+    laboratory with unusual images (C-NMC's cells on black) is not flagged wholesale because the pooled
+    percentile is set by the large ones.
 
     Returns the stored guard description (thresholds, percentile, counts), without its arrays.
     """
@@ -84,7 +84,8 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     bundle["guard"] = guard
     save_checkpoint(bundle, checkpoint)
     log(f"Guard fitted on {len(fit_kept)} training images in {len(group_names)} groups (laboratory and class); "
-        f"thresholds (features {feature_threshold:.1f}, pixels {pixel_threshold:.1f}) at the {part:g}th percentile of {len(held_images)} held-out images' distances each.")
+        f"thresholds (features {feature_threshold:.1f}, pixels {pixel_threshold:.1f}) at the {part:g}th percentile of "
+        f"{len(held_images)} held-out images' distances each.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
 
 

@@ -168,9 +168,10 @@ class Classifier(ImageClassifier):
             out, score = self.inference_model(self.model_input(batch))
             logits.append(out.float().cpu())
             scores.append(score.float().cpu())
+        guarded = self.guard_threshold is not None
         if not logits:
-            return np.zeros((0, len(self.class_names)), dtype=np.float32), None if self.guard_threshold is None else np.zeros(0, np.float32)
-        return torch.cat(logits).numpy(), torch.cat(scores).numpy() if self.guard_threshold is not None else None
+            return np.zeros((0, len(self.class_names)), dtype=np.float32), np.zeros(0, np.float32) if guarded else None
+        return torch.cat(logits).numpy(), torch.cat(scores).numpy() if guarded else None
 
 
 def auto_backend(device: torch.device, amp_dtype: torch.dtype | None) -> str:
