@@ -109,8 +109,8 @@ def calibrate_checkpoint(
     pairs = [(p, int(label)) for p, label in pairs if label is not None]
     bundle = load_checkpoint(checkpoint)
     clf = Classifier(bundle, device=device, precision="fp32", source=str(checkpoint), backend="torch")  # reads logits
-    if bank and clf.scale is not None:
-        rbc_diameter = clf.scale.pixels_per_rbc
+    if bank:
+        rbc_diameter = clf.bank_diameter
     logits, y, scores = validation_logits(clf, pairs, rbc_diameter=rbc_diameter, log=log)
     if len(set(y.tolist())) < 2:
         raise LeukoError(

@@ -112,7 +112,7 @@ def evaluate_checkpoint(
     if not records:
         raise LeukoError(f"{described} has no labelled images: evaluation needs labels (see 'leukodetect data check').")
     bank = bool(sources) or is_bank(data)
-    declared = clf.scale.pixels_per_rbc if bank and clf.scale is not None else None
+    declared = clf.bank_diameter if bank else None
     hashes = bank_hashes(records) if bank else {path: {h} for path, h in hash_records(records).items()}
     trained_on = set(clf.bundle.get("trained_on", []))
     seen = [r for r in records if hashes[r.path] & trained_on]

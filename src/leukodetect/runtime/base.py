@@ -129,6 +129,11 @@ class ImageClassifier:
         """Blast probability (N,) of decoded images, temperature applied, ``batch_size`` at a time."""
         return self.image_outputs(images, batch_size=batch_size)[0]
 
+    @property
+    def bank_diameter(self) -> float | None:
+        """The red-cell diameter of a cell bank's crops for this model: they are cut at its own scale already."""
+        return self.scale.pixels_per_rbc if self.scale is not None else None
+
     def view(self, image: Image.Image, *, rbc_diameter: float | None = None, name: str = "the image",
              notes: list[str] | None = None) -> tuple[Image.Image, ScaleEstimate | None]:
         """What the model is shown of a single-cell image: with a scale, the canonical window around
