@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, guard_threshold
+from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, guard_threshold, lab_guard_threshold
 from leukodetect.runtime.guard import Guard
 
 
@@ -67,6 +67,21 @@ def test_groups_are_a_laboratory_and_a_class_and_small_ones_are_pooled():
         guard_groups(["a"], [0, 1])
 
 
+def test_a_kind_makes_a_group_of_its_own_within_its_laboratory_and_class():
+    labs = ["pbc"] * 6 + ["milan"] * 3
+    labels = [0, 0, 0, 0, 0, 0, 1, 1, 0]
+    kinds = ["lymphocyte", "lymphocyte", "lymphocyte", "eosinophil", "eosinophil", "basophil", None, "", None]
+    groups, names = guard_groups(labs, labels, ["normal", "blast"], kinds)
+    # The one basophil and Milan's one normal cell are too few for a group: they pool into "*/normal" (2 images).
+    assert names == ["*/normal", "milan/blast", "pbc:eosinophil/normal", "pbc:lymphocyte/normal"]
+    assert [names[g] for g in groups] == ["pbc:lymphocyte/normal"] * 3 + ["pbc:eosinophil/normal"] * 2 + ["*/normal", "milan/blast",
+                                                                                                          "milan/blast", "*/normal"]
+    # Without kinds, the laboratory and class as before.
+    assert guard_groups(labs, labels, ["normal", "blast"])[1] == ["milan/blast", "pbc/normal"]
+    with pytest.raises(ValueError):
+        guard_groups(["a", "b"], [0, 1], kinds=["x"])
+
+
 def test_a_point_between_two_laboratories_is_flagged_only_with_a_group_per_laboratory():
     """Two laboratories' cells, far apart: pooled by class, the shared covariance spans the gap between them."""
     rng = np.random.default_rng(0)
@@ -78,3 +93,14 @@ def test_a_point_between_two_laboratories_is_flagged_only_with_a_group_per_labor
     per_lab = fit_guard(x, guard_groups(labs, labels)[0])
     assert guard_scores(between, pooled)[0] < guard_threshold(guard_scores(held, pooled), 97.5)
     assert guard_scores(between, per_lab)[0] > 5 * guard_threshold(guard_scores(held, per_lab), 97.5)
+
+
+def test_lab_threshold_keeps_the_largest_percentile_of_laboratories_large_enough_to_say():
+    # By hand: the median of 0..9 and 100..104 is the 8th of those 15 scores, 7; with 1000 added, (7 + 8) / 2.
+    scores = np.r_[np.arange(10.0), np.arange(100.0, 105.0), 1000.0]
+    labs = np.array(["big"] * 10 + ["small"] * 5 + ["tiny"])
+    assert guard_threshold(scores[:15], 50) == 7.0
+    # "small" (5 images) counts: its median is 102; "tiny" (1 image) does not, whatever its score.
+    assert lab_guard_threshold(scores, labs, 50) == 102.0
+    # With a minimum of 6, "small" no longer counts either: only the pooled median of all 16 is left.
+    assert lab_guard_threshold(scores, labs, 50, min_lab=6) == guard_threshold(scores, 50) == 7.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -48,13 +50,18 @@ def test_a_guard_fitted_on_the_first_ten_statistics_still_scores():
     assert torch.allclose(guard(torch.ones(2, 4), image), expected)
 
 
-def test_add_guard_flags_odd_images_and_passes_most_held_out_cells(tiny_tree, tmp_path):
-    records = index_dataset(tiny_tree, "folders")
+def tiny_model(tree, tmp_path, *, epochs: int):
+    """A tiny network trained on every other image of ``tree``: (training records, held-out records, best.pt)."""
+    records = index_dataset(tree, "folders")
     fit, held = records[::2], records[1::2]
     cfg = RunConfig()
     cfg.data.image_size, cfg.model.arch = 24, "tiny"
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.device = 2, 8, 0.01, "cpu"
-    best = train_model(cfg, fit, held, tmp_path / "run", progress=False, log=lambda *_: None).best_path
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.device = epochs, 8, 0.01, "cpu"
+    return fit, held, train_model(cfg, fit, held, tmp_path / "run", progress=False, log=lambda *_: None).best_path
+
+
+def test_add_guard_flags_odd_images_and_passes_most_held_out_cells(tiny_tree, tmp_path):
+    fit, held, best = tiny_model(tiny_tree, tmp_path, epochs=2)
     stored = add_guard(best, fit, held, percentile=90, device="cpu", log=lambda *_: None)
     assert stored["threshold"] == 1.0 and stored["feature_threshold"] > 0 and stored["pixel_threshold"] > 0
     assert stored["fitted_on"] == len(fit) and stored["threshold_on"] == len(held)
@@ -75,3 +82,14 @@ def test_add_guard_flags_odd_images_and_passes_most_held_out_cells(tiny_tree, tm
     # The shipped format keeps both parts.
     again = Classifier.from_checkpoint(save_safetensors(load_checkpoint(best), tmp_path / "m.safetensors"), backend="torch", precision="fp32")
     assert [p.label for p in again.predict_paths([tmp_path / name for name in odd])] == ["review"] * 5
+
+
+def test_add_guard_groups_a_cell_banks_cells_by_laboratory_kind_and_class(tiny_tree, tmp_path):
+    fit, held, best = tiny_model(tiny_tree, tmp_path, epochs=1)
+
+    def banked(rs):  # as a cell bank gives them: a laboratory, and what each cell is within it
+        return [replace(r, lab="pbc", kind="eosinophil" if i % 2 else "lymphocyte") for i, r in enumerate(rs)]
+
+    stored = add_guard(best, banked(fit), banked(held), percentile=90, device="cpu", log=lambda *_: None)
+    assert stored["groups"] == ["pbc:eosinophil/normal", "pbc:eosinophil/blast", "pbc:lymphocyte/normal", "pbc:lymphocyte/blast"]
+    assert len(load_checkpoint(best)["guard"]["class_means"]) == 4

@@ -3,11 +3,12 @@
 The score is the Mahalanobis distance of an image's penultimate-layer features to the nearest of the
 group means, with one covariance shared by the groups (Lee et al., 2018, "A simple unified framework for
 detecting out-of-distribution samples", with a class per group). The guard of a cell model
-(:mod:`leukodetect.jobs.guard`) groups its training images by laboratory and class
-(:func:`guard_groups`): each laboratory photographs its cells with its own stain, camera and light, so a
+(:mod:`leukodetect.jobs.guard`) groups its training images by laboratory, kind and class
+(:func:`guard_groups`; the kind, where a cell bank gives it, is PBC's cell type or Aria's ALL subtype): each laboratory photographs its cells with its own stain, camera and light, so a
 covariance shared around two class means pooled over laboratories is as wide as the laboratories are
 apart, and an image lying between their clouds passes (stained tissue, photographs); around a mean per
-laboratory and class it is as wide as one laboratory's cells of one class. The features are first
+laboratory and class it is as wide as one laboratory's cells of one class, and a rare cell type with a
+mean of its own is not far from the mean of its laboratory's common one. The features are first
 projected on their leading principal components (at most :data:`MAX_DIMS`), where the covariance can be
 estimated from a few thousand cells; a Ledoit-Wolf shrinkage keeps it invertible. In the projected,
 whitened space the distance is a plain Euclidean norm, so the runtime computes it with two matrix
@@ -30,7 +31,7 @@ from sklearn.covariance import LedoitWolf
 
 #: Most principal components kept: enough for the cell features, few enough to estimate a covariance.
 MAX_DIMS = 64
-#: Fewest training images of a laboratory and class to make a group of their own.
+#: Fewest training images of a laboratory, kind and class to make a group of their own.
 MIN_GROUP = 2
 
 
@@ -44,14 +45,21 @@ class GuardFit:
 
 
 def guard_groups(labs: Sequence[str | None], labels: Sequence[int],
-                 class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    """The guard's groups of training images: one per laboratory and class; (group index per image, group names).
+                 class_names: Sequence[str] | None = None, kinds: Sequence[str | None] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The guard's groups of training images: one per laboratory, kind and class; (group index per image, group names).
 
-    Images without a laboratory (one data set used alone) are grouped by class only. A laboratory's
-    class with fewer than :data:`MIN_GROUP` images joins the class's images of no group of their own
-    (named ``"*/CLASS"``), or, where those are fewer than :data:`MIN_GROUP` too, the class's largest
-    group. Names are ``"LAB/CLASS"`` (``class_names[label]`` where given), in sorted order.
+    ``kinds`` is what an image is within its laboratory where a cell bank says it (PBC's cell types, Aria's
+    ALL subtypes; None or empty elsewhere), so that a rare cell type has a mean of its own rather than
+    sitting far from the mean of a laboratory's common one. Images without a laboratory (one data set
+    used alone) are grouped by class only. A group with fewer than :data:`MIN_GROUP` images joins the
+    class's images of no group of their own (named ``"*/CLASS"``), or, where those are fewer than
+    :data:`MIN_GROUP` too, the class's largest group. Names are ``"LAB/CLASS"`` or ``"LAB:KIND/CLASS"``
+    (``class_names[label]`` where given), in sorted order.
     """
+    if kinds is not None:
+        if len(kinds) != len(labs):
+            raise ValueError(f"guard_groups needs a kind (or None) per laboratory, got {len(kinds)} and {len(labs)}")
+        labs = [f"{lab}:{kind}" if lab is not None and kind else lab for lab, kind in zip(labs, kinds)]
     if len(labs) != len(labels):
         raise ValueError(f"guard_groups needs a laboratory per label, got {len(labs)} and {len(labels)}")
     keys = [("" if lab is None else str(lab), int(y)) for lab, y in zip(labs, labels)]
@@ -114,3 +122,20 @@ def guard_threshold(held_out_scores: np.ndarray, percentile: float = 97.5) -> fl
     if not 50 <= percentile < 100:
         raise ValueError(f"percentile must be in [50, 100), got {percentile}")
     return float(np.percentile(scores, percentile))
+
+
+#: Fewest held-out images of a laboratory for its own percentile to count in the threshold.
+MIN_LAB_HELD_OUT = 5
+
+
+def lab_guard_threshold(scores: np.ndarray, labs: np.ndarray, percentile: float, *, min_lab: int = MIN_LAB_HELD_OUT) -> float:
+    """The largest of the held-out scores' percentile, pooled and in each laboratory of at least ``min_lab`` images.
+
+    A small laboratory thus keeps its own share of cells let through, rather than the pooled one.
+    """
+    scores, labs = np.asarray(scores, dtype=np.float64), np.asarray(labs)
+    candidates = [guard_threshold(scores, percentile)]
+    for lab in np.unique(labs):
+        if (labs == lab).sum() >= min_lab:
+            candidates.append(guard_threshold(scores[labs == lab], percentile))
+    return max(candidates)

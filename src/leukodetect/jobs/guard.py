@@ -16,7 +16,7 @@ import torch
 
 from leukodetect.data.records import Record
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, guard_threshold
+from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, lab_guard_threshold
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.guard import pixel_statistics
@@ -24,8 +24,6 @@ from leukodetect.runtime.images import open_rgb
 
 #: Share of held-out in-distribution cells the guard lets through (the rest are flagged for review).
 DEFAULT_PERCENTILE = 97.5
-#: Fewest held-out images of a laboratory for its own percentile to count in the threshold.
-MIN_LAB_HELD_OUT = 5
 
 
 def model_inputs(clf: Classifier, records: Sequence[Record], *, log=print) -> tuple[list, list[Record]]:
@@ -47,12 +45,13 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     """Fit the guard on ``fit`` (the training images), set its threshold on ``held_out``, save it in ``checkpoint``.
 
     Two distances are fitted (:class:`leukodetect.runtime.guard.Guard`): of the penultimate-layer
-    features and of the pixel statistics, each to the nearest mean of a laboratory and class
-    (:func:`~leukodetect.evaluation.ood.guard_groups`; before 2026-12-06, of a class). Each is scaled by
+    features and of the pixel statistics, each to the nearest mean of a laboratory, kind and class
+    (:func:`~leukodetect.evaluation.ood.guard_groups`: the kind is a cell bank's PBC cell type or Aria subtype;
+    before 2026-12-07 a laboratory and class, before 2026-12-06 a class). Each is scaled by
     its own threshold, the ``(100 + percentile) / 2``-th percentile of the held-out images' distances,
     so that together they flag about ``100 - percentile`` percent of new in-distribution images; the
     stored threshold of the combined score is 1. With several laboratories the percentile is taken in
-    each one (of at least :data:`MIN_LAB_HELD_OUT` held-out images) and the largest kept: a small
+    each one (:func:`~leukodetect.evaluation.ood.lab_guard_threshold`) and the largest kept: a small
     laboratory with unusual images (C-NMC's cells on black) is not flagged wholesale because the pooled
     percentile is set by the large ones.
 
@@ -64,13 +63,13 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     clf = Classifier.from_checkpoint(checkpoint, device=device, precision="fp32", backend="torch")
     fit_images, fit_kept = model_inputs(clf, fit, log=log)
     held_images, held_kept = model_inputs(clf, held_out, log=log)
-    groups, group_names = guard_groups([r.lab for r in fit_kept], [r.label for r in fit_kept], clf.class_names)
+    groups, group_names = guard_groups([r.lab for r in fit_kept], [r.label for r in fit_kept], clf.class_names, [r.kind for r in fit_kept])
     part = (100 + percentile) / 2
     held_labs = np.array([str(r.lab) for r in held_kept])
     feature_fit = fit_guard(clf.image_features(fit_images, batch_size=32), groups)
-    feature_threshold = _threshold(guard_scores(clf.image_features(held_images, batch_size=32), feature_fit), held_labs, part)
-    pixel_fit = fit_guard(_pixel_statistics(clf, fit_images), groups)
-    pixel_threshold = _threshold(guard_scores(_pixel_statistics(clf, held_images), pixel_fit), held_labs, part)
+    feature_threshold = lab_guard_threshold(guard_scores(clf.image_features(held_images, batch_size=32), feature_fit), held_labs, part)
+    pixel_fit = fit_guard(view_pixel_statistics(clf, fit_images), groups)
+    pixel_threshold = lab_guard_threshold(guard_scores(view_pixel_statistics(clf, held_images), pixel_fit), held_labs, part)
     bundle = load_checkpoint(checkpoint)
     arrays = {"center": feature_fit.center, "projection": feature_fit.projection, "class_means": feature_fit.class_means,
               "pixel_center": pixel_fit.center, "pixel_projection": pixel_fit.projection, "pixel_class_means": pixel_fit.class_means}
@@ -78,27 +77,18 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
              "threshold": 1.0, "feature_threshold": feature_threshold, "pixel_threshold": pixel_threshold,
              "percentile": float(percentile), "fitted_on": len(fit_kept), "threshold_on": len(held_images),
              "dims": int(feature_fit.projection.shape[1]), "groups": group_names,
-             "score": "the larger of two squared Mahalanobis distances to the nearest mean of a laboratory and class "
+             "score": "the larger of two squared Mahalanobis distances to the nearest mean of a laboratory, kind and class "
                       "(shared covariance), each divided by its threshold: of the penultimate-layer features, and of the "
                       "pixel statistics"}
     bundle["guard"] = guard
     save_checkpoint(bundle, checkpoint)
-    log(f"Guard fitted on {len(fit_kept)} training images in {len(group_names)} groups (laboratory and class); "
+    log(f"Guard fitted on {len(fit_kept)} training images in {len(group_names)} groups (laboratory, kind and class); "
         f"thresholds (features {feature_threshold:.1f}, pixels {pixel_threshold:.1f}) at the {part:g}th percentile of "
         f"{len(held_images)} held-out images' distances each.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
 
 
-def _threshold(scores: np.ndarray, labs: np.ndarray, percentile: float) -> float:
-    """The percentile of the held-out scores, pooled and in each laboratory large enough to say: the largest."""
-    candidates = [guard_threshold(scores, percentile)]
-    for lab in np.unique(labs):
-        if (labs == lab).sum() >= MIN_LAB_HELD_OUT:
-            candidates.append(guard_threshold(scores[labs == lab], percentile))
-    return max(candidates)
-
-
-def _pixel_statistics(clf: Classifier, images) -> np.ndarray:
+def view_pixel_statistics(clf: Classifier, images) -> np.ndarray:
     """Pixel statistics of the images as the model is shown them (its preprocessing undone: RGB in [0, 1])."""
     mean = torch.tensor(clf.preset.mean).view(1, 3, 1, 1)
     std = torch.tensor(clf.preset.std).view(1, 3, 1, 1)
