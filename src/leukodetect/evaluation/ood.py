@@ -4,11 +4,12 @@ The score is the Mahalanobis distance of an image's penultimate-layer features t
 group means, with one covariance shared by the groups (Lee et al., 2018, "A simple unified framework for
 detecting out-of-distribution samples", with a class per group). The guard of a cell model
 (:mod:`leukodetect.jobs.guard`) groups its training images by laboratory, kind and class
-(:func:`guard_groups`; the kind, where a cell bank gives it, is PBC's cell type or Aria's ALL subtype): each laboratory photographs its cells with its own stain, camera and light, so a
-covariance shared around two class means pooled over laboratories is as wide as the laboratories are
-apart, and an image lying between their clouds passes (stained tissue, photographs); around a mean per
-laboratory and class it is as wide as one laboratory's cells of one class, and a rare cell type with a
-mean of its own is not far from the mean of its laboratory's common one. The features are first
+(:func:`guard_groups`; the kind, where a cell bank gives it, is PBC's cell type or Aria's ALL subtype):
+each laboratory photographs its cells with its own stain, camera and light, so a covariance shared
+around two class means pooled over laboratories is as wide as the laboratories are apart, and an image
+lying between their clouds passes (stained tissue, photographs); around a mean per laboratory and class
+it is as wide as one laboratory's cells of one class, and a rare cell type with a mean of its own is not
+far from the mean of its laboratory's common one. The features are first
 projected on their leading principal components (at most :data:`MAX_DIMS`), where the covariance can be
 estimated from a few thousand cells; a Ledoit-Wolf shrinkage keeps it invertible. In the projected,
 whitened space the distance is a plain Euclidean norm, so the runtime computes it with two matrix
