@@ -39,6 +39,8 @@ def model_card(bundle: dict, test: dict, cross_lab: dict | None, note: str, cros
     guard = bundle["guard"]
     augment = ", ".join(f"{k} {v:g}" for k, v in cfg["augment"].items() if isinstance(v, float) and v)
     colourless = "; no stain, colour, blur or JPEG augmentation" if not any(cfg["augment"].get(k) for k in AugmentConfig.CAMERA) else ""
+    kept = ("the last epoch kept, a validation part of every laboratory setting the guard's threshold" if cfg["train"].get("select") == "last"
+            else "epoch chosen on a validation part of every laboratory")
     return {
         "name": "leukodetect ResNet-50, five laboratories, physical scale, with an out-of-distribution guard",
         "intended_use": "Research use only, not for diagnosis. Not validated on any laboratory it was not trained on: "
@@ -46,7 +48,7 @@ def model_card(bundle: dict, test: dict, cross_lab: dict | None, note: str, cros
         "data": {lab: dict(counts) for lab, counts in labs.items()},
         "training": f"ResNet-50 from scratch, {cfg['train']['epochs']} epochs, batch {cfg['train']['batch_size']}, AdamW "
                     f"lr {cfg['train']['lr']:g} cosine, classes and laboratories balanced ({cfg['train']['balance']}); "
-                    f"augmentation: {augment}, flips{colourless}; epoch chosen on a validation part of every laboratory.",
+                    f"augmentation: {augment}, flips{colourless}; {kept}.",
         "scale": f"{scale['size']} px = {scale['field']:g} red-cell diameters ({scale['size'] / scale['field']:.1f} px per red cell "
                  f"of {scale['rbc_um']:g} micrometres); red cells measured in each image, or --pixel-size.",
         "guard": {k: guard[k] for k in ("threshold", "feature_threshold", "pixel_threshold", "percentile", "fitted_on", "threshold_on", "groups")

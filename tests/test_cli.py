@@ -492,3 +492,17 @@ def test_train_says_which_gifs_it_leaves_out(tiny_tree, tmp_path):
     result = invoke("train", "--data", data, "--out", tmp_path / "run", "--epochs", 1, *TINY)
     assert result.exit_code == 0, result.output
     assert f"Leaving out 1 GIF file(s), e.g. {data / 'blast' / 'extra.gif'}: a GIF is not a microscope format" in result.output
+
+
+def test_select_last_keeps_the_last_epoch_and_still_scores_the_validation_part(tiny_tree, tmp_path):
+    from leukodetect.runtime.checkpoint import load_checkpoint
+
+    result = invoke("train", "--data", tiny_tree, "--epochs", 3, *TINY, "--select", "last", "--out", tmp_path / "last")
+    assert result.exit_code == 0, result.output
+    best = load_checkpoint(tmp_path / "last" / "best.pt")
+    last = torch.load(tmp_path / "last" / "last.pt", weights_only=True)
+    assert best["epoch"] == 3 and best["config"]["train"]["select"] == "last"
+    assert all(row["val_loss"] is not None for row in best["history"])  # the validation part was scored every epoch
+    assert all(torch.equal(best["state_dict"][k].float(), last["state_dict"][k].float()) for k in best["state_dict"])
+    wrong = runner.invoke(app, ["train", "--data", str(tiny_tree), "--select", "first", "--out", str(tmp_path / "x")])
+    assert wrong.exit_code != 0 and "--select 'first'" in wrong.output and not (tmp_path / "x").exists()

@@ -202,6 +202,8 @@ CutmixOpt = typer.Option(None, "--cutmix", help="CutMix on each training batch w
                          "with --mixup too, each batch gets one of the two.")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of the training images held out to choose the epoch by "
                               "validation loss (default 0.15); 0: none, every training image trains and the last epoch is kept.")
+SelectOpt = typer.Option(None, "--select", help="Which epoch is kept: best (lowest validation loss, the default) or last "
+                         "(the validation part still scored, and used by --guard's threshold).")
 CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Write last.pt, the resume point, every N epochs "
                                   "(default 1; more on a GPU, where saving can take longer than an epoch).")
 WeightsOpt = typer.Option(None, "--weights", help="None (from scratch, default), 'imagenet' or a weights file.")
@@ -256,7 +258,7 @@ _RUN_CONFIG_FIELDS = {
     "augment": ("rotation", "colour", "hed", "blur", "jpeg", "lowres"),
     "model": ("arch", "weights"),
     "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "ema", "mixup",
-              "cutmix", "checkpoint_every", "balance", "guard"),
+              "cutmix", "checkpoint_every", "balance", "guard", "select"),
 }
 #: Command parameters named otherwise than the RunConfig field they set.
 _RUN_CONFIG_NAMES = {"fmt": "format", "workers": "num_workers", "field": "field_diameters"}
@@ -314,6 +316,7 @@ def train(
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
     val_fraction: Optional[float] = ValFractionOpt,
+    select: Optional[str] = SelectOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     weights: Optional[str] = WeightsOpt,
     protocol: Optional[str] = ProtocolOpt,
@@ -365,6 +368,7 @@ def cv(
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
     val_fraction: Optional[float] = ValFractionOpt,
+    select: Optional[str] = SelectOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     weights: Optional[str] = WeightsOpt,
     protocol: Optional[str] = ProtocolOpt,
@@ -435,6 +439,7 @@ def cross_lab(
     lr: Optional[float] = LrOpt,
     label_smoothing: Optional[float] = LabelSmoothingOpt,
     val_fraction: Optional[float] = ValFractionOpt,
+    select: Optional[str] = SelectOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     seed: Optional[int] = SeedOpt,
     device: Optional[str] = DeviceOpt,
@@ -725,6 +730,7 @@ def compare(
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
     val_fraction: Optional[float] = ValFractionOpt,
+    select: Optional[str] = SelectOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     seed: Optional[int] = SeedOpt,
     group_by: Optional[str] = GroupByOpt,

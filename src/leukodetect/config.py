@@ -20,6 +20,8 @@ from leukodetect.utils import atomic_write_text
 PROTOCOLS = ("clean", "paper")
 GROUP_BY = ("default", "source")
 BALANCE = ("none", "labs")
+#: How the kept epoch is chosen (``TrainConfig.select``).
+SELECT = ("best", "last")
 
 
 @dataclass(kw_only=True)
@@ -107,6 +109,9 @@ class TrainConfig:
     balance: str = "none"
     # Fit the out-of-distribution guard after training (needs a validation part to set its threshold).
     guard: bool = False
+    # Which epoch is kept as best.pt: "best", the lowest validation loss; or "last", the last epoch, the validation
+    # part still scored every epoch and used by the guard's threshold. Without a validation part it is the last.
+    select: str = "best"
     # last.pt, the resume point (weights and optimizer state), is written every N epochs and after
     # the last one. 1 on a CPU, where an epoch takes minutes; more on a GPU, where writing a VGG's
     # 1.6 GB of state after every two-second epoch would take longer than the training.
@@ -174,6 +179,8 @@ class RunConfig:
             raise LeukoError(f"--mixup {self.train.mixup} and --cutmix {self.train.cutmix} must be 0 (off) or a positive Beta parameter such as 0.2 or 1.0.")
         if self.train.balance not in BALANCE:
             raise LeukoError(f"Unknown --balance '{self.train.balance}': use one of {BALANCE}.")
+        if self.train.select not in SELECT:
+            raise LeukoError(f"Unknown --select '{self.train.select}': use one of {SELECT}.")
         if self.data.field_diameters < 0:
             raise LeukoError(f"--field {self.data.field_diameters} must be 0 (images as they are) or a number of red-cell diameters such as 3.")
         if (min(self.augment.colour, self.augment.hed, self.augment.blur, self.augment.jpeg, self.augment.lowres) < 0

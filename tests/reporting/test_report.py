@@ -89,3 +89,12 @@ def test_missing_figure_is_a_clear_error(tmp_path):
     with pytest.raises(LeukoError, match="missing.png"):
         report.write_report(tmp_path, title="t", metrics=None,
                             figures={"x": tmp_path / "missing.png"}, facts={})
+
+
+def test_the_compare_report_says_how_each_folds_epoch_was_kept():
+    from leukodetect.reporting.compare_report import _selection
+
+    assert _selection({"data": {"val_fraction": 0.0}, "train": {}}) == "last epoch (no validation part)"
+    assert _selection({"data": {"val_fraction": 0.1}, "train": {"select": "best"}}).startswith("lowest validation loss (0.1 ")
+    assert _selection({"data": {"val_fraction": 0.1}, "train": {"select": "last"}}).startswith("last epoch (0.1 of the images")
+    assert _selection({"data": {"val_fraction": 0.15}, "train": {}}).startswith("lowest validation loss")  # configs written before --select

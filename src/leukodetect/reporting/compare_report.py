@@ -392,8 +392,7 @@ def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict,
         "weight decay, label smoothing, EMA": f"{cfg['train']['weight_decay']:g}, {cfg['train']['label_smoothing']:g}, "
                                               f"{cfg['train']['ema'] or 'off'}",
         "MixUp, CutMix (Beta parameter)": f"{cfg['train'].get('mixup') or 'off'}, {cfg['train'].get('cutmix') or 'off'}",
-        "model selection": ("last epoch (no validation part)" if cfg["data"].get("val_fraction", 0.15) == 0 else
-                            f"lowest validation loss ({cfg['data'].get('val_fraction', 0.15):g} of the images held out of each training fold)"),
+        "model selection": _selection(cfg),
         "seed": cfg["train"]["seed"],
         "paper protocol total": cfg["data"]["paper_total"] if "paper" in settings["protocols"] else "not run",
         "same folds for every architecture": ", ".join(f"{p}: {'yes' if v else 'NO'}" for p, v in summary["same_folds"].items()),
@@ -407,3 +406,12 @@ def write_compare_report(out_dir: Path, summary: dict, results, galleries: dict,
     atomic_write_text(md, render_markdown(title, sections))
     atomic_write_text(page, render_html(title, sections, out_dir, css=_CSS))
     return md, page
+
+
+def _selection(cfg: dict) -> str:
+    """How each fold's kept epoch was chosen, from a run's config."""
+    val = cfg["data"].get("val_fraction", 0.15)
+    if val == 0:
+        return "last epoch (no validation part)"
+    held = f"{val:g} of the images held out of each training fold"
+    return f"last epoch ({held}, scored but not choosing)" if cfg["train"].get("select", "best") == "last" else f"lowest validation loss ({held})"

@@ -1,7 +1,8 @@
 """``train_model``: fit one model on given training and validation records, resumably.
 
 The run folder holds ``last.pt`` (full training state, rewritten atomically after every epoch),
-``best.pt`` (the self-describing checkpoint with the lowest validation loss), ``history.json``
+``best.pt`` (the self-describing checkpoint with the lowest validation loss; the last epoch's with
+``select="last"`` or without a validation part), ``history.json``
 and ``config.yaml``. Each epoch's shuffling and augmentation are seeded from ``(seed, epoch)``, so
 a resumed run continues exactly as the uninterrupted run would have.
 
@@ -201,8 +202,9 @@ def train_model(
 
     for epoch in range(state.start, cfg.train.epochs + 1):
         row, improved = _epoch(run, state, stepped, epoch, progress=progress)
-        # Without validation images every epoch is the new best: write it only where last.pt is written.
-        if improved and ctx.is_main and (len(run.val_ds) or run.is_resume_point(epoch)):
+        # Without validation images, or with --select last, every epoch is the new best: write it only where
+        # last.pt is written (always after the last epoch).
+        if improved and ctx.is_main and ((len(run.val_ds) and cfg.train.select == "best") or run.is_resume_point(epoch)):
             save_checkpoint(run.bundle(state.scored, history=state.history, extra={"epoch": epoch}), run.best_path)
         if ctx.is_main:
             write_json(out_dir / "history.json", state.history)
@@ -277,11 +279,11 @@ class _TrainingState:
         """The weights that are validated and saved: the running average with --ema, else the trained ones."""
         return self.ema.module if self.ema is not None else self.model
 
-    def record(self, row: dict, val_loss: float, epoch: int) -> bool:
+    def record(self, row: dict, val_loss: float, epoch: int, *, keep_last: bool = False) -> bool:
         """Add an epoch's row to the history; True when it is the best epoch so far."""
         self.history.append(row)
-        # With no validation images (a NaN loss), the last epoch is kept.
-        score = val_loss if val_loss == val_loss else -epoch
+        # With no validation images (a NaN loss), or with ``keep_last`` (--select last), the last epoch is kept.
+        score = val_loss if val_loss == val_loss and not keep_last else -epoch
         if score <= self.best_loss:
             self.best_loss, self.best_epoch = score, epoch
             return True
@@ -456,7 +458,7 @@ def _epoch(run: _Run, state: _TrainingState, stepped: nn.Module, epoch: int, *, 
         "val_acc": None if val_acc != val_acc else val_acc,
         "lr": state.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
     }
-    return row, state.record(row, val_loss, epoch)
+    return row, state.record(row, val_loss, epoch, keep_last=cfg.train.select == "last")
 
 
 def _complete_best_history(best_path: Path, history: list[dict]) -> None:
