@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -70,7 +70,6 @@ class LocatorRecipe:
     blur: float = 0.3
     jpeg: float = 0.3
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
