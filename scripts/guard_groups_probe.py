@@ -22,11 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-import skimage.data
-import sklearn.datasets
-from PIL import Image
 
 from leukodetect.config import RunConfig
 from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, lab_guard_threshold
@@ -34,23 +30,14 @@ from leukodetect.jobs.guard import DEFAULT_PERCENTILE, model_inputs, view_pixel_
 from leukodetect.jobs.train import prepare, split_parts
 from leukodetect.runtime.checkpoint import load_checkpoint
 from leukodetect.runtime.classifier import Classifier
+from probe_pictures import crops
+from probe_pictures import pictures as probe_pictures
 
 PART = (100 + DEFAULT_PERCENTILE) / 2
 #: A third grouping, probed and adopted on 2026-12-07: a group per laboratory, class and the bank's ``kind`` where
 #: it has one (PBC's cell types, Aria's ALL subtypes), so a rare cell type has a mean of its own.
 BY_KIND = "lab, class and kind"
 GROUPINGS = ("class", "laboratory and class", BY_KIND)
-
-
-def crops(sources: list[np.ndarray], n: int, rng: np.random.Generator) -> list[Image.Image]:
-    """``n`` random square crops (64-300 px) of the pictures, resized to 128 px, as guard_probe.py cuts them."""
-    out = []
-    for i in range(n):
-        a = sources[i % len(sources)]
-        side = int(rng.integers(64, min(300, *a.shape[:2]) + 1))
-        y, x = (int(rng.integers(0, a.shape[k] - side + 1)) for k in (0, 1))
-        out.append(Image.fromarray(a[y:y + side, x:x + side]).resize((128, 128), Image.BILINEAR))
-    return out
 
 
 def main(checkpoint: str, bank: str) -> None:
@@ -66,15 +53,8 @@ def main(checkpoint: str, bank: str) -> None:
         d[f"{name}_f"], d[f"{name}_p"] = clf.image_features(images, batch_size=32), view_pixel_statistics(clf, images)
         d[f"{name}_y"], d[f"{name}_lab"] = np.array([r.label for r in kept]), np.array([str(r.lab) for r in kept])
         d[f"{name}_kind"] = np.array([r.kind or "" for r in kept])
-    rgb = lambda a: np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]  # noqa: E731
-    mpl = Path(matplotlib.get_data_path()) / "sample_data"
-    pictures = {
-        "photographs": [getattr(skimage.data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "colorwheel")],
-        "more photographs": [skimage.data.stereo_motorcycle()[0], rgb(skimage.data.logo()), *sklearn.datasets.load_sample_images().images,
-                             np.asarray(Image.open(mpl / "grace_hopper.jpg").convert("RGB")), rgb(skimage.data.coins()),
-                             rgb(skimage.data.horse().astype(np.uint8) * 255)],
-        "stained tissue": [skimage.data.immunohistochemistry()],
-    }
+    drawn = probe_pictures()  # drawn in this order, from their own seed, apart from guard_probe.py's crops
+    pictures = {"photographs": drawn["photograph"], "more photographs": drawn["photograph, more"], "stained tissue": drawn["stained tissue"]}
     rng = np.random.default_rng(1)
     for kind, sources in pictures.items():
         views = [clf.view(im)[0] for im in crops(sources, 200, rng)]

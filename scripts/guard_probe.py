@@ -8,15 +8,12 @@ an image without red cells. Prints, per kind, how many the guard flags and how m
 """
 import json
 import sys
-from pathlib import Path
 
-import matplotlib
 import numpy as np
-import skimage.data
-import sklearn.datasets
 from PIL import Image, ImageDraw
 
 from leukodetect.runtime.classifier import Classifier
+from probe_pictures import crops, pictures
 
 clf = Classifier.from_checkpoint(sys.argv[1], backend="torch", device="cpu")
 rng = np.random.default_rng(0)
@@ -32,21 +29,10 @@ for i in range(100):
     g = Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).resize((128, 128), Image.BICUBIC).convert("RGB")
     probes[f"grey texture_{i}"] = g
 probes["white_0"] = Image.new("RGB", (128, 128), "white"); probes["black_0"] = Image.new("RGB", (128, 128), "black")
-# Photographs that are not blood (scikit-image's bundled samples, no download), and stained tissue under a
-# microscope (immunohistochemistry, the nearest thing to a smear among them): random square crops of 64-300 px.
-photos = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "colorwheel")}
-# More photographs, added 2026-12-06 (late evening): scikit-image's other colour and grey samples, scikit-learn's
-# two and matplotlib's portrait, all bundled with the packages.
-more = [skimage.data.stereo_motorcycle()[0], skimage.data.logo()[..., :3], *sklearn.datasets.load_sample_images().images,
-        np.asarray(Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")),
-        np.stack([skimage.data.coins()] * 3, -1), np.stack([skimage.data.horse().astype(np.uint8) * 255] * 3, -1)]
-for kind, sources in (("photograph", list(photos.values())), ("stained tissue", [skimage.data.immunohistochemistry()]),
-                      ("photograph, more", more)):
-    for i in range(100):
-        a = sources[i % len(sources)]
-        side = int(rng.integers(64, min(300, *a.shape[:2]) + 1))
-        y, x = (int(rng.integers(0, a.shape[k] - side + 1)) for k in (0, 1))
-        probes[f"{kind}_{i}"] = Image.fromarray(a[y:y + side, x:x + side, :3]).resize((128, 128), Image.BILINEAR)
+# Photographs that are not blood and stained tissue (probe_pictures.py): 100 random square crops of each kind.
+for kind, sources in pictures().items():
+    for i, crop in enumerate(crops(sources, 100, rng)):
+        probes[f"{kind}_{i}"] = crop
 views = [clf.view(im)[0] for im in probes.values()]  # no red cells: each is shown whole, as predict would
 probs, scores = clf.image_outputs(views, batch_size=32)
 out = {"threshold": clf.guard_threshold}

@@ -15,7 +15,7 @@ import numpy as np
 
 from leukodetect.jobs.cells import LabSource
 from leukodetect.jobs.locator import load_smears, score_smear, summarise
-from leukodetect.runtime.locator import STRIDE, WhiteCellLocator, peaks
+from leukodetect.runtime.locator import WhiteCellLocator
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("locator", type=Path)
@@ -29,10 +29,10 @@ rbc_px = loc.settings.rbc_px
 smears, _ = load_smears([source], rbc_px, log=print)
 thresholds = [float(t) for t in args.thresholds.split(",")]
 rows: dict[float, list] = {t: [] for t in thresholds}
-for smear in smears:  # one heat map per smear (already at the locator's scale), its peaks at every threshold
+for smear in smears:  # one heat map per smear (already at the locator's scale), its centres at every threshold
     heat, factor = loc.heatmap(smear.image, rbc_px)
     for t in thresholds:
-        found = [((c + 0.5) * STRIDE / factor, (r + 0.5) * STRIDE / factor) for r, c, _ in peaks(heat, t, loc.settings.peak_window)]
+        found = [(x, y) for x, y, _ in loc.centres(heat, factor, smear.image.shape[:2], threshold=t)]
         rows[t].append(score_smear(np.array(found).reshape(-1, 2), smear, rbc_px))
 out = {t: summarise(rows[t])[source.lab] for t in thresholds}
 for t, entry in out.items():

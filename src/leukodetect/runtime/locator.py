@@ -108,8 +108,13 @@ class WhiteCellLocator:
     def locate(self, rgb: np.ndarray, rbc_diameter: float, *, threshold: float | None = None) -> list[tuple[float, float, float]]:
         """(x, y, score) of each white cell found, in the photograph's pixels, highest score first."""
         heat, factor = self.heatmap(rgb, rbc_diameter)
+        return self.centres(heat, factor, rgb.shape[:2], threshold=threshold)
+
+    def centres(self, heat: np.ndarray, factor: float, shape: tuple[int, int], *, threshold: float | None = None) -> list[tuple[float, float, float]]:
+        """(x, y, score) of the peaks of a :meth:`heatmap` at or above ``threshold`` (default: the locator's), in the
+        pixels of the photograph of ``shape`` (height, width) it was computed on, highest score first."""
         t = self.settings.threshold if threshold is None else threshold
-        height, width = rgb.shape[:2]
+        height, width = shape
         scale = STRIDE / factor
         return [
             (min(width - 1.0, (c + 0.5) * scale), min(height - 1.0, (r + 0.5) * scale), v)
