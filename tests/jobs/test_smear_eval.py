@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,13 +151,19 @@ def test_found_cells_are_matched_to_annotated_white_cells_and_blasts_within_half
     assert m["blast_detection"]["f1"] == pytest.approx(0.5) and "white_cells" not in m
 
 
-def test_allidb1_photographs_are_all_scored_and_the_run_says_they_cannot_be_told_unseen(crop_checkpoint, tmp_path):
+def _two_photographs(tmp_path) -> Path:
+    """An ALL-IDB1 folder of one ALL photograph and one healthy one, no blast annotated."""
     root = tmp_path / "ALL_IDB1"
     (root / "im").mkdir(parents=True)
     (root / "xyc").mkdir()
     for stem in ("Im001_1", "Im002_0"):
         Image.fromarray(synthetic_smear(seed=int(stem[4]))).save(root / "im" / f"{stem}.jpg", quality=95)
         (root / "xyc" / f"{stem}.xyc").write_text("")
+    return root
+
+
+def test_allidb1_photographs_are_all_scored_and_the_run_says_they_cannot_be_told_unseen(crop_checkpoint, tmp_path):
+    root = _two_photographs(tmp_path)
     crop = np.zeros((8, 8, 3), np.uint8)
     # A bank whose ALL-IDB2 cell shares a name with an ALL-IDB1 photograph: names say nothing across the two sets.
     bank = _bank(tmp_path / "bank", {"allidb1:Im001_1": (crop, "allidb1:allidb1:Im001_1")})
@@ -167,6 +175,19 @@ def test_allidb1_photographs_are_all_scored_and_the_run_says_they_cannot_be_told
     assert m["smears"] == 2 and m["left_out_as_trained"] == 0 and m["unseen_check"].startswith("not possible")
     assert any("cannot be told unseen" in line for line in logged)
     assert "blast_detection" in m  # ALL-IDB1's blast positions are matched
+
+
+def test_allidb1_photographs_whose_cells_a_bank_cut_itself_are_told_unseen_by_name(crop_checkpoint, tmp_path):
+    root = _two_photographs(tmp_path)
+    crop = np.zeros((8, 8, 3), np.uint8)
+    bank = _bank(tmp_path / "bank", {"allidb1:Im001_1": (crop, "allidb1:Im001_1")})
+    (bank.parent / "cells.json").write_text(json.dumps({"labs": {"allidb1": {"format": "allidb1"}}}))
+    clf = Classifier.from_checkpoint(crop_checkpoint, backend="torch")
+    metrics = run_smear_eval([LabSource.parse(f"allidb1={root}")], clf, tmp_path / "out", unseen_from=bank, locator=None,
+                             trained_on=[pixel_hash(Image.fromarray(crop))], log=lambda *_: None)
+    m = metrics["labs"]["allidb1"]
+    assert (m["smears"], m["left_out_as_trained"]) == (1, 1) and "unseen_check" not in m
+    assert [Path(r["image"]).stem for r in csv.DictReader(open(tmp_path / "out" / "smears.csv"))] == ["Im002_0"]
 
 
 def test_a_smear_whose_analysis_fails_is_reported_and_the_others_go_on(aria_tree, crop_checkpoint, tmp_path, monkeypatch):

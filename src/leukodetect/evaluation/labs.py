@@ -57,11 +57,12 @@ def score_cells(rows: Sequence[dict], threshold: float = 0.5) -> dict:
 
 
 def field_rows(rows: Sequence[dict]) -> list[dict]:
-    """One row per field (cells sharing a ``parent``), by :data:`FIELD_RULE`; flagged when all its cells are."""
+    """One row per field (cells sharing a ``parent``), by :data:`FIELD_RULE`: ALL when any of its cells is a blast (an ALL-IDB1
+    photograph also holds normal cells), flagged when all its cells are."""
     fields: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         fields[r["parent"]].append(r)
-    return [{"label": cells[0]["label"], "prob": max(c["prob"] for c in cells), "flagged": all(c["flagged"] for c in cells),
+    return [{"label": max(c["label"] for c in cells), "prob": max(c["prob"] for c in cells), "flagged": all(c["flagged"] for c in cells),
              "lab": cells[0]["lab"], "kind": cells[0]["kind"], "parent": parent} for parent, cells in fields.items()]
 
 

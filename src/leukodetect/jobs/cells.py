@@ -68,6 +68,8 @@ SCALE_SAMPLE = 200
 MIN_MEASURED = 5
 #: Layouts whose images are smear fields; the others hold one cell each, in the middle.
 FIELDS = ("aria", "bccd")
+#: Layouts with several cells per image: the smear fields, and ALL-IDB1's photographs with their annotated cells.
+MANY_CELLS = (*FIELDS, "allidb1")
 BANK_VERSION = 1
 _LAB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -135,14 +137,24 @@ def lab_scale(source: LabSource, fmt: str, records: Sequence[Record]) -> tuple[f
     return round(float(np.median(measured)), 2), f"measured: median over {len(measured)} of {len(picked)} of {where}"
 
 
-def cell_centres(record: Record, fmt: str, rgb: np.ndarray, diameter: float) -> list[tuple[float, float]]:
-    """Where the cells of one image are: its centre, its annotated boxes, or the located white cells."""
+def cell_centres(record: Record, fmt: str, rgb: np.ndarray, diameter: float) -> list[tuple[float, float, int]]:
+    """Where the cells of one image are, with each one's label: its centre, its annotated boxes or points, or the
+    located white cells.
+
+    An ALL-IDB1 photograph gives its annotated blasts (label 1) and its other annotated white cells (label 0, from
+    the ``others`` centroids where the data set has them): the normal cells of an ALL patient's photograph, which
+    ALL-IDB2's crops do not hold. Every other layout's cells carry the image's label.
+    """
+    if fmt == "allidb1":
+        return [(x, y, 1) for x, y in record.blasts or ()] + [(x, y, 0) for x, y in record.others or ()]
     if fmt == "bccd":
-        return list(record.cells or ())
-    if fmt == "aria":
-        return locate_nuclei(rgb, diameter)
-    height, width = rgb.shape[:2]
-    return [((width - 1) / 2, (height - 1) / 2)]
+        points = list(record.cells or ())
+    elif fmt == "aria":
+        points = locate_nuclei(rgb, diameter)
+    else:
+        height, width = rgb.shape[:2]
+        points = [((width - 1) / 2, (height - 1) / 2)]
+    return [(x, y, record.label) for x, y in points]
 
 
 def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScale, *, max_per_field: int = 0,
@@ -154,6 +166,10 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
     without a cap they outnumber every other laboratory's cells several times over. Crops are PNG
     (lossless) unless ``jpeg_quality`` (1-100) asks for JPEG, a quarter of the size: JPEG artefacts
     on a flat background are detail a model and its guard learn, which lossless inputs lack.
+
+    ALL-IDB1 photographs give their annotated cells (:func:`cell_centres`), each cut at the red-cell
+    diameter measured on its own photograph unless the source declares one: ALL-IDB1 was taken with
+    two cameras at two magnifications.
 
     A bank already in ``out_dir`` with the same sources and scale is reused as it is; another bank
     there is an error (nothing is overwritten).
@@ -174,13 +190,11 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
     rows, summary = [], {}
     for source in sources:
         fmt = source.format if source.format != "auto" else detect_format(source.path)
-        if fmt == "allidb1":
-            raise LeukoError(f"{source}: use ALL-IDB2's single cells for a cell bank (ALL-IDB1 photographs are for detect-eval).")
         records = [r for r in index_dataset(source.path, fmt) if r.label is not None]
         diameter, how = lab_scale(source, fmt, records)
         log(f"{source.lab}: {len(records)} images ({fmt}); red-cell diameter {diameter:g} px ({how}).")
         groups = split_groups(records, near_duplicates=fmt == "aria")
-        n_cells, unreadable = 0, 0
+        n_cells, unreadable, per_photograph = 0, 0, []
         for record, group in tqdm(list(zip(records, groups)), desc=f"cells of {source.lab}", disable=not progress):
             try:
                 rgb = np.asarray(open_rgb(record.path))
@@ -188,22 +202,29 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
                 log(f"skipped: {exc}")
                 unreadable += 1
                 continue
-            centres = list(enumerate(cell_centres(record, fmt, rgb, diameter)))
+            here = diameter
+            if fmt == "allidb1" and not source.rbc_diameter:  # two cameras at two magnifications: each photograph measured
+                here = estimate_rbc_diameter(rgb).diameter or diameter
+                per_photograph.append(here)
+            centres = list(enumerate(cell_centres(record, fmt, rgb, here)))
             if max_per_field and fmt in FIELDS and len(centres) > max_per_field:
                 rng = np.random.default_rng(zlib.crc32(record.path.stem.encode()))
                 centres = [centres[i] for i in sorted(rng.choice(len(centres), max_per_field, replace=False))]
-            for k, (x, y) in centres:
+            for k, (x, y, label) in centres:
                 suffix = ".jpg" if jpeg_quality else ".png"
-                name = f"{record.path.stem}_{k}{suffix}" if fmt in FIELDS else f"{record.path.stem}{suffix}"
+                name = f"{record.path.stem}_{k}{suffix}" if fmt in MANY_CELLS else f"{record.path.stem}{suffix}"
                 target = out_dir / "cells" / source.lab / (record.kind or "") / name
-                crop = canonical_crop(rgb, scale, diameter, centre=(x, y))
+                crop = canonical_crop(rgb, scale, here, centre=(x, y))
                 options = _crop_format(jpeg_quality)
                 atomic_write(target, lambda tmp, crop=crop, options=options: Image.fromarray(crop).save(tmp, **options))
-                rows.append({"path": target.relative_to(out_dir).as_posix(), "label": record.label,
+                rows.append({"path": target.relative_to(out_dir).as_posix(), "label": label,
                              "group": f"{source.lab}:{group}", "lab": source.lab, "kind": record.kind or "",
                              "parent": f"{source.lab}:{record.path.stem}", "x": round(x, 1), "y": round(y, 1)})
                 n_cells += 1
         labels = Counter(r["label"] for r in rows if r["lab"] == source.lab)
+        if per_photograph:
+            how = (f"measured on each photograph ({min(per_photograph):g}-{max(per_photograph):g} px); {diameter:g} px, "
+                   f"the laboratory's median, where one could not be")
         summary[source.lab] = {"source": str(source), "format": fmt, "rbc_diameter": diameter, "scale": how,
                                "images": len(records), "unreadable": unreadable, "cells": n_cells,
                                "normal": labels.get(0, 0), "blast": labels.get(1, 0)}

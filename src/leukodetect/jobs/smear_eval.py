@@ -19,12 +19,14 @@ Definitions, per laboratory:
 none of the bank's cells cut from them, nor from any near-duplicate of them, is among the model's
 ``trained_on`` pixel hashes (the bank's crops as written, and as JPEG of the qualities the bank
 may have been written in). A smear the bank holds no cell of is unseen by construction, except
-ALL-IDB1's photographs: ALL-IDB2's cells, which banks hold, were cut from them by ALL-IDB2's
-authors, so this check cannot tell; they are all scored and the run says so.
+ALL-IDB1's photographs when the bank holds ALL-IDB2: its cells were cut from them by ALL-IDB2's
+authors, so this check cannot tell; they are all scored and the run says so. A bank that cut its cells
+from ALL-IDB1's photographs itself (and holds no ALL-IDB2 crop) names them, and they are checked as the others.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -141,6 +143,14 @@ def _matched(rows: Sequence[dict], prefix: str, name: str) -> dict:
                    "f1": detection_scores(tp, fp, fn)["f1"]}}
 
 
+def banks_allidb1_photographs(bank_csv: Path) -> bool:
+    """Whether a cell bank cut its ALL-IDB cells from ALL-IDB1's photographs itself and holds no ALL-IDB2 crop: then a
+    photograph whose cells the model trained on is known by name, and the others can be scored as never trained on."""
+    labs = json.loads((Path(bank_csv).parent / "cells.json").read_text()).get("labs", {})
+    formats = {entry.get("format") for entry in labs.values()}
+    return "allidb1" in formats and "allidb2" not in formats
+
+
 def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, locator=None, unseen_from: Path | None = None,
                    trained_on: Iterable[str] = (), every: int = 1, progress: bool = False, log=print, **analyze_kwargs) -> dict:
     """Analyse every labelled smear of ``sources`` with ``classifier`` and ``locator``; write rows, metrics and a report.
@@ -155,13 +165,15 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
     if len(set(labs)) != len(labs):
         raise LeukoError(f"Each laboratory may be named once, got {', '.join(labs)}.")
     parents, groups = trained_smears(unseen_from, trained_on) if unseen_from is not None else (set(), set())
+    photographs_banked = unseen_from is not None and banks_allidb1_photographs(unseen_from)
     rows, facts = [], {}
     for source in sources:
         fmt, records = smear_records(source, grouped=unseen_from is not None)
         records = records[::every]
-        kept = records if fmt == "allidb1" else [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
+        untellable = fmt == "allidb1" and not photographs_banked
+        kept = records if untellable else [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
         facts[source.lab] = {"format": fmt, "in_source": len(records), "left_out_as_trained": len(records) - len(kept)}
-        if unseen_from is not None and fmt == "allidb1":
+        if unseen_from is not None and untellable:
             facts[source.lab]["unseen_check"] = "not possible: ALL-IDB2's cells are cut from these photographs by its authors"
             log(f"{source.lab}: ALL-IDB1's photographs cannot be told unseen from a cell bank: ALL-IDB2, whose cells banks hold, "
                 "is cut from them, so a model trained on ALL-IDB2 has seen their cells; all are scored.")
