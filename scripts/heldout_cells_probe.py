@@ -30,7 +30,7 @@ parser.add_argument("--threshold", type=float, default=0.5)
 args = parser.parse_args()
 split = json.loads((args.run / "split.json").read_text())
 paths = [p for part in args.parts.split(",") for p in split[part]]
-bank = Path(paths[0]).parents[2] / "cells.csv"  # BANK/cells/LAB/...
+bank = next(folder for folder in Path(paths[0]).parents if (folder / "cells.csv").is_file()) / "cells.csv"  # BANK/cells/LAB/[KIND/]
 rows = {}
 with open(bank, newline="") as f:
     for r in csv.DictReader(f):

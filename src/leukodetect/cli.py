@@ -241,8 +241,8 @@ DetValFractionOpt = typer.Option(0.0, "--val-fraction", min=0.0, max=0.9, help="
                                  "the crop classifier's epoch; 0: none, every training photograph trains and the last epoch is kept.")
 DetLabelSmoothingOpt = typer.Option(0.0, "--label-smoothing", min=0.0, max=0.5, help="Label smoothing of the crop classifier's loss.")
 # Options of the commands that load a classifier.
-LocatorOpt = typer.Option("learned", "--locator", help="How white cells are found: learned (the default: a network trained on ALL-IDB1 "
-                          "and BCCD, at the red-cell scale measured first, whose cells the five-laboratory cell model classifies) or colour "
+LocatorOpt = typer.Option("learned", "--locator", help="How white cells are found: learned (the default: a network trained on ALL-IDB1"
+                          ", BCCD and PBC, at the red-cell scale measured first, whose cells the five-laboratory cell model classifies) or colour "
                           "(purple thresholds tuned on ALL-IDB1, with the ALL-IDB1 detector, its smudge gate and cell scorer: ALL-IDB1's own "
                           "pipeline, wrong on most other laboratories' smears; see docs/detection.md).")
 LocatorWeightsOpt = typer.Option(None, "--locator-weights", help="A locator from train-locator (default: the shipped one).")

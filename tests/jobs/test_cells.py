@@ -4,24 +4,26 @@ import csv
 import json
 
 from PIL import Image
-from smear_images import RBC_D, WHITE, synthetic_smear
+from smear_images import PLATELETS, RBC_D, WHITE, synthetic_smear
 
 from leukodetect.evaluation.labs import field_rows
 from leukodetect.jobs.cells import LabSource, build_bank
 from leukodetect.runtime.scale import CanonicalScale
 
 
-def test_allidb1_photographs_give_their_blasts_and_their_other_white_cells_each_with_its_label(tmp_path):
-    """An ALL photograph holds normal cells too: they enter the bank as normal, grouped with their photograph."""
+def test_allidb1_photographs_give_their_blasts_and_their_other_white_cells_each_with_its_label_and_no_platelets(tmp_path):
+    """An ALL photograph holds normal cells too: they enter the bank as normal, grouped with their photograph; other
+    points on no white cell (platelets) do not."""
     root = tmp_path / "ALL-IDB1" / "ALL_IDB1"
     others = tmp_path / "ALL-IDB1" / "extras" / "ALL-IDB-Patches_AngeloUNIMI" / "ALL-IDB1" / "other"
     for folder in (root / "im", root / "xyc", others):
         folder.mkdir(parents=True)
     (blast_x, blast_y, _), *normal = WHITE
+    platelets = "".join(f"{x:.0f}\t{y:.0f}\n" for x, y in PLATELETS)  # other points on no white cell: left out
     for i, stem in enumerate(("Im001_1", "Im002_1", "Im003_0")):
         Image.fromarray(synthetic_smear(seed=i)).save(root / "im" / f"{stem}.jpg", quality=95)
         (root / "xyc" / f"{stem}.xyc").write_text(f"{blast_x:.0f}\t{blast_y:.0f}\n" if stem.endswith("_1") else "")
-        (others / f"{stem}.xyc").write_text("".join(f"{x:.0f}\t{y:.0f}\n" for x, y, _ in normal))
+        (others / f"{stem}.xyc").write_text("".join(f"{x:.0f}\t{y:.0f}\n" for x, y, _ in normal) + platelets)
     out = tmp_path / "bank"
     manifest = build_bank([LabSource.parse(f"milan={root}@{RBC_D}")], out, CanonicalScale(field=3.0, size=32), log=lambda *_: None)
     with open(manifest, newline="") as f:

@@ -46,7 +46,7 @@ from leukodetect.data.indexers import (
     index_dataset,
 )
 from leukodetect.data.records import Record
-from leukodetect.detection.locate import locate_nuclei
+from leukodetect.detection.locate import locate_cells, locate_nuclei
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.images import open_rgb, pixel_hash
 from leukodetect.runtime.scale import (
@@ -141,12 +141,15 @@ def cell_centres(record: Record, fmt: str, rgb: np.ndarray, diameter: float) -> 
     """Where the cells of one image are, with each one's label: its centre, its annotated boxes or points, or the
     located white cells.
 
-    An ALL-IDB1 photograph gives its annotated blasts (label 1) and its other annotated white cells (label 0, from
-    the ``others`` centroids where the data set has them): the normal cells of an ALL patient's photograph, which
-    ALL-IDB2's crops do not hold. Every other layout's cells carry the image's label.
+    An ALL-IDB1 photograph gives its annotated blasts (label 1) and, as normal cells (label 0), those of its other
+    annotated points (ALL-IDB-Patches' ``others`` centroids, where the data set has them) that sit on a white cell:
+    within half a red-cell diameter of one that the colour locator (tuned on ALL-IDB1) finds. Most of those points
+    mark platelets and debris; the rest are the normal white cells of ALL patients' photographs, which ALL-IDB2's
+    crops do not hold (all its normal cells come from healthy people's photographs). Every other layout's cells
+    carry the image's label.
     """
     if fmt == "allidb1":
-        return [(x, y, 1) for x, y in record.blasts or ()] + [(x, y, 0) for x, y in record.others or ()]
+        return [(x, y, 1) for x, y in record.blasts or ()] + [(x, y, 0) for x, y in white_cell_points(rgb, record.others or ())]
     if fmt == "bccd":
         points = list(record.cells or ())
     elif fmt == "aria":
@@ -155,6 +158,18 @@ def cell_centres(record: Record, fmt: str, rgb: np.ndarray, diameter: float) -> 
         height, width = rgb.shape[:2]
         points = [((width - 1) / 2, (height - 1) / 2)]
     return [(x, y, record.label) for x, y in points]
+
+
+def white_cell_points(rgb: np.ndarray, points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points that sit on a white cell: within half a red-cell diameter of one the colour locator finds."""
+    if not points:
+        return []
+    found = locate_cells(rgb)
+    if not found.cells:
+        return []
+    centres = np.array([(c.x, c.y) for c in found.cells])
+    near = np.linalg.norm(np.asarray(points, float)[:, None, :] - centres[None], axis=2).min(axis=1) <= 0.5 * found.rbc_diameter
+    return [tuple(pt) for pt, keep in zip(points, near) if keep]
 
 
 def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScale, *, max_per_field: int = 0,
