@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 from PIL import Image
 from smear_images import PLATELETS, RBC_D, WHITE, synthetic_smear
 
@@ -42,3 +43,25 @@ def test_allidb1_photographs_give_their_blasts_and_their_other_white_cells_each_
     cells = [{"lab": "milan", "kind": "", "parent": r["parent"], "label": int(r["label"]), "prob": 0.5, "flagged": False}
              for r in reversed(rows)]
     assert {f["parent"]: f["label"] for f in field_rows(cells)} == {"milan:Im001_1": 1, "milan:Im002_1": 1, "milan:Im003_0": 0}
+
+
+def test_each_allidb1_photograph_is_cut_at_its_own_red_cell_scale(tmp_path):
+    """ALL-IDB1 has two cameras: a photograph at twice the magnification gives the same crop of the same cell."""
+    root = tmp_path / "ALL_IDB1"
+    for folder in (root / "im", root / "xyc"):
+        folder.mkdir(parents=True)
+    x, y, _ = WHITE[0]
+    for seed in range(3):  # each field photographed at two magnifications
+        small = Image.fromarray(synthetic_smear(seed=seed))
+        for zoom in (1, 2):
+            stem = f"Im{2 * seed + zoom:03d}_1"
+            small.resize((small.width * zoom, small.height * zoom), Image.BICUBIC).save(root / "im" / f"{stem}.png")
+            (root / "xyc" / f"{stem}.xyc").write_text(f"{x * zoom:.0f}\t{y * zoom:.0f}\n")
+    out = tmp_path / "bank"
+    manifest = build_bank([LabSource.parse(f"milan={root}")], out, CanonicalScale(field=3.0, size=32), log=lambda *_: None)
+    with open(manifest, newline="") as f:
+        crops = {r["parent"]: np.asarray(Image.open(out / r["path"]), dtype=float) for r in csv.DictReader(f)}
+    for seed in range(3):
+        near, far = crops[f"milan:Im{2 * seed + 1:03d}_1"], crops[f"milan:Im{2 * seed + 2:03d}_1"]
+        assert np.abs(near - far).mean() < 8  # the same window of the same cell, whatever the magnification
+    assert "measured on each photograph" in json.loads((out / "cells.json").read_text())["labs"]["milan"]["scale"]
