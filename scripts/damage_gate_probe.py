@@ -26,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 
 from leukodetect.data.indexers import index_dataset
 from leukodetect.detection.match import detection_scores, match_points
+from leukodetect.detection.pipeline import VerdictRule
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("cells", type=Path)
@@ -37,6 +38,7 @@ parser.add_argument("--edge", type=float, default=None, help="also leave out cel
 args = parser.parse_args()
 
 HI, LO = 0.7, 0.3
+RULE = VerdictRule()
 
 
 def model():
@@ -60,21 +62,12 @@ def calls(z, kept):
 
 
 def verdicts(z, call):
-    """Each smear's verdict from its cells' calls (ALL with one blast, healthy with none nor review)."""
+    """Each smear's verdict from its cells' calls, by detect's rule; cannot_assess where no white cell is left."""
     res = []
-    for i, stored in enumerate(z["verdict"]):
+    for i in range(len(z["verdict"])):
         c = call[z["smear"] == i]
         white = (c != "out").sum()
-        if stored == "cannot_assess" and (z["smear"] == i).sum() == 0 or stored == "cannot_assess" and white and not len(c):
-            res.append("cannot_assess")
-        elif white == 0:
-            res.append("cannot_assess")
-        elif (c == "blast").any():
-            res.append("ALL")
-        elif (c == "review").any():
-            res.append("review")
-        else:
-            res.append("healthy")
+        res.append("cannot_assess" if white == 0 else RULE(int((c == "blast").sum()), int((c == "review").sum())))
     return np.array(res)
 
 

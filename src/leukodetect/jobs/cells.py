@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.spatial.distance import cdist
 from tqdm.auto import tqdm
 
 from leukodetect.data.duplicates import split_groups
@@ -167,8 +168,7 @@ def white_cell_points(rgb: np.ndarray, points: Sequence[tuple[float, float]]) ->
     found = locate_cells(rgb)
     if not found.cells:
         return []
-    centres = np.array([(c.x, c.y) for c in found.cells])
-    near = np.linalg.norm(np.asarray(points, float)[:, None, :] - centres[None], axis=2).min(axis=1) <= 0.5 * found.rbc_diameter
+    near = cdist(np.asarray(points, float), np.array([(c.x, c.y) for c in found.cells])).min(axis=1) <= 0.5 * found.rbc_diameter
     return [tuple(pt) for pt, keep in zip(points, near) if keep]
 
 
