@@ -9,6 +9,8 @@ Stages: ``final`` (train on every laboratory: the shipped model's recipe), ``fin
 without stain and colour augmentation: the recipe the leave-one-out table picked on 2026-12-05), ``lolo`` (leave one
 laboratory out, colour recipe), ``lolo-geometry`` (the same without stain and colour augmentation),
 ``allidb-cv`` (ALL-IDB2's 5-fold cross-validation of the recipe), ``allidb-cv-geometry`` (the same, colour-free).
+With ``--lab allidb1`` the cross-validation stages take ALL-IDB1's annotated cells of a bank made with
+``cells --data allidb1=...`` instead, folds by photograph (the bank's group).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="The recipe has none; ALL-IDB2's own recipe used 0.1.")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="Write last.pt every N epochs (default: at the end).")
     parser.add_argument("--resume", action="store_true", help="Continue an interrupted run: final and final-geometry from last.pt, allidb-cv* from its finished folds.")
+    parser.add_argument("--lab", default="allidb", help="The laboratory of the allidb-cv stages: allidb (ALL-IDB2's crops) or allidb1.")
     parser.add_argument("--devices", default="off", help="e.g. cuda:0,cuda:0,cuda:0,cuda:0: four jobs at once on one GPU")
     args = parser.parse_args()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -81,8 +84,8 @@ def main() -> None:
         run_cross_lab(cfg, args.out / args.stage, only="allidb", devices=args.devices, command=f"cross-lab (scripts/cross_lab_recipe.py {args.stage})", log=log)
     else:
         augment = COLOUR if args.stage == "allidb-cv" else GEOMETRY
-        cfg = config(args.bank, augment=augment, labs=["allidb"], **recipe)
-        log(f"leukodetect cv --data {args.bank} --labs allidb --folds 5 --out {args.out}/{args.stage} --guard {common} {flags(augment)} --devices {args.devices}")
+        cfg = config(args.bank, augment=augment, labs=[args.lab], **recipe)
+        log(f"leukodetect cv --data {args.bank} --labs {args.lab} --folds 5 --out {args.out}/{args.stage} --guard {common} {flags(augment)} --devices {args.devices}")
         run_cv(cfg, args.out / args.stage, folds=5, resume=args.resume, devices=args.devices, progress=False, command=f"cv (scripts/cross_lab_recipe.py {args.stage})", log=log)
     log(f"stage {args.stage}: {time.perf_counter() - t0:.0f} s")
 

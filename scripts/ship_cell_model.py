@@ -51,7 +51,7 @@ def model_card(bundle: dict, test: dict, cross_lab: dict | None, note: str, cros
                     f"augmentation: {augment}, flips{colourless}; {kept}.",
         "scale": f"{scale['size']} px = {scale['field']:g} red-cell diameters ({scale['size'] / scale['field']:.1f} px per red cell "
                  f"of {scale['rbc_um']:g} micrometres); red cells measured in each image, or --pixel-size.",
-        "guard": {k: guard[k] for k in ("threshold", "feature_threshold", "pixel_threshold", "percentile", "fitted_on", "threshold_on", "groups")
+        "guard": {k: guard[k] for k in ("threshold", "feature_threshold", "pixel_threshold", "lab_thresholds", "percentile", "fitted_on", "threshold_on", "groups")
                   if k in guard},
         "threshold": bundle["threshold"],
         "in_laboratory_test": figures(test),

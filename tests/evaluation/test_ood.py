@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, guard_threshold, lab_guard_threshold
+from leukodetect.evaluation.ood import (fit_guard, group_laboratories, group_thresholds, guard_distances, guard_groups, guard_scores,
+                                       guard_threshold, lab_guard_threshold)
 from leukodetect.runtime.guard import Guard
 
 
@@ -43,6 +44,21 @@ def test_the_runtime_module_computes_the_numpy_reference():
     module = Guard.from_stats({"center": fit.center, "projection": fit.projection, "class_means": fit.class_means})
     probe = np.random.default_rng(3).normal(0, 2, (50, 8)).astype(np.float32)
     np.testing.assert_allclose(module(torch.from_numpy(probe)).numpy(), guard_scores(probe, fit), rtol=1e-4, atol=1e-4)
+
+
+def test_the_runtime_module_divides_each_group_by_its_own_threshold():
+    x, y, _ = two_classes()
+    fit = fit_guard(x, y)
+    scales = np.array([2.0, 30.0])
+    stats = {"center": fit.center, "projection": fit.projection, "class_means": fit.class_means, "feature_group_thresholds": scales,
+             "pixel_center": fit.center, "pixel_projection": fit.projection, "pixel_class_means": fit.class_means,
+             "pixel_group_thresholds": scales, "feature_threshold": 30.0, "pixel_threshold": 30.0}
+    probe = np.random.default_rng(3).normal(0, 2, (50, 8)).astype(np.float32)
+    expected = (guard_distances(probe, fit) / scales).min(1)
+    np.testing.assert_allclose(guard_scores(probe, fit, scales), expected)
+    module = Guard.from_stats(stats)
+    assert module.feature_scale == module.pixel_scale == 1.0
+    np.testing.assert_allclose(module.features(torch.from_numpy(probe)).numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_are_refused():
@@ -104,3 +120,44 @@ def test_lab_threshold_keeps_the_largest_percentile_of_laboratories_large_enough
     assert lab_guard_threshold(scores, labs, 50) == 102.0
     # With a minimum of 6, "small" no longer counts either: only the pooled median of all 16 is left.
     assert lab_guard_threshold(scores, labs, 50, min_lab=6) == guard_threshold(scores, 50) == 7.5
+
+
+def test_group_thresholds_give_each_laboratory_its_own_edge_and_the_rest_the_largest():
+    # Rows: three held-out images of "a", two of "b", one of "c"; columns: groups of a, b, c and of several laboratories.
+    far = 100.0
+    d = np.array([[1, far, far, far], [2, far, far, far], [3, far, far, far],
+                  [far, 10, far, far], [far, 20, far, far], [far, far, 50, far]], dtype=float)
+    labs = np.array(["a", "a", "a", "b", "b", "c"])
+    # Medians by hand: a's images to a's group 1, 2, 3 -> 2; b's 10, 20 -> 15. "c" has one image (fewer than 2)
+    # and the mixed group none of its own: both get lab_guard_threshold's value, here the median of the
+    # nearest distances 1, 2, 3, 10, 20, 50 (no laboratory has the 5 images to count alone): 6.5.
+    edges = group_thresholds(d, labs, ["a", "b", "c", None], 50, min_lab=2)
+    np.testing.assert_allclose(edges, [2.0, 15.0, 6.5, 6.5])
+    assert lab_guard_threshold(d.min(1), labs, 50) == 6.5
+    with pytest.raises(ValueError):
+        group_thresholds(d, labs, ["a", "b"], 50)
+
+
+def test_a_widely_spread_laboratory_no_longer_widens_a_narrow_ones_edge():
+    """A point beside the narrow laboratory's cloud, inside the wide one's spread: flagged only with per-laboratory edges."""
+    rng = np.random.default_rng(0)
+    narrow, wide = rng.normal(0, 1, (600, 2)), rng.normal(0, 6, (600, 2)) + [100.0, 0.0]
+    x, labs = np.vstack([narrow, wide]), ["narrow"] * 600 + ["wide"] * 600
+    groups = guard_groups(labs, [0] * 1200)[0]
+    fit = fit_guard(x, groups)
+    held = np.vstack([rng.normal(0, 1, (300, 2)), rng.normal(0, 6, (300, 2)) + [100.0, 0.0]])
+    held_labs = np.array(["narrow"] * 300 + ["wide"] * 300)
+    owners = group_laboratories(groups, labs)
+    assert owners == ["narrow", "wide"]
+    edges = group_thresholds(guard_distances(held, fit), held_labs, owners, 97.5)
+    single = lab_guard_threshold(guard_scores(held, fit), held_labs, 97.5)
+    assert edges[1] == pytest.approx(single) and edges[0] < single / 5
+    beside = np.array([[8.0, 0.0]])  # eight of the narrow laboratory's standard deviations from its mean
+    assert guard_scores(beside, fit)[0] < single and guard_scores(beside, fit, edges)[0] > 1
+    # Each laboratory's held-out cells: about 2.5% beyond, as before.
+    for lab in ("narrow", "wide"):
+        assert np.mean(guard_scores(held[held_labs == lab], fit, edges) > 1) < 0.06
+
+
+def test_group_laboratories_names_a_groups_laboratory_or_none_when_mixed():
+    assert group_laboratories(np.array([0, 1, 1, 2, 2]), ["a", "b", "b", "c", "d"]) == ["a", "b", None]

@@ -93,3 +93,28 @@ def test_add_guard_groups_a_cell_banks_cells_by_laboratory_kind_and_class(tiny_t
     stored = add_guard(best, banked(fit), banked(held), percentile=90, device="cpu", log=lambda *_: None)
     assert stored["groups"] == ["pbc:eosinophil/normal", "pbc:eosinophil/blast", "pbc:lymphocyte/normal", "pbc:lymphocyte/blast"]
     assert len(load_checkpoint(best)["guard"]["class_means"]) == 4
+
+
+def test_each_laboratory_gets_its_own_edge_and_onnx_computes_the_same_score(tiny_tree, tmp_path):
+    """Two laboratories: a threshold per group from its own laboratory's held-out cells, exported with the graph."""
+    from leukodetect.runtime.export import ExportedClassifier, export_model
+
+    fit, held, best = tiny_model(tiny_tree, tmp_path, epochs=1)
+
+    def two_labs(rs):
+        return [replace(r, lab="a" if i % 2 else "b") for i, r in enumerate(rs)]
+
+    stored = add_guard(best, two_labs(fit), two_labs(held), percentile=50, device="cpu", log=lambda *_: None)
+    guard = load_checkpoint(best)["guard"]
+    assert len(guard["feature_group_thresholds"]) == len(guard["class_means"]) == len(stored["groups"])
+    assert set(stored["lab_thresholds"]) == {"a", "b"}
+    assert stored["feature_threshold"] == max(v["features"] for v in stored["lab_thresholds"].values())
+    paths = [r.path for r in held]
+    torch_scores = [p.ood_score for p in Classifier.from_checkpoint(best, backend="torch", precision="fp32").predict_paths(paths)]
+    onnx = ExportedClassifier.from_file(export_model(best, tmp_path / "m.onnx", fmt="onnx")["path"])
+    # float32 in both; the pixel statistics (a log of a small spread) differ in the fourth digit between the runtimes
+    np.testing.assert_allclose([p.ood_score for p in onnx.predict_paths(paths)], torch_scores, rtol=5e-3)
+    # The shipped format (weights in float16, the guard's arrays in float32) keeps the thresholds.
+    shipped = load_checkpoint(save_safetensors(load_checkpoint(best), tmp_path / "m.safetensors"))["guard"]
+    for key in ("feature_group_thresholds", "pixel_group_thresholds"):
+        np.testing.assert_array_equal(np.asarray(shipped[key]), np.asarray(guard[key]))

@@ -108,11 +108,20 @@ def fit_guard(features: np.ndarray, labels: np.ndarray, *, max_dims: int = MAX_D
     return GuardFit(center=center.astype(np.float32), projection=projection.astype(np.float32), class_means=full.astype(np.float32))
 
 
-def guard_scores(features: np.ndarray, fit: GuardFit) -> np.ndarray:
-    """Squared Mahalanobis distance to the nearest group mean, for (N, D) features (numpy reference)."""
+def guard_distances(features: np.ndarray, fit: GuardFit) -> np.ndarray:
+    """Squared Mahalanobis distance to each group mean, (N, C), for (N, D) features (numpy reference)."""
     z = (np.asarray(features, dtype=np.float64) - fit.center) @ fit.projection
-    d = ((z[:, None, :] - fit.class_means[None].astype(np.float64)) ** 2).sum(-1)
-    return d.min(1)
+    return ((z[:, None, :] - fit.class_means[None].astype(np.float64)) ** 2).sum(-1)
+
+
+def guard_scores(features: np.ndarray, fit: GuardFit, scales: np.ndarray | None = None) -> np.ndarray:
+    """Squared Mahalanobis distance to the nearest group mean, for (N, D) features (numpy reference).
+
+    With ``scales`` (C,), each group's distance is first divided by its own threshold
+    (:func:`group_thresholds`), and the score is 1 at the edge of the nearest group.
+    """
+    d = guard_distances(features, fit)
+    return (d if scales is None else d / np.asarray(scales, dtype=np.float64)[None]).min(1)
 
 
 def guard_threshold(held_out_scores: np.ndarray, percentile: float = 97.5) -> float:
@@ -140,3 +149,48 @@ def lab_guard_threshold(scores: np.ndarray, labs: np.ndarray, percentile: float,
         if (labs == lab).sum() >= min_lab:
             candidates.append(guard_threshold(scores[labs == lab], percentile))
     return max(candidates)
+
+
+#: Fewest held-out images of a laboratory for its groups to get an edge of their own (:func:`group_thresholds`).
+#: A percentile of n images is at most their largest, and about one new image in n + 1 lies beyond that:
+#: under 20 images that is more than the guard's 5% of in-distribution images flagged.
+MIN_LAB_OWN_EDGE = 20
+
+
+def group_thresholds(held_distances: np.ndarray, labs: np.ndarray, group_labs: Sequence[str | None], percentile: float, *,
+                     min_lab: int = MIN_LAB_OWN_EDGE) -> np.ndarray:
+    """A threshold per group (C,): the percentile of its own laboratory's held-out images' distances.
+
+    ``held_distances`` (N, C) are the held-out images' distances to every group mean
+    (:func:`guard_distances`), ``labs`` (N,) their laboratories and ``group_labs`` (C,) each group's
+    laboratory (None for a group of several). A laboratory of at least ``min_lab`` held-out images gets
+    the percentile of their distances to the nearest of its own groups, and each of its groups that
+    threshold: an image is then flagged when it is beyond every group's own edge, and a laboratory whose
+    cells vary widely no longer widens every other laboratory's edge. At most ``100 - percentile``
+    percent of a laboratory's held-out images lie beyond its own groups' edges, and so beyond the guard.
+    Other groups (a laboratory with too few held-out images, a group of several) get
+    :func:`lab_guard_threshold`'s single value (the largest of the percentiles pooled and per laboratory of
+    at least :data:`MIN_LAB_HELD_OUT` images): the guard of before 2026-12-07 (evening).
+    """
+    d, labs = np.asarray(held_distances, dtype=np.float64), np.asarray(labs)
+    if d.ndim != 2 or len(d) != len(labs) or d.shape[1] != len(group_labs):
+        raise ValueError(f"group_thresholds needs (N, C) distances, N laboratories and C group laboratories, "
+                         f"got {d.shape}, {len(labs)} and {len(group_labs)}")
+    fallback = lab_guard_threshold(d.min(1), labs, percentile)
+    out = np.full(d.shape[1], fallback)
+    owners = np.array(["" if g is None else str(g) for g in group_labs])
+    for lab in np.unique(labs):
+        own, rows = owners == str(lab), labs == lab
+        if own.any() and rows.sum() >= min_lab:
+            out[own] = guard_threshold(d[rows][:, own].min(1), percentile)
+    return out
+
+
+def group_laboratories(groups: np.ndarray, labs: Sequence[str | None]) -> list[str | None]:
+    """Each group's laboratory (:func:`guard_groups`' index per image, the images' laboratories); None for a mixed group."""
+    groups = np.asarray(groups).astype(int)
+    out: list[str | None] = []
+    for g in range(int(groups.max()) + 1 if len(groups) else 0):
+        found = {None if labs[i] is None else str(labs[i]) for i in np.flatnonzero(groups == g)}
+        out.append(found.pop() if len(found) == 1 else None)
+    return out

@@ -16,7 +16,7 @@ import torch
 
 from leukodetect.data.records import Record
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.evaluation.ood import fit_guard, guard_groups, guard_scores, lab_guard_threshold
+from leukodetect.evaluation.ood import fit_guard, group_laboratories, group_thresholds, guard_distances, guard_groups
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.guard import pixel_statistics
@@ -47,13 +47,15 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     Two distances are fitted (:class:`leukodetect.runtime.guard.Guard`): of the penultimate-layer
     features and of the pixel statistics, each to the nearest mean of a laboratory, kind and class
     (:func:`~leukodetect.evaluation.ood.guard_groups`: the kind is a cell bank's PBC cell type or Aria subtype;
-    before 2026-12-07 a laboratory and class, before 2026-12-06 a class). Each is scaled by
-    its own threshold, the ``(100 + percentile) / 2``-th percentile of the held-out images' distances,
-    so that together they flag about ``100 - percentile`` percent of new in-distribution images; the
-    stored threshold of the combined score is 1. With several laboratories the percentile is taken in
-    each one (:func:`~leukodetect.evaluation.ood.lab_guard_threshold`) and the largest kept: a small
-    laboratory with unusual images (C-NMC's cells on black) is not flagged wholesale because the pooled
-    percentile is set by the large ones.
+    before 2026-12-07 a laboratory and class, before 2026-12-06 a class). The distance to each group is
+    divided by its threshold, the ``(100 + percentile) / 2``-th percentile of the distances of its own
+    laboratory's held-out images to that laboratory's nearest group
+    (:func:`~leukodetect.evaluation.ood.group_thresholds`), so that together the two parts flag about
+    ``100 - percentile`` percent of a laboratory's new images; the stored threshold of the combined score
+    is 1. A laboratory with too few held-out images (C-NMC's) gets the largest laboratory percentile, as
+    every group did before 2026-12-07 (evening): a laboratory whose cells vary widely then set the edge of
+    all, and stained tissue and photographs passed through the gap. ``feature_threshold`` and
+    ``pixel_threshold`` are the largest of the groups' thresholds.
 
     Returns the stored guard description (thresholds, percentile, counts), without its arrays.
     """
@@ -66,25 +68,30 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     groups, group_names = guard_groups([r.lab for r in fit_kept], [r.label for r in fit_kept], clf.class_names, [r.kind for r in fit_kept])
     part = (100 + percentile) / 2
     held_labs = np.array([str(r.lab) for r in held_kept])
+    owners = group_laboratories(groups, [r.lab for r in fit_kept])
     feature_fit = fit_guard(clf.image_features(fit_images, batch_size=32), groups)
-    feature_threshold = lab_guard_threshold(guard_scores(clf.image_features(held_images, batch_size=32), feature_fit), held_labs, part)
+    feature_edges = group_thresholds(guard_distances(clf.image_features(held_images, batch_size=32), feature_fit), held_labs, owners, part)
     pixel_fit = fit_guard(view_pixel_statistics(clf, fit_images), groups)
-    pixel_threshold = lab_guard_threshold(guard_scores(view_pixel_statistics(clf, held_images), pixel_fit), held_labs, part)
+    pixel_edges = group_thresholds(guard_distances(view_pixel_statistics(clf, held_images), pixel_fit), held_labs, owners, part)
+    feature_threshold, pixel_threshold = float(feature_edges.max()), float(pixel_edges.max())
     bundle = load_checkpoint(checkpoint)
     arrays = {"center": feature_fit.center, "projection": feature_fit.projection, "class_means": feature_fit.class_means,
-              "pixel_center": pixel_fit.center, "pixel_projection": pixel_fit.projection, "pixel_class_means": pixel_fit.class_means}
+              "pixel_center": pixel_fit.center, "pixel_projection": pixel_fit.projection, "pixel_class_means": pixel_fit.class_means,
+              "feature_group_thresholds": feature_edges.astype(np.float32), "pixel_group_thresholds": pixel_edges.astype(np.float32)}
     guard = {**{k: torch.from_numpy(v) for k, v in arrays.items()},
              "threshold": 1.0, "feature_threshold": feature_threshold, "pixel_threshold": pixel_threshold,
+             "lab_thresholds": {str(lab): {"features": float(feature_edges[i]), "pixels": float(pixel_edges[i])}
+                                for i, lab in enumerate(owners) if lab is not None},
              "percentile": float(percentile), "fitted_on": len(fit_kept), "threshold_on": len(held_images),
              "dims": int(feature_fit.projection.shape[1]), "groups": group_names,
              "score": "the larger of two squared Mahalanobis distances to the nearest mean of a laboratory, kind and class "
-                      "(shared covariance), each divided by its threshold: of the penultimate-layer features, and of the "
-                      "pixel statistics"}
+                      "(shared covariance), each group's divided by its laboratory's threshold: of the penultimate-layer "
+                      "features, and of the pixel statistics"}
     bundle["guard"] = guard
     save_checkpoint(bundle, checkpoint)
     log(f"Guard fitted on {len(fit_kept)} training images in {len(group_names)} groups (laboratory, kind and class); "
-        f"thresholds (features {feature_threshold:.1f}, pixels {pixel_threshold:.1f}) at the {part:g}th percentile of "
-        f"{len(held_images)} held-out images' distances each.")
+        f"thresholds at the {part:g}th percentile of each laboratory's held-out images' distances ({len(held_images)} images): "
+        f"features {feature_edges.min():.1f}-{feature_threshold:.1f}, pixels {pixel_edges.min():.1f}-{pixel_threshold:.1f}.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
 
 

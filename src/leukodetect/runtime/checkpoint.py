@@ -122,7 +122,8 @@ def save_checkpoint(obj: dict[str, Any], path: Path) -> Path:
 SAFETENSORS_KEY = "leukodetect"
 #: The out-of-distribution guard's arrays (``bundle["guard"]``, see :mod:`leukodetect.runtime.guard`),
 #: stored as tensors under these names with this prefix in a safetensors file.
-GUARD_TENSORS = ("center", "projection", "class_means", "pixel_center", "pixel_projection", "pixel_class_means")
+GUARD_TENSORS = ("center", "projection", "class_means", "pixel_center", "pixel_projection", "pixel_class_means",
+                 "feature_group_thresholds", "pixel_group_thresholds")
 
 
 def save_safetensors(bundle: dict[str, Any], path: Path, *, half: bool = True) -> Path:

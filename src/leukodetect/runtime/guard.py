@@ -52,17 +52,21 @@ def pixel_statistics(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Distance(nn.Module):
-    """``min_c || (v - center) @ projection - class_means[c] ||^2`` for vectors ``v`` (N, D)."""
+    """``min_c || (v - center) @ projection - class_means[c] ||^2 / scales[c]`` for vectors ``v`` (N, D).
 
-    def __init__(self, center: torch.Tensor, projection: torch.Tensor, class_means: torch.Tensor) -> None:
+    ``scales`` are the groups' own thresholds where the guard has them (1 otherwise).
+    """
+
+    def __init__(self, center: torch.Tensor, projection: torch.Tensor, class_means: torch.Tensor, scales=None) -> None:
         super().__init__()
         self.register_buffer("center", torch.as_tensor(center).float())
         self.register_buffer("projection", torch.as_tensor(projection).float())
         self.register_buffer("class_means", torch.as_tensor(class_means).float())
+        self.register_buffer("scales", torch.ones(len(self.class_means)) if scales is None else torch.as_tensor(scales).float())
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         z = (v.float() - self.center) @ self.projection
-        return ((z[:, None, :] - self.class_means[None]) ** 2).sum(-1).amin(1)
+        return (((z[:, None, :] - self.class_means[None]) ** 2).sum(-1) / self.scales[None]).amin(1)
 
 
 class Guard(nn.Module):
@@ -71,8 +75,11 @@ class Guard(nn.Module):
     One is the Mahalanobis distance of the penultimate-layer features (what the network makes of the
     image); the other that of :func:`pixel_statistics` (what the image is). Each is divided by its
     threshold (a high percentile of held-out in-distribution images), so the score is 1 at the edge of
-    the training distribution whichever part decides, and the checkpoint's threshold is 1. A guard
-    fitted before the pixel part existed has the feature distance alone, in its own units.
+    the training distribution whichever part decides, and the checkpoint's threshold is 1. Since
+    2026-12-07 (evening) each group of training images (laboratory, kind and class) has a threshold of
+    its own laboratory's (``feature_group_thresholds``, ``pixel_group_thresholds``) and the distance to
+    each group is divided by it before the nearest is taken; before, one threshold per part served every
+    group. A guard fitted before the pixel part existed has the feature distance alone, in its own units.
     """
 
     def __init__(self, features: _Distance, pixels: _Distance | None = None, scales: tuple[float, float] = (1.0, 1.0),
@@ -95,11 +102,15 @@ class Guard(nn.Module):
     @classmethod
     def from_stats(cls, stats: dict, *, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> Guard:
         """The guard stored in a checkpoint; ``mean``/``std`` are the checkpoint's input normalisation."""
-        features = _Distance(*(np.asarray(stats[k]) for k in ("center", "projection", "class_means")))
+        per_group = "feature_group_thresholds" in stats
+        features = _Distance(*(np.asarray(stats[k]) for k in ("center", "projection", "class_means")),
+                             scales=np.asarray(stats["feature_group_thresholds"]) if per_group else None)
         if "pixel_center" not in stats:
             return cls(features)
-        pixels = _Distance(*(np.asarray(stats[k]) for k in ("pixel_center", "pixel_projection", "pixel_class_means")))
-        return cls(features, pixels, (stats["feature_threshold"], stats["pixel_threshold"]), mean=mean, std=std)
+        pixels = _Distance(*(np.asarray(stats[k]) for k in ("pixel_center", "pixel_projection", "pixel_class_means")),
+                           scales=np.asarray(stats["pixel_group_thresholds"]) if per_group else None)
+        scales = (1.0, 1.0) if per_group else (stats["feature_threshold"], stats["pixel_threshold"])
+        return cls(features, pixels, scales, mean=mean, std=std)
 
 
 def without_head(model: nn.Module, head: str) -> tuple[nn.Module, nn.Module]:
