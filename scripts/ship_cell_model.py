@@ -65,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--test", type=Path, required=True, help="figures of the run's test split, by laboratory (JSON)")
-    parser.add_argument("--cross-lab", type=Path, help="cross_lab.json of the recipe's leave-one-laboratory-out run")
+    parser.add_argument("--cross-lab", type=Path, action="append", default=[],
+                        help="cross_lab.json of the recipe's leave-one-laboratory-out run; repeated, the held-out "
+                             "laboratories of several runs (a laboratory in two: the later file's)")
     parser.add_argument("--cross-lab-doc", default="", help="where the leave-one-laboratory-out figures are written, "
                         "when the run's cross_lab.json is not at hand")
     parser.add_argument("--note", default="", help="where and how the figures were measured")
@@ -75,7 +77,10 @@ def main() -> None:
     missing = [k for k in ("labs", "scale", "guard") if k not in bundle]
     if missing:
         raise SystemExit(f"{args.checkpoint} lacks {missing}: train it with --data LAB=PATH ... --guard.")
-    cross = json.loads(args.cross_lab.read_text()) if args.cross_lab else None
+    cross = None
+    for path in args.cross_lab:
+        run = json.loads(path.read_text())
+        cross = {"held_out": {**(cross or {}).get("held_out", {}), **run.get("held_out", {})}}
     bundle["model_card"] = model_card(bundle, json.loads(args.test.read_text()), cross, args.note, args.cross_lab_doc)
     for key in ("optimizer", "scheduler", "raw_state_dict"):
         bundle.pop(key, None)

@@ -154,3 +154,6 @@ def test_explain_says_review_where_predict_does(tmp_path):
     runner = CliRunner()
     said = runner.invoke(app, ["explain", str(noise), "--out", str(tmp_path / "cli.png")], catch_exceptions=False)
     assert said.exit_code == 0 and f"review: {UNLIKE_TRAINING}" in " ".join(said.output.split())
+    # A gallery's overlays (explain_many) say it too, from the same pass as their heatmaps.
+    (many,) = explain_many(shipped, [noise], tmp_path / "gallery")
+    assert many["label"] == REVIEW and many["prob_blast"] == pytest.approx(result["prob_blast"], abs=1e-5)

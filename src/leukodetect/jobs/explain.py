@@ -73,8 +73,7 @@ def explain_file(
         raise _exists(out)
     notes: list[str] = []
     image, _ = clf.view(open_rgb(path, notes=notes), rbc_diameter=rbc_diameter, name=path.name, notes=notes)
-    heatmaps, probs = gradcam_batch(clf, [image], target_class)
-    _, scores = clf.image_outputs([image])
+    heatmaps, probs, scores = gradcam_batch(clf, [image], target_class)
     score = None if scores is None else float(scores[0])
     label = clf.call(float(probs[0]), score)
     png = _png_bytes(overlay(image, heatmaps[0]))
@@ -113,7 +112,8 @@ def explain_many(
     gets an entry with ``error`` (one sentence naming it) and the others go on.
 
     Returns:
-        one dict per input path, in order: {"path", "prob_blast", "label", "out", "error"}.
+        one dict per input path, in order: {"path", "prob_blast", "label", "out", "error"}; the label is
+        "review" where the model's guard finds the image unlike its training images, as ``predict`` says.
     """
     clf = _classifier(classifier)
     out_dir = Path(out_dir)
@@ -128,11 +128,12 @@ def explain_many(
                 results[i]["error"] = str(exc)
         if not chunk:
             continue
-        heatmaps, probs = gradcam_batch(clf, [image for _, image in chunk], target_class)
-        for (i, image), heatmap, prob in zip(chunk, heatmaps, probs):
+        heatmaps, probs, scores = gradcam_batch(clf, [image for _, image in chunk], target_class)
+        for k, ((i, image), heatmap, prob) in enumerate(zip(chunk, heatmaps, probs)):
             target = out_dir / f"{Path(paths[i]).stem}{SUFFIX}.png"
             written = _write_fresh(target, _png_bytes(overlay(image, heatmap)))
-            results[i].update(prob_blast=float(prob), label=clf.call(float(prob)), out=str(written))
+            score = None if scores is None else float(scores[k])
+            results[i].update(prob_blast=float(prob), label=clf.call(float(prob), score), out=str(written))
     return results
 
 

@@ -33,7 +33,7 @@ def gradcam(classifier: Classifier, image: Image.Image, target_class: int = 1) -
         float32 array (H, W) of the image's own size, scaled to [0, 1] (all zeros where no
         location raises the class score).
     """
-    heatmaps, _ = gradcam_batch(classifier, [image], target_class)
+    heatmaps, _, _ = gradcam_batch(classifier, [image], target_class)
     return heatmaps[0]
 
 
@@ -51,8 +51,28 @@ def overlay(image: Image.Image, heatmap: np.ndarray, *, image_weight: float = 0.
     return Image.fromarray(show_cam_on_image(rgb, np.clip(heatmap, 0.0, 1.0), use_rgb=True, image_weight=image_weight))
 
 
-def gradcam_batch(clf: Classifier, images: Sequence[Image.Image], target_class: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Heatmaps (each at its image's size) and blast probabilities for a batch of images."""
+class _LogitsKeepingScore(torch.nn.Module):
+    """The classifier's guarded network as Grad-CAM wants a model: logits out; the guard's score kept aside.
+
+    The network shares the model's modules, so the hooks Grad-CAM sets on the model's layer fire in it.
+    """
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.score: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, score = self.network(x)
+        self.score = score.detach()
+        return logits
+
+
+def gradcam_batch(clf: Classifier, images: Sequence[Image.Image], target_class: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """Heatmaps (each at its image's size), blast probabilities and guard scores (None without a guard) for a batch.
+
+    One float32 forward pass gives all three.
+    """
 
     n_classes = len(clf.class_names)
     if not 0 <= target_class < n_classes:
@@ -63,11 +83,13 @@ def gradcam_batch(clf: Classifier, images: Sequence[Image.Image], target_class: 
     # Grad-CAM needs gradients: enable them even if a caller runs under no_grad, and keep float32
     # (no autocast) so low-precision gradients do not blur the map. A channels-last model is fine.
     autocast_off = torch.autocast(clf.device.type, enabled=False) if clf.device.type in ("cpu", "cuda") else contextlib.nullcontext()
-    with torch.enable_grad(), autocast_off, GradCAM(model=clf.model, target_layers=[layer]) as cam:
+    model = _LogitsKeepingScore(clf.network)
+    with torch.enable_grad(), autocast_off, GradCAM(model=model, target_layers=[layer]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target_class)] * len(images))
         logits = cam.outputs.detach().float()
     clf.model.zero_grad(set_to_none=True)
     probs = torch.softmax(logits / clf.temperature, dim=1)[:, 1].cpu().numpy()
+    scores = model.score.float().cpu().numpy() if clf.guard_threshold is not None else None
     # Back from the model's square input to each image's own size (and rescaled to [0, 1]).
     heatmaps = [scale_cam_image(m[None], target_size=image.size)[0] for m, image in zip(maps, images)]
-    return heatmaps, probs
+    return heatmaps, probs, scores
