@@ -172,6 +172,17 @@ def white_cell_points(rgb: np.ndarray, points: Sequence[tuple[float, float]]) ->
     return [tuple(pt) for pt, keep in zip(points, near) if keep]
 
 
+def photograph_scales(records: Sequence[Record]) -> dict[Path, float | None]:
+    """Each photograph's own red-cell diameter in pixels (None where it cannot be measured or read)."""
+    out: dict[Path, float | None] = {}
+    for record in records:
+        try:
+            out[record.path] = estimate_rbc_diameter(np.asarray(open_rgb(record.path))).diameter
+        except BadImageError:
+            out[record.path] = None
+    return out
+
+
 def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScale, *, max_per_field: int = 0,
                jpeg_quality: int = 0, progress: bool = False, log=print) -> Path:
     """Cut every source's cells into ``out_dir`` at one scale; return ``out_dir/cells.csv``.
@@ -206,10 +217,15 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
     for source in sources:
         fmt = source.format if source.format != "auto" else detect_format(source.path)
         records = [r for r in index_dataset(source.path, fmt) if r.label is not None]
-        diameter, how = lab_scale(source, fmt, records)
+        per_photograph = photograph_scales(records) if fmt == "allidb1" and not source.rbc_diameter else {}
+        if [d for d in per_photograph.values() if d is not None]:
+            measured = [d for d in per_photograph.values() if d is not None]
+            diameter, how = round(float(np.median(measured)), 2), f"measured: median over {len(measured)} of {len(records)} of its images"
+        else:
+            diameter, how = lab_scale(source, fmt, records)
         log(f"{source.lab}: {len(records)} images ({fmt}); red-cell diameter {diameter:g} px ({how}).")
         groups = split_groups(records, near_duplicates=fmt == "aria")
-        n_cells, unreadable, per_photograph = 0, 0, []
+        n_cells, unreadable = 0, 0
         for record, group in tqdm(list(zip(records, groups)), desc=f"cells of {source.lab}", disable=not progress):
             try:
                 rgb = np.asarray(open_rgb(record.path))
@@ -217,10 +233,7 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
                 log(f"skipped: {exc}")
                 unreadable += 1
                 continue
-            here = diameter
-            if fmt == "allidb1" and not source.rbc_diameter:  # two cameras at two magnifications: each photograph measured
-                here = estimate_rbc_diameter(rgb).diameter or diameter
-                per_photograph.append(here)
+            here = per_photograph.get(record.path) or diameter
             centres = list(enumerate(cell_centres(record, fmt, rgb, here)))
             if max_per_field and fmt in FIELDS and len(centres) > max_per_field:
                 rng = np.random.default_rng(zlib.crc32(record.path.stem.encode()))
@@ -238,8 +251,9 @@ def build_bank(sources: Sequence[LabSource], out_dir: Path, scale: CanonicalScal
                 n_cells += 1
         labels = Counter(r["label"] for r in rows if r["lab"] == source.lab)
         if per_photograph:
-            how = (f"measured on each photograph ({min(per_photograph):g}-{max(per_photograph):g} px); {diameter:g} px, "
-                   f"the laboratory's median, where one could not be")
+            found = [d for d in per_photograph.values() if d is not None]
+            how = (f"measured on each photograph ({min(found, default=diameter):g}-{max(found, default=diameter):g} px); "
+                   f"{diameter:g} px, the laboratory's median, where one could not be")
         summary[source.lab] = {"source": str(source), "format": fmt, "rbc_diameter": diameter, "scale": how,
                                "images": len(records), "unreadable": unreadable, "cells": n_cells,
                                "normal": labels.get(0, 0), "blast": labels.get(1, 0)}
