@@ -191,7 +191,7 @@ def test_a_cell_beyond_the_guard_is_review_whatever_its_probability_and_the_smea
     assert first["call"] == "review" and first["unlike_training"] and first["prob_blast"] == 0.95 and first["ood_score"] == 5.0
     assert [c["call"] for c in flagged["cells"][1:]] == ["normal", "normal"]
     assert flagged["verdict"] == "review" and flagged["n_unlike_training"] == 1 and flagged["n_blast"] == 0
-    assert "1 of its 3 white cells are unlike the images this model was trained on" in flagged["reason"]
+    assert "1 of its 3 white cells is unlike the images this model was trained on" in flagged["reason"]
 
     clf.image_outputs = outputs([0.5, 0.2, 0.3])  # all within the guard: the blast counts
     trusted = analyze(synthetic_smear(), clf)

@@ -209,7 +209,7 @@ def analyze(
     else:
         verdict = rule(counts["blast"], counts["review"]) if classifier is not None else "not classified"
         if verdict == "review" and n_unlike:
-            reason = f"{n_unlike} of its {white} white cells are {UNLIKE_TRAINING}: a person should look"
+            reason = f"{n_unlike} of its {white} white cells {'is' if n_unlike == 1 else 'are'} {UNLIKE_TRAINING}: a person should look"
     return {
         "width": width, "height": height,
         "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
