@@ -53,7 +53,7 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     (:func:`~leukodetect.evaluation.ood.group_thresholds`), so that together the two parts flag about
     ``100 - percentile`` percent of a laboratory's new images; the stored threshold of the combined score
     is 1. A laboratory with too few held-out images (C-NMC's) gets the largest laboratory percentile, as
-    every group did before 2026-12-07 (evening): a laboratory whose cells vary widely then set the edge of
+    every group did before 2026-12-07 (06:31 UTC): a laboratory whose cells vary widely then set the edge of
     all, and stained tissue and photographs passed through the gap. ``feature_threshold`` and
     ``pixel_threshold`` are the largest of the groups' thresholds.
 
