@@ -170,7 +170,7 @@ def group_thresholds(held_distances: np.ndarray, labs: np.ndarray, group_labs: S
     percent of a laboratory's held-out images lie beyond its own groups' edges, and so beyond the guard.
     Other groups (a laboratory with too few held-out images, a group of several) get
     :func:`lab_guard_threshold`'s single value (the largest of the percentiles pooled and per laboratory of
-    at least :data:`MIN_LAB_HELD_OUT` images): the guard of before 2026-12-07 (evening).
+    at least :data:`MIN_LAB_HELD_OUT` images): the guard of before 2026-12-07 (06:31 UTC).
     """
     d, labs = np.asarray(held_distances, dtype=np.float64), np.asarray(labs)
     if d.ndim != 2 or len(d) != len(labs) or d.shape[1] != len(group_labs):

@@ -76,7 +76,7 @@ class Guard(nn.Module):
     image); the other that of :func:`pixel_statistics` (what the image is). Each is divided by its
     threshold (a high percentile of held-out in-distribution images), so the score is 1 at the edge of
     the training distribution whichever part decides, and the checkpoint's threshold is 1. Since
-    2026-12-07 (evening) each group of training images (laboratory, kind and class) has a threshold of
+    2026-12-07 (06:31 UTC) each group of training images (laboratory, kind and class) has a threshold of
     its own laboratory's (``feature_group_thresholds``, ``pixel_group_thresholds``) and the distance to
     each group is divided by it before the nearest is taken; before, one threshold per part served every
     group. A guard fitted before the pixel part existed has the feature distance alone, in its own units.
