@@ -120,10 +120,34 @@ def test_a_thin_or_1_pixel_image_is_cannot_assess_with_its_size_and_its_overlay_
         assert result["verdict"] == CANNOT_ASSESS and result["cells"] == []
         assert f"{shown} pixels, below the {MIN_SIDE}-pixel minimum side" in result["reason"]
         assert draw_overlay(image, result).size[0] >= 1 and draw_gallery(image, result).size[0] > 0
-    # The overlay of a strip is at least one pixel a side (a 0-pixel resize was a cv2 assertion).
+    # The overlay of a strip is at least one pixel a side (a 0-pixel resize was a cv2 assertion), under its header band.
     empty = {"cells": [], "verdict": "healthy", "n_blast": 0, "n_review": 0, "n_cells": 0}
-    assert draw_overlay(strip, empty).size == (2000, 1)
-    assert draw_overlay(np.full((20000, 2, 3), 200, np.uint8), empty).size == (1, 2000)
+    wide, tall = draw_overlay(strip, empty), draw_overlay(np.full((20000, 2, 3), 200, np.uint8), empty)
+    assert wide.size[0] == 2000 and wide.size[1] > 1
+    assert tall.size[0] == 1 and tall.size[1] > 2000
+
+
+def test_the_overlay_of_a_small_field_is_enlarged_and_its_reason_is_wrapped_above_it_in_full():
+    import numpy as np
+
+    from leukodetect.detection.pipeline import OVERLAY_MIN_SIDE, draw_overlay
+
+    field = np.full((224, 224, 3), 180, np.uint8)
+    reason = "3 of its 10 white cells are unlike the images this model was trained on: a person should look"
+    result = {"cells": [{"box": [20, 20, 60, 60], "call": "review", "prob_blast": 0.01}], "verdict": "review",
+              "n_blast": 0, "n_review": 3, "n_cells": 10, "reason": reason}
+    overlay = np.asarray(draw_overlay(field, result))
+    assert overlay.shape[1] == OVERLAY_MIN_SIDE
+    picture = overlay[-OVERLAY_MIN_SIDE:]
+    band = overlay[:-OVERLAY_MIN_SIDE]
+    assert len(band) > 0 and (band == 255).all(axis=2).any()  # a white band above the picture
+    assert (band < 128).all(axis=2).sum() > 0  # with the text in it
+    # The text wraps: the long reason needs more than one line at this width, and no line runs off the right edge.
+    ink_rows = np.flatnonzero((band < 128).all(axis=2).any(axis=1))
+    assert ink_rows.max() - ink_rows.min() > 40
+    assert not (band[:, -4:] < 128).all(axis=2).any()
+    # The box is drawn at the enlarged scale, in review's colour, on the picture (not under the band).
+    assert tuple(picture[round(40 * OVERLAY_MIN_SIDE / 224), round(20 * OVERLAY_MIN_SIDE / 224)]) == (255, 150, 0)
 
 
 def test_detect_folder_with_thin_images_reports_each_and_goes_on(crop_checkpoint, smear_png, tmp_path):

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from leukodetect.detection import load_detector
+from leukodetect.detection.pipeline import OVERLAY_MIN_SIDE
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.serving import create_app
 
@@ -20,7 +21,9 @@ def test_analyze_returns_cells_counts_verdict_overlay_and_gallery(crop_checkpoin
     assert len(body["cells"]) == 3  # the synthetic smear holds three white cells
     assert sum(body["counts"].values()) == 3
     assert body["verdict"] in ("ALL", "healthy", "review")
-    assert Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))).size == (400, 400)
+    # The 400-pixel smear, enlarged to the overlay's minimum side, under its verdict band.
+    width, height = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))).size
+    assert width == OVERLAY_MIN_SIDE and height > OVERLAY_MIN_SIDE
     assert Image.open(io.BytesIO(base64.b64decode(body["gallery_png"]))).format == "PNG"
 
 

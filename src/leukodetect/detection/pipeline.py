@@ -9,6 +9,7 @@ scale the crop classifier was trained at (stored in its checkpoint under ``"dete
 
 from __future__ import annotations
 
+import textwrap
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -286,14 +287,36 @@ def assessment(grey: bool, rbc_count: int, white_cells: int, *, size: tuple[int,
     return None
 
 
-def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int = 2000) -> Image.Image:
-    """The photograph (downscaled to ``max_side``) with a box per cell coloured by call and P(blast)."""
+#: Overlays of smaller photographs are enlarged to this long side, so that boxes and numbers can be read
+#: (Aria's fields are 224 pixels, BCCD's 640).
+OVERLAY_MIN_SIDE = 800
+
+
+def overlay_header(result: dict) -> str:
+    """The overlay's first line: the verdict with its reason, or with the counts where there is none."""
+    header = f"{result['verdict']}: {result['n_blast']} blast, {result['n_review']} review, {result['n_cells']} white cells"
+    if result.get("reason"):
+        header = f"{result['verdict']}: {result['reason']}"
+    if result.get("n_smudge"):
+        header += f", {result['n_smudge']} smudge"
+    return header
+
+
+def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int = 2000,
+                 min_side: int = OVERLAY_MIN_SIDE) -> Image.Image:
+    """The photograph with a box per cell coloured by call and P(blast), under a white band with the verdict.
+
+    The photograph is downscaled to ``max_side`` or, when smaller than ``min_side``, enlarged to it; the
+    verdict and its reason are wrapped to the picture's width in the band above it, so that neither is cut
+    off nor drawn over the cells.
+    """
     rgb = as_array(image)
     height, width = rgb.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
+    long_side = max(height, width)
+    scale = max_side / long_side if long_side > max_side else min_side / long_side if long_side < min_side else 1.0
     # An explicit size, at least 1 pixel a side: with fx/fy a 1x20000 strip rounded to a 0-pixel width.
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    canvas = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA) if scale < 1 else rgb.copy()
+    canvas = rgb.copy() if scale == 1 else cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     thick = max(1, round(max(canvas.shape[:2]) / 600))
     for cell in result["cells"]:
         x0, y0, x1, y1 = (round(v * scale) for v in cell["box"])
@@ -302,13 +325,20 @@ def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int
         if cell["prob_blast"] is not None:
             cv2.putText(canvas, f"{cell['prob_blast']:.2f}", (x1 + 2, max(12, y0 + 12)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.4 * thick, colour, thick, cv2.LINE_AA)
-    header = f"{result['verdict']}: {result['n_blast']} blast, {result['n_review']} review, {result['n_cells']} white cells"
-    if result.get("reason"):
-        header = f"{result['verdict']}: {result['reason']}"
-    if result.get("n_smudge"):
-        header += f", {result['n_smudge']} smudge"
-    cv2.putText(canvas, header, (10, 30 * thick), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * thick, (0, 0, 0), thick + 1, cv2.LINE_AA)
-    return Image.fromarray(canvas)
+    return Image.fromarray(np.vstack([header_band(overlay_header(result), canvas.shape[1], thick), canvas]))
+
+
+def header_band(text: str, width: int, thick: int = 1) -> np.ndarray:
+    """A white band ``width`` pixels wide holding ``text`` in black, wrapped to lines that fit it."""
+    font, size = cv2.FONT_HERSHEY_SIMPLEX, 0.6 * thick
+    (sample, line), _ = cv2.getTextSize("x" * 40, font, size, thick + 1)
+    per_line = max(8, int((width - 20) / (sample / 40)))
+    lines = textwrap.wrap(text, per_line) or [""]
+    step = line + 12 * thick
+    band = np.full((step * len(lines) + 10 * thick, width, 3), 255, np.uint8)
+    for i, words in enumerate(lines):
+        cv2.putText(band, words, (10, step * (i + 1)), font, size, (0, 0, 0), thick + 1, cv2.LINE_AA)
+    return band
 
 
 def draw_gallery(image: Image.Image | np.ndarray, result: dict, *, tile: int = 96, columns: int = 10) -> Image.Image:
