@@ -824,7 +824,7 @@ def serve(
 @app.command()
 @_errors_to_exit
 def detect(
-    image_or_dir: Path = typer.Argument(..., help="A smear photograph or a folder of them."),
+    images: list[Path] = typer.Argument(..., help="Smear photographs or folders of them (folders are searched recursively)."),
     checkpoint: Optional[Path] = typer.Option(None, help="The cell model that classifies the located cells (default: the shipped one that goes "
                                               "with --locator: the five-laboratory model, or the ALL-IDB1 detector with colour)."),
     locate_only: bool = typer.Option(False, "--locate-only", help="Only locate the white cells; do not classify them."),
@@ -849,7 +849,7 @@ def detect(
     if checkpoint is None and not locate_only:
         _log("No cell model for the located cells in this installation: locating cells only (pass --checkpoint).")
     learned = resolve_locator(locator_weights) if locator == "learned" else None
-    rows = run_detect(image_or_dir, checkpoint, out_dir, locator=learned, backend=backend, review_band=(review_low, review_high),
+    rows = run_detect(images, checkpoint, out_dir, locator=learned, backend=backend, review_band=(review_low, review_high),
                       use_gate=smudge_gate, use_scorer=cell_scorer, progress=_progress(), log=_log)
     _print_detections(rows, out_dir, as_json)
     if all("error" in r for r in rows):

@@ -54,6 +54,26 @@ def test_detect_command_writes_outputs_skips_bad_files_and_never_overwrites(crop
     assert again.exit_code == 2 and "already exists" in again.output
 
 
+def test_detect_takes_several_photographs_and_refuses_two_that_would_write_the_same_outputs(smear_png, tmp_path):
+    a, b = tmp_path / "a" / "one.png", tmp_path / "b" / "two.png"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(smear_png.read_bytes())
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["detect", str(a), str(b), "--locate-only", "--locator", "colour", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {"one.json", "two.json", "one_overlay.png", "two_overlay.png", "summary.csv"}
+    assert len((out / "summary.csv").read_text().splitlines()) == 3
+
+    twin = tmp_path / "c" / "one.png"
+    twin.parent.mkdir()
+    twin.write_bytes(smear_png.read_bytes())
+    clash = runner.invoke(app, ["detect", str(a), str(twin), "--locate-only", "--locator", "colour", "--out", str(tmp_path / "o2")])
+    assert clash.exit_code == 2
+    assert "would both write" in clash.output and "one.png" in clash.output
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
+
+
 def test_detect_locate_only(smear_png, tmp_path):
     result = runner.invoke(app, ["detect", str(smear_png), "--locate-only", "--locator", "colour", "--out", str(tmp_path / "o"), "--json"])
     assert result.exit_code == 0, result.output

@@ -33,6 +33,17 @@ def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
     return {"json": out_dir / f"{stem}.json", "overlay": out_dir / f"{stem}_overlay.png", "gallery": out_dir / f"{stem}_gallery.png"}
 
 
+def check_distinct(paths: Sequence[Path], out_dir: Path) -> None:
+    """Refuse two inputs that would write the same outputs (one name in two folders): one sentence naming both."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        stem = Path(path).stem
+        if stem in seen and Path(seen[stem]) != Path(path):
+            raise LeukoError(f"{seen[stem]} and {path} would both write {out_dir / stem}.json and its pictures; "
+                             "run them into different --out folders, or rename one.")
+        seen[stem] = Path(path)
+
+
 def check_free(paths: Sequence[Path]) -> None:
     """Refuse to overwrite: one sentence naming the first output that already exists."""
     for path in paths:
@@ -83,6 +94,7 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
     """
     out_dir = Path(out_dir)
     summary = out_dir / "summary.csv"
+    check_distinct(paths, out_dir)
     check_free([summary] * (len(paths) > 1) + [p for path in paths for p in output_paths(path, out_dir).values()])
     rows: list[dict] = []
     for path in tqdm(paths, desc="detect", disable=not progress):
@@ -113,15 +125,17 @@ def _one_line(exc: Exception, limit: int = 200) -> str:
 
 
 def run_detect(
-    image_or_dir: Path, checkpoint: Path | None, out_dir: Path, *, locator: Path | None = None, backend: str = "auto",
+    images: Path | Sequence[Path], checkpoint: Path | None, out_dir: Path, *, locator: Path | None = None, backend: str = "auto",
     progress: bool = False, log=print, **kwargs,
 ) -> list[dict]:
     """``leukodetect detect``: load the classifier (if any) and the locator once, analyse every image, write outputs.
 
-    ``locator`` is a learned white-cell locator's weights (None: the colour locator); ``backend`` is
+    ``images`` is an image, a folder (searched recursively) or several of either. ``locator`` is a
+    learned white-cell locator's weights (None: the colour locator); ``backend`` is
     :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
     """
-    paths = image_paths(image_or_dir)
+    given = [images] if isinstance(images, (str, Path)) else list(images)
+    paths = list(dict.fromkeys(path for image_or_dir in given for path in image_paths(Path(image_or_dir))))
     classifier = None
     if checkpoint is not None:
         classifier = Classifier.from_checkpoint(Path(checkpoint), backend=backend, log=log)
