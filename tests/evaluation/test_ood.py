@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from leukodetect.evaluation.ood import (fit_guard, group_laboratories, group_thresholds, guard_distances, guard_groups, guard_scores,
-                                       guard_threshold, lab_guard_threshold)
+                                       guard_threshold, lab_guard_threshold, out_of_fold_distances)
 from leukodetect.runtime.guard import Guard
 
 
@@ -161,3 +161,22 @@ def test_a_widely_spread_laboratory_no_longer_widens_a_narrow_ones_edge():
 
 def test_group_laboratories_names_a_groups_laboratory_or_none_when_mixed():
     assert group_laboratories(np.array([0, 1, 1, 2, 2]), ["a", "b", "b", "c", "d"]) == ["a", "b", None]
+
+
+def test_out_of_fold_distances_come_from_a_fit_without_the_images_fold():
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 1, (40, 6)), rng.normal(3, 1, (40, 6)), rng.normal(-3, 1, (4, 6))])
+    groups = np.array([0] * 40 + [1] * 40 + [2] * 4)
+    folds = np.arange(len(x)) % 4
+    folds[80:] = 0  # every image of group 2 in fold 0: no fit of fold 0 has that group
+    d = out_of_fold_distances(x, groups, folds)
+    assert d.shape == (84, 3)
+    for fold in range(4):
+        inside = folds == fold
+        expected = guard_distances(x[inside], fit_guard(x[~inside], groups[~inside]))
+        got = d[inside][:, : expected.shape[1]]  # a fit without group 2 has no column for it
+        np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(got)], rtol=1e-6)
+    assert np.isinf(d[folds == 0][:, 2]).all() and np.isfinite(d[folds == 1]).all()
+    # In-sample distances understate a new image's: out of fold, each image is as far as a new one would be.
+    in_sample = guard_distances(x[:80], fit_guard(x[:80], groups[:80]))[np.arange(80), groups[:80]]
+    assert d[np.arange(80), groups[:80]].mean() > in_sample.mean()

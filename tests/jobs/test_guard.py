@@ -107,6 +107,8 @@ def test_each_laboratory_gets_its_own_edge_and_onnx_computes_the_same_score(tiny
     stored = add_guard(best, two_labs(fit), two_labs(held), percentile=50, device="cpu", log=lambda *_: None)
     guard = load_checkpoint(best)["guard"]
     assert len(guard["feature_group_thresholds"]) == len(guard["class_means"]) == len(stored["groups"])
+    # The pixel part's edges also read the training cells out of fold (the features' do not: the network fitted them).
+    assert stored["crossfit_folds"] == (5 if len({r.group for r in fit}) >= 5 else 0)
     assert set(stored["lab_thresholds"]) == {"a", "b"}
     assert stored["feature_threshold"] == max(v["features"] for v in stored["lab_thresholds"].values())
     paths = [r.path for r in held]

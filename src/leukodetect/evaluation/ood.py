@@ -186,6 +186,28 @@ def group_thresholds(held_distances: np.ndarray, labs: np.ndarray, group_labs: S
     return out
 
 
+def out_of_fold_distances(features: np.ndarray, groups: np.ndarray, folds: np.ndarray, *, max_dims: int = MAX_DIMS) -> np.ndarray:
+    """Each training image's distances to every group mean (N, C), the guard fitted without the image's fold.
+
+    ``groups`` (N,) are :func:`guard_groups`' indices and ``folds`` (N,) a fold per image (whole photographs or
+    patients in one fold). A group with fewer than two images outside a fold is left out of that fold's fit,
+    and its distances there are infinite. The images then stand in for new ones of their laboratories when
+    an edge is set (:func:`group_thresholds`), beside the few of the validation part.
+    """
+    x, y, folds = np.asarray(features, dtype=np.float64), np.asarray(groups).astype(int), np.asarray(folds)
+    out = np.full((len(x), int(y.max()) + 1), np.inf)
+    for fold in np.unique(folds):
+        inside = folds == fold
+        counts = np.bincount(y[~inside], minlength=out.shape[1])
+        keep = ~inside & (counts[y] >= 2)
+        fit = fit_guard(x[keep], y[keep], max_dims=max_dims)
+        d = guard_distances(x[inside], fit)  # as many columns as the fit's largest group index + 1
+        d = np.hstack([d, np.full((len(d), out.shape[1] - d.shape[1]), np.inf)])
+        d[:, counts < 2] = np.inf
+        out[inside] = d
+    return out
+
+
 def group_laboratories(groups: np.ndarray, labs: Sequence[str | None]) -> list[str | None]:
     """Each group's laboratory (:func:`guard_groups`' index per image, the images' laboratories); None for a mixed group."""
     groups = np.asarray(groups).astype(int)

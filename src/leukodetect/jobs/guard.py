@@ -16,7 +16,10 @@ import torch
 
 from leukodetect.data.records import Record
 from leukodetect.errors import BadImageError, LeukoError
-from leukodetect.evaluation.ood import fit_guard, group_laboratories, group_thresholds, guard_distances, guard_groups
+from sklearn.model_selection import GroupKFold
+
+from leukodetect.evaluation.ood import (fit_guard, group_laboratories, group_thresholds, guard_distances, guard_groups,
+                                       out_of_fold_distances)
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.guard import pixel_statistics
@@ -24,6 +27,8 @@ from leukodetect.runtime.images import open_rgb
 
 #: Share of held-out in-distribution cells the guard lets through (the rest are flagged for review).
 DEFAULT_PERCENTILE = 97.5
+#: Folds of the training part whose out-of-fold distances join the validation part's when edges are set (0: none).
+CROSSFIT_FOLDS = 5
 
 
 def model_inputs(clf: Classifier, records: Sequence[Record], *, log=print) -> tuple[list, list[Record]]:
@@ -41,7 +46,7 @@ def model_inputs(clf: Classifier, records: Sequence[Record], *, log=print) -> tu
 
 
 def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record], *,
-              percentile: float = DEFAULT_PERCENTILE, device: str = "auto", log=print) -> dict:
+              percentile: float = DEFAULT_PERCENTILE, device: str = "auto", crossfit: int = CROSSFIT_FOLDS, log=print) -> dict:
     """Fit the guard on ``fit`` (the training images), set its threshold on ``held_out``, save it in ``checkpoint``.
 
     Two distances are fitted (:class:`leukodetect.runtime.guard.Guard`): of the penultimate-layer
@@ -69,10 +74,20 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     part = (100 + percentile) / 2
     held_labs = np.array([str(r.lab) for r in held_kept])
     owners = group_laboratories(groups, [r.lab for r in fit_kept])
-    feature_fit = fit_guard(clf.image_features(fit_images, batch_size=32), groups)
-    feature_edges = group_thresholds(guard_distances(clf.image_features(held_images, batch_size=32), feature_fit), held_labs, owners, part)
-    pixel_fit = fit_guard(view_pixel_statistics(clf, fit_images), groups)
-    pixel_edges = group_thresholds(guard_distances(view_pixel_statistics(clf, held_images), pixel_fit), held_labs, owners, part)
+    folds = crossfit_folds(fit_kept, crossfit)
+    edge_labs = held_labs if folds is None else np.concatenate([held_labs, [str(r.lab) for r in fit_kept]])
+
+    def edges(fit_vectors: np.ndarray, held_vectors: np.ndarray, crossfitted: bool) -> tuple:
+        fitted = fit_guard(fit_vectors, groups)
+        d, labs = guard_distances(held_vectors, fitted), held_labs
+        if crossfitted and folds is not None:  # the training images out of fold stand beside the validation part
+            d, labs = np.vstack([d, out_of_fold_distances(fit_vectors, groups, folds)]), edge_labs
+        return fitted, group_thresholds(d, labs, owners, part)
+
+    # The network was fitted on the training images, so their features lie closer together than a new image's
+    # would: the feature part's edges come from the validation part alone. Pixel statistics are no fit of theirs.
+    feature_fit, feature_edges = edges(clf.image_features(fit_images, batch_size=32), clf.image_features(held_images, batch_size=32), False)
+    pixel_fit, pixel_edges = edges(view_pixel_statistics(clf, fit_images), view_pixel_statistics(clf, held_images), True)
     feature_threshold, pixel_threshold = float(feature_edges.max()), float(pixel_edges.max())
     bundle = load_checkpoint(checkpoint)
     arrays = {"center": feature_fit.center, "projection": feature_fit.projection, "class_means": feature_fit.class_means,
@@ -83,6 +98,7 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
              "lab_thresholds": {str(lab): {"features": float(feature_edges[i]), "pixels": float(pixel_edges[i])}
                                 for i, lab in enumerate(owners) if lab is not None},
              "percentile": float(percentile), "fitted_on": len(fit_kept), "threshold_on": len(held_images),
+             "crossfit_folds": 0 if folds is None else int(folds.max()) + 1,
              "dims": int(feature_fit.projection.shape[1]), "groups": group_names,
              "score": "the larger of two squared Mahalanobis distances to the nearest mean of a laboratory, kind and class "
                       "(shared covariance), each group's divided by its laboratory's threshold: of the penultimate-layer "
@@ -93,6 +109,17 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
         f"thresholds at the {part:g}th percentile of each laboratory's held-out images' distances ({len(held_images)} images): "
         f"features {feature_edges.min():.1f}-{feature_threshold:.1f}, pixels {pixel_edges.min():.1f}-{pixel_threshold:.1f}.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
+
+
+def crossfit_folds(records: Sequence[Record], folds: int) -> np.ndarray | None:
+    """A fold per training record (whole groups: photographs, patients), or None for ``folds`` below 2."""
+    groups = [str(r.group) for r in records]
+    if folds < 2 or len(set(groups)) < folds:
+        return None
+    out = np.zeros(len(records), dtype=int)
+    for k, (_, inside) in enumerate(GroupKFold(n_splits=folds).split(np.zeros(len(records)), groups=groups)):
+        out[inside] = k
+    return out
 
 
 def view_pixel_statistics(clf: Classifier, images) -> np.ndarray:
