@@ -59,8 +59,13 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     ``100 - percentile`` percent of a laboratory's new images; the stored threshold of the combined score
     is 1. A laboratory with too few held-out images (C-NMC's) gets the largest laboratory percentile, as
     every group did before 2026-12-07 (06:31 UTC): a laboratory whose cells vary widely then set the edge of
-    all, and stained tissue and photographs passed through the gap. ``feature_threshold`` and
-    ``pixel_threshold`` are the largest of the groups' thresholds.
+    all, and stained tissue and photographs passed through the gap. The pixel part's distances of the
+    held-out images are joined by those of the training images out of fold (``crossfit`` folds by group,
+    :func:`~leukodetect.evaluation.ood.out_of_fold_distances`; since 2026-12-07 13:13 UTC): the pixel statistics
+    are no fit of the network's, so a training image out of fold is as new as a validation one, and a small
+    laboratory's edge (BCCD's, from 37 validation cells) no longer rests on one or two images. The features'
+    are not: the network was fitted on those images. ``feature_threshold`` and ``pixel_threshold`` are the
+    largest of the groups' thresholds.
 
     Returns the stored guard description (thresholds, percentile, counts), without its arrays.
     """
@@ -106,7 +111,8 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     bundle["guard"] = guard
     save_checkpoint(bundle, checkpoint)
     log(f"Guard fitted on {len(fit_kept)} training images in {len(group_names)} groups (laboratory, kind and class); "
-        f"thresholds at the {part:g}th percentile of each laboratory's held-out images' distances ({len(held_images)} images): "
+        f"thresholds at the {part:g}th percentile of each laboratory's held-out images' distances ({len(held_images)} images"
+        f"{'' if folds is None else f'; for the pixels also the training images out of {int(folds.max()) + 1} folds'}): "
         f"features {feature_edges.min():.1f}-{feature_threshold:.1f}, pixels {pixel_edges.min():.1f}-{pixel_threshold:.1f}.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
 
