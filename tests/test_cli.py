@@ -506,3 +506,32 @@ def test_select_last_keeps_the_last_epoch_and_still_scores_the_validation_part(t
     assert all(torch.equal(best["state_dict"][k].float(), last["state_dict"][k].float()) for k in best["state_dict"])
     wrong = runner.invoke(app, ["train", "--data", str(tiny_tree), "--select", "first", "--out", str(tmp_path / "x")])
     assert wrong.exit_code != 0 and "--select 'first'" in wrong.output and not (tmp_path / "x").exists()
+
+
+def test_predict_says_what_to_do_when_many_images_are_unlike_the_training_images(tmp_path):
+    """Noise through the shipped model: every image is flagged, and one note says what it means and what to do."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(tmp_path / f"noise_{i}.png")
+    result = invoke("predict", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["label"] for r in rows] == ["review"] * 3
+    assert "3 of 3 images are unlike the images this model was trained on" in result.stderr
+    assert "Your own laboratory" in result.stderr
+
+
+def test_the_hint_stays_quiet_for_a_few_flagged_images_among_many():
+    from leukodetect.cli import unlike_training_hint
+    from leukodetect.runtime.base import Prediction
+
+    def preds(flagged, total):
+        return [Prediction(path=f"{i}.png", label="review" if i < flagged else "normal", prob_blast=0.1,
+                           reason="unlike" if i < flagged else None) for i in range(total)]
+
+    assert unlike_training_hint(preds(2, 66)) is None  # about the guard's own rate on its laboratories' cells
+    assert unlike_training_hint(preds(1, 1)) is None  # one image: its own line says review and why
+    assert unlike_training_hint(preds(20, 66)).startswith("20 of 66 images")

@@ -571,6 +571,25 @@ def _print_predictions(preds: list, threshold: float, *, as_json: bool, as_csv: 
             err.print(f"skipped: {p.error}", highlight=False)
         for note in p.notes:
             err.print(f"note: {note}", highlight=False)
+    if (hint := unlike_training_hint(preds)) is not None:
+        err.print(f"note: {hint}", highlight=False)
+
+
+#: Share of the images read beyond the guard above which predict says what to do (the guard flags about 2% of
+#: new cells of the model's own laboratories).
+MANY_UNLIKE = 0.25
+
+
+def unlike_training_hint(preds: list) -> str | None:
+    """One sentence when many of the images are beyond the model's guard: what it means, and what to do."""
+    read = [p for p in preds if not p.error]
+    unlike = sum(p.reason is not None for p in read)
+    if unlike < 2 or unlike < MANY_UNLIKE * len(read):
+        return None
+    return (f"{unlike} of {len(read)} images are unlike the images this model was trained on. If they are blood cells "
+            "of your own laboratory, the model has not been shown to work there: score it on some of your labelled "
+            "cells (leukodetect evaluate) and fine-tune it on them (README, 'Your own laboratory'); "
+            "if they are not blood cells, this model cannot judge them.")
 
 
 @app.command()
