@@ -526,12 +526,21 @@ def test_predict_says_what_to_do_when_many_images_are_unlike_the_training_images
 
 def test_the_hint_stays_quiet_for_a_few_flagged_images_among_many():
     from leukodetect.cli import unlike_training_hint
-    from leukodetect.runtime.base import Prediction
 
-    def preds(flagged, total):
-        return [Prediction(path=f"{i}.png", label="review" if i < flagged else "normal", prob_blast=0.1,
-                           reason="unlike" if i < flagged else None) for i in range(total)]
+    assert unlike_training_hint(2, 66, "2 of 66 images are") is None  # about the guard's own rate on its laboratories' cells
+    assert unlike_training_hint(1, 1, "1 of 1 images are") is None  # one image: its own line says review and why
+    said = unlike_training_hint(20, 66, "20 of 66 images are")
+    assert said.startswith("20 of 66 images are unlike the images this model was trained on") and "fine-tune" in said
 
-    assert unlike_training_hint(preds(2, 66)) is None  # about the guard's own rate on its laboratories' cells
-    assert unlike_training_hint(preds(1, 1)) is None  # one image: its own line says review and why
-    assert unlike_training_hint(preds(20, 66)).startswith("20 of 66 images")
+
+def test_detect_ends_with_the_note_when_many_smears_hold_cells_unlike_the_training_images(tmp_path, capsys):
+    from leukodetect.cli import _print_detections
+
+    def smear(i, unlike):
+        return {"image": f"s{i}.png", "verdict": "review" if unlike else "healthy", "reason": None, "n_blast": 0, "n_cells": 3,
+                "n_unlike_training": unlike, "timing": {"total_s": 0.1}, "cells": []}
+
+    _print_detections([smear(0, 2), smear(1, 1), smear(2, 0), {"image": "bad.png", "error": "unreadable"}], tmp_path, False)
+    assert "2 of 3 smears hold white cells unlike the images this model was trained on" in capsys.readouterr().err
+    _print_detections([smear(i, int(i == 0)) for i in range(10)], tmp_path, False)
+    assert "unlike the images" not in capsys.readouterr().err  # one smear of ten: its own line says why

@@ -571,7 +571,9 @@ def _print_predictions(preds: list, threshold: float, *, as_json: bool, as_csv: 
             err.print(f"skipped: {p.error}", highlight=False)
         for note in p.notes:
             err.print(f"note: {note}", highlight=False)
-    if (hint := unlike_training_hint(preds)) is not None:
+    read = [p for p in preds if not p.error]
+    unlike = sum(p.reason is not None for p in read)
+    if (hint := unlike_training_hint(unlike, len(read), f"{unlike} of {len(read)} images are")) is not None:
         err.print(f"note: {hint}", highlight=False)
 
 
@@ -580,16 +582,18 @@ def _print_predictions(preds: list, threshold: float, *, as_json: bool, as_csv: 
 MANY_UNLIKE = 0.25
 
 
-def unlike_training_hint(preds: list) -> str | None:
-    """One sentence when many of the images are beyond the model's guard: what it means, and what to do."""
-    read = [p for p in preds if not p.error]
-    unlike = sum(p.reason is not None for p in read)
-    if unlike < 2 or unlike < MANY_UNLIKE * len(read):
+def unlike_training_hint(unlike: int, total: int, subject: str) -> str | None:
+    """One sentence when ``unlike`` of ``total`` inputs are beyond the model's guard, many of them: what it means, what to do.
+
+    ``subject`` begins the sentence ("5 of 6 images are"); nothing is said for fewer than two, or under
+    :data:`MANY_UNLIKE` of them.
+    """
+    if unlike < 2 or unlike < MANY_UNLIKE * total:
         return None
-    return (f"{unlike} of {len(read)} images are unlike the images this model was trained on. If they are blood cells "
-            "of your own laboratory, the model has not been shown to work there: score it on some of your labelled "
-            "cells (leukodetect evaluate) and fine-tune it on them (README, 'Your own laboratory'); "
-            "if they are not blood cells, this model cannot judge them.")
+    return (f"{subject} unlike the images this model was trained on. If they are blood cells of your own laboratory, "
+            "the model has not been shown to work there: score it on some of your labelled cells (leukodetect "
+            "evaluate) and fine-tune it on them (README, 'Your own laboratory'); if they are not blood cells, this "
+            "model cannot judge them.")
 
 
 @app.command()
@@ -933,6 +937,10 @@ def _print_detections(rows: list[dict], out_dir: Path, as_json: bool) -> None:
         if not as_json:
             out.print(f"Outputs in {out_dir}.")
         sys.stdout.flush()
+    analysed = [r for r in rows if "error" not in r]
+    unlike = sum(bool(r.get("n_unlike_training")) for r in analysed)
+    if (hint := unlike_training_hint(unlike, len(analysed), f"{unlike} of {len(analysed)} smears hold white cells")) is not None:
+        err.print(f"note: {hint}", highlight=False)
 
 
 @app.command("detect-eval")
