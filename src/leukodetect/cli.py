@@ -517,12 +517,12 @@ def predict(
 ):
     """Blast probability and call per image ("review" where the image is unlike the model's training images);
     unreadable files are reported and skipped."""
-    from leukodetect.runtime.images import image_paths
+    from leukodetect.runtime.images import image_paths_of
     from leukodetect.runtime.scale import diameter_from_pixel_size
 
     if checkpoint is not None and model is not None:
         raise LeukoError("Pass either --checkpoint (a best.pt) or --model (a file from 'leukodetect export'), not both.")
-    paths = [path for image_or_dir in images for path in image_paths(image_or_dir)]
+    paths = image_paths_of(images)
     clf = _classifier(checkpoint, model, backend)
     rbc = diameter_from_pixel_size(pixel_size) if pixel_size else None
     preds = clf.predict_paths(paths, batch_size=batch_size, progress=_progress(), rbc_diameter=rbc)

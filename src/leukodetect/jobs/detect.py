@@ -22,7 +22,7 @@ from leukodetect.detection.pipeline import (
 )
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
-from leukodetect.runtime.images import image_paths, open_rgb
+from leukodetect.runtime.images import image_paths_of, open_rgb
 from leukodetect.runtime.locator import WhiteCellLocator
 from leukodetect.utils import atomic_write, atomic_write_text, write_csv
 
@@ -134,8 +134,8 @@ def run_detect(
     learned white-cell locator's weights (None: the colour locator); ``backend`` is
     :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU).
     """
-    given = [images] if isinstance(images, (str, Path)) else list(images)
-    paths = list(dict.fromkeys(path for image_or_dir in given for path in image_paths(Path(image_or_dir))))
+    given = [images] if isinstance(images, (str, Path)) else images
+    paths = list(dict.fromkeys(image_paths_of(given)))  # a file named twice (or inside a folder also named) once
     classifier = None
     if checkpoint is not None:
         classifier = Classifier.from_checkpoint(Path(checkpoint), backend=backend, log=log)

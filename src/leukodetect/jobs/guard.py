@@ -80,19 +80,21 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     held_labs = np.array([str(r.lab) for r in held_kept])
     owners = group_laboratories(groups, [r.lab for r in fit_kept])
     folds = crossfit_folds(fit_kept, crossfit)
-    edge_labs = held_labs if folds is None else np.concatenate([held_labs, [str(r.lab) for r in fit_kept]])
+    n_folds = 0 if folds is None else int(folds.max()) + 1
 
-    def edges(fit_vectors: np.ndarray, held_vectors: np.ndarray, crossfitted: bool) -> tuple:
+    def edges(fit_vectors: np.ndarray, held_vectors: np.ndarray, *, out_of_fold: bool) -> tuple:
         fitted = fit_guard(fit_vectors, groups)
         d, labs = guard_distances(held_vectors, fitted), held_labs
-        if crossfitted and folds is not None:  # the training images out of fold stand beside the validation part
-            d, labs = np.vstack([d, out_of_fold_distances(fit_vectors, groups, folds)]), edge_labs
+        if out_of_fold and folds is not None:  # the training images out of fold stand beside the validation part
+            d = np.vstack([d, out_of_fold_distances(fit_vectors, groups, folds)])
+            labs = np.concatenate([held_labs, [str(r.lab) for r in fit_kept]])
         return fitted, group_thresholds(d, labs, owners, part)
 
     # The network was fitted on the training images, so their features lie closer together than a new image's
     # would: the feature part's edges come from the validation part alone. Pixel statistics are no fit of theirs.
-    feature_fit, feature_edges = edges(clf.image_features(fit_images, batch_size=32), clf.image_features(held_images, batch_size=32), False)
-    pixel_fit, pixel_edges = edges(view_pixel_statistics(clf, fit_images), view_pixel_statistics(clf, held_images), True)
+    feature_fit, feature_edges = edges(clf.image_features(fit_images, batch_size=32), clf.image_features(held_images, batch_size=32),
+                                       out_of_fold=False)
+    pixel_fit, pixel_edges = edges(view_pixel_statistics(clf, fit_images), view_pixel_statistics(clf, held_images), out_of_fold=True)
     feature_threshold, pixel_threshold = float(feature_edges.max()), float(pixel_edges.max())
     bundle = load_checkpoint(checkpoint)
     arrays = {"center": feature_fit.center, "projection": feature_fit.projection, "class_means": feature_fit.class_means,
@@ -103,7 +105,7 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
              "lab_thresholds": {str(lab): {"features": float(feature_edges[i]), "pixels": float(pixel_edges[i])}
                                 for i, lab in enumerate(owners) if lab is not None},
              "percentile": float(percentile), "fitted_on": len(fit_kept), "threshold_on": len(held_images),
-             "crossfit_folds": 0 if folds is None else int(folds.max()) + 1,
+             "crossfit_folds": n_folds,
              "dims": int(feature_fit.projection.shape[1]), "groups": group_names,
              "score": "the larger of two squared Mahalanobis distances to the nearest mean of a laboratory, kind and class "
                       "(shared covariance), each group's divided by its laboratory's threshold: of the penultimate-layer "
@@ -112,7 +114,7 @@ def add_guard(checkpoint: Path, fit: Sequence[Record], held_out: Sequence[Record
     save_checkpoint(bundle, checkpoint)
     log(f"Guard fitted on {len(fit_kept)} training images in {len(group_names)} groups (laboratory, kind and class); "
         f"thresholds at the {part:g}th percentile of each laboratory's held-out images' distances ({len(held_images)} images"
-        f"{'' if folds is None else f'; for the pixels also the training images out of {int(folds.max()) + 1} folds'}): "
+        f"{f'; for the pixels also the training images out of {n_folds} folds' if n_folds else ''}): "
         f"features {feature_edges.min():.1f}-{feature_threshold:.1f}, pixels {pixel_edges.min():.1f}-{pixel_threshold:.1f}.")
     return {k: v for k, v in guard.items() if not isinstance(v, torch.Tensor)}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,6 +270,11 @@ def _note(notes: list[str] | None, sentence: str) -> None:
     """Append a conversion note when the caller asked for notes."""
     if notes is not None:
         notes.append(sentence)
+
+
+def image_paths_of(inputs: Sequence[Path]) -> list[Path]:
+    """:func:`image_paths` of each input in turn (images or folders, as given on the command line), in order."""
+    return [path for image_or_dir in inputs for path in image_paths(Path(image_or_dir))]
 
 
 def image_paths(image_or_dir: Path) -> list[Path]:
