@@ -24,7 +24,7 @@ parser.add_argument("--with-pbc", action="store_true", help="train on ALL-IDB1 a
 args = parser.parse_args()
 sources = [f"allidb1={D}/ALL-IDB1/ALL_IDB1:allidb1", f"bccd={D}/BCCD:bccd"] + ([f"pbc={D}/PBC-normal-subset:pbc"] if args.with_pbc else [])
 smears, _ = load_smears([LabSource.parse(s) for s in sources], 16.0, log=print)
-train = [s for s in smears if s.lab in ("allidb1", "pbc") and s.annotated != "none"]
+train = [s for s in smears if s.lab in ("allidb1", "pbc") and s.trainable]
 test = [s for s in smears if s.lab == "bccd"]
 recipes = ((("pbc-default", LocatorRecipe()), ("pbc-hed0.15-colour0.5", LocatorRecipe(hed=0.15, colour=0.5))) if args.with_pbc else
            (("hed0.15-colour0.5", LocatorRecipe(hed=0.15, colour=0.5)), ("scale1.6", LocatorRecipe(scale_jitter=1.6))))

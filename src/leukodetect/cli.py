@@ -885,6 +885,11 @@ def _locator_kind(kind: str) -> str:
     return kind
 
 
+_IGNORE_RADIUS_HELP = (
+    "Red-cell diameters around each object the colour locator finds on a photograph whose blasts alone are annotated "
+    "(ALL-IDB1's ALL photographs): left out of the loss instead of taught as background; 0: none.")
+
+
 @app.command("train-locator")
 @_errors_to_exit
 def train_locator(
@@ -892,13 +897,14 @@ def train_locator(
     out_file: Path = typer.Option(..., "--out", help="The new locator file (.safetensors); never overwritten."),
     iterations: int = typer.Option(2000, help="Training steps (batches of 16 patches of 128 pixels)."),
     seed: int = typer.Option(0),
+    ignore_radius: float = typer.Option(1.0, help=_IGNORE_RADIUS_HELP),
 ):
     """Train the learned white-cell locator from scratch on annotated smear photographs (minutes on a CPU)."""
     from leukodetect.jobs.cells import LabSource
     from leukodetect.jobs.locator import run_train_locator
     from leukodetect.training.locator import LocatorRecipe
 
-    path = run_train_locator([LabSource.parse(d) for d in data], out_file, recipe=LocatorRecipe(iterations=iterations, seed=seed),
+    path = run_train_locator([LabSource.parse(d) for d in data], out_file, recipe=LocatorRecipe(iterations=iterations, seed=seed, ignore_radius=ignore_radius),
                              log=_log, progress=_progress())
     out.print(f"Locator written to {path}")
 
@@ -912,14 +918,17 @@ def locator_eval(
     iterations: int = typer.Option(2000, help="Training steps per fold."),
     every: int = typer.Option(1, help="Use every n-th image of the large layouts (pbc, aria)."),
     seed: int = typer.Option(0),
+    ignore_radius: float = typer.Option(1.0, help=_IGNORE_RADIUS_HELP),
+    colour_baseline: bool = typer.Option(True, help="Score the colour locator on the same photographs too (it is not "
+                                                    "trained, so its rows are the same in every run; minutes per fold)."),
 ):
     """White-cell recall and precision per laboratory: pooled folds and each laboratory held out, beside the colour locator."""
     from leukodetect.jobs.cells import LabSource
     from leukodetect.jobs.locator import run_locator_eval
     from leukodetect.training.locator import LocatorRecipe
 
-    run_locator_eval([LabSource.parse(d) for d in data], out_dir, folds=folds, every=every,
-                     recipe=LocatorRecipe(iterations=iterations, seed=seed), log=_log, progress=_progress())
+    run_locator_eval([LabSource.parse(d) for d in data], out_dir, folds=folds, every=every, colour_baseline=colour_baseline,
+                     recipe=LocatorRecipe(iterations=iterations, seed=seed, ignore_radius=ignore_radius), log=_log, progress=_progress())
     out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
+from smear_images import WHITE, synthetic_smear
 
 from leukodetect.jobs.locator import (
     content_groups,
@@ -10,6 +12,7 @@ from leukodetect.jobs.locator import (
     report_markdown,
     score_smear,
     summarise,
+    unannotated_objects,
 )
 from leukodetect.training.locator import Smear
 
@@ -33,7 +36,7 @@ def test_every_photograph_is_tested_once_per_pooled_plan_and_a_held_out_lab_is_n
     assert tested == [i for i, s in enumerate(smears) if s.layout in ("allidb1", "bccd", "pbc")]  # each once; aria is test-only
     for p in pooled:
         assert not set(p["train"]) & set(p["test"])
-        assert all(smears[i].annotated != "none" for i in p["train"])  # an unannotated photograph teaches nothing
+        assert all(smears[i].annotated != "none" for i in p["train"])  # a photograph with nothing known teaches nothing
     held = {p["name"]: p for p in plans if p["name"].startswith("held-out")}
     assert set(held) == {"held-out-allidb1", "held-out-bccd", "held-out-pbc"}
     for lab in ("allidb1", "bccd", "pbc"):
@@ -74,3 +77,24 @@ def test_scores_follow_what_each_photograph_annotates(tmp_path):
     assert table["aria"]["unannotated_with_a_cell"]["value"] == 1.0
     text = report_markdown({"table": {"pooled": {"learned": table}}, "skipped": []})
     assert "0.500 (1/2" in text and "| learned | aria |" in text
+
+
+def test_the_unannotated_white_cells_of_a_blasts_only_photograph_are_found_and_the_annotated_one_is_not(tmp_path):
+    path = tmp_path / "Im001_1.png"
+    Image.fromarray(synthetic_smear(seed=0)).save(path)
+    blast = WHITE[0][:2]  # the lone white cell is the annotated blast; the touching pair is nobody's
+    found = unannotated_objects(path, [blast])
+    assert len(found) >= 1
+    assert all(np.hypot(x - blast[0], y - blast[1]) > 30 for x, y in found)
+    assert all(min(np.hypot(x - wx, y - wy) for wx, wy, _ in WHITE[1:]) < 30 for x, y in found)
+    assert len(unannotated_objects(path, [])) >= len(found) + 1  # nothing annotated: the blast is among them
+
+
+def test_a_photograph_without_positions_trains_as_background_only_when_its_objects_are_known(tmp_path):
+    bare = smear(tmp_path, "h1", "allidb1", "allidb1", "none", points=())
+    known = Smear(**{**smear(tmp_path, "h2", "allidb1", "allidb1", "none", points=()).__dict__, "ignore": np.array([[4.0, 4.0]])})
+    assert not bare.trainable and known.trainable
+    smears = [smear(tmp_path, f"b{i}", "bccd", "bccd") for i in range(6)] + [smear(tmp_path, f"a{i}", "allidb1", "allidb1") for i in range(4)]
+    smears += [bare, known]
+    trained = {i for p in plan_folds(smears, 3, 0) for i in p["train"]}
+    assert len(smears) - 1 in trained and len(smears) - 2 not in trained

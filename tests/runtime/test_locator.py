@@ -12,7 +12,7 @@ from leukodetect.errors import BadCheckpointError
 from leukodetect.models.centres import STRIDE, CentreNet, focal_loss
 from leukodetect.runtime.locator import LocatorSettings, WhiteCellLocator, peaks
 from leukodetect.runtime.scale import estimate_rbc_diameter
-from leukodetect.training.locator import LocatorRecipe, Smear, fit_locator, heat_target
+from leukodetect.training.locator import LocatorRecipe, PatchSampler, Smear, fit_locator, heat_target, ignore_weight
 
 SLIDE = (232, 226, 214)
 STAINS = {  # red cell, white-cell cytoplasm, nucleus: two laboratories' colours
@@ -88,6 +88,40 @@ def test_focal_loss_is_lower_for_a_map_that_agrees_with_the_target():
     good = torch.logit(target.clamp(0.01, 0.99))
     bad = torch.zeros_like(good)
     assert focal_loss(good, target) < focal_loss(bad, target)
+
+
+def test_a_zero_weight_leaves_a_cell_out_of_the_loss():
+    target = torch.from_numpy(heat_target(np.array([[20.0, 20.0]]), 64))[None, None]
+    wrong = torch.logit(target.clamp(0.01, 0.99))
+    wrong[..., 12, 12] = 6.0  # a confident peak where nothing is annotated
+    weight = torch.ones_like(target)
+    assert focal_loss(wrong, target, weight) > focal_loss(torch.logit(target.clamp(0.01, 0.99)), target) + 0.5
+    weight[..., 12, 12] = 0.0
+    assert focal_loss(wrong, target, weight).item() == pytest.approx(focal_loss(torch.logit(target.clamp(0.01, 0.99)), target).item(), abs=1e-5)
+
+
+def test_ignore_weight_is_zero_within_the_radius_only():
+    w = ignore_weight(np.array([[32.0, 32.0]]), 64, 8.0)
+    assert w[8, 8] == 0 and w[7, 7] == 0 and w[0, 0] == 1 and w[8, 11] == 1
+    assert (w == 0).sum() == 12  # cell centres 2 or 6 px off on each axis, not (6, 6): sqrt(72) > 8
+    assert ignore_weight(np.zeros((0, 2)), 64, 8.0).min() == 1 and ignore_weight(np.array([[32.0, 32.0]]), 64, 0.0).min() == 1
+
+
+def test_patches_leave_unannotated_objects_out_of_the_loss_and_keep_the_annotated_centres():
+    rgb, whites = synthetic_field(3, 16, "a", size=256)
+    base = canonical(rgb, whites[:1], 16, 16, "a")
+    smear = Smear(**{**base.__dict__, "ignore": whites[1:].astype(np.float32)})
+    off = PatchSampler([smear], LocatorRecipe(patch=256, scale_jitter=1.0, near_cell=0.0, hed=0, colour=0, blur=0, jpeg=0,
+                                              ignore_radius=0.0))
+    on = PatchSampler([smear], LocatorRecipe(patch=256, scale_jitter=1.0, near_cell=0.0, hed=0, colour=0, blur=0, jpeg=0,
+                                             ignore_radius=1.0))
+    x_off, t_off, w_off = off.patch()
+    x_on, t_on, w_on = on.patch()
+    assert torch.equal(x_off, x_on) and np.array_equal(t_off, t_on)  # the same draw: ignoring changes only the weight
+    assert w_off.min() == 1
+    assert (t_on == 1).sum() == 1 and (w_on[t_on == 1] == 1).all()  # the annotated centre counts
+    zeros = (w_on == 0).sum()
+    assert 0 < zeros <= len(whites[1:]) * 60  # about pi * 4^2 heat-map cells around each unannotated cell
 
 
 def test_network_output_is_a_quarter_of_the_input():
@@ -178,7 +212,7 @@ def test_the_shipped_locator_loads_and_was_trained_with_train_locators_defaults(
     shipped = WhiteCellLocator.load(resolve_locator(None))
     assert set(shipped.settings.trained_on) == {"allidb1", "bccd", "pbc"}
     command = {name: p.default.default for name, p in inspect.signature(train_locator).parameters.items()}
-    recipe = LocatorRecipe(iterations=command["iterations"], seed=command["seed"])
+    recipe = LocatorRecipe(iterations=command["iterations"], seed=command["seed"], ignore_radius=command["ignore_radius"])
     assert shipped.settings.recipe == {**recipe.__dict__}
     assert shipped.settings == LocatorSettings(trained_on=shipped.settings.trained_on, recipe=shipped.settings.recipe)
 

@@ -306,8 +306,8 @@ def fold_locator(cfg: DetectEvalConfig, smears: list, train_photos: list, fold_d
     if path.is_file():
         return WhiteCellLocator.load(path)
     stems = {r.path.stem for r in train_photos}
-    train = [s for s in smears if s.annotated != "none" and (s.layout != "allidb1" or s.path.stem in stems)]
-    log(f"  locator trained on {sum(s.layout == 'allidb1' for s in train)} ALL-IDB1 photographs with positions "
+    train = [s for s in smears if s.trainable and (s.layout != "allidb1" or s.path.stem in stems)]
+    log(f"  locator trained on {sum(s.layout == 'allidb1' for s in train)} ALL-IDB1 photographs (blast positions, or background) "
         f"and {sum(s.layout != 'allidb1' for s in train)} of the other sources.")
     locator = fit_locator(train, LocatorRecipe(iterations=cfg.locator_iterations, seed=cfg.seed), LocatorSettings(), log=log)
     locator.save(path)

@@ -60,10 +60,17 @@ class CentreNet(nn.Module):
         return self.head(self.fuse(torch.cat([s4, up], dim=1)))
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
-    """CenterNet's penalty-reduced focal loss, averaged over the centres (target == 1) in the batch."""
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, *, alpha: float = 2.0,
+               beta: float = 4.0) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, averaged over the centres (target == 1) in the batch.
+
+    ``weight`` (the target's shape, optional) scales each heat-map cell's term: 0 leaves a cell out of the
+    loss (a white cell nobody annotated, which is neither a centre nor background).
+    """
     prob = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
     pos = target.eq(1).float()
     pos_loss = -torch.log(prob) * (1 - prob) ** alpha * pos
     neg_loss = -torch.log(1 - prob) * prob ** alpha * (1 - target) ** beta * (1 - pos)
+    if weight is not None:
+        pos_loss, neg_loss = pos_loss * weight, neg_loss * weight
     return (pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp(min=1.0)
