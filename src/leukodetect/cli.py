@@ -834,13 +834,18 @@ def serve(
                                                      "this option, every host is answered)."),
     locator: str = LocatorOpt,
     locator_weights: Optional[Path] = LocatorWeightsOpt,
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, "
+                                               "if the laboratory knows its camera's (default: measured on each photograph's red cells; "
+                                               "learned locator only)."),
 ):
     """The lab service: web page at /, HTTP API at /v1 (see /docs), one model loaded once."""
+    from leukodetect.runtime.scale import diameter_from_pixel_size
     from leukodetect.serving import serve as run_service
     from leukodetect.weights import resolve_locator
 
     learned = resolve_locator(locator_weights) if _locator_kind(locator) == "learned" else None
     run_service(checkpoint, detector_checkpoint=detector_checkpoint, locator=learned, host=host, port=port, threads=threads,
+                rbc_diameter=diameter_from_pixel_size(pixel_size) if pixel_size else None,
                 backend=backend, allowed_hosts=list(allowed_host) if allowed_host else None, log=_log)
 
 
@@ -862,9 +867,14 @@ def detect(
     backend: str = BackendOpt,
     locator: str = LocatorOpt,
     locator_weights: Optional[Path] = LocatorWeightsOpt,
+    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, "
+                                               "if the laboratory knows its camera's (default: measured on each photograph's red cells; "
+                                               "learned locator only)."),
 ):
     """Whole-smear detection: find white cells, classify each crop, count blasts, draw an overlay."""
+    from leukodetect.detection.pipeline import check_declared_scale
     from leukodetect.jobs.detect import run_detect
+    from leukodetect.runtime.scale import diameter_from_pixel_size
     from leukodetect.weights import resolve_detector, resolve_locator
 
     _check_output_folder(out_dir)
@@ -872,8 +882,10 @@ def detect(
     if checkpoint is None and not locate_only:
         _log("No cell model for the located cells in this installation: locating cells only (pass --checkpoint).")
     learned = resolve_locator(locator_weights) if locator == "learned" else None
+    declared = {"rbc_diameter": diameter_from_pixel_size(pixel_size)} if pixel_size else {}
+    check_declared_scale(declared.get("rbc_diameter"), learned)
     rows = run_detect(images, checkpoint, out_dir, locator=learned, backend=backend, review_band=(review_low, review_high),
-                      use_gate=smudge_gate, use_scorer=cell_scorer, progress=_progress(), log=_log)
+                      use_gate=smudge_gate, use_scorer=cell_scorer, progress=_progress(), log=_log, **declared)
     _print_detections(rows, out_dir, as_json)
     if all("error" in r for r in rows):
         raise typer.Exit(1)

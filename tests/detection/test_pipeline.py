@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from smear_images import synthetic_smear
 from typer.testing import CliRunner
 
@@ -240,3 +241,35 @@ def test_a_cell_beyond_the_guard_is_review_whatever_its_probability_and_the_smea
     clf.image_outputs = outputs([0.5, 0.2, 0.3])  # all within the guard: the blast counts
     trusted = analyze(synthetic_smear(), clf)
     assert trusted["verdict"] == "ALL" and trusted["reason"] is None and not any(c["unlike_training"] for c in trusted["cells"])
+
+
+def test_detect_takes_a_declared_pixel_size_with_the_learned_locator_and_refuses_it_with_the_colour_one(smear_png, tmp_path):
+    from smear_images import RBC_D
+
+    from leukodetect.runtime.scale import RBC_UM
+
+    size = RBC_UM / RBC_D  # micrometres per pixel that make a red cell RBC_D pixels
+    result = runner.invoke(app, ["detect", str(smear_png), "--locate-only", "--pixel-size", str(size), "--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["scale"] == "declared" and row["rbc_diameter"] == pytest.approx(RBC_D) and row["locator"] == "learned"
+    refused = runner.invoke(app, ["detect", str(smear_png), "--locate-only", "--locator", "colour", "--pixel-size", str(size),
+                                  "--out", str(tmp_path / "o2")])
+    assert refused.exit_code == 2 and "learned locator" in refused.output
+    assert not (tmp_path / "o2").exists()
+
+
+def test_the_served_detector_keeps_the_declared_diameter_and_the_service_refuses_it_without_the_learned_locator(smear_png, crop_checkpoint):
+    from PIL import Image
+    from smear_images import RBC_D
+
+    from leukodetect.detection.pipeline import load_detector
+    from leukodetect.errors import LeukoError
+    from leukodetect.serving.server import build_app
+    from leukodetect.weights import resolve_locator
+
+    detector = load_detector(crop_checkpoint, locator=resolve_locator(None), rbc_diameter=float(RBC_D), backend="torch")
+    result = detector.analyze(Image.open(smear_png).convert("RGB"))
+    assert result["scale"] == "declared" and result["rbc_diameter"] == RBC_D
+    with pytest.raises(LeukoError, match="learned locator"):
+        build_app(crop_checkpoint, locator=None, rbc_diameter=30.0)

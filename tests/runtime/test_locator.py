@@ -8,7 +8,7 @@ import torch
 
 from leukodetect.detection.match import match_points
 from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze
-from leukodetect.errors import BadCheckpointError
+from leukodetect.errors import BadCheckpointError, LeukoError
 from leukodetect.models.centres import STRIDE, CentreNet, focal_loss
 from leukodetect.runtime.locator import LocatorSettings, WhiteCellLocator, peaks
 from leukodetect.runtime.scale import estimate_rbc_diameter
@@ -190,6 +190,19 @@ def test_no_smear_is_cannot_assess_with_the_learned_locator(trained, kind):
     }[kind]
     result = analyze(image, None, locator=trained)
     assert result["verdict"] == CANNOT_ASSESS and result["reason"] and result["locator"] == "learned"
+    declared = analyze(image, None, locator=trained, rbc_diameter=26.0)  # a declared pixel size makes no smear of it
+    assert declared["verdict"] == CANNOT_ASSESS and declared["reason"]
+
+
+def test_a_declared_red_cell_diameter_is_used_instead_of_the_measured_one(trained):
+    rgb, whites = synthetic_field(5, 26, "a")
+    result = analyze(rgb, None, locator=trained, rbc_diameter=26.0)
+    assert result["scale"] == "declared" and result["rbc_diameter"] == 26.0
+    assert match_points([(c["x"], c["y"]) for c in result["cells"]], whites, 13).tp >= len(whites) - 1
+    wrong = analyze(rgb, None, locator=trained, rbc_diameter=80.0)  # about three times too large: every crop too
+    assert wrong["rbc_diameter"] == 80.0 and wrong["crop_side"] == pytest.approx(result["crop_side"] * 80 / 26, rel=0.01)
+    with pytest.raises(LeukoError, match="learned locator"):
+        analyze(rgb, None, rbc_diameter=26.0)  # the colour locator measures its own
 
 
 def test_analyze_with_the_learned_locator_reports_cells_scale_and_locator(trained):

@@ -122,6 +122,7 @@ def analyze(
     use_gate: bool = True,
     use_scorer: bool = True,
     locator: WhiteCellLocator | None = None,
+    rbc_diameter: float | None = None,
 ) -> dict:
     """Detect and classify the white cells of one smear photograph.
 
@@ -143,6 +144,9 @@ def analyze(
             locator (:func:`~leukodetect.detection.locate.locate_cells`). With it, the red-cell diameter
             is measured first (touching red cells too) and the smudge gate and cell scorer, which read
             the colour locator's region measurements, are not used.
+        rbc_diameter: the red-cell diameter in this photograph's pixels as the laboratory declares it (from its
+            camera's pixel size, ``detect --pixel-size``), used instead of the one measured on each photograph;
+            learned locator only. A photograph on which no red cell can be measured still cannot be assessed.
 
     Returns:
         A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call; with a
@@ -155,6 +159,7 @@ def analyze(
     lo, hi = review_band
     if not 0 <= lo <= hi <= 1:
         raise LeukoError(f"Review band {review_band} must satisfy 0 <= lo <= hi <= 1.")
+    check_declared_scale(rbc_diameter, locator)
     t0 = time.perf_counter()
     rgb = as_array(image)
     settings = classifier.detector if classifier is not None else None
@@ -164,7 +169,7 @@ def analyze(
     if small or grey:  # too small to be a smear, or no stain to threshold: any "cell" would be an artefact
         loc = nothing_located(params if params is not None else locate_params_of(settings))
     elif locator is not None:
-        loc, scale_source = locate_learned(rgb, locator)
+        loc, scale_source = locate_learned(rgb, locator, rbc_diameter)
         use_gate = use_scorer = False  # both were fitted on the colour locator's region measurements
     else:
         loc = locate_cells(rgb, params if params is not None else locate_params_of(settings))
@@ -227,17 +232,26 @@ def analyze(
     }
 
 
-def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator) -> tuple[Localisation, str]:
-    """White cells found by the learned locator, at the red-cell diameter measured first; and how it was measured.
+def check_declared_scale(rbc_diameter: float | None, locator) -> None:
+    """Refuse a declared red-cell diameter without the learned locator (the colour locator measures its own)."""
+    if rbc_diameter is not None and locator is None:
+        raise LeukoError("A declared pixel size (--pixel-size) works with the learned locator (--locator learned, the "
+                         "default); the colour locator measures each photograph itself.")
+
+
+def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator, declared: float | None = None) -> tuple[Localisation, str]:
+    """White cells found by the learned locator, at the red-cell diameter measured first (or ``declared``); and
+    where the diameter came from ("measured", "packed" or "declared").
 
     An image whose red cells cannot be measured gets no cells and ``rbc_count`` 0: its scale is
-    unknown, and the verdict says so rather than guess. Each cell's box is 1.5 red-cell diameters
-    square (a white cell's usual size); its area is that of a disc of the same diameter.
+    unknown, and the verdict says so rather than guess; a declared diameter does not change that, since
+    an image without red cells (a blank frame, noise) is no smear. Each cell's box is 1.5 red-cell
+    diameters square (a white cell's usual size); its area is that of a disc of the same diameter.
     """
     scale = estimate_rbc_diameter(rgb, packed=True)
     if scale.diameter is None:  # the placeholder diameter only sizes the (empty) drawings; "scale" says unknown
         return nothing_located(LocateParams()), "unknown"
-    d = scale.diameter
+    d = scale.diameter if declared is None else float(declared)
     height, width = rgb.shape[:2]
     half = 0.75 * d
     cells = [
@@ -247,7 +261,8 @@ def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator) -> tuple[Localisa
         for x, y, _ in sorted(locator.locate(rgb, d), key=lambda p: (p[1], p[0]))
     ]
     work = locator.settings.rbc_px / d
-    return Localisation(cells=cells, rbc_diameter=d, rbc_count=max(1, scale.red_cells), work_factor=work, stain_threshold=0.0), scale.source
+    source = scale.source if declared is None else "declared"
+    return Localisation(cells=cells, rbc_diameter=d, rbc_count=max(1, scale.red_cells), work_factor=work, stain_threshold=0.0), source
 
 
 #: The verdict of a photograph that holds no evidence either way, with a ``reason``: "healthy" means white
@@ -392,11 +407,13 @@ def pixels_of(image: Image.Image | np.ndarray) -> np.ndarray:
     return as_array(image)
 
 
-def load_detector(path: Path, *, locator: Path | None = None, **classifier_kwargs) -> Detector:
+def load_detector(path: Path, *, locator: Path | None = None, rbc_diameter: float | None = None, **classifier_kwargs) -> Detector:
     """A :class:`Detector` around the crop classifier checkpoint at ``path`` and the learned locator at ``locator``
-    (None: the colour locator).
+    (None: the colour locator), at the laboratory's declared red-cell diameter if given (:func:`analyze`).
 
     ``classifier_kwargs`` go to :class:`~leukodetect.runtime.classifier.Classifier` (backend, threads, log).
     """
     kwargs = {"locator": WhiteCellLocator.load(Path(locator))} if locator is not None else {}
+    if rbc_diameter is not None:
+        kwargs["rbc_diameter"] = rbc_diameter
     return Detector(Classifier.from_checkpoint(Path(path), **classifier_kwargs), **kwargs)

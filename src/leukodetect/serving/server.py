@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from leukodetect.detection.pipeline import load_detector
+from leukodetect.detection.pipeline import check_declared_scale, load_detector
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.serving.app import LOOPBACK_HOSTS, create_app
 from leukodetect.serving.worker import available_cores
@@ -44,6 +44,7 @@ def build_app(
     *,
     detector_checkpoint: Path | None = None,
     locator: Path | None = None,
+    rbc_diameter: float | None = None,
     torch_threads: int | None = None,
     backend: str = "auto",
     log: Callable[[str], None] = print,
@@ -54,14 +55,16 @@ def build_app(
     ``torch_threads`` (default: every available core) is both PyTorch's thread count in the inference
     thread and ONNX Runtime's intra-op thread count; ``backend`` is
     :class:`~leukodetect.runtime.classifier.Classifier`'s (auto: ONNX Runtime on CPU). ``limits`` go
-    to :func:`~leukodetect.serving.app.create_app` (``allowed_hosts`` among them).
+    to :func:`~leukodetect.serving.app.create_app` (``allowed_hosts`` among them). ``rbc_diameter``: the
+    laboratory's declared red-cell diameter in its photographs' pixels, for ``/v1/analyze`` (learned locator).
     """
 
+    check_declared_scale(rbc_diameter, locator)  # before anything is loaded
     threads = torch_threads or available_cores()
     options = {"backend": backend, "threads": threads, "log": log}
     classifier = Classifier.from_checkpoint(resolve_checkpoint(checkpoint), **options)
     detector_path = resolve_detector(detector_checkpoint, "learned" if locator is not None else "colour")
-    detector = load_detector(detector_path, locator=locator, **options) if detector_path is not None else None
+    detector = load_detector(detector_path, locator=locator, rbc_diameter=rbc_diameter, **options) if detector_path is not None else None
     return create_app(classifier, detector=detector, torch_threads=threads, **limits)
 
 
@@ -70,6 +73,7 @@ def serve(
     *,
     detector_checkpoint: Path | None = None,
     locator: Path | None = None,
+    rbc_diameter: float | None = None,
     host: str = LOOPBACK,
     port: int = 8000,
     threads: int | None = None,
@@ -91,8 +95,8 @@ def serve(
     """
 
     allowed = default_allowed_hosts(host, allowed_hosts or ())
-    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, locator=locator, torch_threads=threads, backend=backend,
-                    allowed_hosts=allowed, log=log)
+    app = build_app(checkpoint, detector_checkpoint=detector_checkpoint, locator=locator, rbc_diameter=rbc_diameter,
+                    torch_threads=threads, backend=backend, allowed_hosts=allowed, log=log)
     if host not in (LOOPBACK, "localhost", "::1"):
         log(f"Listening on {host}: anyone who can reach this machine can upload images; the service has no authentication.")
     if allowed != ["*"]:
