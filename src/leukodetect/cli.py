@@ -246,6 +246,8 @@ LocatorOpt = typer.Option("learned", "--locator", help="How white cells are foun
                           "(purple thresholds tuned on ALL-IDB1, with the ALL-IDB1 detector, its smudge gate and cell scorer: ALL-IDB1's own "
                           "pipeline, wrong on most other laboratories' smears; see docs/detection.md).")
 LocatorWeightsOpt = typer.Option(None, "--locator-weights", help="A locator from train-locator (default: the shipped one).")
+SmearPixelSizeOpt = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, if the "
+                                 "laboratory knows its camera's (default: measured on each photograph's red cells; learned locator only).")
 BackendOpt = typer.Option("auto", "--backend", help="What runs the network: auto (ONNX Runtime on CPU, exported once per "
                           "checkpoint and cached; PyTorch on GPU), torch or onnx. Both agree within 1e-4 in P(blast).")
 StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a folder (8 images evenly spaced over its sorted files "
@@ -834,9 +836,7 @@ def serve(
                                                      "this option, every host is answered)."),
     locator: str = LocatorOpt,
     locator_weights: Optional[Path] = LocatorWeightsOpt,
-    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, "
-                                               "if the laboratory knows its camera's (default: measured on each photograph's red cells; "
-                                               "learned locator only)."),
+    pixel_size: Optional[float] = SmearPixelSizeOpt,
 ):
     """The lab service: web page at /, HTTP API at /v1 (see /docs), one model loaded once."""
     from leukodetect.runtime.scale import diameter_from_pixel_size
@@ -867,9 +867,7 @@ def detect(
     backend: str = BackendOpt,
     locator: str = LocatorOpt,
     locator_weights: Optional[Path] = LocatorWeightsOpt,
-    pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, "
-                                               "if the laboratory knows its camera's (default: measured on each photograph's red cells; "
-                                               "learned locator only)."),
+    pixel_size: Optional[float] = SmearPixelSizeOpt,
 ):
     """Whole-smear detection: find white cells, classify each crop, count blasts, draw an overlay."""
     from leukodetect.detection.pipeline import check_declared_scale

@@ -226,6 +226,7 @@ def test_the_shipped_locator_loads_and_was_trained_with_train_locators_defaults(
     assert set(shipped.settings.trained_on) == {"allidb1", "bccd", "pbc"}
     command = {name: p.default.default for name, p in inspect.signature(train_locator).parameters.items()}
     recipe = LocatorRecipe(iterations=command["iterations"], seed=command["seed"], ignore_radius=command["ignore_radius"])
+    assert recipe == LocatorRecipe()  # the command's defaults are the library's
     assert shipped.settings.recipe == {**recipe.__dict__}
     assert shipped.settings == LocatorSettings(trained_on=shipped.settings.trained_on, recipe=shipped.settings.recipe)
 
