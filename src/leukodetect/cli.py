@@ -889,6 +889,21 @@ def detect(
         raise typer.Exit(1)
 
 
+def _lab_values(items: list[str], option: str) -> dict[str, float]:
+    """``LAB=NUMBER`` options as a dict, or one sentence saying which one is malformed."""
+    values = {}
+    for item in items:
+        lab, _, number = item.partition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            value = 0.0
+        if not lab or value <= 0:
+            raise LeukoError(f"{option} {item!r}: give LAB=NUMBER with a positive number, e.g. {option} bccd=0.086.")
+        values[lab] = value
+    return values
+
+
 def _locator_kind(kind: str) -> str:
     if kind not in ("learned", "colour"):
         raise LeukoError(f"--locator {kind!r}: choose learned or colour.")
@@ -1014,6 +1029,9 @@ def smear_eval(
     review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
     review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
     backend: str = BackendOpt,
+    pixel_size: Optional[list[str]] = typer.Option(None, "--pixel-size", metavar="LAB=UM", help="A laboratory's micrometres per "
+                                                   "pixel, declared for all its smears instead of measured on each (learned "
+                                                   "locator only); repeat for several."),
 ):
     """Score the smear pipeline as it is (no training) on labelled smears: verdict accuracy per laboratory with 95% intervals."""
     from leukodetect.jobs.cells import LabSource
@@ -1030,7 +1048,8 @@ def smear_eval(
     clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
     learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if locator == "learned" else None
     run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=clf.bundle.get("trained_on", ()),
-                   every=every, review_band=(review_low, review_high), progress=_progress(), log=_log)
+                   every=every, pixel_sizes=_lab_values(pixel_size or [], "--pixel-size"), review_band=(review_low, review_high),
+                   progress=_progress(), log=_log)
     out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
 
 

@@ -210,3 +210,27 @@ def test_a_smear_whose_analysis_fails_is_reported_and_the_others_go_on(aria_tree
     assert len(logged) == 1 and "could not be analysed (RuntimeError: OpenCV(4.10) resize.cpp: error (-215:Assertion failed))" in logged[0]
     with pytest.raises(LeukoError, match="named once"):
         run_smear_eval([LabSource.parse(f"aria={aria_tree}")] * 2, clf, tmp_path / "again", log=lambda *_: None)
+
+
+def test_a_declared_pixel_size_scales_every_smear_of_its_laboratory_and_is_reported(aria_tree, crop_checkpoint, tmp_path):
+    from smear_images import RBC_D
+
+    from leukodetect.runtime.locator import WhiteCellLocator
+    from leukodetect.runtime.scale import RBC_UM
+    from leukodetect.weights import resolve_locator
+
+    clf = Classifier.from_checkpoint(crop_checkpoint, backend="torch")
+    locator = WhiteCellLocator.load(resolve_locator(None))
+    metrics = run_smear_eval([LabSource.parse(f"aria={aria_tree}")], clf, tmp_path / "out", locator=locator,
+                             pixel_sizes={"aria": RBC_UM / RBC_D}, log=lambda *_: None)
+    rows = list(csv.DictReader((tmp_path / "out" / "smears.csv").open()))
+    assert len(rows) == 5 and {r["scale"] for r in rows} == {"declared"}
+    assert metrics["labs"]["aria"]["declared_pixel_size_um"] == pytest.approx(RBC_UM / RBC_D)
+    assert "aria 0.25 um/px" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(LeukoError, match="no --data names"):
+        run_smear_eval([LabSource.parse(f"aria={aria_tree}")], clf, tmp_path / "o2", locator=locator, pixel_sizes={"bccd": 0.1})
+    with pytest.raises(LeukoError, match="learned locator"):
+        run_smear_eval([LabSource.parse(f"aria={aria_tree}")], clf, tmp_path / "o3", pixel_sizes={"aria": 0.1})
+    bad = CliRunner().invoke(app, ["smear-eval", "--data", f"aria={aria_tree}", "--out", str(tmp_path / "o4"), "--checkpoint",
+                                   str(crop_checkpoint), "--pixel-size", "aria:0.1"])
+    assert bad.exit_code == 2 and "LAB=NUMBER" in bad.output and not (tmp_path / "o4" / "metrics.json").exists()

@@ -39,13 +39,14 @@ from leukodetect.data.duplicates import split_groups
 from leukodetect.data.indexers import detect_format, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.detection.match import detection_scores, match_points
-from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze
+from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze, check_declared_scale
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import proportion
 from leukodetect.evaluation.metrics import roc_auc
 from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
 from leukodetect.jobs.detect import analysis_failed
 from leukodetect.runtime.images import open_rgb
+from leukodetect.runtime.scale import diameter_from_pixel_size
 from leukodetect.utils import atomic_write_text, write_csv, write_json
 
 #: Layouts whose images are whole smears with a label per smear.
@@ -152,11 +153,13 @@ def banks_allidb1_photographs(bank_csv: Path) -> bool:
 
 
 def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, locator=None, unseen_from: Path | None = None,
-                   trained_on: Iterable[str] = (), every: int = 1, progress: bool = False, log=print, **analyze_kwargs) -> dict:
+                   trained_on: Iterable[str] = (), every: int = 1, pixel_sizes: dict[str, float] | None = None,
+                   progress: bool = False, log=print, **analyze_kwargs) -> dict:
     """Analyse every labelled smear of ``sources`` with ``classifier`` and ``locator``; write rows, metrics and a report.
 
     Unreadable smears, and smears whose analysis fails, are reported and left out (counted as
-    ``unreadable``); ``every`` keeps every n-th smear of each source.
+    ``unreadable``); ``every`` keeps every n-th smear of each source. ``pixel_sizes`` (micrometres per
+    pixel, by laboratory) declares a laboratory's scale instead of measuring each smear's (learned locator only).
     """
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists():
@@ -164,6 +167,12 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
     labs = [s.lab for s in sources]
     if len(set(labs)) != len(labs):
         raise LeukoError(f"Each laboratory may be named once, got {', '.join(labs)}.")
+    pixel_sizes = dict(pixel_sizes or {})
+    if unknown := sorted(set(pixel_sizes) - set(labs)):
+        raise LeukoError(f"--pixel-size names {', '.join(unknown)}, which no --data names ({', '.join(labs)}).")
+    declared = {lab: diameter_from_pixel_size(size) for lab, size in pixel_sizes.items()}
+    for diameter in declared.values():
+        check_declared_scale(diameter, locator)
     parents, groups = trained_smears(unseen_from, trained_on) if unseen_from is not None else (set(), set())
     photographs_banked = unseen_from is not None and banks_allidb1_photographs(unseen_from)
     rows, facts = [], {}
@@ -173,6 +182,9 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
         untellable = fmt == "allidb1" and not photographs_banked
         kept = records if untellable else [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
         facts[source.lab] = {"format": fmt, "in_source": len(records), "left_out_as_trained": len(records) - len(kept)}
+        if source.lab in declared:
+            facts[source.lab]["declared_pixel_size_um"] = pixel_sizes[source.lab]
+        scale = {"rbc_diameter": declared[source.lab]} if source.lab in declared else {}
         if unseen_from is not None and untellable:
             facts[source.lab]["unseen_check"] = "not possible: ALL-IDB2's cells are cut from these photographs by its authors"
             log(f"{source.lab}: ALL-IDB1's photographs cannot be told unseen from a cell bank: ALL-IDB2, whose cells banks hold, "
@@ -182,7 +194,7 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
         unreadable = 0
         for record in tqdm(kept, desc=f"smears of {source.lab}", disable=not progress):
             try:
-                result = analyze(np.asarray(open_rgb(record.path)), classifier, locator=locator, **analyze_kwargs)
+                result = analyze(np.asarray(open_rgb(record.path)), classifier, locator=locator, **scale, **analyze_kwargs)
             except BadImageError as exc:
                 log(f"skipped: {exc}")
                 unreadable += 1
@@ -212,6 +224,10 @@ def _pct(entry: dict) -> str:
 
 def report_markdown(metrics: dict) -> str:
     lines = [f"# Smear verdicts per laboratory ({metrics['locator']} locator)", ""]
+    declared = {lab: m["declared_pixel_size_um"] for lab, m in metrics["labs"].items() if "declared_pixel_size_um" in m}
+    if declared:
+        lines += ["Declared pixel sizes (one red-cell diameter for every smear of the laboratory): "
+                  + ", ".join(f"{lab} {size:g} um/px" for lab, size in declared.items()) + ".", ""]
     if metrics["unseen_from"]:
         lines += [f"Only smears the cell model never trained on (bank: {metrics['unseen_from']})."]
         lines += [f"{lab}: {m['unseen_check']}; every smear is scored." for lab, m in metrics["labs"].items() if "unseen_check" in m]
