@@ -180,3 +180,14 @@ def test_out_of_fold_distances_come_from_a_fit_without_the_images_fold():
     # In-sample distances understate a new image's: out of fold, each image is as far as a new one would be.
     in_sample = guard_distances(x[:80], fit_guard(x[:80], groups[:80]))[np.arange(80), groups[:80]]
     assert d[np.arange(80), groups[:80]].mean() > in_sample.mean()
+
+
+def test_fit_guard_sizes_its_means_for_every_group_when_told_how_many():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0, 1, (20, 6)), rng.normal(4, 1, (20, 6))])
+    y = np.repeat([0, 2], 20)  # group 1 absent
+    small, wide = fit_guard(x, y), fit_guard(x, y, n_groups=5)
+    assert small.class_means.shape[0] == 3 and wide.class_means.shape[0] == 5
+    np.testing.assert_allclose(guard_distances(x, wide)[:, :3], guard_distances(x, small), rtol=1e-6)
+    with pytest.raises(ValueError, match="n_groups"):
+        fit_guard(x, y, n_groups=2)

@@ -76,13 +76,15 @@ def guard_groups(labs: Sequence[str | None], labels: Sequence[int],
     return np.array([index[k] for k in keys], dtype=int), [f"{lab}/{name(y)}" if lab else name(y) for lab, y in order]
 
 
-def fit_guard(features: np.ndarray, labels: np.ndarray, *, max_dims: int = MAX_DIMS) -> GuardFit:
+def fit_guard(features: np.ndarray, labels: np.ndarray, *, max_dims: int = MAX_DIMS, n_groups: int | None = None) -> GuardFit:
     """Fit the group-conditional Gaussian model with a shared covariance.
 
     Args:
         features: (N, D) penultimate-layer features of the training images (no augmentation).
         labels: (N,) group indices (classes, or :func:`guard_groups`); every group present needs at least two images.
         max_dims: principal components kept (fewer when N or D is small).
+        n_groups: rows of the group means (default: the largest index present + 1); a group absent from
+            ``labels`` keeps a mean of zeros, which callers mask.
     """
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(int)
@@ -103,7 +105,10 @@ def fit_guard(features: np.ndarray, labels: np.ndarray, *, max_dims: int = MAX_D
     whiten = evecs / np.sqrt(np.maximum(evals, 1e-12))  # cov^(-1/2) up to a rotation
     projection = axes @ whiten
     class_means = means @ whiten
-    full = np.zeros((int(y.max()) + 1, k))
+    rows = int(y.max()) + 1 if n_groups is None else n_groups
+    if rows <= int(y.max()):
+        raise ValueError(f"fit_guard: n_groups={n_groups} but a group index is {int(y.max())}")
+    full = np.zeros((rows, k))
     full[classes] = class_means
     return GuardFit(center=center.astype(np.float32), projection=projection.astype(np.float32), class_means=full.astype(np.float32))
 
@@ -200,10 +205,8 @@ def out_of_fold_distances(features: np.ndarray, groups: np.ndarray, folds: np.nd
         inside = folds == fold
         counts = np.bincount(y[~inside], minlength=out.shape[1])
         keep = ~inside & (counts[y] >= 2)
-        fit = fit_guard(x[keep], y[keep], max_dims=max_dims)
-        d = guard_distances(x[inside], fit)  # as many columns as the fit's largest group index + 1
-        d = np.hstack([d, np.full((len(d), out.shape[1] - d.shape[1]), np.inf)])
-        d[:, counts < 2] = np.inf
+        d = guard_distances(x[inside], fit_guard(x[keep], y[keep], max_dims=max_dims, n_groups=out.shape[1]))
+        d[:, counts < 2] = np.inf  # groups left out of this fold's fit
         out[inside] = d
     return out
 
