@@ -889,19 +889,25 @@ def detect(
         raise typer.Exit(1)
 
 
-def _lab_values(items: list[str], option: str) -> dict[str, float]:
-    """``LAB=NUMBER`` options as a dict, or one sentence saying which one is malformed."""
-    values = {}
+def _declare_pixel_sizes(sources: list, items: list[str]) -> list:
+    """``--pixel-size LAB=UM`` options folded into the named sources as their declared red-cell diameters
+    (``LAB=PATH@PIXELS``); one sentence for a malformed item or a laboratory no ``--data`` names."""
+    from dataclasses import replace
+
+    from leukodetect.runtime.scale import diameter_from_pixel_size
+
+    sizes = {}
     for item in items:
         lab, _, number = item.partition("=")
         try:
-            value = float(number)
+            sizes[lab] = float(number)
         except ValueError:
-            value = 0.0
-        if not lab or value <= 0:
-            raise LeukoError(f"{option} {item!r}: give LAB=NUMBER with a positive number, e.g. {option} bccd=0.086.")
-        values[lab] = value
-    return values
+            sizes[lab] = 0.0
+        if not lab or sizes[lab] <= 0:
+            raise LeukoError(f"--pixel-size {item!r}: give LAB=NUMBER with a positive number, e.g. --pixel-size bccd=0.086.")
+    if unknown := sorted(set(sizes) - {s.lab for s in sources}):
+        raise LeukoError(f"--pixel-size names {', '.join(unknown)}, which no --data names ({', '.join(s.lab for s in sources)}).")
+    return [replace(s, rbc_diameter=diameter_from_pixel_size(sizes[s.lab])) if s.lab in sizes else s for s in sources]
 
 
 def _locator_kind(kind: str) -> str:
@@ -1031,7 +1037,8 @@ def smear_eval(
     backend: str = BackendOpt,
     pixel_size: Optional[list[str]] = typer.Option(None, "--pixel-size", metavar="LAB=UM", help="A laboratory's micrometres per "
                                                    "pixel, declared for all its smears instead of measured on each (learned "
-                                                   "locator only); repeat for several."),
+                                                   "locator only; the same as --data LAB=PATH@PIXELS with the red-cell "
+                                                   "diameter in pixels); repeat for several."),
 ):
     """Score the smear pipeline as it is (no training) on labelled smears: verdict accuracy per laboratory with 95% intervals."""
     from leukodetect.jobs.cells import LabSource
@@ -1041,15 +1048,14 @@ def smear_eval(
     from leukodetect.weights import resolve_detector, resolve_locator
 
     _check_output_folder(out_dir)
-    sources = [LabSource.parse(d) for d in data]
+    sources = _declare_pixel_sizes([LabSource.parse(d) for d in data], pixel_size or [])
     path = resolve_detector(checkpoint, _locator_kind(locator))
     if path is None:
         raise LeukoError("No cell model to score with: pass --checkpoint (this installation has no shipped one).")
     clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
     learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if locator == "learned" else None
     run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=clf.bundle.get("trained_on", ()),
-                   every=every, pixel_sizes=_lab_values(pixel_size or [], "--pixel-size"), review_band=(review_low, review_high),
-                   progress=_progress(), log=_log)
+                   every=every, review_band=(review_low, review_high), progress=_progress(), log=_log)
     out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 from smear_images import WHITE, synthetic_smear
 
 from leukodetect.jobs.locator import (
@@ -79,15 +78,14 @@ def test_scores_follow_what_each_photograph_annotates(tmp_path):
     assert "0.500 (1/2" in text and "| learned | aria |" in text
 
 
-def test_the_unannotated_white_cells_of_a_blasts_only_photograph_are_found_and_the_annotated_one_is_not(tmp_path):
-    path = tmp_path / "Im001_1.png"
-    Image.fromarray(synthetic_smear(seed=0)).save(path)
+def test_the_unannotated_white_cells_of_a_blasts_only_photograph_are_found_and_the_annotated_one_is_not():
+    rgb = synthetic_smear(seed=0)
     blast = WHITE[0][:2]  # the lone white cell is the annotated blast; the touching pair is nobody's
-    found = unannotated_objects(path, [blast])
+    found = unannotated_objects(rgb, [blast])
     assert len(found) >= 1
     assert all(np.hypot(x - blast[0], y - blast[1]) > 30 for x, y in found)
     assert all(min(np.hypot(x - wx, y - wy) for wx, wy, _ in WHITE[1:]) < 30 for x, y in found)
-    assert len(unannotated_objects(path, [])) >= len(found) + 1  # nothing annotated: the blast is among them
+    assert len(unannotated_objects(rgb, [])) >= len(found) + 1  # nothing annotated: the blast is among them
 
 
 def test_a_photograph_without_positions_trains_as_background_only_when_its_objects_are_known(tmp_path):

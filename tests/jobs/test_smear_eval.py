@@ -221,16 +221,21 @@ def test_a_declared_pixel_size_scales_every_smear_of_its_laboratory_and_is_repor
 
     clf = Classifier.from_checkpoint(crop_checkpoint, backend="torch")
     locator = WhiteCellLocator.load(resolve_locator(None))
-    metrics = run_smear_eval([LabSource.parse(f"aria={aria_tree}")], clf, tmp_path / "out", locator=locator,
-                             pixel_sizes={"aria": RBC_UM / RBC_D}, log=lambda *_: None)
+    metrics = run_smear_eval([LabSource.parse(f"aria={aria_tree}@{RBC_D}")], clf, tmp_path / "out", locator=locator,
+                             log=lambda *_: None)
     rows = list(csv.DictReader((tmp_path / "out" / "smears.csv").open()))
     assert len(rows) == 5 and {r["scale"] for r in rows} == {"declared"}
     assert metrics["labs"]["aria"]["declared_pixel_size_um"] == pytest.approx(RBC_UM / RBC_D)
     assert "aria 0.25 um/px" in (tmp_path / "out" / "report.md").read_text()
-    with pytest.raises(LeukoError, match="no --data names"):
-        run_smear_eval([LabSource.parse(f"aria={aria_tree}")], clf, tmp_path / "o2", locator=locator, pixel_sizes={"bccd": 0.1})
+    unknown = CliRunner().invoke(app, ["smear-eval", "--data", f"aria={aria_tree}", "--out", str(tmp_path / "o2"), "--checkpoint",
+                                       str(crop_checkpoint), "--pixel-size", "bccd=0.1"])
+    assert unknown.exit_code == 2 and "no --data names" in unknown.output
     with pytest.raises(LeukoError, match="learned locator"):
-        run_smear_eval([LabSource.parse(f"aria={aria_tree}")], clf, tmp_path / "o3", pixel_sizes={"aria": 0.1})
+        run_smear_eval([LabSource.parse(f"aria={aria_tree}@40")], clf, tmp_path / "o3")
+    again = CliRunner().invoke(app, ["smear-eval", "--data", f"aria={aria_tree}", "--out", str(tmp_path / "o5"), "--checkpoint",
+                                     str(crop_checkpoint), "--backend", "torch", "--pixel-size", f"aria={RBC_UM / RBC_D}"])
+    assert again.exit_code == 0, again.output  # --pixel-size LAB=UM is --data LAB=PATH@PIXELS in micrometres
+    assert {r["scale"] for r in csv.DictReader((tmp_path / "o5" / "smears.csv").open())} == {"declared"}
     bad = CliRunner().invoke(app, ["smear-eval", "--data", f"aria={aria_tree}", "--out", str(tmp_path / "o4"), "--checkpoint",
                                    str(crop_checkpoint), "--pixel-size", "aria:0.1"])
     assert bad.exit_code == 2 and "LAB=NUMBER" in bad.output and not (tmp_path / "o4" / "metrics.json").exists()

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.model_selection import GroupKFold
 
 from leukodetect.data.records import Record
 from leukodetect.errors import BadImageError, LeukoError
-from sklearn.model_selection import GroupKFold
-
 from leukodetect.evaluation.ood import (fit_guard, group_laboratories, group_thresholds, guard_distances, guard_groups,
                                        out_of_fold_distances)
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint

@@ -86,11 +86,11 @@ def _points(record, fmt: str, masks: Path | None) -> tuple[tuple, str]:
     return (), "none"
 
 
-def unannotated_objects(path: Path, points, *, near: float = 1.0) -> np.ndarray:
-    """Centres (photograph pixels) of the objects the colour locator finds that lie farther than ``near`` red-cell
-    diameters from every annotated centre: on a photograph whose blasts alone carry positions, its normal white
-    cells (and smudges), which training leaves out of the loss instead of teaching them as background."""
-    found = locate_cells(np.asarray(open_rgb(path)), LocateParams())
+def unannotated_objects(rgb: np.ndarray, points, *, near: float = 1.0) -> np.ndarray:
+    """Centres (pixels of the photograph ``rgb``) of the objects the colour locator finds that lie farther than ``near``
+    red-cell diameters from every annotated centre: on a photograph whose blasts alone carry positions, its normal
+    white cells (and smudges), which training leaves out of the loss instead of teaching them as background."""
+    found = locate_cells(rgb, LocateParams())
     xy = np.array([(c.x, c.y) for c in found.cells], dtype=np.float32).reshape(-1, 2)
     pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
     if len(xy) and len(pts):
@@ -122,9 +122,12 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                     points, annotated = None, "all"
                 # ALL-IDB1's ALL photographs annotate their blasts alone, its healthy ones nothing: every other object the
                 # colour locator finds there is left out of the loss, and the rest of the photograph is background.
-                ignore = unannotated_objects(record.path, points) if fmt == "allidb1" and annotated != "all" else None
+                rgb = ignore = None
+                if fmt == "allidb1" and annotated != "all":
+                    rgb = np.asarray(open_rgb(record.path))  # read once, for both
+                    ignore = unannotated_objects(rgb, points)
                 smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
-                                        layout=fmt, annotated=annotated, ignore=ignore)
+                                        layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb)
             except LeukoError as exc:
                 smear = str(exc)
             if isinstance(smear, str):

@@ -46,7 +46,7 @@ from leukodetect.evaluation.metrics import roc_auc
 from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
 from leukodetect.jobs.detect import analysis_failed
 from leukodetect.runtime.images import open_rgb
-from leukodetect.runtime.scale import diameter_from_pixel_size
+from leukodetect.runtime.scale import RBC_UM
 from leukodetect.utils import atomic_write_text, write_csv, write_json
 
 #: Layouts whose images are whole smears with a label per smear.
@@ -153,13 +153,13 @@ def banks_allidb1_photographs(bank_csv: Path) -> bool:
 
 
 def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, locator=None, unseen_from: Path | None = None,
-                   trained_on: Iterable[str] = (), every: int = 1, pixel_sizes: dict[str, float] | None = None,
-                   progress: bool = False, log=print, **analyze_kwargs) -> dict:
+                   trained_on: Iterable[str] = (), every: int = 1, progress: bool = False, log=print, **analyze_kwargs) -> dict:
     """Analyse every labelled smear of ``sources`` with ``classifier`` and ``locator``; write rows, metrics and a report.
 
     Unreadable smears, and smears whose analysis fails, are reported and left out (counted as
-    ``unreadable``); ``every`` keeps every n-th smear of each source. ``pixel_sizes`` (micrometres per
-    pixel, by laboratory) declares a laboratory's scale instead of measuring each smear's (learned locator only).
+    ``unreadable``); ``every`` keeps every n-th smear of each source. A source's declared red-cell diameter
+    (``LAB=PATH[:FORMAT]@PIXELS``, :class:`~leukodetect.jobs.cells.LabSource`) scales all its smears instead of
+    each smear's measured one (learned locator only).
     """
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists():
@@ -167,12 +167,8 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
     labs = [s.lab for s in sources]
     if len(set(labs)) != len(labs):
         raise LeukoError(f"Each laboratory may be named once, got {', '.join(labs)}.")
-    pixel_sizes = dict(pixel_sizes or {})
-    if unknown := sorted(set(pixel_sizes) - set(labs)):
-        raise LeukoError(f"--pixel-size names {', '.join(unknown)}, which no --data names ({', '.join(labs)}).")
-    declared = {lab: diameter_from_pixel_size(size) for lab, size in pixel_sizes.items()}
-    for diameter in declared.values():
-        check_declared_scale(diameter, locator)
+    for source in sources:
+        check_declared_scale(source.rbc_diameter, locator)
     parents, groups = trained_smears(unseen_from, trained_on) if unseen_from is not None else (set(), set())
     photographs_banked = unseen_from is not None and banks_allidb1_photographs(unseen_from)
     rows, facts = [], {}
@@ -182,9 +178,9 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
         untellable = fmt == "allidb1" and not photographs_banked
         kept = records if untellable else [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
         facts[source.lab] = {"format": fmt, "in_source": len(records), "left_out_as_trained": len(records) - len(kept)}
-        if source.lab in declared:
-            facts[source.lab]["declared_pixel_size_um"] = pixel_sizes[source.lab]
-        scale = {"rbc_diameter": declared[source.lab]} if source.lab in declared else {}
+        scale = {"rbc_diameter": source.rbc_diameter} if source.rbc_diameter else {}
+        if scale:
+            facts[source.lab].update(declared_rbc_diameter_px=source.rbc_diameter, declared_pixel_size_um=RBC_UM / source.rbc_diameter)
         if unseen_from is not None and untellable:
             facts[source.lab]["unseen_check"] = "not possible: ALL-IDB2's cells are cut from these photographs by its authors"
             log(f"{source.lab}: ALL-IDB1's photographs cannot be told unseen from a cell bank: ALL-IDB2, whose cells banks hold, "
@@ -227,7 +223,7 @@ def report_markdown(metrics: dict) -> str:
     declared = {lab: m["declared_pixel_size_um"] for lab, m in metrics["labs"].items() if "declared_pixel_size_um" in m}
     if declared:
         lines += ["Declared pixel sizes (one red-cell diameter for every smear of the laboratory): "
-                  + ", ".join(f"{lab} {size:g} um/px" for lab, size in declared.items()) + ".", ""]
+                  + ", ".join(f"{lab} {size:.4g} um/px" for lab, size in declared.items()) + ".", ""]
     if metrics["unseen_from"]:
         lines += [f"Only smears the cell model never trained on (bank: {metrics['unseen_from']})."]
         lines += [f"{lab}: {m['unseen_check']}; every smear is scored." for lab, m in metrics["labs"].items() if "unseen_check" in m]

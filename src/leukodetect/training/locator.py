@@ -86,13 +86,14 @@ class LocatorRecipe:
 
 
 def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
-                    layout: str = "", annotated: str = "all", ignore=None) -> Smear | str:
+                    layout: str = "", annotated: str = "all", ignore=None, rgb: np.ndarray | None = None) -> Smear | str:
     """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be.
 
     ``points`` None stands for one cell at the image's centre (a single-cell crop); ``ignore`` (photograph
-    pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`).
+    pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``rgb``, the
+    photograph's pixels where the caller has read them already.
     """
-    rgb = np.asarray(open_rgb(path))
+    rgb = np.asarray(open_rgb(path)) if rgb is None else rgb
     if points is None:
         points = (((rgb.shape[1]) / 2, (rgb.shape[0]) / 2),)
     scale = estimate_rbc_diameter(rgb, packed=True)
