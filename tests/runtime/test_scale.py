@@ -33,9 +33,38 @@ def smear(diameter: float, *, size: int = 400, white: bool = True, seed: int = 0
 
 @pytest.mark.parametrize("diameter", [12, 30, 75])
 def test_red_cell_diameter_is_measured_at_any_magnification(diameter):
-    estimate = estimate_rbc_diameter(smear(diameter, size=int(12 * diameter)))
+    rgb = smear(diameter, size=int(12 * diameter))
+    estimate = estimate_rbc_diameter(rgb)
     assert estimate.source == "measured" and estimate.red_cells >= 3
     assert estimate.diameter == pytest.approx(diameter, rel=0.08)
+    assert estimate_rbc_diameter(rgb, packed=True) == estimate  # the stain-free check agrees on a pink smear
+
+
+BLUE_GREY = (160, 160, 200)  # red cells under a stain that colours them too (Aria's): B - G as high as a nucleus's
+
+
+def blue_grey_smear(diameter: float) -> np.ndarray:
+    """Blue-grey red discs on a grid with a small pink fragment in each gap: only the fragments look like red cells."""
+    size = int(12 * diameter)
+    rgb = np.full((size, size, 3), SLIDE, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    rng = np.random.default_rng(0)
+    step = 1.5 * diameter
+    for cy in np.arange(step / 2, size, step):
+        for cx in np.arange(step / 2, size, step):
+            x, y = cx + rng.uniform(-0.1, 0.1) * diameter, cy + rng.uniform(-0.1, 0.1) * diameter
+            rgb[(yy - y) ** 2 + (xx - x) ** 2 <= (diameter / 2) ** 2] = BLUE_GREY
+            rgb[(yy - y - 0.75 * diameter) ** 2 + (xx - x - 0.75 * diameter) ** 2 <= (0.15 * diameter) ** 2] = PINK
+    return rgb
+
+
+@pytest.mark.parametrize("diameter", [20, 45])
+def test_a_smear_whose_red_cells_take_the_stain_is_measured_without_it(diameter):
+    rgb = blue_grey_smear(diameter)
+    fragments = estimate_rbc_diameter(rgb)  # a single-cell crop keeps the red-cell estimate: the fragments
+    assert fragments.source == "measured" and fragments.diameter < 0.4 * diameter
+    whole = estimate_rbc_diameter(rgb, packed=True)  # a smear is checked against its cells as a whole
+    assert whole.source == "foreground" and whole.diameter == pytest.approx(diameter, rel=0.1)
 
 
 def test_no_red_cells_means_unknown_and_says_so():
@@ -93,3 +122,10 @@ def test_fragments_far_smaller_than_the_red_cells_are_not_taken_for_red_cells():
     assert crop.diameter is None and crop.source == "unknown" and crop.red_cells >= 3
     smear = estimate_rbc_diameter(rgb, packed=True)  # a smear field: the packed red cells measure it
     assert smear.source == "packed" and smear.diameter == pytest.approx(70, rel=0.3)
+
+
+def test_a_field_packed_with_cells_keeps_its_red_cell_estimate():
+    rgb = blue_grey_smear(30)
+    height, width = rgb.shape[:2]
+    rgb[height // 8: -height // 8, width // 8: -width // 8] = BLUE_GREY  # cells cover most of the field: a clump
+    assert estimate_rbc_diameter(rgb, packed=True) == estimate_rbc_diameter(rgb)  # no stain-free estimate to check against
