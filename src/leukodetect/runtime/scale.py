@@ -115,9 +115,9 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     left out, and what remains of the red-cell mask is their rims and fragments, 5-9 pixels against
     about 15. When the smear's cells as a whole (:func:`_foreground_diameter`) measure more than
     :data:`FRAGMENT_RATIO` times the red-cell estimate, that estimate is of fragments and the
-    stain-free one is taken instead (source ``"foreground"``; it runs high by about a quarter where
-    white cells are many, far nearer than a third; it is not made on a field packed with cells, see
-    :data:`PACKED_COVER`). Measured on 2026-12-07 (docs/detection.md, "Red cells taken for stain"): it
+    stain-free one is taken instead (source ``"foreground"``). It runs about a quarter high where white
+    cells are many, against the fragments' third or less, and it is not made on a field packed with
+    cells (:data:`PACKED_COVER`). Measured on 2026-12-07 (docs/detection.md, "Red cells taken for stain"): it
     replaces 79 of 402 Aria fields' estimates, 1 of 364 BCCD fields', 11 of 1,814 PBC crops' and none of
     ALL-IDB1's 108 photographs.
     """
