@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from leukodetect.detection.match import detection_scores, match_points, match_to_regions
+from leukodetect.detection.match import detection_scores, match_points, match_points_to_boxes, match_to_regions
 
 
 def test_exact_and_near_matches_within_radius():
@@ -52,3 +52,16 @@ def test_regions_matched_at_most_once():
     detected = [(3, 3), (6, 6), (15, 15), (10, 1)]  # two in region 1, one in 2, one outside
     assert match_to_regions(detected, regions) == {"tp": 2, "fn": 0, "fp": 1, "extra": 1, "regions": 2, "detections": 4}
     assert match_to_regions([(15, 15)], regions)["fn"] == 1
+
+
+def test_a_point_inside_a_box_hits_it_once_and_overlapping_boxes_go_to_the_nearer_centre():
+    boxes = [(0, 0, 40, 40), (30, 0, 70, 40), (100, 100, 120, 120)]  # the first two overlap over x 30-40
+    m = match_points_to_boxes([(36, 20), (10, 20), (4, 30), (90, 90)], boxes)
+    # (36, 20) lies in both overlapping boxes: one to one, box 0 goes to (10, 20), nearer its centre than (4, 30), which
+    # is a second point in box 0 (false positive), and box 1 to (36, 20); (90, 90) is outside every box; box 2 is missed.
+    assert m.pairs == [(0, 1), (1, 0)] and (m.tp, m.fp, m.fn) == (2, 2, 1)
+    assert np.allclose(m.distances, [14.0, 10.0])
+    far_corner = match_points_to_boxes([(39, 39)], [(0, 0, 40, 40)])  # 27 px from the centre: still inside
+    assert (far_corner.tp, far_corner.fp, far_corner.fn) == (1, 0, 0)
+    assert (lambda m: (m.tp, m.fp, m.fn))(match_points_to_boxes([], boxes)) == (0, 0, 3)
+    assert (lambda m: (m.tp, m.fp, m.fn))(match_points_to_boxes([(1, 1)], [])) == (0, 1, 0)

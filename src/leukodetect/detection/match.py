@@ -56,16 +56,36 @@ def match_points(detected, annotated, radius: float) -> Matching:
     distance = cdist(det, ann)
     # Distances beyond the radius are made prohibitive, so the assignment never trades a valid
     # pair for an invalid one merely because the invalid one is shorter in total.
-    cost = np.where(distance <= radius, distance, radius * 1e6 + distance)
+    valid = distance <= radius
+    return _assigned(distance, valid, np.where(valid, distance, radius * 1e6 + distance))
+
+
+def _assigned(distance: np.ndarray, valid: np.ndarray, cost: np.ndarray) -> Matching:
+    """The Hungarian assignment on ``cost`` (detections by annotations), keeping only its ``valid`` pairs."""
     rows, cols = linear_sum_assignment(cost)
-    keep = distance[rows, cols] <= radius
+    keep = valid[rows, cols]
     order = np.argsort(rows[keep])
     pairs = [(int(r), int(c)) for r, c in zip(rows[keep][order], cols[keep][order])]
     tp = len(pairs)
-    return Matching(
-        pairs=pairs, distances=[float(distance[r, c]) for r, c in pairs],
-        tp=tp, fp=len(det) - tp, fn=len(ann) - tp,
-    )
+    return Matching(pairs=pairs, distances=[float(distance[r, c]) for r, c in pairs],
+                    tp=tp, fp=distance.shape[0] - tp, fn=distance.shape[1] - tp)
+
+
+def match_points_to_boxes(detected, boxes) -> Matching:
+    """One-to-one matching of detected centroids to annotated boxes (x0, y0, x1, y1): a detection inside a box hits it.
+
+    Of the assignments that hit the most boxes, the one with the least total distance to the boxes' centres is
+    taken, so a detection inside two overlapping boxes goes to the nearer one, and a second detection inside a
+    box already hit is a false positive. ``distances`` are to the box centres.
+    """
+    det = _points(detected)
+    box = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    if len(det) == 0 or len(box) == 0:
+        return Matching(tp=0, fp=len(det), fn=len(box))
+    inside = ((det[:, None, 0] >= box[None, :, 0]) & (det[:, None, 0] <= box[None, :, 2])
+              & (det[:, None, 1] >= box[None, :, 1]) & (det[:, None, 1] <= box[None, :, 3]))
+    distance = cdist(det, (box[:, :2] + box[:, 2:]) / 2)
+    return _assigned(distance, inside, np.where(inside, distance, (distance.max() + 1) * 1e6 + distance))
 
 
 def match_to_regions(detected, regions: np.ndarray) -> dict[str, int]:
