@@ -55,8 +55,7 @@ def main(paths: list[str]) -> int:
                     continue
                 found = np.array([(x, y) for x, y, _ in locator.locate(rgb, d)], float).reshape(-1, 2)
                 for rule, m in (("centre", match_points(found, centres, 0.5 * d)), ("box", match_points_to_boxes(found, boxes))):
-                    c = counts[(scale, rule)]
-                    c[0] += m.tp; c[1] += m.fp; c[2] += m.fn
+                    counts[(scale, rule)] = [a + b for a, b in zip(counts[(scale, rule)], (m.tp, m.fp, m.fn))]
         print(path)
         for (scale, rule), (tp, fp, fn) in counts.items():
             lo, hi = wilson_interval(tp, tp + fn)

@@ -2,7 +2,8 @@
 
 Points are matched one to one by the Hungarian algorithm on Euclidean distances
 (:func:`scipy.optimize.linear_sum_assignment`); an assigned pair farther apart than the radius is
-rejected, so each annotation is found at most once and each detection counts once.
+rejected, so each annotation is found at most once and each detection counts once. Against boxes
+(BCCD's), a pair is valid when the detection lies inside the box, and the same assignment is made.
 """
 
 from __future__ import annotations
