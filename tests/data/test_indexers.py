@@ -250,7 +250,7 @@ def test_bccd_fields_carry_their_white_cell_centres(tmp_path, write_image):
         "<annotation><object><name>WBC</name><bndbox><xmin>10</xmin><ymin>20</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>"
         "<object><name>RBC</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")
     (record,) = index_dataset(tmp_path)
-    assert record.label == 0 and record.cells == ((20.0, 30.0),)
+    assert record.label == 0 and record.cells == ((20.0, 30.0),) and record.boxes == ((10.0, 20.0, 30.0, 40.0),)
     (root / "Annotations" / "BloodImage_00000.xml").write_text("<annotation><object><name>WBC</name><bndbox><xmin>x</xmin>")
     with pytest.raises(LeukoError, match="BloodImage_00000.xml"):
         index_dataset(root, "bccd")

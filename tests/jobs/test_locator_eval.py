@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+from PIL import Image
 from smear_images import WHITE, synthetic_smear
 
 from leukodetect.jobs.locator import (
@@ -13,7 +16,7 @@ from leukodetect.jobs.locator import (
     summarise,
     unannotated_objects,
 )
-from leukodetect.training.locator import Smear
+from leukodetect.training.locator import Smear, canonical_smear
 
 
 def smear(tmp_path, name, lab, layout, annotated="all", content=None, points=((10.0, 10.0),)):
@@ -76,6 +79,19 @@ def test_scores_follow_what_each_photograph_annotates(tmp_path):
     assert table["aria"]["unannotated_with_a_cell"]["value"] == 1.0
     text = report_markdown({"table": {"pooled": {"learned": table}}, "skipped": []})
     assert "0.500 (1/2" in text and "| learned | aria |" in text
+    assert "box_recall" not in table["bccd"]  # no boxes drawn: the centre rule alone
+
+
+def test_a_cell_found_inside_a_drawn_box_counts_for_the_box_rule_though_off_its_centre(tmp_path):
+    boxed = replace(smear(tmp_path, "f", "bccd", "bccd", points=((20, 20), (80, 80))),
+                    boxes=np.array([(0, 0, 40, 40), (70, 70, 90, 90)], float))
+    row = score_smear(np.array([[33, 33], [150, 150]]), boxed, 16)  # 18 px off the first centre: past half a red cell
+    assert (row["tp"], row["fp"], row["fn"]) == (0, 2, 2)
+    assert (row["box_tp"], row["box_fp"], row["box_fn"]) == (1, 1, 1)
+    table = summarise([row])
+    assert table["bccd"]["recall"]["value"] == 0.0 and table["bccd"]["box_recall"]["value"] == 0.5
+    assert table["bccd"]["box_precision"]["value"] == 0.5
+    assert "0.500 (1/2" in report_markdown({"table": {"pooled": {"learned": table}}, "skipped": []})
 
 
 def test_the_unannotated_white_cells_of_a_blasts_only_photograph_are_found_and_the_annotated_one_is_not():
@@ -96,3 +112,12 @@ def test_a_photograph_without_positions_trains_as_background_only_when_its_objec
     smears += [bare, known]
     trained = {i for p in plan_folds(smears, 3, 0) for i in p["train"]}
     assert len(smears) - 1 in trained and len(smears) - 2 not in trained
+
+
+def test_drawn_boxes_are_resampled_with_their_photograph(tmp_path):
+    path = tmp_path / "field.png"
+    Image.fromarray(synthetic_smear(seed=0)).save(path)
+    boxes = [(10.0, 20.0, 50.0, 70.0)]
+    smear_ = canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0, boxes=boxes, layout="bccd")
+    assert np.allclose(smear_.boxes, np.array(boxes) * smear_.factor) and np.allclose(smear_.points, [[30 * smear_.factor, 45 * smear_.factor]])
+    assert canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0).boxes is None

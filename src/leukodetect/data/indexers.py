@@ -453,7 +453,7 @@ def index_bccd(path: Path) -> list[Record]:
         xml = root / "Annotations" / f"{image.stem}.xml"
         boxes = read_voc_boxes(xml, "WBC") if xml.is_file() else ()
         centres = tuple(((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes)
-        records.append(Record(path=image, label=0, group=f"bccd:{image.stem}", kind="smear field", cells=centres))
+        records.append(Record(path=image, label=0, group=f"bccd:{image.stem}", kind="smear field", cells=centres, boxes=boxes))
     return records
 
 

@@ -23,6 +23,7 @@ class Record:
         kind: what the image is within its data set, e.g. PBC's cell type or Aria's ALL subtype.
         parent: the photograph or field a cell crop was cut from (cells of one parent share its label).
         cells: annotated white-cell centres (x, y) in pixels of a smear field (BCCD's boxes).
+        boxes: the annotated white-cell boxes (x0, y0, x1, y1) whose centres ``cells`` are (BCCD).
     """
 
     path: Path
@@ -34,3 +35,4 @@ class Record:
     kind: str | None = None
     parent: str | None = None
     cells: tuple[Point, ...] | None = None
+    boxes: tuple[tuple[float, float, float, float], ...] | None = None

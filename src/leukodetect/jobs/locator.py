@@ -25,7 +25,9 @@ layout gives as white-cell positions:
 layouts, then each training laboratory held out in turn) and scores every test photograph once per
 fold plan, beside the colour locator (:func:`~leukodetect.detection.locate.locate_cells`) on the same
 photographs. A found cell matches an annotated one within half the photograph's red-cell diameter
-(one to one, :func:`~leukodetect.detection.match.match_points`).
+(one to one, :func:`~leukodetect.detection.match.match_points`); where the white cells are drawn as
+boxes (BCCD), the report also counts a found cell inside a box as found (one to one,
+:func:`~leukodetect.detection.match.match_points_to_boxes`), the criterion issue 20 names for BCCD.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from leukodetect.data.indexers import detect_format, find_masks, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.data.split import kfold_indices
 from leukodetect.detection.locate import LocateParams, locate_cells
-from leukodetect.detection.match import match_points
+from leukodetect.detection.match import match_points, match_points_to_boxes
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.jobs.cells import LabSource
@@ -127,7 +129,7 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                     rgb = np.asarray(open_rgb(record.path))  # read once, for both
                     ignore = unannotated_objects(rgb, points)
                 smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
-                                        layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb)
+                                        layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb, boxes=record.boxes)
             except LeukoError as exc:
                 smear = str(exc)
             if isinstance(smear, str):
@@ -148,11 +150,15 @@ def found_points(locator: WhiteCellLocator | None, smear: Smear, params: LocateP
 
 
 def score_smear(found: np.ndarray, smear: Smear, rbc_px: float) -> dict:
-    """TP, FP, FN of one photograph (radius half a red cell), or the count found where positions are unknown."""
+    """TP, FP, FN of one photograph (radius half a red cell), or the count found where positions are unknown; where
+    the white cells are drawn as boxes (BCCD), also ``box_tp``, ``box_fp``, ``box_fn``: a found cell inside a box."""
     row = {"name": smear.name, "lab": smear.lab, "annotated": smear.annotated, "found": len(found)}
     if smear.annotated != "none":
         m = match_points(found, smear.points, 0.5 * rbc_px)
         row.update(tp=m.tp, fp=m.fp, fn=m.fn)
+    if smear.boxes is not None:
+        m = match_points_to_boxes(found, smear.boxes)
+        row.update(box_tp=m.tp, box_fp=m.fp, box_fn=m.fn)
     return row
 
 
@@ -167,6 +173,10 @@ def summarise(rows: list[dict]) -> dict:
         if full:
             tp, fp, fn = (sum(r[k] for r in full) for k in ("tp", "fp", "fn"))
             entry.update(annotated_photographs=len(full), recall=_share(tp, tp + fn), precision=_share(tp, tp + fp))
+        boxed = [r for r in mine if "box_tp" in r]
+        if boxed:
+            tp, fp, fn = (sum(r[k] for r in boxed) for k in ("box_tp", "box_fp", "box_fn"))
+            entry.update(box_recall=_share(tp, tp + fn), box_precision=_share(tp, tp + fp))
         blasts = [r for r in mine if r["annotated"] == "blasts"]
         if blasts:
             tp, fn = (sum(r[k] for r in blasts) for k in ("tp", "fn"))
@@ -260,11 +270,12 @@ def _cell(entry: dict | None) -> str:
 def report_markdown(summary: dict) -> str:
     """One table per fold plan: per laboratory, learned and colour locator side by side."""
     header = ("locator", "lab", "photographs", "recall (all cells annotated)", "precision (same)", "blast recall",
-              "unannotated: share with a cell found", "median found")
+              "unannotated: share with a cell found", "median found", "inside the boxes: recall", "precision (same)")
     sections = []
     for plan, methods in summary["table"].items():
         rows = [(method, lab, e["photographs"], _cell(e.get("recall")), _cell(e.get("precision")), _cell(e.get("blast_recall")),
-                 _cell(e.get("unannotated_with_a_cell")), f"{e['found_per_photograph']:g}")
+                 _cell(e.get("unannotated_with_a_cell")), f"{e['found_per_photograph']:g}", _cell(e.get("box_recall")),
+                 _cell(e.get("box_precision")))
                 for method, labs in methods.items() for lab, e in labs.items()]
         sections.append(Section(plan, tables=[(None, header, rows)]))
     if summary["skipped"]:

@@ -57,6 +57,9 @@ class Smear:
     #: centres (canonical pixels) of objects that may be white cells nobody annotated (ALL-IDB1's normal
     #: white cells on photographs whose blasts alone carry positions): left out of the loss, not background.
     ignore: np.ndarray | None = None
+    #: the annotated white-cell boxes (x0, y0, x1, y1; canonical pixels) whose centres ``points`` are, where the
+    #: layout draws boxes (BCCD): a found cell inside one also counts as found (``locator-eval``'s box columns).
+    boxes: np.ndarray | None = None
 
     @property
     def trainable(self) -> bool:
@@ -86,12 +89,14 @@ class LocatorRecipe:
 
 
 def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
-                    layout: str = "", annotated: str = "all", ignore=None, rgb: np.ndarray | None = None) -> Smear | str:
+                    layout: str = "", annotated: str = "all", ignore=None, rgb: np.ndarray | None = None,
+                    boxes=None) -> Smear | str:
     """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be.
 
     ``points`` None stands for one cell at the image's centre (a single-cell crop); ``ignore`` (photograph
-    pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``rgb``, the
-    photograph's pixels where the caller has read them already.
+    pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``boxes`` (photograph
+    pixels, optional) the annotated white-cell boxes (:attr:`Smear.boxes`); ``rgb``, the photograph's pixels where
+    the caller has read them already.
     """
     rgb = np.asarray(open_rgb(path)) if rgb is None else rgb
     if points is None:
@@ -103,8 +108,9 @@ def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSetting
     small = resample(rgb, factor)
     pts = np.asarray(points, dtype=np.float32).reshape(-1, 2) * factor
     unknown = None if ignore is None else np.asarray(ignore, dtype=np.float32).reshape(-1, 2) * factor
+    drawn = None if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factor
     return Smear(name or Path(path).stem, lab, small, pts, factor, scale.diameter, scale.source, Path(path), layout, annotated,
-                 unknown)
+                 unknown, drawn)
 
 
 def heat_target(points: np.ndarray, size: int) -> np.ndarray:
