@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from leukodetect.data.duplicates import split_groups
 from leukodetect.data.indexers import detect_format, index_dataset
 from leukodetect.data.records import Record
-from leukodetect.detection.match import detection_scores, match_points
+from leukodetect.detection.match import detection_scores, match_points, match_points_to_boxes
 from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze, check_declared_scale
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import proportion
@@ -53,7 +53,7 @@ from leukodetect.utils import atomic_write_text, write_csv, write_json
 SMEAR_LAYOUTS = ("allidb1", "aria", "bccd")
 VERDICTS = ("ALL", "review", "healthy", CANNOT_ASSESS)
 ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast", "n_review", "max_prob", "scale", "reason",
-              "cell_tp", "cell_fp", "cell_fn", "blast_tp", "blast_fp", "blast_fn")
+              "cell_tp", "cell_fp", "cell_fn", "box_tp", "box_fp", "box_fn", "blast_tp", "blast_fp", "blast_fn")
 
 
 def smear_records(source: LabSource, *, grouped: bool = True) -> tuple[str, list[Record]]:
@@ -91,9 +91,10 @@ def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: 
     """One smear's line: its label, verdict, whether it is right, and its most blast-like cell.
 
     Where the layout gives positions, the found cells are matched one to one within ``radius`` red-cell
-    diameters: to the annotated white cells (BCCD's boxes: ``cell_tp`` and the rest), and, on ALL-IDB1,
-    the cells called blast to the annotated blasts (``blast_tp``...; none are annotated on a healthy
-    photograph, so a blast call there is a false one).
+    diameters: to the annotated white cells (BCCD's box centres: ``cell_tp`` and the rest; a found cell
+    inside a box, where the layout draws boxes: ``box_tp`` and the rest), and, on ALL-IDB1, the cells
+    called blast to the annotated blasts (``blast_tp``...; none are annotated on a healthy photograph, so
+    a blast call there is a false one).
     """
     cells = [c for c in result["cells"] if c["call"] != "smudge"]
     probs = [c["prob_blast"] for c in cells if c.get("prob_blast") is not None]
@@ -106,6 +107,9 @@ def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: 
     if record.cells is not None:
         m = match_points([(c["x"], c["y"]) for c in cells], list(record.cells), within)
         row.update(cell_tp=m.tp, cell_fp=m.fp, cell_fn=m.fn)
+    if record.boxes is not None:
+        m = match_points_to_boxes([(c["x"], c["y"]) for c in cells], record.boxes)
+        row.update(box_tp=m.tp, box_fp=m.fp, box_fn=m.fn)
     if fmt == "allidb1":
         m = match_points([(c["x"], c["y"]) for c in cells if c["call"] == "blast"], list(record.blasts or ()), within)
         row.update(blast_tp=m.tp, blast_fp=m.fp, blast_fn=m.fn)
@@ -130,7 +134,8 @@ def smear_metrics(rows: Sequence[dict]) -> dict:
         "specificity": proportion(sum(r["verdict"] == "healthy" for r in negatives), len(negatives)),
         "auc": roc_auc(np.array([r["label"] for r in scored]), np.array([r["max_prob"] for r in scored])) if len(labels) == 2 else None,
         "median_cells": float(np.median([r["n_cells"] for r in rows])) if rows else None,
-        **_matched(rows, "cell", "white_cells"), **_matched(rows, "blast", "blast_detection"),
+        **_matched(rows, "cell", "white_cells"), **_matched(rows, "box", "white_cells_in_boxes"),
+        **_matched(rows, "blast", "blast_detection"),
     }
 
 
@@ -236,14 +241,17 @@ def report_markdown(metrics: dict) -> str:
         auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
         lines.append(f"| {lab} | {m['smears']} ({m['all']} / {m['healthy']}) | {_pct(m['accuracy'])} | {_pct(m['sensitivity'])} | "
                      f"{_pct(m['specificity'])} | {auc} | {_pct(m['cannot_assess'])} | {counts[0]} | {counts[1]} |")
-    matched = [(lab, key, m[key]) for lab, m in metrics["labs"].items() for key in ("white_cells", "blast_detection") if key in m]
+    matched = [(lab, key, m[key]) for lab, m in metrics["labs"].items()
+               for key in ("white_cells", "white_cells_in_boxes", "blast_detection") if key in m]
     if matched:
         lines += ["", "| laboratory | found cells against annotated ones | smears | recall | precision | F1 |", "|---|---|---|---|---|---|"]
-        what = {"white_cells": "white cells (annotated positions)", "blast_detection": "cells called blast (annotated blasts)"}
+        what = {"white_cells": "white cells (annotated positions)", "white_cells_in_boxes": "white cells (inside the annotated boxes)",
+                "blast_detection": "cells called blast (annotated blasts)"}
         lines += [f"| {lab} | {what[key]} | {e['smears']} | {_pct(e['recall'])} | {_pct(e['precision'])} | "
                   f"{e['f1']:.3f} |" if e["f1"] is not None else f"| {lab} | {what[key]} | {e['smears']} | - | - | - |"
                   for lab, key, e in matched]
     lines += ["", "A verdict is right when it is ALL on an ALL smear or healthy on a healthy one (review and cannot_assess never are);",
               "sensitivity counts review as ALL; sensitivity and specificity leave cannot_assess smears out. 95% Wilson intervals.",
-              "A found cell matches an annotated one within half the smear's red-cell diameter, one to one."]
+              "A found cell matches an annotated one within half the smear's red-cell diameter, one to one; or, where white cells",
+              "are drawn as boxes (BCCD), lies inside one, one to one."]
     return "\n".join(lines) + "\n"
