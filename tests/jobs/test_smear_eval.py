@@ -140,12 +140,12 @@ def test_found_cells_are_matched_to_annotated_white_cells_and_blasts_within_half
 
     result = {"verdict": "ALL", "n_cells": 3, "n_blast": 2, "n_review": 0, "scale": "measured", "rbc_diameter": 20.0,
               "cells": [cell(10.0, "blast"), cell(100.0, "blast"), cell(205.0, "normal"), cell(300.0, "smudge")]}
-    bccd = Record(path=Path("f.jpg"), label=0, group="f", cells=((12.0, 50.0), (208.0, 50.0), (400.0, 50.0)),
+    bccd = Record(path=Path("f.jpg"), label=0, group="f",  # boxes centred on (12, 50), (208, 50), (400, 50)
                   boxes=((0.0, 30.0, 24.0, 70.0), (180.0, 20.0, 236.0, 80.0), (390.0, 40.0, 410.0, 60.0)))
     row = smear_row("bccd", bccd, result, fmt="bccd")
     assert (row["cell_tp"], row["cell_fp"], row["cell_fn"]) == (2, 1, 1)  # the smudge call is not a white cell
     assert (row["box_tp"], row["box_fp"], row["box_fn"]) == (2, 1, 1)
-    wide = Record(path=Path("f.jpg"), label=0, group="f", cells=((25.0, 50.0),), boxes=((0.0, 0.0, 50.0, 100.0),))
+    wide = Record(path=Path("f.jpg"), label=0, group="f", boxes=((0.0, 0.0, 50.0, 100.0),))  # centred on (25, 50)
     off_centre = smear_row("bccd", wide, result, fmt="bccd")  # (10, 50) is 15 px from the centre: past half a red cell
     assert (off_centre["cell_tp"], off_centre["box_tp"]) == (0, 1)
     assert smear_metrics([off_centre])["white_cells_in_boxes"]["recall"]["k"] == 1

@@ -443,7 +443,7 @@ def _find_class_root(path: Path, classes) -> Path | None:
 def index_bccd(path: Path) -> list[Record]:
     """BCCD fields ``JPEGImages/*.jpg`` with Pascal VOC boxes ``Annotations/*.xml``: healthy (label 0).
 
-    ``cells`` holds the centres of the white-cell (WBC) boxes; each field is its own group.
+    ``boxes`` holds the white-cell (WBC) boxes (``cells`` their centres); each field is its own group.
     """
     root = _find_bccd_root(path)
     if root is None:
@@ -452,8 +452,7 @@ def index_bccd(path: Path) -> list[Record]:
     for image in _images_in(root / "JPEGImages"):
         xml = root / "Annotations" / f"{image.stem}.xml"
         boxes = read_voc_boxes(xml, "WBC") if xml.is_file() else ()
-        centres = tuple(((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes)
-        records.append(Record(path=image, label=0, group=f"bccd:{image.stem}", kind="smear field", cells=centres, boxes=boxes))
+        records.append(Record(path=image, label=0, group=f"bccd:{image.stem}", kind="smear field", boxes=boxes))
     return records
 
 

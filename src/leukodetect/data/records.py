@@ -22,8 +22,8 @@ class Record:
         lab: the laboratory the image comes from (None where one data set is used alone).
         kind: what the image is within its data set, e.g. PBC's cell type or Aria's ALL subtype.
         parent: the photograph or field a cell crop was cut from (cells of one parent share its label).
-        cells: annotated white-cell centres (x, y) in pixels of a smear field (BCCD's boxes).
-        boxes: the annotated white-cell boxes (x0, y0, x1, y1) whose centres ``cells`` are (BCCD).
+        boxes: annotated white-cell boxes (x0, y0, x1, y1) in pixels of a smear field (BCCD's); their centres
+            are :attr:`cells`.
     """
 
     path: Path
@@ -34,5 +34,9 @@ class Record:
     lab: str | None = None
     kind: str | None = None
     parent: str | None = None
-    cells: tuple[Point, ...] | None = None
     boxes: tuple[tuple[float, float, float, float], ...] | None = None
+
+    @property
+    def cells(self) -> tuple[Point, ...] | None:
+        """The annotated white-cell centres (x, y): the centres of :attr:`boxes` (None where none are drawn)."""
+        return None if self.boxes is None else tuple(((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in self.boxes)

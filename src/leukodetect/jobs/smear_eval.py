@@ -104,11 +104,12 @@ def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: 
            "n_cells": result["n_cells"], "n_blast": result["n_blast"], "n_review": result["n_review"],
            "max_prob": max(probs) if probs else None, "scale": result["scale"], "reason": result.get("reason") or ""}
     within = radius * (result["rbc_diameter"] or 0.0)
+    found = [(c["x"], c["y"]) for c in cells]
     if record.cells is not None:
-        m = match_points([(c["x"], c["y"]) for c in cells], list(record.cells), within)
+        m = match_points(found, list(record.cells), within)
         row.update(cell_tp=m.tp, cell_fp=m.fp, cell_fn=m.fn)
     if record.boxes is not None:
-        m = match_points_to_boxes([(c["x"], c["y"]) for c in cells], record.boxes)
+        m = match_points_to_boxes(found, record.boxes)
         row.update(box_tp=m.tp, box_fp=m.fp, box_fn=m.fn)
     if fmt == "allidb1":
         m = match_points([(c["x"], c["y"]) for c in cells if c["call"] == "blast"], list(record.blasts or ()), within)

@@ -139,6 +139,12 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     dark = (green <= threshold_otsu(green[~near])) & ~near  # Otsu returns the upper end of the dark class
     red = ndi.binary_fill_holes(dark)
     red = cv2.morphologyEx(red.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+    estimate = _red_cell_diameter(red, factor, packed)
+    return _unless_fragments(estimate, small, factor) if packed else estimate
+
+
+def _red_cell_diameter(red: np.ndarray, factor: float, packed: bool) -> ScaleEstimate:
+    """The isolated red cells' estimate of a red-cell mask, or (few of them, ``packed``) the packed one."""
     isolated = _isolated_diameter(red, factor)
     if isolated.red_cells < FEW_RED_CELLS and (packed or isolated.diameter is not None):
         diameter = _packed_diameter(red)
@@ -148,10 +154,10 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
         # single-cell crop, whose few pieces of red cells do not make a packed estimate, is unknown.
         fragments = diameter is not None and isolated.diameter is not None and diameter / factor > 2 * isolated.diameter
         if packed and diameter is not None and (isolated.diameter is None or fragments):
-            return _unless_fragments(ScaleEstimate(round(diameter / factor, 2), "packed", isolated.red_cells), small, factor)
+            return ScaleEstimate(round(diameter / factor, 2), "packed", isolated.red_cells)
         if fragments:
             return ScaleEstimate(None, "unknown", isolated.red_cells)
-    return _unless_fragments(isolated, small, factor) if packed else isolated
+    return isolated
 
 
 def _unless_fragments(estimate: ScaleEstimate, small: np.ndarray, factor: float) -> ScaleEstimate:
