@@ -248,6 +248,8 @@ LocatorOpt = typer.Option("learned", "--locator", help="How white cells are foun
 LocatorWeightsOpt = typer.Option(None, "--locator-weights", help="A locator from train-locator (default: the shipped one).")
 SmearPixelSizeOpt = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, if the "
                                  "laboratory knows its camera's (default: measured on each photograph's red cells; learned locator only).")
+EdgeMarginOpt = typer.Option(0.5, "--edge-margin", min=0.0, help="A cell centred within this many red-cell diameters of the "
+                             "photograph's frame is cut by it: a blast call on it becomes review (0: off).")
 BackendOpt = typer.Option("auto", "--backend", help="What runs the network: auto (ONNX Runtime on CPU, exported once per "
                           "checkpoint and cached; PyTorch on GPU), torch or onnx. Both agree within 1e-4 in P(blast).")
 StainReferenceOpt = typer.Option(None, "--stain-reference", help="An image, or a folder (8 images evenly spaced over its sorted files "
@@ -868,6 +870,7 @@ def detect(
     locator: str = LocatorOpt,
     locator_weights: Optional[Path] = LocatorWeightsOpt,
     pixel_size: Optional[float] = SmearPixelSizeOpt,
+    edge_margin: float = EdgeMarginOpt,
 ):
     """Whole-smear detection: find white cells, classify each crop, count blasts, draw an overlay."""
     from leukodetect.detection.pipeline import check_declared_scale
@@ -883,7 +886,7 @@ def detect(
     declared = {"rbc_diameter": diameter_from_pixel_size(pixel_size)} if pixel_size else {}
     check_declared_scale(declared.get("rbc_diameter"), learned)
     rows = run_detect(images, checkpoint, out_dir, locator=learned, backend=backend, review_band=(review_low, review_high),
-                      use_gate=smudge_gate, use_scorer=cell_scorer, progress=_progress(), log=_log, **declared)
+                      use_gate=smudge_gate, use_scorer=cell_scorer, edge_margin=edge_margin, progress=_progress(), log=_log, **declared)
     _print_detections(rows, out_dir, as_json)
     if all("error" in r for r in rows):
         raise typer.Exit(1)
@@ -1007,6 +1010,7 @@ def detect_eval(
     locator_data: Optional[list[str]] = typer.Option(None, "--locator-data", help="LAB=PATH, repeated: more positioned smears for each "
                                                      "fold's learned locator (e.g. bccd=../shared/datasets/BCCD)."),
     locator_iterations: int = typer.Option(2000, help="Training steps of each fold's learned locator."),
+    edge_margin: float = EdgeMarginOpt,
     as_json: bool = JsonOpt,
 ):
     """Evaluate whole-smear detection on ALL-IDB1 with folds by photograph."""
@@ -1039,6 +1043,7 @@ def smear_eval(
                                                    "pixel, declared for all its smears instead of measured on each (learned "
                                                    "locator only; the same as --data LAB=PATH@PIXELS with the red-cell "
                                                    "diameter in pixels); repeat for several."),
+    edge_margin: float = EdgeMarginOpt,
 ):
     """Score the smear pipeline as it is (no training) on labelled smears: verdict accuracy per laboratory with 95% intervals."""
     from leukodetect.jobs.cells import LabSource
@@ -1055,7 +1060,7 @@ def smear_eval(
     clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
     learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if locator == "learned" else None
     run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=clf.bundle.get("trained_on", ()),
-                   every=every, review_band=(review_low, review_high), progress=_progress(), log=_log)
+                   every=every, review_band=(review_low, review_high), edge_margin=edge_margin, progress=_progress(), log=_log)
     out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
 
 

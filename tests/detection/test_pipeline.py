@@ -9,7 +9,8 @@ from smear_images import synthetic_smear
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
-from leukodetect.detection.pipeline import VerdictRule, analyze, call_of
+from leukodetect.detection.pipeline import EDGE_MARGIN, VerdictRule, analyze, call_of, cut_by_frame
+from leukodetect.errors import LeukoError
 from leukodetect.runtime.classifier import Classifier
 
 runner = CliRunner()
@@ -241,6 +242,43 @@ def test_a_cell_beyond_the_guard_is_review_whatever_its_probability_and_the_smea
     clf.image_outputs = outputs([0.5, 0.2, 0.3])  # all within the guard: the blast counts
     trusted = analyze(synthetic_smear(), clf)
     assert trusted["verdict"] == "ALL" and trusted["reason"] is None and not any(c["unlike_training"] for c in trusted["cells"])
+
+
+def test_a_cell_is_cut_by_the_frame_within_the_margin_of_any_side_and_never_with_margin_0():
+    assert cut_by_frame(14.0, 200.0, 400, 300, 30.0) and cut_by_frame(200.0, 290.0, 400, 300, 30.0)  # left; bottom
+    assert not cut_by_frame(15.0, 200.0, 400, 300, 30.0) and not cut_by_frame(200.0, 150.0, 400, 300, 30.0)
+    assert cut_by_frame(30.0, 150.0, 400, 300, 30.0, margin=1.1) and not cut_by_frame(0.0, 0.0, 400, 300, 30.0, margin=0)
+
+
+def test_a_blast_like_cell_cut_by_the_frame_is_review_and_the_smear_says_why(crop_checkpoint):
+    clf = Classifier.from_checkpoint(crop_checkpoint, device="cpu")
+    smear = synthetic_smear()[:, 90:]  # the lone white cell's centre now lies on the left edge (x about 9 of a 30 px red cell)
+
+    def blast_like(first: float):
+        def image_outputs(images, *, batch_size):
+            return np.array([first] + [0.05] * (len(images) - 1)), None
+        return image_outputs
+
+    clf.image_outputs = blast_like(0.95)
+    cut = analyze(smear, clf)
+    first, *rest = cut["cells"]
+    assert first["x"] < EDGE_MARGIN * cut["rbc_diameter"] and first["cut_by_frame"] and not any(c["cut_by_frame"] for c in rest)
+    assert first["call"] == "review" and first["prob_blast"] == 0.95  # the probability stays beside the call
+    assert cut["verdict"] == "review" and cut["n_blast"] == 0 and cut["n_cells"] == 3 and cut["n_cut_blast_like"] == 1
+    assert cut["reason"] == "1 blast-like cell is cut by the photograph's frame: a person should look"
+
+    off = analyze(smear, clf, edge_margin=0)  # switched off: the cut cell counts as a blast
+    assert off["cells"][0]["call"] == "blast" and off["verdict"] == "ALL" and off["reason"] is None and off["n_cut_blast_like"] == 0
+
+    clf.image_outputs = blast_like(0.05)  # a normal-looking cut cell is called as any other
+    assert analyze(smear, clf)["verdict"] == "healthy"
+    with pytest.raises(LeukoError, match="Edge margin"):
+        analyze(smear, clf, edge_margin=-1)
+
+
+def test_the_command_lines_edge_margin_is_the_pipelines():
+    from leukodetect.cli import EdgeMarginOpt
+    assert EdgeMarginOpt.default == EDGE_MARGIN
 
 
 def test_detect_takes_a_declared_pixel_size_with_the_learned_locator_and_refuses_it_with_the_colour_one(smear_png, tmp_path):

@@ -46,7 +46,7 @@ from leukodetect.detection.crops import (
 from leukodetect.detection.gate import fit_gate
 from leukodetect.detection.locate import LocateParams
 from leukodetect.detection.match import detection_scores, match_points, match_to_regions
-from leukodetect.detection.pipeline import VerdictRule, analyze
+from leukodetect.detection.pipeline import EDGE_MARGIN, VerdictRule, analyze
 from leukodetect.detection.scorer import (
     CellScorer,
     blast_labels,
@@ -99,6 +99,8 @@ class DetectEvalConfig:
     radius: float = 0.5
     review_band: tuple[float, float] = (0.3, 0.7)
     min_blasts: int = 1
+    # A blast-like cell centred this near the frame (red-cell diameters) is called review (pipeline.EDGE_MARGIN).
+    edge_margin: float = EDGE_MARGIN
     locate_only: bool = False
     smudge_gate: bool = True
     gate_keep: float = 0.99
@@ -325,7 +327,7 @@ def _analyze_photos(records, classifier, cfg: DetectEvalConfig, masks, log, loca
             continue
         read_s = time.perf_counter() - t0
         result = analyze(image, classifier, review_band=cfg.review_band, rule=VerdictRule(min_blasts=cfg.min_blasts), params=cfg.locate,
-                         locator=locator)
+                         locator=locator, edge_margin=cfg.edge_margin)
         result["read_s"] = read_s
         rows.append(photo_row(record, result, masks, cfg.radius))
     return rows
@@ -471,7 +473,8 @@ def report_markdown(m: dict) -> str:
                   f"| accuracy on the photographs decided (ALL or healthy) | {_fmt(p['decided_accuracy'])} |",
                   "", f"Verdicts: {json.dumps(p['verdicts'])}", ""]
         lines += [f"Classifier: {cfg['arch']}, {cfg['epochs']} epochs, {cfg['image_size']} px crops of side "
-                  f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}.",
+                  f"{cfg['crop']['crop_factor']} d, {cfg['folds']} folds by photograph; review band {cfg['review_band']}; "
+                  f"edge margin {cfg.get('edge_margin', 0)} red-cell diameters.",
                   ("Epoch: the last one (no validation photographs)." if cfg.get("val_fraction", 0.15) == 0 else
                    f"Epoch: lowest validation loss on {cfg.get('val_fraction', 0.15):.0%} of each fold's training photographs.")
                   + (f" Label smoothing {cfg['label_smoothing']:g}." if cfg.get("label_smoothing") else "")]

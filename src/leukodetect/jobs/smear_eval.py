@@ -39,7 +39,7 @@ from leukodetect.data.duplicates import split_groups
 from leukodetect.data.indexers import detect_format, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.detection.match import detection_scores, match_points, match_points_to_boxes
-from leukodetect.detection.pipeline import CANNOT_ASSESS, analyze, check_declared_scale
+from leukodetect.detection.pipeline import CANNOT_ASSESS, EDGE_MARGIN, analyze, check_declared_scale
 from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import proportion
 from leukodetect.evaluation.metrics import roc_auc
@@ -212,7 +212,8 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "smears.csv", rows, list(ROW_FIELDS))
     metrics = {"labs": {lab: {**facts[lab], **smear_metrics([r for r in rows if r["lab"] == lab])} for lab in facts},
-               "locator": "learned" if locator is not None else "colour", "unseen_from": str(unseen_from) if unseen_from else None}
+               "locator": "learned" if locator is not None else "colour", "unseen_from": str(unseen_from) if unseen_from else None,
+               "edge_margin": analyze_kwargs.get("edge_margin", EDGE_MARGIN)}
     write_json(out_dir / "metrics.json", metrics)
     atomic_write_text(out_dir / "report.md", report_markdown(metrics))
     return metrics
@@ -254,5 +255,7 @@ def report_markdown(metrics: dict) -> str:
     lines += ["", "A verdict is right when it is ALL on an ALL smear or healthy on a healthy one (review and cannot_assess never are);",
               "sensitivity counts review as ALL; sensitivity and specificity leave cannot_assess smears out. 95% Wilson intervals.",
               "A found cell matches an annotated one within half the smear's red-cell diameter, one to one; or, where white cells",
-              "are drawn as boxes (BCCD), lies inside one, one to one."]
+              "are drawn as boxes (BCCD), lies inside one, one to one.",
+              f"A blast-like cell centred within {metrics.get('edge_margin', 0)} red-cell diameters of the frame is cut by it and called"
+              " review (0: off)."]
     return "\n".join(lines) + "\n"
