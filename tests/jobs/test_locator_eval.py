@@ -121,3 +121,30 @@ def test_drawn_boxes_are_resampled_with_their_photograph(tmp_path):
     smear_ = canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0, boxes=boxes, layout="bccd")
     assert np.allclose(smear_.boxes, np.array(boxes) * smear_.factor) and np.allclose(smear_.points, [[30 * smear_.factor, 45 * smear_.factor]])
     assert canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0).boxes is None
+
+
+def test_a_declared_red_cell_diameter_scales_a_photograph_instead_of_the_measured_one(tmp_path):
+    path = tmp_path / "field.png"
+    Image.fromarray(synthetic_smear(seed=0)).save(path)  # red cells 30 px wide
+    measured = canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0)
+    assert measured.scale_source != "declared" and abs(measured.rbc_diameter - 30) < 3
+    declared = canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0, declared=60.0)
+    assert declared.scale_source == "declared" and declared.rbc_diameter == 60.0 and declared.factor == 16.0 / 60.0
+    assert declared.image.shape[1] == round(400 * 16.0 / 60.0) and np.allclose(declared.points, [[30 * 16 / 60, 45 * 16 / 60]])
+    blank = tmp_path / "blank.png"  # no red cell to measure: left out unless its laboratory declares the scale
+    Image.fromarray(np.full((64, 64, 3), 235, np.uint8)).save(blank)
+    assert isinstance(canonical_smear(blank, "pbc", None, 16.0), str)
+    assert canonical_smear(blank, "pbc", None, 16.0, declared=20.0).factor == 0.8
+
+
+def test_train_locator_and_locator_eval_read_a_sources_declared_scale(tmp_path):
+    from leukodetect.jobs.cells import LabSource
+    from leukodetect.jobs.locator import load_smears
+
+    for kind in ("lymphocyte", "platelet"):  # a PBC tree (platelets are not white cells: not read)
+        (tmp_path / "PBC" / kind).mkdir(parents=True)
+        Image.fromarray(synthetic_smear(seed=1)).save(tmp_path / "PBC" / kind / "cell.jpg")
+    quiet = dict(log=lambda *_: None)
+    [measured], _ = load_smears([LabSource.parse(f"pbc={tmp_path / 'PBC'}:pbc")], 16.0, **quiet)
+    [declared], _ = load_smears([LabSource.parse(f"pbc={tmp_path / 'PBC'}:pbc@45")], 16.0, **quiet)
+    assert measured.scale_source != "declared" and declared.scale_source == "declared" and declared.rbc_diameter == 45.0

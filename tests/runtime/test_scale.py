@@ -65,6 +65,8 @@ def test_a_smear_whose_red_cells_take_the_stain_is_measured_without_it(diameter)
     assert fragments.source == "measured" and fragments.diameter < 0.4 * diameter
     whole = estimate_rbc_diameter(rgb, packed=True)  # a smear is checked against its cells as a whole
     assert whole.source == "foreground" and whole.diameter == pytest.approx(diameter, rel=0.1)
+    asked = estimate_rbc_diameter(rgb, packed=True, stain_free_check=False)  # a declared scale only asks: any red cells?
+    assert asked.source != "foreground" and asked.diameter < 0.4 * diameter
 
 
 def test_no_red_cells_means_unknown_and_says_so():

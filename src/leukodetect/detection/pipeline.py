@@ -279,7 +279,7 @@ def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator, declared: float |
     an image without red cells (a blank frame, noise) is no smear. Each cell's box is 1.5 red-cell
     diameters square (a white cell's usual size); its area is that of a disc of the same diameter.
     """
-    scale = estimate_rbc_diameter(rgb, packed=True)
+    scale = estimate_rbc_diameter(rgb, packed=True, stain_free_check=declared is None)  # declared: are there red cells?
     if scale.diameter is None:  # the placeholder diameter only sizes the (empty) drawings; "scale" says unknown
         return nothing_located(LocateParams()), "unknown"
     d = scale.diameter if declared is None else float(declared)

@@ -103,7 +103,8 @@ def unannotated_objects(rgb: np.ndarray, points, *, near: float = 1.0) -> np.nda
 def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, log=print, progress=False) -> tuple[list[Smear], list[str]]:
     """Every photograph of every source, measured and resampled; and a sentence per one left out.
 
-    ``every`` keeps every n-th image of the PBC and Aria layouts, which are large.
+    ``every`` keeps every n-th image of the PBC and Aria layouts, which are large. A source's declared red-cell
+    diameter (``LAB=PATH@PIXELS``) scales each of its images instead of the one measured on it.
     """
     smears, skipped = [], []
     for source in sources:
@@ -129,7 +130,8 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                     rgb = np.asarray(open_rgb(record.path))  # read once, for both
                     ignore = unannotated_objects(rgb, points)
                 smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
-                                        layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb, boxes=record.boxes)
+                                        layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb, boxes=record.boxes,
+                                        declared=source.rbc_diameter)
             except LeukoError as exc:
                 smear = str(exc)
             if isinstance(smear, str):

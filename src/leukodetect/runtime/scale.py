@@ -89,7 +89,8 @@ def diameter_from_pixel_size(pixel_size_um: float) -> float:
     return RBC_UM / pixel_size_um
 
 
-def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed: bool = False) -> ScaleEstimate:
+def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed: bool = False,
+                          stain_free_check: bool = True) -> ScaleEstimate:
     """Median diameter (pixels of ``rgb``) of the whole, round, isolated red cells, or unknown.
 
     Red cells absorb green light (haemoglobin): pixels darker in green than an Otsu threshold
@@ -117,7 +118,8 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     :data:`FRAGMENT_RATIO` times the red-cell estimate, that estimate is of fragments and the
     stain-free one is taken instead (source ``"foreground"``). It runs about a quarter high where white
     cells are many, against the fragments' third or less, and it is not made on a field packed with
-    cells (:data:`PACKED_COVER`). Measured on 2026-12-07 (docs/detection.md, "Red cells taken for stain"): it
+    cells (:data:`PACKED_COVER`); nor with ``stain_free_check`` off (a smear whose diameter is declared only asks
+    whether it has red cells). Measured on 2026-12-07 (docs/detection.md, "Red cells taken for stain"): it
     replaces 79 of 402 Aria fields' estimates, 1 of 364 BCCD fields', 11 of 1,814 PBC crops' and none of
     ALL-IDB1's 108 photographs.
     """
@@ -140,7 +142,7 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     red = ndi.binary_fill_holes(dark)
     red = cv2.morphologyEx(red.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
     estimate = _red_cell_diameter(red, factor, packed)
-    return _unless_fragments(estimate, small, factor) if packed else estimate
+    return _unless_fragments(estimate, small, factor) if packed and stain_free_check else estimate
 
 
 def _red_cell_diameter(red: np.ndarray, factor: float, packed: bool) -> ScaleEstimate:

@@ -32,7 +32,7 @@ from leukodetect.runtime.locator import (
     resample,
     standardise,
 )
-from leukodetect.runtime.scale import estimate_rbc_diameter
+from leukodetect.runtime.scale import ScaleEstimate, estimate_rbc_diameter
 
 
 @dataclass(frozen=True)
@@ -90,18 +90,19 @@ class LocatorRecipe:
 
 def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
                     layout: str = "", annotated: str = "all", ignore=None, rgb: np.ndarray | None = None,
-                    boxes=None) -> Smear | str:
+                    boxes=None, declared: float | None = None) -> Smear | str:
     """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be.
 
     ``points`` None stands for one cell at the image's centre (a single-cell crop); ``ignore`` (photograph
     pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``boxes`` (photograph
     pixels, optional) the annotated white-cell boxes (:attr:`Smear.boxes`); ``rgb``, the photograph's pixels where
-    the caller has read them already.
+    the caller has read them already; ``declared``, the red-cell diameter in its pixels where its laboratory declares
+    one (``LAB=PATH@PIXELS``): it is used instead of measuring one (scale source "declared").
     """
     rgb = np.asarray(open_rgb(path)) if rgb is None else rgb
     if points is None:
         points = (((rgb.shape[1]) / 2, (rgb.shape[0]) / 2),)
-    scale = estimate_rbc_diameter(rgb, packed=True)
+    scale = estimate_rbc_diameter(rgb, packed=True) if declared is None else ScaleEstimate(float(declared), "declared")
     if scale.diameter is None:
         return f"{path}: no red-cell diameter could be measured, so its scale is unknown; left out"
     factor = rbc_px / scale.diameter
