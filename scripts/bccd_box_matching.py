@@ -26,7 +26,7 @@ from leukodetect.detection.match import match_points, match_points_to_boxes
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.locator import WhiteCellLocator
-from leukodetect.runtime.scale import estimate_rbc_diameter
+from leukodetect.runtime.scale import estimate_smear_diameter
 
 BCCD = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "BCCD"
 
@@ -41,7 +41,7 @@ def main(paths: list[str]) -> int:
     fields = []
     for record in index_dataset(BCCD, "bccd"):
         rgb = np.asarray(open_rgb(record.path))
-        fields.append((rgb, record.boxes, record.cells, estimate_rbc_diameter(rgb, packed=True).diameter))
+        fields.append((rgb, record.boxes, record.cells, estimate_smear_diameter(rgb).diameter))
     measured = [d for *_, d in fields if d is not None]
     declared = float(np.median(measured))
     print(f"{len(fields)} fields, {len(measured)} with a measured red-cell diameter (median {declared:.1f} px)")

@@ -11,6 +11,7 @@ from leukodetect.runtime.scale import (
     canonical_crop,
     diameter_from_pixel_size,
     estimate_rbc_diameter,
+    estimate_smear_diameter,
 )
 
 PINK, SLIDE, PURPLE = (200, 120, 125), (235, 225, 215), (110, 60, 170)  # red cells: B - G small; nuclei: B - G large
@@ -43,8 +44,9 @@ def test_red_cell_diameter_is_measured_at_any_magnification(diameter):
 BLUE_GREY = (160, 160, 200)  # red cells under a stain that colours them too (Aria's): B - G as high as a nucleus's
 
 
-def blue_grey_smear(diameter: float) -> np.ndarray:
-    """Blue-grey red discs on a grid with a small pink fragment in each gap: only the fragments look like red cells."""
+def blue_grey_smear(diameter: float, *, fragments: bool = True) -> np.ndarray:
+    """Blue-grey red discs on a grid with (``fragments``) a small pink fragment in each gap: only the fragments look like
+    red cells; without them, nothing does."""
     size = int(12 * diameter)
     rgb = np.full((size, size, 3), SLIDE, np.uint8)
     yy, xx = np.mgrid[:size, :size]
@@ -54,7 +56,8 @@ def blue_grey_smear(diameter: float) -> np.ndarray:
         for cx in np.arange(step / 2, size, step):
             x, y = cx + rng.uniform(-0.1, 0.1) * diameter, cy + rng.uniform(-0.1, 0.1) * diameter
             rgb[(yy - y) ** 2 + (xx - x) ** 2 <= (diameter / 2) ** 2] = BLUE_GREY
-            rgb[(yy - y - 0.75 * diameter) ** 2 + (xx - x - 0.75 * diameter) ** 2 <= (0.15 * diameter) ** 2] = PINK
+            if fragments:
+                rgb[(yy - y - 0.75 * diameter) ** 2 + (xx - x - 0.75 * diameter) ** 2 <= (0.15 * diameter) ** 2] = PINK
     return rgb
 
 
@@ -67,6 +70,24 @@ def test_a_smear_whose_red_cells_take_the_stain_is_measured_without_it(diameter)
     assert whole.source == "foreground" and whole.diameter == pytest.approx(diameter, rel=0.1)
     asked = estimate_rbc_diameter(rgb, packed=True, stain_free_check=False)  # a declared scale only asks: any red cells?
     assert asked.source != "foreground" and asked.diameter < 0.4 * diameter
+
+
+@pytest.mark.parametrize("diameter", [15, 40])
+def test_a_smear_whose_red_cells_all_take_the_stain_is_measured_without_it(diameter):
+    rgb = blue_grey_smear(diameter, fragments=False)
+    assert estimate_rbc_diameter(rgb, packed=True).diameter is None  # no red cell told from the stain
+    whole = estimate_smear_diameter(rgb)
+    assert whole.source == "foreground" and whole.diameter == pytest.approx(diameter, rel=0.15)
+    pink = smear(30, size=360)  # where red cells are measured, the smear estimate is theirs
+    assert estimate_smear_diameter(pink) == estimate_rbc_diameter(pink, packed=True)
+
+
+def test_no_smear_has_a_smear_diameter():
+    rng = np.random.default_rng(0)
+    for image in (np.full((300, 400, 3), 240, np.uint8), np.full((300, 400, 3), 10, np.uint8),
+                  rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
+                  np.zeros((1, 30, 3), np.uint8)):
+        assert estimate_smear_diameter(image).diameter is None
 
 
 def test_no_red_cells_means_unknown_and_says_so():

@@ -34,7 +34,7 @@ from leukodetect.runtime.checkpoint import DetectorSettings
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.guard import UNLIKE_TRAINING
 from leukodetect.runtime.locator import WhiteCellLocator
-from leukodetect.runtime.scale import estimate_rbc_diameter
+from leukodetect.runtime.scale import estimate_smear_diameter
 
 #: Smallest width or height analysed, pixels. Real smear photographs are hundreds to thousands of
 #: pixels a side (ALL-IDB: 2592x1944 and 1712x1368); below 32 px an image cannot hold a single red
@@ -272,14 +272,14 @@ def check_declared_scale(rbc_diameter: float | None, locator) -> None:
 
 def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator, declared: float | None = None) -> tuple[Localisation, str]:
     """White cells found by the learned locator, at the red-cell diameter measured first (or ``declared``); and
-    where the diameter came from ("measured", "packed" or "declared").
+    where the diameter came from ("measured", "packed", "foreground" or "declared"; :func:`~leukodetect.runtime.scale.estimate_smear_diameter`).
 
     An image whose red cells cannot be measured gets no cells and ``rbc_count`` 0: its scale is
     unknown, and the verdict says so rather than guess; a declared diameter does not change that, since
     an image without red cells (a blank frame, noise) is no smear. Each cell's box is 1.5 red-cell
     diameters square (a white cell's usual size); its area is that of a disc of the same diameter.
     """
-    scale = estimate_rbc_diameter(rgb, packed=True, stain_free_check=declared is None)  # declared: are there red cells?
+    scale = estimate_smear_diameter(rgb, stain_free_check=declared is None)  # declared: is this a smear?
     if scale.diameter is None:  # the placeholder diameter only sizes the (empty) drawings; "scale" says unknown
         return nothing_located(LocateParams()), "unknown"
     d = scale.diameter if declared is None else float(declared)

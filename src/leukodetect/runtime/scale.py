@@ -123,10 +123,7 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     replaces 79 of 402 Aria fields' estimates, 1 of 364 BCCD fields', 11 of 1,814 PBC crops' and none of
     ALL-IDB1's 108 photographs.
     """
-    height, width = rgb.shape[:2]
-    factor = min(1.0, (work_pixels / max(1, height * width)) ** 0.5)
-    small = rgb if factor >= 1 else cv2.resize(rgb, (max(1, round(width * factor)), max(1, round(height * factor))),
-                                               interpolation=cv2.INTER_AREA)
+    small, factor = _working_copy(rgb, work_pixels)
     if min(small.shape[:2]) < 16:
         return ScaleEstimate(None, "unknown")
     stain = small[..., 2].astype(np.int16) - small[..., 1].astype(np.int16)
@@ -143,6 +140,34 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     red = cv2.morphologyEx(red.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
     estimate = _red_cell_diameter(red, factor, packed)
     return _unless_fragments(estimate, small, factor) if packed and stain_free_check else estimate
+
+
+def estimate_smear_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, stain_free_check: bool = True) -> ScaleEstimate:
+    """A smear photograph's red-cell diameter: :func:`estimate_rbc_diameter` as for a smear (``packed``), or, where
+    no red cell can be told from the stain at all, the stain-free estimate (source ``"foreground"``).
+
+    On some of Aria's fields the stain colours every red cell as it colours a nucleus, so the red-cell mask is
+    empty and the scale was unknown (12 of 804 fields, plainly smears). The stain-free estimate reads them at
+    14-29 px (Aria's red cells: about 15) and one such BCCD field at 112 px (about 90); measured on 2026-12-07
+    (docs/detection.md, "Red cells taken for stain"), with the shipped pair 11 of those 13 fields then get the right
+    verdict and 2 benign ones say review. It stays unknown on blank, black and noise images, whose stain-free mask
+    is empty or covers the frame (:data:`PACKED_COVER`).
+    """
+    estimate = estimate_rbc_diameter(rgb, work_pixels=work_pixels, packed=True, stain_free_check=stain_free_check)
+    if estimate.diameter is not None:
+        return estimate
+    small, factor = _working_copy(rgb, work_pixels)
+    whole = _foreground_diameter(small) if min(small.shape[:2]) >= 16 else None
+    return estimate if whole is None else ScaleEstimate(round(whole / factor, 2), "foreground", estimate.red_cells)
+
+
+def _working_copy(rgb: np.ndarray, work_pixels: int) -> tuple[np.ndarray, float]:
+    """``rgb`` shrunk (area averaging) to about ``work_pixels`` pixels if larger, and the factor it was shrunk by."""
+    height, width = rgb.shape[:2]
+    factor = min(1.0, (work_pixels / max(1, height * width)) ** 0.5)
+    small = rgb if factor >= 1 else cv2.resize(rgb, (max(1, round(width * factor)), max(1, round(height * factor))),
+                                               interpolation=cv2.INTER_AREA)
+    return small, factor
 
 
 def _red_cell_diameter(red: np.ndarray, factor: float, packed: bool) -> ScaleEstimate:

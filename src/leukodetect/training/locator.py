@@ -32,7 +32,7 @@ from leukodetect.runtime.locator import (
     resample,
     standardise,
 )
-from leukodetect.runtime.scale import ScaleEstimate, estimate_rbc_diameter
+from leukodetect.runtime.scale import ScaleEstimate, estimate_rbc_diameter, estimate_smear_diameter
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,13 @@ def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSetting
     one (``LAB=PATH@PIXELS``): it is used instead of measuring one (scale source "declared").
     """
     rgb = np.asarray(open_rgb(path)) if rgb is None else rgb
-    if points is None:
+    single = points is None
+    if single:
         points = (((rgb.shape[1]) / 2, (rgb.shape[0]) / 2),)
-    scale = estimate_rbc_diameter(rgb, packed=True) if declared is None else ScaleEstimate(float(declared), "declared")
+    if declared is not None:
+        scale = ScaleEstimate(float(declared), "declared")
+    else:  # a field is measured as detect measures it; a single-cell crop (no positions) holds too few cells to go without red ones
+        scale = estimate_rbc_diameter(rgb, packed=True) if single else estimate_smear_diameter(rgb)
     if scale.diameter is None:
         return f"{path}: no red-cell diameter could be measured, so its scale is unknown; left out"
     factor = rbc_px / scale.diameter
