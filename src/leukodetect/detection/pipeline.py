@@ -170,10 +170,11 @@ def analyze(
     Returns:
         A JSON-ready dict: scale, cells (centroid, box, area, prob_blast, p_white_cell, call; with a
         guarded cell model also ood_score and unlike_training: a cell beyond the guard is called
-        "review" whatever its P(blast); cut_by_frame: a blast-like cell cut by the frame is "review" too), counts, blast fraction among the white cells (smudge cells
-        excluded), white-cell density (:func:`~leukodetect.detection.scorer.white_density`), verdict,
-        reason (why a photograph cannot be assessed, or why it is "review" when some of its cells are
-        unlike the model's training images) and timing.
+        "review" whatever its P(blast); cut_by_frame: a blast-like cell cut by the frame is "review" too),
+        counts, blast fraction among the white cells (smudge cells excluded), white-cell density
+        (:func:`~leukodetect.detection.scorer.white_density`), verdict, reason (why a photograph cannot be assessed,
+        or why it is "review" when some of its cells are unlike the model's training images or cut by the frame) and
+        timing.
     """
     lo, hi = review_band
     if not 0 <= lo <= hi <= 1:
@@ -212,7 +213,6 @@ def analyze(
     cut = [cut_by_frame(c.x, c.y, width, height, loc.rbc_diameter, edge_margin) for c in loc.cells]
     gate = gate_of(settings) if use_gate else None
     p_cell = gate.probability(loc.features) if gate is not None and loc.cells else [None] * len(loc.cells)
-    height, width = rgb.shape[:2]
     n_kept = sum(q is None or q >= gate.threshold for q in p_cell)
     density = white_density(n_kept, width, height, loc.rbc_diameter)
     scorer = scorer_of(settings) if use_scorer else None
@@ -242,10 +242,12 @@ def analyze(
         verdict = CANNOT_ASSESS
     else:
         verdict = rule(counts["blast"], counts["review"]) if classifier is not None else "not classified"
-        if verdict == "review":
-            why = ([f"{n_unlike} of its {white} white cells {'is' if n_unlike == 1 else 'are'} {UNLIKE_TRAINING}"] if n_unlike else []) \
-                + ([f"{cut_blasts} blast-like {'cell is' if cut_blasts == 1 else 'cells are'} cut by the photograph's frame"] if cut_blasts else [])
-            reason = "; ".join(why) + ": a person should look" if why else None
+        why = []
+        if verdict == "review" and n_unlike:
+            why.append(f"{n_unlike} of its {white} white cells {'is' if n_unlike == 1 else 'are'} {UNLIKE_TRAINING}")
+        if verdict == "review" and cut_blasts:
+            why.append(f"{cut_blasts} blast-like {'cell is' if cut_blasts == 1 else 'cells are'} cut by the photograph's frame")
+        reason = "; ".join(why) + ": a person should look" if why else None
     return {
         "width": width, "height": height,
         "rbc_diameter": loc.rbc_diameter, "rbc_count": loc.rbc_count,
@@ -272,11 +274,12 @@ def check_declared_scale(rbc_diameter: float | None, locator) -> None:
 
 def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator, declared: float | None = None) -> tuple[Localisation, str]:
     """White cells found by the learned locator, at the red-cell diameter measured first (or ``declared``); and
-    where the diameter came from ("measured", "packed", "foreground" or "declared"; :func:`~leukodetect.runtime.scale.estimate_smear_diameter`).
+    where the diameter came from ("measured", "packed", "foreground" or "declared";
+    :func:`~leukodetect.runtime.scale.estimate_smear_diameter`).
 
-    An image whose red cells cannot be measured gets no cells and ``rbc_count`` 0: its scale is
-    unknown, and the verdict says so rather than guess; a declared diameter does not change that, since
-    an image without red cells (a blank frame, noise) is no smear. Each cell's box is 1.5 red-cell
+    An image whose cells cannot be measured, with the stain or without it, gets no cells and ``rbc_count`` 0: its
+    scale is unknown, and the verdict says so rather than guess; a declared diameter does not change that, since
+    an image without cells (a blank frame, noise) is no smear. Each cell's box is 1.5 red-cell
     diameters square (a white cell's usual size); its area is that of a disc of the same diameter.
     """
     scale = estimate_smear_diameter(rgb, stain_free_check=declared is None)  # declared: is this a smear?

@@ -118,8 +118,8 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     :data:`FRAGMENT_RATIO` times the red-cell estimate, that estimate is of fragments and the
     stain-free one is taken instead (source ``"foreground"``). It runs about a quarter high where white
     cells are many, against the fragments' third or less, and it is not made on a field packed with
-    cells (:data:`PACKED_COVER`); nor with ``stain_free_check`` off (a smear whose diameter is declared only asks
-    whether it has red cells). Measured on 2026-12-07 (docs/detection.md, "Red cells taken for stain"): it
+    cells (:data:`PACKED_COVER`); nor with ``stain_free_check`` off (for a smear whose diameter is declared, the
+    estimate only says whether it is a smear at all). Measured on 2026-12-07 (docs/detection.md, "Red cells taken for stain"): it
     replaces 79 of 402 Aria fields' estimates, 1 of 364 BCCD fields', 11 of 1,814 PBC crops' and none of
     ALL-IDB1's 108 photographs.
     """
