@@ -4,9 +4,11 @@
 
 Reads ALL-IDB1's 2592x1944 photographs from ../shared/datasets (exits with a sentence if they are
 missing), decodes each once, then times each path on the same arrays, alternating the order each
-round so that a background job skews both alike. ``--classify`` adds the whole pipeline with the
+round so that a background job skews both alike. The learned path is ``detect``'s: the red-cell diameter
+measured on the photograph, then the locator; "declared" is the same with one diameter given for all
+(``--pixel-size``), which skips the stain-free check. ``--classify`` adds the whole pipeline with the
 shipped cell model on every cell found. Prints the CPU's model and flags, the load average, medians
-and the learned/colour ratio; not a test (the machine is shared and noisy).
+and the learned/colour and declared/learned ratios; not a test (the machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 from PIL import Image
 
 from leukodetect.detection.locate import LocateParams, locate_cells
-from leukodetect.detection.pipeline import analyze
+from leukodetect.detection.pipeline import analyze, locate_learned
 from leukodetect.runtime.locator import WhiteCellLocator
-from leukodetect.runtime.scale import estimate_rbc_diameter
+from leukodetect.runtime.scale import estimate_smear_diameter
 from leukodetect.weights import resolve_locator
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "ALL-IDB1" / "ALL_IDB1" / "im"
@@ -75,11 +77,15 @@ def main() -> int:
     def colour(rgb):
         return len(locate_cells(rgb, LocateParams()).cells)
 
-    def learned(rgb):
-        d = estimate_rbc_diameter(rgb, packed=True).diameter
-        return len(locator.locate(rgb, d))
+    declared = float(np.median([estimate_smear_diameter(rgb).diameter for rgb in photos]))
 
-    paths = {"colour": colour, "learned": learned}
+    def learned(rgb):
+        return len(locate_learned(rgb, locator)[0].cells)
+
+    def given(rgb):
+        return len(locate_learned(rgb, locator, declared)[0].cells)
+
+    paths = {"colour": colour, "learned": learned, "learned, declared": given}
     if classifier is not None:
         paths["learned+classify"] = lambda rgb: analyze(rgb, classifier, locator=locator)["n_cells"]
     times: dict[str, list[float]] = {k: [] for k in paths}
@@ -95,7 +101,9 @@ def main() -> int:
     for name, values in times.items():
         print(f"{name:18s} median {statistics.median(values):.3f} s, max {max(values):.3f} s per photograph")
     ratio = statistics.median(times["learned"]) / statistics.median(times["colour"])
-    print(f"learned / colour: {ratio:.2f}; load average after: {os.getloadavg()[0]:.2f}")
+    given_ratio = statistics.median(times["learned, declared"]) / statistics.median(times["learned"])
+    print(f"learned / colour: {ratio:.2f}; declared ({declared:.1f} px) / learned: {given_ratio:.2f}; "
+          f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
 
