@@ -148,3 +148,28 @@ def test_train_locator_and_locator_eval_read_a_sources_declared_scale(tmp_path):
     [measured], _ = load_smears([LabSource.parse(f"pbc={tmp_path / 'PBC'}:pbc")], 16.0, **quiet)
     [declared], _ = load_smears([LabSource.parse(f"pbc={tmp_path / 'PBC'}:pbc@45")], 16.0, **quiet)
     assert measured.scale_source != "declared" and declared.scale_source == "declared" and declared.rbc_diameter == 45.0
+
+
+def test_cells_found_inside_a_mask_region_count_once_and_a_second_one_in_a_merged_region_is_extra(tmp_path):
+    regions = np.zeros((40, 60), np.int32)
+    regions[5:20, 5:35] = 1  # two touching cells drawn as one region
+    regions[25:35, 45:55] = 2  # a cell nobody found
+    masked = replace(smear(tmp_path, "m", "allidb1", "allidb1", points=((12.0, 12.0), (50.0, 30.0))), regions=regions)
+    found = np.array([[10.0, 12.0], [28.0, 12.0], [50.0, 5.0]])  # both touching cells, and one outside every region
+    row = score_smear(found, masked, rbc_px=16.0)
+    assert (row["mask_tp"], row["mask_fp"], row["mask_fn"], row["mask_extra"]) == (1, 1, 1, 1)
+    entry = summarise([row])["allidb1"]
+    assert entry["mask_recall"]["value"] == 0.5 and entry["mask_precision"]["value"] == 0.5 and entry["mask_extra"] == 1
+    assert "mask_tp" not in score_smear(found, smear(tmp_path, "p", "allidb1", "allidb1"), rbc_px=16.0)
+
+
+def test_mask_regions_are_resampled_with_their_photograph(tmp_path):
+    path = tmp_path / "field.png"
+    Image.fromarray(synthetic_smear(seed=0)).save(path)
+    regions = np.zeros((400, 400), np.int32)
+    regions[60:120, 60:120] = 1
+    regions[230:290, 220:320] = 2
+    smear_ = canonical_smear(path, "allidb1", [(90.0, 90.0)], 16.0, regions=regions, layout="allidb1")
+    assert smear_.regions.shape == smear_.image.shape[:2] and set(np.unique(smear_.regions)) == {0, 1, 2}
+    x, y = (90 * smear_.factor, 90 * smear_.factor)
+    assert smear_.regions[int(y), int(x)] == 1

@@ -50,7 +50,7 @@ from leukodetect.data.indexers import detect_format, find_masks, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.data.split import kfold_indices
 from leukodetect.detection.locate import LocateParams, locate_cells
-from leukodetect.detection.match import match_points, match_points_to_boxes
+from leukodetect.detection.match import match_points, match_points_to_boxes, match_to_regions
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.jobs.cells import LabSource
@@ -73,12 +73,17 @@ TRAINABLE = ("allidb1", "bccd", "pbc")
 PBC_WHITE = {"lymphocyte", "neutrophil", "monocyte", "eosinophil", "basophil", "ig"}
 
 
-def _points(record, fmt: str, masks: Path | None) -> tuple[tuple, str]:
-    """A photograph's white-cell centres and how complete they are ("all", "blasts", "none")."""
+def _mask_regions(record, masks: Path | None) -> np.ndarray | None:
+    """The label image of an ALL-IDB1 photograph's white-cell mask (touching cells are one region), if it has one."""
+    mask = masks / f"{record.path.stem}_WBCs.tif" if masks is not None else None
+    return label(np.asarray(Image.open(mask)).astype(bool)) if mask is not None and mask.is_file() else None
+
+
+def _points(record, fmt: str, regions: np.ndarray | None = None) -> tuple[tuple, str]:
+    """A photograph's white-cell centres and how complete they are ("all", "blasts", "none"); ``regions``, its mask's
+    label image where it has one (:func:`_mask_regions`)."""
     if fmt == "allidb1":
-        mask = masks / f"{record.path.stem}_WBCs.tif" if masks is not None else None
-        if mask is not None and mask.is_file():
-            regions = label(np.asarray(Image.open(mask)).astype(bool))
+        if regions is not None:
             return tuple((r.centroid[1], r.centroid[0]) for r in regionprops(regions)), "all"
         if record.label == 1:
             return tuple(record.blasts or ()), "blasts"
@@ -119,7 +124,8 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                              "allidb1, bccd and pbc (train and test) and aria (test only).")
         masks = find_masks(source.path) if fmt == "allidb1" else None
         for record in tqdm(records, desc=f"reading {source.lab}", disable=not progress, leave=False):
-            points, annotated = _points(record, fmt, masks)
+            regions = _mask_regions(record, masks) if fmt == "allidb1" else None
+            points, annotated = _points(record, fmt, regions)
             try:
                 if fmt == "pbc":  # one white cell, at the centre of the crop
                     points, annotated = None, "all"
@@ -131,7 +137,7 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                     ignore = unannotated_objects(rgb, points)
                 smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
                                         layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb, boxes=record.boxes,
-                                        declared=source.rbc_diameter)
+                                        declared=source.rbc_diameter, regions=regions)
             except LeukoError as exc:
                 smear = str(exc)
             if isinstance(smear, str):
@@ -161,12 +167,17 @@ def score_smear(found: np.ndarray, smear: Smear, rbc_px: float) -> dict:
     if smear.boxes is not None:
         m = match_points_to_boxes(found, smear.boxes)
         row.update(box_tp=m.tp, box_fp=m.fp, box_fn=m.fn)
+    if smear.regions is not None:
+        m = match_to_regions(found, smear.regions)
+        row.update(mask_tp=m["tp"], mask_fp=m["fp"], mask_fn=m["fn"], mask_extra=m["extra"])
     return row
 
 
 def summarise(rows: list[dict]) -> dict:
     """Per laboratory: recall and precision with Wilson intervals where every white cell is annotated, blast
-    recall where only blasts are, and the share of photographs with a cell found where none is."""
+    recall where only blasts are, and the share of photographs with a cell found where none is; where white cells are
+    drawn as boxes or masks, recall and precision by them too (a found cell inside one; for masks, which merge touching
+    cells into one region, a second cell found inside a region already hit is ``mask_extra``, not a false one)."""
     out = {}
     for lab in sorted({r["lab"] for r in rows}):
         mine = [r for r in rows if r["lab"] == lab]
@@ -179,6 +190,10 @@ def summarise(rows: list[dict]) -> dict:
         if boxed:
             tp, fp, fn = (sum(r[k] for r in boxed) for k in ("box_tp", "box_fp", "box_fn"))
             entry.update(box_recall=_share(tp, tp + fn), box_precision=_share(tp, tp + fp))
+        masked = [r for r in mine if "mask_tp" in r]
+        if masked:
+            tp, fp, fn, extra = (sum(r[k] for r in masked) for k in ("mask_tp", "mask_fp", "mask_fn", "mask_extra"))
+            entry.update(mask_recall=_share(tp, tp + fn), mask_precision=_share(tp, tp + fp), mask_extra=extra)
         blasts = [r for r in mine if r["annotated"] == "blasts"]
         if blasts:
             tp, fn = (sum(r[k] for r in blasts) for k in ("tp", "fn"))
@@ -272,12 +287,13 @@ def _cell(entry: dict | None) -> str:
 def report_markdown(summary: dict) -> str:
     """One table per fold plan: per laboratory, learned and colour locator side by side."""
     header = ("locator", "lab", "photographs", "recall (all cells annotated)", "precision (same)", "blast recall",
-              "unannotated: share with a cell found", "median found", "inside the boxes: recall", "precision (same)")
+              "unannotated: share with a cell found", "median found", "inside the boxes: recall", "precision (same)",
+              "inside the masks: recall", "precision (same)")
     sections = []
     for plan, methods in summary["table"].items():
         rows = [(method, lab, e["photographs"], _cell(e.get("recall")), _cell(e.get("precision")), _cell(e.get("blast_recall")),
                  _cell(e.get("unannotated_with_a_cell")), f"{e['found_per_photograph']:g}", _cell(e.get("box_recall")),
-                 _cell(e.get("box_precision")))
+                 _cell(e.get("box_precision")), _cell(e.get("mask_recall")), _cell(e.get("mask_precision")))
                 for method, labs in methods.items() for lab, e in labs.items()]
         sections.append(Section(plan, tables=[(None, header, rows)]))
     if summary["skipped"]:

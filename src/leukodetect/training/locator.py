@@ -60,6 +60,10 @@ class Smear:
     #: the annotated white-cell boxes (x0, y0, x1, y1; canonical pixels) whose centres ``points`` are, where the
     #: layout draws boxes (BCCD): a found cell inside one also counts as found (``locator-eval``'s box columns).
     boxes: np.ndarray | None = None
+    #: the annotated white-cell regions as a label image (0 background, 1..n a region; canonical pixels), where the
+    #: layout draws masks (ALL-IDB1's ten masked photographs): a found cell inside one counts as found, and touching
+    #: cells merged into one region count once (``locator-eval``'s mask columns, as ``detect-eval`` scores them).
+    regions: np.ndarray | None = None
 
     @property
     def trainable(self) -> bool:
@@ -90,12 +94,13 @@ class LocatorRecipe:
 
 def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
                     layout: str = "", annotated: str = "all", ignore=None, rgb: np.ndarray | None = None,
-                    boxes=None, declared: float | None = None) -> Smear | str:
+                    boxes=None, declared: float | None = None, regions: np.ndarray | None = None) -> Smear | str:
     """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be.
 
     ``points`` None stands for one cell at the image's centre (a single-cell crop); ``ignore`` (photograph
     pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``boxes`` (photograph
-    pixels, optional) the annotated white-cell boxes (:attr:`Smear.boxes`); ``rgb``, the photograph's pixels where
+    pixels, optional) the annotated white-cell boxes (:attr:`Smear.boxes`); ``regions`` (a label image of the
+    photograph's size, optional) the annotated white-cell regions (:attr:`Smear.regions`); ``rgb``, the photograph's pixels where
     the caller has read them already; ``declared``, the red-cell diameter in its pixels where its laboratory declares
     one (``LAB=PATH@PIXELS``): it is used instead of measuring one (scale source "declared").
     """
@@ -114,8 +119,10 @@ def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSetting
     pts = np.asarray(points, dtype=np.float32).reshape(-1, 2) * factor
     unknown = None if ignore is None else np.asarray(ignore, dtype=np.float32).reshape(-1, 2) * factor
     drawn = None if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factor
+    masked = None if regions is None else cv2.resize(np.asarray(regions, np.int32).astype(np.float32), small.shape[1::-1],
+                                                     interpolation=cv2.INTER_NEAREST).astype(np.int32)
     return Smear(name or Path(path).stem, lab, small, pts, factor, scale.diameter, scale.source, Path(path), layout, annotated,
-                 unknown, drawn)
+                 unknown, drawn, masked)
 
 
 def heat_target(points: np.ndarray, size: int) -> np.ndarray:
