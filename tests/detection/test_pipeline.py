@@ -9,7 +9,7 @@ from smear_images import synthetic_smear
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
-from leukodetect.detection.pipeline import EDGE_MARGIN, VerdictRule, analyze, call_of, cut_by_frame
+from leukodetect.detection.pipeline import EDGE_MARGIN, VerdictRule, analyze, call_of, cut_by_frame, label_x
 from leukodetect.errors import LeukoError
 from leukodetect.runtime.classifier import Classifier
 
@@ -274,6 +274,12 @@ def test_a_blast_like_cell_cut_by_the_frame_is_review_and_the_smear_says_why(cro
     assert analyze(smear, clf)["verdict"] == "healthy"
     with pytest.raises(LeukoError, match="Edge margin"):
         analyze(smear, clf, edge_margin=-1)
+
+
+def test_a_boxs_probability_is_written_inside_the_picture_even_at_its_right_edge():
+    assert label_x(100, 140, 30, 800) == 142  # right of the box
+    assert label_x(760, 800, 30, 800) == 728  # a cell cut by the right edge: left of its box
+    assert label_x(0, 20, 30, 40) == 0 and label_x(0, 20, 50, 40) == 0  # never outside, even in a narrow picture
 
 
 def test_the_command_lines_edge_margin_is_the_pipelines():

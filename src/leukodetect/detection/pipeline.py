@@ -372,9 +372,18 @@ def draw_overlay(image: Image.Image | np.ndarray, result: dict, *, max_side: int
         colour = COLOURS[cell["call"]]
         cv2.rectangle(canvas, (x0, y0), (x1, y1), colour, thick)
         if cell["prob_blast"] is not None:
-            cv2.putText(canvas, f"{cell['prob_blast']:.2f}", (x1 + 2, max(12, y0 + 12)), cv2.FONT_HERSHEY_SIMPLEX,
+            text = f"{cell['prob_blast']:.2f}"
+            (text_width, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, thick)
+            cv2.putText(canvas, text, (label_x(x0, x1, text_width, canvas.shape[1]), max(12, y0 + 12)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.4 * thick, colour, thick, cv2.LINE_AA)
     return Image.fromarray(np.vstack([header_band(overlay_header(result), canvas.shape[1], thick), canvas]))
+
+
+def label_x(x0: int, x1: int, text_width: int, width: int) -> int:
+    """Where a box's P(blast) starts: right of the box, or left of it where the frame would cut it (a cell at the
+    right edge), and never outside a picture ``width`` pixels wide."""
+    x = x1 + 2 if x1 + 2 + text_width <= width else x0 - 2 - text_width
+    return int(min(max(0, x), max(0, width - text_width)))
 
 
 def header_band(text: str, width: int, thick: int = 1) -> np.ndarray:
