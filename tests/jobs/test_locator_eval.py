@@ -160,6 +160,9 @@ def test_cells_found_inside_a_mask_region_count_once_and_a_second_one_in_a_merge
     assert (row["mask_tp"], row["mask_fp"], row["mask_fn"], row["mask_extra"]) == (1, 1, 1, 1)
     entry = summarise([row])["allidb1"]
     assert entry["mask_recall"]["value"] == 0.5 and entry["mask_precision"]["value"] == 0.5 and entry["mask_extra"] == 1
+    assert (row["tp"], row["fp"], row["fn"]) == (1, 2, 1)  # against the points it was trained on, one per region
+    split = replace(masked, scored=np.array([[10.0, 12.0], [28.0, 12.0], [50.0, 30.0]]))  # each cell of the merged region
+    assert (score_smear(found, split, rbc_px=16.0)["tp"], score_smear(found, split, rbc_px=16.0)["fn"]) == (2, 1)
     assert "mask_tp" not in score_smear(found, smear(tmp_path, "p", "allidb1", "allidb1"), rbc_px=16.0)
 
 
@@ -173,3 +176,24 @@ def test_mask_regions_are_resampled_with_their_photograph(tmp_path):
     assert smear_.regions.shape == smear_.image.shape[:2] and set(np.unique(smear_.regions)) == {0, 1, 2}
     x, y = (90 * smear_.factor, 90 * smear_.factor)
     assert smear_.regions[int(y), int(x)] == 1
+
+
+def test_touching_cells_drawn_as_one_mask_region_are_split_and_a_sliver_keeps_its_centroid():
+    from skimage.measure import label
+
+    from leukodetect.jobs.locator import mask_cells
+
+    yy, xx = np.mgrid[:200, :300]
+    mask = np.zeros((200, 300), bool)
+    centres = ((60, 60), (105, 60), (200, 140))  # three cells of radius 25; the first two touch (45 px apart)
+    for x, y in centres:
+        mask |= (xx - x) ** 2 + (yy - y) ** 2 <= 25**2
+    mask[190:200, 280:300] = True  # a sliver of a cell cut by the frame
+    regions = label(mask)
+    assert regions.max() == 3  # two touching cells, one alone, one sliver
+    cells = np.array(mask_cells(regions))
+    assert len(cells) == 4
+    for x, y in centres:
+        assert np.min(np.hypot(cells[:, 0] - x, cells[:, 1] - y)) <= 2
+    assert np.min(np.hypot(cells[:, 0] - 289.5, cells[:, 1] - 194.5)) <= 1  # the sliver's centroid
+    assert mask_cells(np.zeros((10, 10), int)) == []

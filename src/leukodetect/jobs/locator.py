@@ -3,8 +3,9 @@
 Sources are ``LAB=PATH[:FORMAT]`` as everywhere (:class:`~leukodetect.jobs.cells.LabSource`). What each
 layout gives as white-cell positions:
 
-- ``allidb1``: every white cell on the ten photographs with white-cell masks (Loddo & Putzu; the
-  centroid of each mask region), the blasts only on the other ALL photographs (their ``xyc`` files;
+- ``allidb1``: every white cell on the ten photographs with white-cell masks (Loddo & Putzu; trained on
+  the centroid of each mask region, scored against each cell of it, touching cells drawn as one region split
+  apart, :func:`mask_cells`), the blasts only on the other ALL photographs (their ``xyc`` files;
   a normal white cell there is unannotated), nothing on the healthy ones (tested as how many cells are
   found). On the photographs without every white cell annotated, the objects the colour locator finds
   away from the annotated blasts (normal white cells, smudges) are left out of the training loss
@@ -41,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage as ndi
 from scipy.spatial.distance import cdist
+from skimage.feature import peak_local_max
 from skimage.measure import label, regionprops
 from tqdm.auto import tqdm
 
@@ -79,9 +82,34 @@ def _mask_regions(record, masks: Path | None) -> np.ndarray | None:
     return label(np.asarray(Image.open(mask)).astype(bool)) if mask is not None and mask.is_file() else None
 
 
+def mask_cells(regions: np.ndarray) -> list[tuple[float, float]]:
+    """The white-cell centres (x, y) of a mask's label image, touching cells drawn as one region split apart.
+
+    ALL-IDB1's masks draw touching cells as one region (its ten masked photographs: 106 regions, about 150 cells), whose
+    centroid lies between them. Each cell is a peak of the region's distance transform instead: at least half a typical
+    cell's radius deep and 0.6 of one from the next (the typical radius is that of the photograph's median region).
+    A region without such a peak (a sliver of a cell cut by the frame) keeps its centroid.
+    """
+    props = regionprops(regions)
+    if not props:
+        return []
+    radius = float(np.sqrt(np.median([r.area for r in props]) / np.pi))
+    depth = ndi.distance_transform_edt(regions > 0)
+    peaks = peak_local_max(depth, min_distance=max(1, int(0.6 * radius)), threshold_abs=0.5 * radius, labels=regions,
+                           exclude_border=False)
+    owner = regions[tuple(peaks.T)] if len(peaks) else np.zeros(0, int)
+    cells = []
+    for r in props:
+        mine = peaks[owner == r.label]
+        cells += [(float(x), float(y)) for y, x in mine] if len(mine) else [(r.centroid[1], r.centroid[0])]
+    return cells
+
+
 def _points(record, fmt: str, regions: np.ndarray | None = None) -> tuple[tuple, str]:
-    """A photograph's white-cell centres and how complete they are ("all", "blasts", "none"); ``regions``, its mask's
-    label image where it has one (:func:`_mask_regions`)."""
+    """A photograph's white-cell centres to train on and how complete they are ("all", "blasts", "none"); ``regions``,
+    its mask's label image where it has one (:func:`_mask_regions`): their centroids, as the shipped locator was trained
+    (trained on each cell of a merged region instead, :func:`mask_cells`, it was no better: docs/detection.md, "Touching
+    cells in ALL-IDB1's masks")."""
     if fmt == "allidb1":
         if regions is not None:
             return tuple((r.centroid[1], r.centroid[0]) for r in regionprops(regions)), "all"
@@ -135,9 +163,10 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                 if fmt == "allidb1" and annotated != "all":
                     rgb = np.asarray(open_rgb(record.path))  # read once, for both
                     ignore = unannotated_objects(rgb, points)
+                scored = mask_cells(regions) if regions is not None else None
                 smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
                                         layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb, boxes=record.boxes,
-                                        declared=source.rbc_diameter, regions=regions)
+                                        declared=source.rbc_diameter, regions=regions, scored=scored)
             except LeukoError as exc:
                 smear = str(exc)
             if isinstance(smear, str):
@@ -162,7 +191,7 @@ def score_smear(found: np.ndarray, smear: Smear, rbc_px: float) -> dict:
     the white cells are drawn as boxes (BCCD), also ``box_tp``, ``box_fp``, ``box_fn``: a found cell inside a box."""
     row = {"name": smear.name, "lab": smear.lab, "annotated": smear.annotated, "found": len(found)}
     if smear.annotated != "none":
-        m = match_points(found, smear.points, 0.5 * rbc_px)
+        m = match_points(found, smear.points if smear.scored is None else smear.scored, 0.5 * rbc_px)
         row.update(tp=m.tp, fp=m.fp, fn=m.fn)
     if smear.boxes is not None:
         m = match_points_to_boxes(found, smear.boxes)

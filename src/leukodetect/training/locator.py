@@ -64,6 +64,10 @@ class Smear:
     #: layout draws masks (ALL-IDB1's ten masked photographs): a found cell inside one counts as found, and touching
     #: cells merged into one region count once (``locator-eval``'s mask columns, as ``detect-eval`` scores them).
     regions: np.ndarray | None = None
+    #: the white-cell centres (canonical pixels) a locator is scored against where they are not ``points``, the ones it
+    #: is trained on: on ALL-IDB1's masked photographs each cell of a region that merges touching cells
+    #: (``jobs.locator.mask_cells``), while training keeps the regions' centroids, as the shipped locator was trained.
+    scored: np.ndarray | None = None
 
     @property
     def trainable(self) -> bool:
@@ -94,13 +98,14 @@ class LocatorRecipe:
 
 def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
                     layout: str = "", annotated: str = "all", ignore=None, rgb: np.ndarray | None = None,
-                    boxes=None, declared: float | None = None, regions: np.ndarray | None = None) -> Smear | str:
+                    boxes=None, declared: float | None = None, regions: np.ndarray | None = None, scored=None) -> Smear | str:
     """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be.
 
     ``points`` None stands for one cell at the image's centre (a single-cell crop); ``ignore`` (photograph
     pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``boxes`` (photograph
     pixels, optional) the annotated white-cell boxes (:attr:`Smear.boxes`); ``regions`` (a label image of the
-    photograph's size, optional) the annotated white-cell regions (:attr:`Smear.regions`); ``rgb``, the photograph's pixels where
+    photograph's size, optional) the annotated white-cell regions (:attr:`Smear.regions`); ``scored`` (photograph
+    pixels, optional) the centres to score against where they are not ``points`` (:attr:`Smear.scored`); ``rgb``, the photograph's pixels where
     the caller has read them already; ``declared``, the red-cell diameter in its pixels where its laboratory declares
     one (``LAB=PATH@PIXELS``): it is used instead of measuring one (scale source "declared").
     """
@@ -121,8 +126,9 @@ def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSetting
     drawn = None if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factor
     masked = None if regions is None else cv2.resize(np.asarray(regions, np.int32).astype(np.float32), small.shape[1::-1],
                                                      interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    judged = None if scored is None else np.asarray(scored, dtype=np.float32).reshape(-1, 2) * factor
     return Smear(name or Path(path).stem, lab, small, pts, factor, scale.diameter, scale.source, Path(path), layout, annotated,
-                 unknown, drawn, masked)
+                 unknown, drawn, masked, judged)
 
 
 def heat_target(points: np.ndarray, size: int) -> np.ndarray:
