@@ -187,8 +187,10 @@ def found_points(locator: WhiteCellLocator | None, smear: Smear, params: LocateP
 
 
 def score_smear(found: np.ndarray, smear: Smear, rbc_px: float) -> dict:
-    """TP, FP, FN of one photograph (radius half a red cell), or the count found where positions are unknown; where
-    the white cells are drawn as boxes (BCCD), also ``box_tp``, ``box_fp``, ``box_fn``: a found cell inside a box."""
+    """TP, FP, FN of one photograph (radius half a red cell; against :attr:`Smear.scored` where it has them), or the
+    count found where positions are unknown; where the white cells are drawn as boxes (BCCD), also ``box_tp``,
+    ``box_fp``, ``box_fn``: a found cell inside a box; as masks (ALL-IDB1), ``mask_tp``, ``mask_fp``, ``mask_fn`` and
+    ``mask_extra`` (:func:`~leukodetect.detection.match.match_to_regions`)."""
     row = {"name": smear.name, "lab": smear.lab, "annotated": smear.annotated, "found": len(found)}
     if smear.annotated != "none":
         m = match_points(found, smear.points if smear.scored is None else smear.scored, 0.5 * rbc_px)

@@ -105,8 +105,8 @@ def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSetting
     pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``boxes`` (photograph
     pixels, optional) the annotated white-cell boxes (:attr:`Smear.boxes`); ``regions`` (a label image of the
     photograph's size, optional) the annotated white-cell regions (:attr:`Smear.regions`); ``scored`` (photograph
-    pixels, optional) the centres to score against where they are not ``points`` (:attr:`Smear.scored`); ``rgb``, the photograph's pixels where
-    the caller has read them already; ``declared``, the red-cell diameter in its pixels where its laboratory declares
+    pixels, optional) the centres to score against where they are not ``points`` (:attr:`Smear.scored`); ``rgb``, the
+    photograph's pixels where the caller has read them already; ``declared``, the red-cell diameter in its pixels where its laboratory declares
     one (``LAB=PATH@PIXELS``): it is used instead of measuring one (scale source "declared").
     """
     rgb = np.asarray(open_rgb(path)) if rgb is None else rgb
