@@ -124,6 +124,12 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     ALL-IDB1's 108 photographs.
     """
     small, factor = _working_copy(rgb, work_pixels)
+    estimate = _red_cells(small, factor, packed)
+    return _stain_free(estimate, small, factor) if packed and stain_free_check else estimate
+
+
+def _red_cells(small: np.ndarray, factor: float, packed: bool) -> ScaleEstimate:
+    """:func:`estimate_rbc_diameter`'s red-cell estimate of its working copy ``small`` (``factor`` times the image)."""
     if min(small.shape[:2]) < 16:
         return ScaleEstimate(None, "unknown")
     stain = small[..., 2].astype(np.int16) - small[..., 1].astype(np.int16)
@@ -138,8 +144,7 @@ def estimate_rbc_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, packed
     dark = (green <= threshold_otsu(green[~near])) & ~near  # Otsu returns the upper end of the dark class
     red = ndi.binary_fill_holes(dark)
     red = cv2.morphologyEx(red.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
-    estimate = _red_cell_diameter(red, factor, packed)
-    return _unless_fragments(estimate, small, factor) if packed and stain_free_check else estimate
+    return _red_cell_diameter(red, factor, packed)
 
 
 def estimate_smear_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, stain_free_check: bool = True) -> ScaleEstimate:
@@ -153,12 +158,8 @@ def estimate_smear_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, stai
     verdict and 2 benign ones say review. It stays unknown on blank, black and noise images, whose stain-free mask
     is empty or covers the frame (:data:`PACKED_COVER`).
     """
-    estimate = estimate_rbc_diameter(rgb, work_pixels=work_pixels, packed=True, stain_free_check=stain_free_check)
-    if estimate.diameter is not None:
-        return estimate
     small, factor = _working_copy(rgb, work_pixels)
-    whole = _foreground_diameter(small) if min(small.shape[:2]) >= 16 else None
-    return estimate if whole is None else ScaleEstimate(round(whole / factor, 2), "foreground", estimate.red_cells)
+    return _stain_free(_red_cells(small, factor, packed=True), small, factor, check=stain_free_check, stand_in=True)
 
 
 def _working_copy(rgb: np.ndarray, work_pixels: int) -> tuple[np.ndarray, float]:
@@ -187,12 +188,14 @@ def _red_cell_diameter(red: np.ndarray, factor: float, packed: bool) -> ScaleEst
     return isolated
 
 
-def _unless_fragments(estimate: ScaleEstimate, small: np.ndarray, factor: float) -> ScaleEstimate:
-    """``estimate``, or the stain-free one where ``estimate`` is :data:`FRAGMENT_RATIO` times smaller."""
-    if estimate.diameter is None:
+def _stain_free(estimate: ScaleEstimate, small: np.ndarray, factor: float, *, check: bool = True,
+                stand_in: bool = False) -> ScaleEstimate:
+    """``estimate``, or the stain-free one (:func:`_foreground_diameter` of the working copy ``small``) where ``estimate``
+    is of fragments (:data:`FRAGMENT_RATIO` times smaller; with ``check``) or, with ``stand_in``, missing."""
+    if (estimate.diameter is None and not stand_in) or (estimate.diameter is not None and not check) or min(small.shape[:2]) < 16:
         return estimate
     whole = _foreground_diameter(small)
-    if whole is not None and whole / factor > FRAGMENT_RATIO * estimate.diameter:
+    if whole is not None and (estimate.diameter is None or whole / factor > FRAGMENT_RATIO * estimate.diameter):
         return ScaleEstimate(round(whole / factor, 2), "foreground", estimate.red_cells)
     return estimate
 
