@@ -16,7 +16,7 @@ from leukodetect.jobs.locator import (
     summarise,
     unannotated_objects,
 )
-from leukodetect.training.locator import Smear, canonical_smear
+from leukodetect.training.locator import Marks, Smear, canonical_smear
 
 
 def smear(tmp_path, name, lab, layout, annotated="all", content=None, points=((10.0, 10.0),)):
@@ -118,23 +118,23 @@ def test_drawn_boxes_are_resampled_with_their_photograph(tmp_path):
     path = tmp_path / "field.png"
     Image.fromarray(synthetic_smear(seed=0)).save(path)
     boxes = [(10.0, 20.0, 50.0, 70.0)]
-    smear_ = canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0, boxes=boxes, layout="bccd")
+    smear_ = canonical_smear(path, "bccd", Marks(points=[(30.0, 45.0)], boxes=boxes), 16.0, layout="bccd")
     assert np.allclose(smear_.boxes, np.array(boxes) * smear_.factor) and np.allclose(smear_.points, [[30 * smear_.factor, 45 * smear_.factor]])
-    assert canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0).boxes is None
+    assert canonical_smear(path, "bccd", Marks(points=[(30.0, 45.0)]), 16.0).boxes is None
 
 
 def test_a_declared_red_cell_diameter_scales_a_photograph_instead_of_the_measured_one(tmp_path):
     path = tmp_path / "field.png"
     Image.fromarray(synthetic_smear(seed=0)).save(path)  # red cells 30 px wide
-    measured = canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0)
+    measured = canonical_smear(path, "bccd", Marks(points=[(30.0, 45.0)]), 16.0)
     assert measured.scale_source != "declared" and abs(measured.rbc_diameter - 30) < 3
-    declared = canonical_smear(path, "bccd", [(30.0, 45.0)], 16.0, declared=60.0)
+    declared = canonical_smear(path, "bccd", Marks(points=[(30.0, 45.0)]), 16.0, declared=60.0)
     assert declared.scale_source == "declared" and declared.rbc_diameter == 60.0 and declared.factor == 16.0 / 60.0
     assert declared.image.shape[1] == round(400 * 16.0 / 60.0) and np.allclose(declared.points, [[30 * 16 / 60, 45 * 16 / 60]])
     blank = tmp_path / "blank.png"  # no red cell to measure: left out unless its laboratory declares the scale
     Image.fromarray(np.full((64, 64, 3), 235, np.uint8)).save(blank)
-    assert isinstance(canonical_smear(blank, "pbc", None, 16.0), str)
-    assert canonical_smear(blank, "pbc", None, 16.0, declared=20.0).factor == 0.8
+    assert isinstance(canonical_smear(blank, "pbc", Marks(), 16.0), str)
+    assert canonical_smear(blank, "pbc", Marks(), 16.0, declared=20.0).factor == 0.8
 
 
 def test_train_locator_and_locator_eval_read_a_sources_declared_scale(tmp_path):
@@ -172,7 +172,7 @@ def test_mask_regions_are_resampled_with_their_photograph(tmp_path):
     regions = np.zeros((400, 400), np.int32)
     regions[60:120, 60:120] = 1
     regions[230:290, 220:320] = 2
-    smear_ = canonical_smear(path, "allidb1", [(90.0, 90.0)], 16.0, regions=regions, layout="allidb1")
+    smear_ = canonical_smear(path, "allidb1", Marks(points=[(90.0, 90.0)], regions=regions), 16.0, layout="allidb1")
     assert smear_.regions.shape == smear_.image.shape[:2] and set(np.unique(smear_.regions)) == {0, 1, 2}
     x, y = (90 * smear_.factor, 90 * smear_.factor)
     assert smear_.regions[int(y), int(x)] == 1

@@ -63,6 +63,7 @@ from leukodetect.runtime.locator import LocatorSettings, WhiteCellLocator
 from leukodetect.training.locator import (
     LocatorRecipe,
     Smear,
+    Marks,
     canonical_smear,
     fit_locator,
 )
@@ -164,9 +165,9 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                     rgb = np.asarray(open_rgb(record.path))  # read once, for both
                     ignore = unannotated_objects(rgb, points)
                 scored = mask_cells(regions) if regions is not None else None
-                smear = canonical_smear(record.path, source.lab, points, rbc_px, name=f"{source.lab}:{record.group}",
-                                        layout=fmt, annotated=annotated, ignore=ignore, rgb=rgb, boxes=record.boxes,
-                                        declared=source.rbc_diameter, regions=regions, scored=scored)
+                marks = Marks(points=points, annotated=annotated, ignore=ignore, boxes=record.boxes, regions=regions, scored=scored)
+                smear = canonical_smear(record.path, source.lab, marks, rbc_px, name=f"{source.lab}:{record.group}", layout=fmt,
+                                        rgb=rgb, declared=source.rbc_diameter)
             except LeukoError as exc:
                 smear = str(exc)
             if isinstance(smear, str):

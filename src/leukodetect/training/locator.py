@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,23 +97,42 @@ class LocatorRecipe:
     seed: int = 0
 
 
-def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
-                    layout: str = "", annotated: str = "all", ignore=None, rgb: np.ndarray | None = None,
-                    boxes=None, declared: float | None = None, regions: np.ndarray | None = None, scored=None) -> Smear | str:
-    """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, or why it cannot be.
+@dataclass(frozen=True, kw_only=True)
+class Marks:
+    """What a photograph's annotation gives, in the photograph's own pixels (:func:`canonical_smear` resamples each to
+    the locator's scale; :class:`Smear` names what each becomes)."""
 
-    ``points`` None stands for one cell at the image's centre (a single-cell crop); ``ignore`` (photograph
-    pixels, optional) are unannotated objects that may be white cells (:attr:`Smear.ignore`); ``boxes`` (photograph
-    pixels, optional) the annotated white-cell boxes (:attr:`Smear.boxes`); ``regions`` (a label image of the
-    photograph's size, optional) the annotated white-cell regions (:attr:`Smear.regions`); ``scored`` (photograph
-    pixels, optional) the centres to score against where they are not ``points`` (:attr:`Smear.scored`); ``rgb``, the
-    photograph's pixels where the caller has read them already; ``declared``, the red-cell diameter in its pixels where its laboratory declares
-    one (``LAB=PATH@PIXELS``): it is used instead of measuring one (scale source "declared").
+    #: white-cell centres (x, y); None: one cell at the image's centre (a single-cell crop, PBC)
+    points: Sequence[tuple[float, float]] | np.ndarray | None = None
+    #: which white cells ``points`` covers: "all", only the "blasts", or "none"
+    annotated: str = "all"
+    #: objects that may be white cells nobody annotated (:attr:`Smear.ignore`)
+    ignore: np.ndarray | None = None
+    #: white-cell boxes (x0, y0, x1, y1) (:attr:`Smear.boxes`)
+    boxes: Sequence[tuple[float, float, float, float]] | np.ndarray | None = None
+    #: white-cell regions, a label image of the photograph's size (:attr:`Smear.regions`)
+    regions: np.ndarray | None = None
+    #: the centres to score against where they are not ``points`` (:attr:`Smear.scored`)
+    scored: np.ndarray | None = None
+
+
+def _scaled(values, factor: float, width: int) -> np.ndarray | None:
+    """``values`` (rows of ``width`` coordinates, photograph pixels) in canonical pixels, or None."""
+    return None if values is None else np.asarray(values, dtype=np.float32).reshape(-1, width) * factor
+
+
+def canonical_smear(path: Path, lab: str, marks: Marks, rbc_px: float = LocatorSettings.rbc_px, *, name: str | None = None,
+                    layout: str = "", rgb: np.ndarray | None = None, declared: float | None = None) -> Smear | str:
+    """The photograph at ``path`` resampled to ``rbc_px`` pixels per red cell, with its annotation ``marks``, or why it
+    cannot be.
+
+    ``rgb``: the photograph's pixels where the caller has read them already; ``declared``: the red-cell diameter in its
+    pixels where its laboratory declares one (``LAB=PATH@PIXELS``): it is used instead of measuring one (scale source
+    "declared").
     """
     rgb = np.asarray(open_rgb(path)) if rgb is None else rgb
-    single = points is None
-    if single:
-        points = (((rgb.shape[1]) / 2, (rgb.shape[0]) / 2),)
+    single = marks.points is None
+    points = (((rgb.shape[1]) / 2, (rgb.shape[0]) / 2),) if single else marks.points
     if declared is not None:
         scale = ScaleEstimate(float(declared), "declared")
     else:  # a field is measured as detect measures it; a single-cell crop (no positions) holds too few cells to go without red ones
@@ -121,14 +141,11 @@ def canonical_smear(path: Path, lab: str, points, rbc_px: float = LocatorSetting
         return f"{path}: no red-cell diameter could be measured, so its scale is unknown; left out"
     factor = rbc_px / scale.diameter
     small = resample(rgb, factor)
-    pts = np.asarray(points, dtype=np.float32).reshape(-1, 2) * factor
-    unknown = None if ignore is None else np.asarray(ignore, dtype=np.float32).reshape(-1, 2) * factor
-    drawn = None if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * factor
-    masked = None if regions is None else cv2.resize(np.asarray(regions, np.int32).astype(np.float32), small.shape[1::-1],
-                                                     interpolation=cv2.INTER_NEAREST).astype(np.int32)
-    judged = None if scored is None else np.asarray(scored, dtype=np.float32).reshape(-1, 2) * factor
-    return Smear(name or Path(path).stem, lab, small, pts, factor, scale.diameter, scale.source, Path(path), layout, annotated,
-                 unknown, drawn, masked, judged)
+    masked = None if marks.regions is None else cv2.resize(np.asarray(marks.regions, np.int32).astype(np.float32), small.shape[1::-1],
+                                                           interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    return Smear(name or Path(path).stem, lab, small, _scaled(points, factor, 2), factor, scale.diameter, scale.source, Path(path),
+                 layout, marks.annotated, _scaled(marks.ignore, factor, 2), _scaled(marks.boxes, factor, 4), masked,
+                 _scaled(marks.scored, factor, 2))
 
 
 def heat_target(points: np.ndarray, size: int) -> np.ndarray:
