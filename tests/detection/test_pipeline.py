@@ -317,3 +317,75 @@ def test_the_served_detector_keeps_the_declared_diameter_and_the_service_refuses
     assert result["scale"] == "declared" and result["rbc_diameter"] == RBC_D
     with pytest.raises(LeukoError, match="learned locator"):
         build_app(crop_checkpoint, locator=None, rbc_diameter=30.0)
+
+
+class _SizedLocator:
+    """A stand-in for the learned locator that finds the synthetic smear's white cells only when told a red-cell
+    diameter near the smear's own (as a network trained at one scale does), and records each diameter it was told."""
+
+    def __init__(self):
+        self.settings = type("Settings", (), {"rbc_px": 16})()
+        self.told: list[float] = []
+
+    def locate(self, rgb, rbc_diameter):
+        from smear_images import RBC_D, WHITE
+
+        self.told.append(rbc_diameter)
+        return [(x, y, 0.9) for x, y, _ in WHITE] if abs(rbc_diameter / RBC_D - 1) < 0.35 else []
+
+
+def test_a_contradicted_scale_that_finds_no_white_cell_gets_a_second_look_at_the_stain_free_one(monkeypatch):
+    from leukodetect.detection import pipeline
+    from leukodetect.runtime.scale import ScaleEstimate, stain_free_diameter
+    from smear_images import RBC_D
+
+    rgb = synthetic_smear()
+    stain_free = stain_free_diameter(rgb)
+    assert stain_free is not None and abs(stain_free / RBC_D - 1) < 0.35  # the stand-in's own reading of the smear
+
+    # As measured: the estimates agree, the cells are found at the first look.
+    locator = _SizedLocator()
+    loc, source = pipeline.locate_learned(rgb, locator)
+    assert len(loc.cells) == 3 and len(locator.told) == 1
+
+    # A packed estimate read off clumps, three times too large: nothing there, so a second look at the stain-free one.
+    monkeypatch.setattr(pipeline, "estimate_smear_diameter", lambda rgb, **kw: ScaleEstimate(3.0 * RBC_D, "packed", 4))
+    locator = _SizedLocator()
+    loc, source = pipeline.locate_learned(rgb, locator)
+    assert locator.told == [3.0 * RBC_D, stain_free]
+    assert (len(loc.cells), loc.rbc_diameter, source, loc.rbc_count) == (3, stain_free, "foreground", 4)
+
+    # A declared diameter is the laboratory's word: no second look.
+    locator = _SizedLocator()
+    loc, source = pipeline.locate_learned(rgb, locator, declared=3.0 * RBC_D)
+    assert (locator.told, loc.cells, source) == ([3.0 * RBC_D], [], "declared")
+
+
+def test_no_second_look_where_the_estimates_agree_and_none_kept_where_it_finds_nothing(monkeypatch):
+    from leukodetect.detection import pipeline
+    from leukodetect.runtime.scale import ScaleEstimate, stain_free_diameter
+
+    rgb = synthetic_smear()
+    stain_free = stain_free_diameter(rgb)
+    # 1.4 times the stain-free estimate: within SECOND_LOOK_RATIO, so the first estimate stands with no cells.
+    first = round(1.4 * stain_free, 2)
+    monkeypatch.setattr(pipeline, "estimate_smear_diameter", lambda rgb, **kw: ScaleEstimate(first, "packed", 4))
+    locator = _SizedLocator()
+    loc, source = pipeline.locate_learned(rgb, locator)
+    assert (locator.told, loc.cells, loc.rbc_diameter, source) == ([first], [], first, "packed")
+
+    # Contradicted, but the second look finds nothing either: the first estimate stays, and the verdict says no cells.
+    monkeypatch.setattr(pipeline, "estimate_smear_diameter", lambda rgb, **kw: ScaleEstimate(3.0 * stain_free, "packed", 4))
+    locator = _SizedLocator()
+    monkeypatch.setattr(locator, "locate", lambda rgb, d: locator.told.append(d) or [])
+    loc, source = pipeline.locate_learned(rgb, locator)
+    assert (len(locator.told), loc.cells, loc.rbc_diameter, source) == (2, [], 3.0 * stain_free, "packed")
+    result = analyze(rgb, None, locator=locator)
+    assert result["verdict"] == "cannot_assess" and "no white cells" in result["reason"]
+
+
+def test_the_stain_free_diameter_needs_cells_to_measure():
+    from leukodetect.runtime.scale import stain_free_diameter
+
+    assert stain_free_diameter(np.full((300, 300, 3), 240, np.uint8)) is None
+    assert stain_free_diameter(np.zeros((10, 10, 3), np.uint8)) is None

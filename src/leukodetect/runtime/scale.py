@@ -162,6 +162,17 @@ def estimate_smear_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000, stai
     return _stain_free(_red_cells(small, factor, packed=True), small, factor, check=stain_free_check, stand_in=True)
 
 
+def stain_free_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000) -> float | None:
+    """The stain-free estimate of a smear's cell diameter (:func:`_foreground_diameter`, pixels of ``rgb``), or None
+    (a packed field, a blank frame, noise): the second opinion :func:`estimate_smear_diameter` falls back on, also
+    for the smear pipeline's second look where the first estimate found no white cell."""
+    small, factor = _working_copy(rgb, work_pixels)
+    if min(small.shape[:2]) < 16:
+        return None
+    whole = _foreground_diameter(small)
+    return None if whole is None else round(whole / factor, 2)
+
+
 def _working_copy(rgb: np.ndarray, work_pixels: int) -> tuple[np.ndarray, float]:
     """``rgb`` shrunk (area averaging) to about ``work_pixels`` pixels if larger, and the factor it was shrunk by."""
     height, width = rgb.shape[:2]
