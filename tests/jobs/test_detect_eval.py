@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from smear_images import WHITE, synthetic_smear
@@ -111,11 +112,13 @@ def test_white_cell_figures_leave_smudge_calls_out_and_keep_the_located_figures(
         return {"n_annotated_blasts": 1, "blast_loc_tp": 1, "seconds": 0.5, "label": label, "verdict": "ALL" if label else "healthy",
                 "blast_det_tp": 1, "blast_det_fp": 0, "blast_det_fn": 0, "n_smudge": smudge, "mask": mask, "mask_before_gate": before}
 
-    gated = {"tp": 4, "fn": 1, "fp": 0, "extra": 0, "regions": 5, "detections": 4}
-    located = {"tp": 5, "fn": 0, "fp": 3, "extra": 1, "regions": 5, "detections": 9}
+    gated = {"tp": 4, "fn": 1, "fp": 0, "extra": 0, "regions": 5, "detections": 4, "cell_tp": 4, "cell_fp": 0, "cell_fn": 2, "cells": 6}
+    located = {"tp": 5, "fn": 0, "fp": 3, "extra": 1, "regions": 5, "detections": 9, "cell_tp": 6, "cell_fp": 3, "cell_fn": 0, "cells": 6}
     out = aggregate([row(1, gated, located, 5), row(0, gated, gated, 0)], classified=True)
     white = out["white_cell_localisation"]
     assert white["recall"]["k"] == 8 and white["precision"]["value"] == 1.0
+    assert (white["cells"], white["cell_recall"]["k"], white["cell_recall"]["n"], white["cell_precision"]["value"]) == (12, 8, 12, 1.0)
+    assert (white["before_gate"]["cell_recall"]["k"], white["before_gate"]["cell_precision"]["n"]) == (10, 13)
     assert white["before_gate"]["recall"]["k"] == 9 and white["before_gate"]["precision"]["k"] == 6 + 4
     assert white["before_gate"]["precision"]["n"] == 13 and out["smudge_calls"] == 5
     # Photograph verdicts: review counts as ALL, and the decided photographs are scored on their own.
@@ -211,3 +214,20 @@ def test_detect_eval_with_the_learned_locator_trains_one_per_fold_on_its_trainin
 def test_detect_eval_locator_options_that_do_not_fit_are_one_sentence(smear_tree, tmp_path, extra, words):
     result = runner.invoke(app, ["detect-eval", "--data", str(smear_tree), "--out", str(tmp_path / "x"), *extra])
     assert result.exit_code != 0 and words in result.output and "Traceback" not in result.output
+
+
+def test_a_masked_photograph_is_scored_by_its_regions_and_by_each_of_its_cells():
+    from leukodetect.jobs.detect_eval import mask_scores
+    from leukodetect.detection.match import mask_cells
+
+    regions = np.zeros((80, 120), np.int32)
+    yy, xx = np.mgrid[:80, :120]
+    for cx in (30, 52):  # two touching cells drawn as one region
+        regions[(yy - 40) ** 2 + (xx - cx) ** 2 <= 12 ** 2] = 1
+    regions[(yy - 40) ** 2 + (xx - 100) ** 2 <= 12 ** 2] = 2  # a cell alone, nobody found
+    each = mask_cells(regions)
+    assert len(each) == 3
+    found = [(30.0, 40.0), (52.0, 40.0), (100.0, 5.0)]  # each touching cell, and something on the background
+    row = mask_scores(found, regions, each, radius=8.0)
+    assert (row["tp"], row["extra"], row["fp"], row["fn"]) == (1, 1, 1, 1)  # by the regions: the merged one once
+    assert (row["cell_tp"], row["cell_fp"], row["cell_fn"], row["cells"]) == (2, 1, 1, 3)  # by the cells: both found

@@ -181,7 +181,7 @@ def test_mask_regions_are_resampled_with_their_photograph(tmp_path):
 def test_touching_cells_drawn_as_one_mask_region_are_split_and_a_sliver_keeps_its_centroid():
     from skimage.measure import label
 
-    from leukodetect.jobs.locator import mask_cells
+    from leukodetect.detection.match import mask_cells
 
     yy, xx = np.mgrid[:200, :300]
     mask = np.zeros((200, 300), bool)

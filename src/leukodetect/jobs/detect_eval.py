@@ -13,7 +13,9 @@ Definitions (all radii in red-cell diameters d measured on the photograph itself
 * white-cell localisation (Im001_1..Im010_1, whose masks exist): a located centroid inside a mask
   region hits it, each region counts once; recall = regions hit / regions; precision = located
   cells inside some region / located cells (a second cell inside a region of touching cells is
-  not a false positive, because the mask merges touching cells). With the smudge gate
+  not a false positive, because the mask merges touching cells); and against each cell of the masks
+  (touching cells split apart, :func:`~leukodetect.detection.match.mask_cells`), one to one within
+  0.5 d, as ``locator-eval`` scores them (``cell_recall``, ``cell_precision``). With the smudge gate
   (:mod:`.gate`), the cells it calls smudge are not white cells: they are left out of these
   figures, which are also reported for every located cell (``before_gate``);
 * blast detection: cells called blast vs annotated blasts within 0.5 d, one-to-one; a blast call on
@@ -45,7 +47,7 @@ from leukodetect.detection.crops import (
 )
 from leukodetect.detection.gate import fit_gate
 from leukodetect.detection.locate import LocateParams
-from leukodetect.detection.match import detection_scores, match_points, match_to_regions
+from leukodetect.detection.match import detection_scores, mask_cells, match_points, match_to_regions
 from leukodetect.detection.pipeline import EDGE_MARGIN, VerdictRule, analyze
 from leukodetect.detection.scorer import (
     CellScorer,
@@ -154,9 +156,19 @@ def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
     row["n_smudge"] = result.get("n_smudge", 0)
     if mask_file is not None and mask_file.is_file():
         regions, _ = ndi.label(np.asarray(Image.open(mask_file)).astype(bool))
-        row["mask"] = match_to_regions([(c["x"], c["y"]) for c in cells if c["call"] != "smudge"], regions)
-        row["mask_before_gate"] = match_to_regions(xy, regions)
+        each = mask_cells(regions)
+        row["mask"] = mask_scores([(c["x"], c["y"]) for c in cells if c["call"] != "smudge"], regions, each, radius * d)
+        row["mask_before_gate"] = mask_scores(xy, regions, each, radius * d)
     return row
+
+
+def mask_scores(found, regions: np.ndarray, cells, radius: float) -> dict[str, int]:
+    """A masked photograph's found cells scored both ways: inside the mask's regions (:func:`match_to_regions`: each
+    region once, touching cells drawn as one region) and against each of its cells (``cells``, the regions split
+    apart by :func:`mask_cells`), one to one within ``radius`` (``cell_tp``, ``cell_fp``, ``cell_fn``, ``cells``), as
+    ``locator-eval`` scores the learned locator."""
+    each = match_points(found, cells, radius)
+    return match_to_regions(found, regions) | {"cell_tp": each.tp, "cell_fp": each.fp, "cell_fn": each.fn, "cells": len(cells)}
 
 
 def cell_rows(cells: list[dict], blast_matching, others, radius: float) -> list[dict]:
@@ -183,11 +195,15 @@ def cell_rows(cells: list[dict], blast_matching, others, radius: float) -> list[
 
 def _white_cells(masked: list[dict]) -> dict:
     inside = sum(m["tp"] + m["extra"] for m in masked)
+    tp, fp, fn = (sum(m[f"cell_{k}"] for m in masked) for k in ("tp", "fp", "fn"))
     return {
         "photographs": len(masked),
         "recall": proportion(sum(m["tp"] for m in masked), sum(m["regions"] for m in masked)),
         "precision": proportion(inside, sum(m["detections"] for m in masked)),
         "extra_in_merged_regions": sum(m["extra"] for m in masked),
+        "cells": sum(m["cells"] for m in masked),
+        "cell_recall": proportion(tp, tp + fn),
+        "cell_precision": proportion(tp, tp + fp),
     }
 
 
@@ -454,8 +470,11 @@ def report_markdown(m: dict) -> str:
     ]
     if "white_cell_localisation" in m:
         w = m["white_cell_localisation"]
-        lines += [f"| white-cell localisation recall ({w['photographs']} masked photographs) | {_fmt(w['recall'])} |",
+        lines += [f"| white-cell localisation recall ({w['photographs']} masked photographs: a found cell inside a region) | {_fmt(w['recall'])} |",
                   f"| white-cell localisation precision | {_fmt(w['precision'])} |"]
+        if "cell_recall" in w:  # metrics written before 2026-12-07 (night) have the regions' figures alone
+            lines += [f"| - each of the masks' {w['cells']} cells, touching ones split apart (within the radius): recall | {_fmt(w['cell_recall'])} |",
+                      f"| - the same: precision | {_fmt(w['cell_precision'])} |"]
         if "before_gate" in w:
             lines += [f"| - before the smudge gate: recall | {_fmt(w['before_gate']['recall'])} |",
                       f"| - before the smudge gate: precision | {_fmt(w['before_gate']['precision'])} |"]

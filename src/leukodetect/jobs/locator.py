@@ -5,7 +5,7 @@ layout gives as white-cell positions:
 
 - ``allidb1``: every white cell on the ten photographs with white-cell masks (Loddo & Putzu; trained on
   the centroid of each mask region, scored against each cell of it, touching cells drawn as one region split
-  apart, :func:`mask_cells`), the blasts only on the other ALL photographs (their ``xyc`` files;
+  apart, :func:`~leukodetect.detection.match.mask_cells`), the blasts only on the other ALL photographs (their ``xyc`` files;
   a normal white cell there is unannotated), nothing on the healthy ones (tested as how many cells are
   found). On the photographs without every white cell annotated, the objects the colour locator finds
   away from the annotated blasts (normal white cells, smudges) are left out of the training loss
@@ -42,9 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 from scipy.spatial.distance import cdist
-from skimage.feature import peak_local_max
 from skimage.measure import label, regionprops
 from tqdm.auto import tqdm
 
@@ -53,7 +51,7 @@ from leukodetect.data.indexers import detect_format, find_masks, index_dataset
 from leukodetect.data.records import Record
 from leukodetect.data.split import kfold_indices
 from leukodetect.detection.locate import LocateParams, locate_cells
-from leukodetect.detection.match import match_points, match_points_to_boxes, match_to_regions
+from leukodetect.detection.match import mask_cells, match_points, match_points_to_boxes, match_to_regions
 from leukodetect.errors import LeukoError
 from leukodetect.evaluation.intervals import wilson_interval
 from leukodetect.jobs.cells import LabSource
@@ -83,33 +81,10 @@ def _mask_regions(record, masks: Path | None) -> np.ndarray | None:
     return label(np.asarray(Image.open(mask)).astype(bool)) if mask is not None and mask.is_file() else None
 
 
-def mask_cells(regions: np.ndarray) -> list[tuple[float, float]]:
-    """The white-cell centres (x, y) of a mask's label image, touching cells drawn as one region split apart.
-
-    ALL-IDB1's masks draw touching cells as one region (its ten masked photographs: 106 regions, about 150 cells), whose
-    centroid lies between them. Each cell is a peak of the region's distance transform instead: at least half a typical
-    cell's radius deep and 0.6 of one from the next (the typical radius is that of the photograph's median region).
-    A region without such a peak (a sliver of a cell cut by the frame) keeps its centroid.
-    """
-    props = regionprops(regions)
-    if not props:
-        return []
-    radius = float(np.sqrt(np.median([r.area for r in props]) / np.pi))
-    depth = ndi.distance_transform_edt(regions > 0)
-    peaks = peak_local_max(depth, min_distance=max(1, int(0.6 * radius)), threshold_abs=0.5 * radius, labels=regions,
-                           exclude_border=False)
-    owner = regions[tuple(peaks.T)] if len(peaks) else np.zeros(0, int)
-    cells = []
-    for r in props:
-        mine = peaks[owner == r.label]
-        cells += [(float(x), float(y)) for y, x in mine] if len(mine) else [(r.centroid[1], r.centroid[0])]
-    return cells
-
-
 def _points(record, fmt: str, regions: np.ndarray | None = None) -> tuple[tuple, str]:
     """A photograph's white-cell centres to train on and how complete they are ("all", "blasts", "none"); ``regions``,
     its mask's label image where it has one (:func:`_mask_regions`): their centroids, as the shipped locator was trained
-    (trained on each cell of a merged region instead, :func:`mask_cells`, it was no better: docs/detection.md, "Touching
+    (trained on each cell of a merged region instead, :func:`~leukodetect.detection.match.mask_cells`, it was no better: docs/detection.md, "Touching
     cells in ALL-IDB1's masks")."""
     if fmt == "allidb1":
         if regions is not None:

@@ -67,7 +67,7 @@ class Smear:
     regions: np.ndarray | None = None
     #: the white-cell centres (canonical pixels) a locator is scored against where they are not ``points``, the ones it
     #: is trained on: on ALL-IDB1's masked photographs each cell of a region that merges touching cells
-    #: (``jobs.locator.mask_cells``), while training keeps the regions' centroids, as the shipped locator was trained.
+    #: (``detection.match.mask_cells``), while training keeps the regions' centroids, as the shipped locator was trained.
     scored: np.ndarray | None = None
 
     @property
