@@ -274,10 +274,12 @@ def check_declared_scale(rbc_diameter: float | None, locator) -> None:
 
 #: Where the learned locator finds no white cell at a smear's red-cell estimate, and the stain-free estimate
 #: differs from it by more than this factor, the locator looks again at the stain-free one (a second look). The
-#: packed red-cell estimate of a blurred or crowded field can be clumps, 2-10 times too large: measured on
-#: 2026-12-07 (docs/detection.md, "A second look"), 2 of BCCD's 364 fields and 7 of Aria's 804 found no white cell
-#: at it, and the stain-free estimate (within a quarter of the true size on those fields) disagreed 1.6-10 times.
-#: It is not used where the two agree, since the stain-free estimate runs up to a third low on BCCD's fields.
+#: packed red-cell estimate of a blurred or crowded field can be clumps, 1.5-10 times too large: measured on
+#: 2026-12-07 (docs/detection.md, "A second look"), 2 of BCCD's 364 fields (139 and 181 px) and 5 of Aria's 804 (47-154
+#: px) found no white cell at it, the stain-free estimate read them at 84-90 px (BCCD's median red cell: 91 px) and
+#: 15-21 px (Aria's: 15 px), and at it all 7 got the right verdict. Only then: where cells were found, a ratio does not
+#: tell a wrong estimate from a right one (on 19 of BCCD's fields the stain-free estimate reads about 50 px against a
+#: right packed 80-92).
 SECOND_LOOK_RATIO = 1.5
 
 
