@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -197,3 +198,21 @@ def test_touching_cells_drawn_as_one_mask_region_are_split_and_a_sliver_keeps_it
         assert np.min(np.hypot(cells[:, 0] - x, cells[:, 1] - y)) <= 2
     assert np.min(np.hypot(cells[:, 0] - 289.5, cells[:, 1] - 194.5)) <= 1  # the sliver's centroid
     assert mask_cells(np.zeros((10, 10), int)) == []
+
+
+def test_a_mask_is_scored_cell_by_cell_and_trains_on_its_clumps(tmp_path):
+    from types import SimpleNamespace
+
+    from leukodetect.jobs.locator import _mask_regions, _points
+
+    mask = np.zeros((60, 90), np.uint8)
+    mask[10:30, 10:30] = 255  # two cells drawn apart, meeting at one corner pixel only (as ALL-IDB1's masks draw them)
+    mask[30:50, 30:50] = 255
+    mask[10:30, 60:80] = 255  # a cell alone
+    Image.fromarray(mask).save(tmp_path / "Im001_1_WBCs.tif")
+    record = SimpleNamespace(path=Path("Im001_1.jpg"), label=1, blasts=None)
+    regions = _mask_regions(record, tmp_path)
+    assert regions.max() == 3  # scored: one region per cell, connected through sides alone
+    points, annotated = _points(record, "allidb1", regions)
+    assert annotated == "all" and len(points) == 2  # trained on: the touching pair as one clump, and the cell alone
+    assert any(abs(x - 29.5) < 1 and abs(y - 29.5) < 1 for x, y in points)  # the clump's centroid, between its cells

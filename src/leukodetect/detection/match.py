@@ -95,9 +95,9 @@ def match_points_to_boxes(detected, boxes) -> Matching:
 def match_to_regions(detected, regions: np.ndarray) -> dict[str, int]:
     """Match detected centroids (x, y) to the connected components of a label image.
 
-    A detection inside a region hits it; each region is matched at most once. Annotated masks
-    merge touching cells into one region, so a second detection inside an already-hit region is
-    counted as ``extra``, not as a false positive: splitting touching cells is right.
+    A detection inside a region hits it; each region is matched at most once. A region may hold
+    touching cells, so a second detection inside an already-hit region is counted as ``extra``, not
+    as a false positive: splitting touching cells is right.
 
     Returns:
         {"tp": regions hit, "fn": regions missed, "fp": detections outside every region,
@@ -121,10 +121,11 @@ def match_to_regions(detected, regions: np.ndarray) -> dict[str, int]:
 
 
 def mask_cells(regions: np.ndarray) -> list[tuple[float, float]]:
-    """The white-cell centres (x, y) of a mask's label image, touching cells drawn as one region split apart.
+    """The white-cell centres (x, y) of a mask's label image, a region holding touching cells split apart.
 
-    ALL-IDB1's masks draw touching cells as one region (its ten masked photographs: 106 regions, about 150 cells), whose
-    centroid lies between them. Each cell is a peak of the region's distance transform instead: at least half a typical
+    ALL-IDB1's masks draw touching cells apart, meeting at corners, so that a label image connected through sides holds
+    one region per cell (its ten masked photographs: 152); connected through corners too, touching cells are one region
+    (106), whose centroid lies between them. Each cell is a peak of the region's distance transform: at least half a typical
     cell's radius deep and 0.6 of one from the next (the typical radius is that of the photograph's median region).
     A region without such a peak (a sliver of a cell cut by the frame) keeps its centroid.
     """

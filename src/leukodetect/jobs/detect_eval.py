@@ -12,10 +12,11 @@ Definitions (all radii in red-cell diameters d measured on the photograph itself
   one-to-one (Hungarian assignment);
 * white-cell localisation (Im001_1..Im010_1, whose masks exist): a located centroid inside a mask
   region hits it, each region counts once; recall = regions hit / regions; precision = located
-  cells inside some region / located cells (a second cell inside a region of touching cells is
-  not a false positive, because the mask merges touching cells); and against each cell of the masks
-  (touching cells split apart, :func:`~leukodetect.detection.match.mask_cells`), one to one within
-  0.5 d, as ``locator-eval`` scores them (``cell_recall``, ``cell_precision``). With the smudge gate
+  cells inside some region / located cells (a second cell inside a region already hit is ``extra``,
+  not a false positive: a region may hold touching cells). Regions are connected through their
+  sides (the masks draw touching cells apart, meeting at corners: 152 regions, 152 cells); and
+  against each cell of the masks (:func:`~leukodetect.detection.match.mask_cells`), one to one
+  within 0.5 d, as ``locator-eval`` scores them (``cell_recall``, ``cell_precision``). With the smudge gate
   (:mod:`.gate`), the cells it calls smudge are not white cells: they are left out of these
   figures, which are also reported for every located cell (``before_gate``);
 * blast detection: cells called blast vs annotated blasts within 0.5 d, one-to-one; a blast call on
@@ -164,8 +165,8 @@ def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
 
 def mask_scores(found, regions: np.ndarray, cells, radius: float) -> dict[str, int]:
     """A masked photograph's found cells scored both ways: inside the mask's regions (:func:`match_to_regions`: each
-    region once, touching cells drawn as one region) and against each of its cells (``cells``, the regions split
-    apart by :func:`mask_cells`), one to one within ``radius`` (``cell_tp``, ``cell_fp``, ``cell_fn``, ``cells``), as
+    region once, a second cell in it ``extra``) and against each of its cells (``cells``, from :func:`mask_cells`, which
+    splits a region holding touching cells), one to one within ``radius`` (``cell_tp``, ``cell_fp``, ``cell_fn``, ``cells``), as
     ``locator-eval`` scores the learned locator."""
     each = match_points(found, cells, radius)
     return match_to_regions(found, regions) | {"cell_tp": each.tp, "cell_fp": each.fp, "cell_fn": each.fn, "cells": len(cells)}

@@ -62,12 +62,12 @@ class Smear:
     #: layout draws boxes (BCCD): a found cell inside one also counts as found (``locator-eval``'s box columns).
     boxes: np.ndarray | None = None
     #: the annotated white-cell regions as a label image (0 background, 1..n a region; canonical pixels), where the
-    #: layout draws masks (ALL-IDB1's ten masked photographs): a found cell inside one counts as found, and touching
-    #: cells merged into one region count once (``locator-eval``'s mask columns, as ``detect-eval`` scores them).
+    #: layout draws masks (ALL-IDB1's ten masked photographs, one region per cell): a found cell inside one counts as
+    #: found, a region once (``locator-eval``'s mask columns, as ``detect-eval`` scores them).
     regions: np.ndarray | None = None
     #: the white-cell centres (canonical pixels) a locator is scored against where they are not ``points``, the ones it
-    #: is trained on: on ALL-IDB1's masked photographs each cell of a region that merges touching cells
-    #: (``detection.match.mask_cells``), while training keeps the regions' centroids, as the shipped locator was trained.
+    #: is trained on: on ALL-IDB1's masked photographs each cell of the masks (``detection.match.mask_cells``), while
+    #: training takes touching cells together (``jobs.locator._points``), as the shipped locator was trained.
     scored: np.ndarray | None = None
 
     @property
