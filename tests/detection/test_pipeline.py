@@ -382,6 +382,10 @@ def test_no_second_look_where_the_estimates_agree_and_none_kept_where_it_finds_n
     assert (len(locator.told), loc.cells, loc.rbc_diameter, source) == (2, [], 3.0 * stain_free, "packed")
     result = analyze(rgb, None, locator=locator)
     assert result["verdict"] == "cannot_assess" and "no white cells" in result["reason"]
+    # The reason names the scale it looked at, and what to do if that is wrong; with a declared one it has no such hint.
+    assert f"measured red-cell diameter of {3.0 * stain_free:.0f} pixels" in result["reason"] and "--pixel-size" in result["reason"]
+    declared = analyze(rgb, None, locator=locator, rbc_diameter=3.0 * stain_free)
+    assert declared["verdict"] == "cannot_assess" and declared["reason"] == "no white cells were found, so nothing can be said about blasts"
 
 
 def test_the_stain_free_diameter_needs_cells_to_measure():

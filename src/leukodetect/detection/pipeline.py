@@ -237,7 +237,8 @@ def analyze(
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
     n_unlike = sum(c.get("unlike_training", False) and c["call"] != "smudge" for c in cells)
-    reason = assessment(grey, loc.rbc_count, white, size=(width, height) if small else None)
+    measured = loc.rbc_diameter if locator is not None and scale_source not in ("declared", "unknown") else None
+    reason = assessment(grey, loc.rbc_count, white, size=(width, height) if small else None, measured_diameter=measured)
     if reason is not None:
         verdict = CANNOT_ASSESS
     else:
@@ -337,13 +338,17 @@ def nothing_located(params: LocateParams) -> Localisation:
     return Localisation(cells=[], rbc_diameter=params.default_diameter, rbc_count=0, work_factor=1.0, stain_threshold=0.0)
 
 
-def assessment(grey: bool, rbc_count: int, white_cells: int, *, size: tuple[int, int] | None = None) -> str | None:
+def assessment(grey: bool, rbc_count: int, white_cells: int, *, size: tuple[int, int] | None = None,
+               measured_diameter: float | None = None) -> str | None:
     """Why a photograph cannot be assessed, or None when it can.
 
     An image below :data:`MIN_SIDE` pixels a side (``size``, width and height) cannot show a smear; a
     grayscale image has no stain; without red cells to measure, the scale (and so every cell's crop)
     is a guess, which is also what noise and blank frames give; and a photograph in which no white
-    cell was found says nothing about blasts.
+    cell was found says nothing about blasts. Where the learned locator looked at a measured red-cell diameter
+    (``measured_diameter``), that reason names it and says what to do if it is wrong: a blurred field's red cells can be
+    misread at twice their size or more, and then its white cells are missed (BCCD 00050 and 00090: 199 and 208 px
+    against the laboratory's 91).
     """
     if size is not None:
         return (f"the image is {size[0]}x{size[1]} pixels, below the {MIN_SIDE}-pixel minimum side of a smear photograph, "
@@ -352,6 +357,9 @@ def assessment(grey: bool, rbc_count: int, white_cells: int, *, size: tuple[int,
         return "the image has no colour; a stained blood smear is in colour (send the colour photograph)"
     if rbc_count == 0:
         return "no red cells could be measured, so the image's scale is unknown (is this a blood-smear photograph?)"
+    if white_cells == 0 and measured_diameter is not None:
+        return (f"no white cells were found, so nothing can be said about blasts (looked for at a measured red-cell diameter of "
+                f"{measured_diameter:.0f} pixels; if the camera's pixel size is known, pass it with --pixel-size)")
     if white_cells == 0:
         return "no white cells were found, so nothing can be said about blasts"
     return None
