@@ -203,7 +203,8 @@ def test_touching_cells_drawn_as_one_mask_region_are_split_and_a_sliver_keeps_it
 def test_a_mask_is_scored_cell_by_cell_and_trains_on_its_clumps(tmp_path):
     from types import SimpleNamespace
 
-    from leukodetect.jobs.locator import _mask_regions, _points
+    from leukodetect.data.indexers import mask_regions
+    from leukodetect.jobs.locator import _points
 
     mask = np.zeros((60, 90), np.uint8)
     mask[10:30, 10:30] = 255  # two cells drawn apart, meeting at one corner pixel only (as ALL-IDB1's masks draw them)
@@ -211,7 +212,7 @@ def test_a_mask_is_scored_cell_by_cell_and_trains_on_its_clumps(tmp_path):
     mask[10:30, 60:80] = 255  # a cell alone
     Image.fromarray(mask).save(tmp_path / "Im001_1_WBCs.tif")
     record = SimpleNamespace(path=Path("Im001_1.jpg"), label=1, blasts=None)
-    regions = _mask_regions(record, tmp_path)
+    regions = mask_regions(tmp_path, record.path.stem)
     assert regions.max() == 3  # scored: one region per cell, connected through sides alone
     points, annotated = _points(record, "allidb1", regions)
     assert annotated == "all" and len(points) == 2  # trained on: the touching pair as one clump, and the cell alone

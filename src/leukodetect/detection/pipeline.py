@@ -220,16 +220,15 @@ def analyze(
     if scorer is not None and loc.cells:
         probs = [float(p) for p in scorer.combine(crop_probs, loc.features, density)]
     t2 = time.perf_counter()
-    calls = [call_of(p, review_band) for p in probs]
-    cut_blasts = sum(bool(k and call == "blast" and not odd and not (q is not None and q < gate.threshold))
-                     for k, call, odd, q in zip(cut, calls, unlike, p_cell))
+    smudge = [q is not None and q < gate.threshold for q in p_cell]
+    # A cell beyond the cell model's guard, or a blast-like one cut by the frame, is "review" whatever its P(blast),
+    # which stays beside it.
+    blast_like = [call_of(p, review_band) for p in probs]
+    calls = ["smudge" if s else "review" if odd or (k and b == "blast") else b for s, odd, k, b in zip(smudge, unlike, cut, blast_like)]
+    cut_blasts = sum(k and b == "blast" and not odd and not s for k, b, odd, s in zip(cut, blast_like, unlike, smudge))
     cells = [
         {**c.to_dict(), "prob_blast": None if p is None else round(p, 5),
-         "p_white_cell": None if q is None else round(float(q), 5),
-         # A cell beyond the cell model's guard, or a blast-like one cut by the frame, is "review" whatever its
-         # P(blast), which stays beside it.
-         "call": "smudge" if q is not None and q < gate.threshold else "review" if odd or (k and call == "blast") else call,
-         "cut_by_frame": k}
+         "p_white_cell": None if q is None else round(float(q), 5), "call": call, "cut_by_frame": k}
         | ({"prob_crop": round(float(pc), 5)} if scorer is not None else {})
         | ({"ood_score": round(v, 4), "unlike_training": odd} if v is not None else {})
         for c, p, q, pc, v, odd, k, call in zip(loc.cells, probs, p_cell, crop_probs, ood, unlike, cut, calls)

@@ -35,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 
 from leukodetect.config import RunConfig
-from leukodetect.data.indexers import find_masks, index_dataset
+from leukodetect.data.indexers import find_masks, index_dataset, mask_regions
 from leukodetect.data.split import holdout_indices, kfold_indices
 from leukodetect.detection.crops import (
     CropConfig,
@@ -153,10 +152,9 @@ def photo_row(record, result: dict, masks: Path | None, radius: float) -> dict:
         "seconds": result["timing"]["total_s"] + result.get("read_s", 0.0),
     }
     row["cells"] = cell_rows(cells, loc, record.others, radius * d)
-    mask_file = masks / f"{record.path.stem}_WBCs.tif" if masks else None
     row["n_smudge"] = result.get("n_smudge", 0)
-    if mask_file is not None and mask_file.is_file():
-        regions, _ = ndi.label(np.asarray(Image.open(mask_file)).astype(bool))
+    regions = mask_regions(masks, record.path.stem)
+    if regions is not None:
         each = mask_cells(regions)
         row["mask"] = mask_scores([(c["x"], c["y"]) for c in cells if c["call"] != "smudge"], regions, each, radius * d)
         row["mask_before_gate"] = mask_scores(xy, regions, each, radius * d)

@@ -41,13 +41,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy.spatial.distance import cdist
 from skimage.measure import label, regionprops
 from tqdm.auto import tqdm
 
 from leukodetect.data.duplicates import split_groups
-from leukodetect.data.indexers import detect_format, find_masks, index_dataset
+from leukodetect.data.indexers import detect_format, find_masks, index_dataset, mask_regions
 from leukodetect.data.records import Record
 from leukodetect.data.split import kfold_indices
 from leukodetect.detection.locate import LocateParams, locate_cells
@@ -75,20 +74,9 @@ TRAINABLE = ("allidb1", "bccd", "pbc")
 PBC_WHITE = {"lymphocyte", "neutrophil", "monocyte", "eosinophil", "basophil", "ig"}
 
 
-def _mask_regions(record, masks: Path | None) -> np.ndarray | None:
-    """The label image of an ALL-IDB1 photograph's white-cell mask, if it has one: one region per cell.
-
-    The masks draw touching cells apart, meeting at corners only; so pixels are connected through their sides alone
-    (4-connectivity, as ``detect-eval`` labels them): 152 cells on the ten masked photographs. Connected through
-    corners too, they are 106 regions: clumps of touching cells (:func:`_points` trains on those).
-    """
-    mask = masks / f"{record.path.stem}_WBCs.tif" if masks is not None else None
-    return label(np.asarray(Image.open(mask)).astype(bool), connectivity=1) if mask is not None and mask.is_file() else None
-
-
 def _points(record, fmt: str, regions: np.ndarray | None = None) -> tuple[tuple, str]:
     """A photograph's white-cell centres to train on and how complete they are ("all", "blasts", "none"); ``regions``,
-    its mask's label image where it has one (:func:`_mask_regions`).
+    its mask's label image where it has one (:func:`~leukodetect.data.indexers.mask_regions`: one region per cell).
 
     On a masked photograph the centres are those of its clumps, touching cells taken together (connected through
     corners: 106 on the ten photographs, for 152 cells), as the shipped locator was trained. Trained on each cell's
@@ -139,7 +127,7 @@ def load_smears(sources: Sequence[LabSource], rbc_px: float, *, every: int = 1, 
                              "allidb1, bccd and pbc (train and test) and aria (test only).")
         masks = find_masks(source.path) if fmt == "allidb1" else None
         for record in tqdm(records, desc=f"reading {source.lab}", disable=not progress, leave=False):
-            regions = _mask_regions(record, masks) if fmt == "allidb1" else None
+            regions = mask_regions(masks, record.path.stem) if fmt == "allidb1" else None
             points, annotated = _points(record, fmt, regions)
             try:
                 if fmt == "pbc":  # one white cell, at the centre of the crop
@@ -194,8 +182,8 @@ def score_smear(found: np.ndarray, smear: Smear, rbc_px: float) -> dict:
 def summarise(rows: list[dict]) -> dict:
     """Per laboratory: recall and precision with Wilson intervals where every white cell is annotated, blast
     recall where only blasts are, and the share of photographs with a cell found where none is; where white cells are
-    drawn as boxes or masks, recall and precision by them too (a found cell inside one; for masks, which merge touching
-    cells into one region, a second cell found inside a region already hit is ``mask_extra``, not a false one)."""
+    drawn as boxes or masks, recall and precision by them too (a found cell inside one; for masks, a second cell found
+    inside a region already hit is ``mask_extra``, not a false one)."""
     out = {}
     for lab in sorted({r["lab"] for r in rows}):
         mine = [r for r in rows if r["lab"] == lab]

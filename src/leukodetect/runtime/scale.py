@@ -166,11 +166,14 @@ def stain_free_diameter(rgb: np.ndarray, *, work_pixels: int = 300_000) -> float
     """The stain-free estimate of a smear's cell diameter (:func:`_foreground_diameter`, pixels of ``rgb``), or None
     (a packed field, a blank frame, noise): the second opinion :func:`estimate_smear_diameter` falls back on, also
     for the smear pipeline's second look where the first estimate found no white cell."""
-    small, factor = _working_copy(rgb, work_pixels)
-    if min(small.shape[:2]) < 16:
-        return None
-    whole = _foreground_diameter(small)
-    return None if whole is None else round(whole / factor, 2)
+    whole = _stain_free_reading(*_working_copy(rgb, work_pixels))
+    return None if whole is None else round(whole, 2)
+
+
+def _stain_free_reading(small: np.ndarray, factor: float) -> float | None:
+    """:func:`_foreground_diameter` of the working copy ``small`` (``factor`` times the image), in the image's pixels."""
+    whole = _foreground_diameter(small) if min(small.shape[:2]) >= 16 else None
+    return None if whole is None else whole / factor
 
 
 def _working_copy(rgb: np.ndarray, work_pixels: int) -> tuple[np.ndarray, float]:
@@ -203,11 +206,11 @@ def _stain_free(estimate: ScaleEstimate, small: np.ndarray, factor: float, *, ch
                 stand_in: bool = False) -> ScaleEstimate:
     """``estimate``, or the stain-free one (:func:`_foreground_diameter` of the working copy ``small``) where ``estimate``
     is of fragments (:data:`FRAGMENT_RATIO` times smaller; with ``check``) or, with ``stand_in``, missing."""
-    if (estimate.diameter is None and not stand_in) or (estimate.diameter is not None and not check) or min(small.shape[:2]) < 16:
+    if (estimate.diameter is None and not stand_in) or (estimate.diameter is not None and not check):
         return estimate
-    whole = _foreground_diameter(small)
-    if whole is not None and (estimate.diameter is None or whole / factor > FRAGMENT_RATIO * estimate.diameter):
-        return ScaleEstimate(round(whole / factor, 2), "foreground", estimate.red_cells)
+    whole = _stain_free_reading(small, factor)
+    if whole is not None and (estimate.diameter is None or whole > FRAGMENT_RATIO * estimate.diameter):
+        return ScaleEstimate(round(whole, 2), "foreground", estimate.red_cells)
     return estimate
 
 
