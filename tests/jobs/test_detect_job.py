@@ -40,3 +40,29 @@ def test_a_wrong_setting_still_stops_the_run(smear_png, tmp_path):
     Image.open(smear_png).save(tmp_path / "a.png")
     with pytest.raises(LeukoError, match="Review band"):
         detect_job.detect_paths([tmp_path / "a.png"], None, tmp_path / "out", review_band=(0.8, 0.2))
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_batch_whose_measured_scales_disagree_is_told_to_give_the_pixel_size(smear_png, tmp_path, monkeypatch, declared):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"f{i:02d}.png").write_bytes(smear_png.read_bytes())
+    real = detect_job.analyze
+    readings = iter([15.0] * 9 + [30.0, 35.0, 6.0])  # three of twelve read two times off: more than a tenth of the batch
+
+    def misread(image, classifier, **kwargs):
+        result = real(image, classifier, **kwargs)
+        return {**result, "rbc_diameter": next(readings), "scale": "declared" if declared else "measured"}
+
+    monkeypatch.setattr(detect_job, "analyze", misread)
+    logged: list[str] = []
+    rows = detect_job.detect_paths(sorted(folder.iterdir()), None, tmp_path / "out", log=logged.append)
+    assert len(rows) == 12 and not any("error" in row for row in rows)
+    notes = [line for line in logged if "pixel size" in line]
+    if declared:  # a declared scale is the camera's, not a reading
+        assert notes == []
+    else:
+        assert notes == ["The red-cell diameters measured on 3 of these 12 photographs lie more than 1.25 times above or below their "
+                         "median (15 px; the rbc_diameter column of summary.csv): if they come from one microscope and camera, those "
+                         "readings are wrong and misplace every cell on them; give the camera's pixel size with --pixel-size."]

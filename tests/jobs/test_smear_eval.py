@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from leukodetect.cli import app
 from leukodetect.errors import LeukoError
 from leukodetect.jobs.cells import LabSource
-from leukodetect.jobs.smear_eval import run_smear_eval, smear_metrics, trained_smears
+from leukodetect.jobs.smear_eval import report_markdown, run_smear_eval, smear_metrics, trained_smears
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import pixel_hash
 from leukodetect.utils import write_csv
@@ -88,6 +88,20 @@ def test_metrics_count_review_as_positive_and_cannot_assess_apart():
     # AUC over the 5 smears with a classified cell: positives 0.9, 0.5, 0.1 against negatives 0.05, 0.8
     assert m["auc"] == pytest.approx(4 / 6)
     assert smear_metrics([_row(0, "healthy", 0.1)])["auc"] is None and smear_metrics([_row(0, "healthy", 0.1)])["sensitivity"]["value"] is None
+
+
+def test_a_laboratory_whose_measured_scales_disagree_is_told_to_declare_its_pixel_size():
+    def row(diameter, scale="measured"):
+        return {**_row(0, "healthy", 0.1), "rbc_diameter": diameter, "scale": scale}
+
+    steady = [row(15.0 + 0.1 * i) for i in range(12)]
+    misread = steady[:9] + [row(30.0), row(35.0), row(6.0)]
+    assert smear_metrics(steady)["scale_agreement"]["doubtful"] is False
+    m = smear_metrics(misread + [row(None, "unknown"), row(14.65, "declared")])  # neither counts
+    assert m["scale_agreement"] == {"photographs": 12, "median": 15.45, "disagree": 3, "share": 0.25, "doubtful": True}
+    report = report_markdown({"labs": {"aria": m, "bccd": smear_metrics(steady)}, "locator": "learned", "unseen_from": None})
+    assert "aria: the red-cell diameter measured on 3 of 12 smears lies more than 1.25 times above or below their median (15.45 px)" in report
+    assert "bccd: the red-cell diameter" not in report
 
 
 def test_every_smear_is_scored_once_and_trained_fields_and_their_near_duplicates_are_left_out(aria_tree, crop_checkpoint, tmp_path):

@@ -12,6 +12,7 @@ from leukodetect.runtime.scale import (
     diameter_from_pixel_size,
     estimate_rbc_diameter,
     estimate_smear_diameter,
+    scale_agreement,
 )
 
 PINK, SLIDE, PURPLE = (200, 120, 125), (235, 225, 215), (110, 60, 170)  # red cells: B - G small; nuclei: B - G large
@@ -152,3 +153,14 @@ def test_a_field_packed_with_cells_keeps_its_red_cell_estimate():
     height, width = rgb.shape[:2]
     rgb[height // 8: -height // 8, width // 8: -width // 8] = BLUE_GREY  # cells cover most of the field: a clump
     assert estimate_rbc_diameter(rgb, packed=True) == estimate_rbc_diameter(rgb)  # no stain-free estimate to check against
+
+
+def test_a_batch_whose_red_cell_readings_disagree_is_doubted():
+    one_microscope = [15.0, 14.2, 15.9, 16.4, 14.8, 15.3, 15.0, 17.1, 13.9, 15.5, 14.6, 15.2]
+    agreed = scale_agreement(one_microscope + [None, None])  # unmeasured photographs are left out
+    assert agreed == {"photographs": 12, "median": 15.1, "disagree": 0, "share": 0.0, "doubtful": False}
+    misread = scale_agreement(one_microscope[:8] + [30.0, 7.0, 22.0, 11.0])  # all four beyond 1.25x of the median (15.15)
+    assert misread["photographs"] == 12 and misread["disagree"] == 4 and misread["doubtful"]
+    one_off = scale_agreement(one_microscope + [40.0])  # 1 of 13 (7.7%): no more than a camera's odd photograph
+    assert one_off["disagree"] == 1 and not one_off["doubtful"]
+    assert scale_agreement(one_microscope[:9]) is None  # too few to judge

@@ -24,6 +24,7 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths_of, open_rgb
 from leukodetect.runtime.locator import WhiteCellLocator
+from leukodetect.runtime.scale import BATCH_SPREAD, scale_agreement
 from leukodetect.utils import atomic_write, atomic_write_text, write_csv
 
 
@@ -105,10 +106,25 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
             rows.append({"image": str(path), "error": str(exc)})
             continue
         rows.append(result)
+    note = scale_note(rows)
+    if note:
+        log(note)
     if len(paths) > 1:
         write_csv(summary, [{k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS}
                             for row in rows], SUMMARY_COLUMNS)
     return rows
+
+
+def scale_note(rows: Sequence[dict]) -> str | None:
+    """One sentence when the red-cell diameters measured on a batch's photographs disagree (:func:`scale_agreement`), else
+    None. Photographs with a declared scale, or none, do not count."""
+    agreement = scale_agreement([row.get("rbc_diameter") for row in rows if row.get("scale") not in (None, "declared", "unknown")])
+    if agreement is None or not agreement["doubtful"]:
+        return None
+    return (f"The red-cell diameters measured on {agreement['disagree']} of these {agreement['photographs']} photographs lie more than "
+            f"{BATCH_SPREAD:g} times above or below their median ({agreement['median']:g} px; the rbc_diameter column of summary.csv): "
+            "if they come from one microscope and camera, those readings are wrong and misplace every cell on them; give the "
+            "camera's pixel size with --pixel-size.")
 
 
 def analysis_failed(path: Path, exc: Exception) -> BadImageError:

@@ -46,13 +46,13 @@ from leukodetect.evaluation.metrics import roc_auc
 from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
 from leukodetect.jobs.detect import analysis_failed
 from leukodetect.runtime.images import open_rgb
-from leukodetect.runtime.scale import RBC_UM
+from leukodetect.runtime.scale import BATCH_SPREAD, RBC_UM, scale_agreement
 from leukodetect.utils import atomic_write_text, write_csv, write_json
 
 #: Layouts whose images are whole smears with a label per smear.
 SMEAR_LAYOUTS = ("allidb1", "aria", "bccd")
 VERDICTS = ("ALL", "review", "healthy", CANNOT_ASSESS)
-ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast", "n_review", "max_prob", "scale", "reason",
+ROW_FIELDS = ("lab", "image", "label", "verdict", "right", "n_cells", "n_blast", "n_review", "max_prob", "scale", "rbc_diameter", "reason",
               "cell_tp", "cell_fp", "cell_fn", "box_tp", "box_fp", "box_fn", "blast_tp", "blast_fp", "blast_fn")
 
 
@@ -102,7 +102,8 @@ def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: 
     right = verdict == ("ALL" if record.label == 1 else "healthy")
     row = {"lab": lab, "image": str(record.path), "label": int(record.label), "verdict": verdict, "right": right,
            "n_cells": result["n_cells"], "n_blast": result["n_blast"], "n_review": result["n_review"],
-           "max_prob": max(probs) if probs else None, "scale": result["scale"], "reason": result.get("reason") or ""}
+           "max_prob": max(probs) if probs else None, "scale": result["scale"], "rbc_diameter": result.get("rbc_diameter"),
+           "reason": result.get("reason") or ""}
     within = radius * (result["rbc_diameter"] or 0.0)
     found = [(c["x"], c["y"]) for c in cells]
     if record.cells is not None:
@@ -135,6 +136,7 @@ def smear_metrics(rows: Sequence[dict]) -> dict:
         "specificity": proportion(sum(r["verdict"] == "healthy" for r in negatives), len(negatives)),
         "auc": roc_auc(np.array([r["label"] for r in scored]), np.array([r["max_prob"] for r in scored])) if len(labels) == 2 else None,
         "median_cells": float(np.median([r["n_cells"] for r in rows])) if rows else None,
+        "scale_agreement": scale_agreement([r.get("rbc_diameter") for r in rows if r.get("scale") not in (None, "declared", "unknown")]),
         **_matched(rows, "cell", "white_cells"), **_matched(rows, "box", "white_cells_in_boxes"),
         **_matched(rows, "blast", "blast_detection"),
     }
@@ -252,6 +254,10 @@ def report_markdown(metrics: dict) -> str:
         lines += [f"| {lab} | {what[key]} | {e['smears']} | {_pct(e['recall'])} | {_pct(e['precision'])} | "
                   f"{e['f1']:.3f} |" if e["f1"] is not None else f"| {lab} | {what[key]} | {e['smears']} | - | - | - |"
                   for lab, key, e in matched]
+    doubted = [(lab, m["scale_agreement"]) for lab, m in metrics["labs"].items() if (m.get("scale_agreement") or {}).get("doubtful")]
+    lines += ["", *(f"{lab}: the red-cell diameter measured on {a['disagree']} of {a['photographs']} smears lies more than {BATCH_SPREAD:g} "
+                    f"times above or below their median ({a['median']:g} px); if they come from one microscope, declare the pixel size."
+                    for lab, a in doubted)] if doubted else []
     lines += ["", "A verdict is right when it is ALL on an ALL smear or healthy on a healthy one (review and cannot_assess never are);",
               "sensitivity counts review as ALL; sensitivity and specificity leave cannot_assess smears out. 95% Wilson intervals.",
               "A found cell matches an annotated one within half the smear's red-cell diameter, one to one; or, where white cells",
