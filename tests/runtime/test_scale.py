@@ -156,11 +156,14 @@ def test_a_field_packed_with_cells_keeps_its_red_cell_estimate():
 
 
 def test_a_batch_whose_red_cell_readings_disagree_is_doubted():
-    one_microscope = [15.0, 14.2, 15.9, 16.4, 14.8, 15.3, 15.0, 17.1, 13.9, 15.5, 14.6, 15.2]
-    agreed = scale_agreement(one_microscope + [None, None])  # unmeasured photographs are left out
+    def measured(*diameters):
+        return [(d, "measured") for d in diameters]
+
+    one_microscope = measured(15.0, 14.2, 15.9, 16.4, 14.8, 15.3, 15.0, 17.1, 13.9, 15.5, 14.6, 15.2)
+    agreed = scale_agreement(one_microscope + [(None, "unknown"), (40.0, "declared")])  # neither is a reading
     assert agreed == {"photographs": 12, "median": 15.1, "disagree": 0, "share": 0.0, "doubtful": False}
-    misread = scale_agreement(one_microscope[:8] + [30.0, 7.0, 22.0, 11.0])  # all four beyond 1.25x of the median (15.15)
-    assert misread["photographs"] == 12 and misread["disagree"] == 4 and misread["doubtful"]
-    one_off = scale_agreement(one_microscope + [40.0])  # 1 of 13 (7.7%): no more than a camera's odd photograph
+    misread = scale_agreement(one_microscope[:8] + measured(30.0, 7.0) + [(22.0, "packed"), (11.0, "foreground")])
+    assert misread["photographs"] == 12 and misread["disagree"] == 4 and misread["doubtful"]  # all four beyond 1.25x of 15.15
+    one_off = scale_agreement(one_microscope + measured(40.0))  # 1 of 13 (7.7%): no more than a camera's odd photograph
     assert one_off["disagree"] == 1 and not one_off["doubtful"]
     assert scale_agreement(one_microscope[:9]) is None  # too few to judge

@@ -118,7 +118,7 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
 def scale_note(rows: Sequence[dict]) -> str | None:
     """One sentence when the red-cell diameters measured on a batch's photographs disagree (:func:`scale_agreement`), else
     None. Photographs with a declared scale, or none, do not count."""
-    agreement = scale_agreement([row.get("rbc_diameter") for row in rows if row.get("scale") not in (None, "declared", "unknown")])
+    agreement = scale_agreement((row.get("rbc_diameter"), row.get("scale")) for row in rows)
     if agreement is None or not agreement["doubtful"]:
         return None
     return (f"The red-cell diameters measured on {agreement['disagree']} of these {agreement['photographs']} photographs lie more than "

@@ -136,7 +136,7 @@ def smear_metrics(rows: Sequence[dict]) -> dict:
         "specificity": proportion(sum(r["verdict"] == "healthy" for r in negatives), len(negatives)),
         "auc": roc_auc(np.array([r["label"] for r in scored]), np.array([r["max_prob"] for r in scored])) if len(labels) == 2 else None,
         "median_cells": float(np.median([r["n_cells"] for r in rows])) if rows else None,
-        "scale_agreement": scale_agreement([r.get("rbc_diameter") for r in rows if r.get("scale") not in (None, "declared", "unknown")]),
+        "scale_agreement": scale_agreement((r.get("rbc_diameter"), r.get("scale")) for r in rows),
         **_matched(rows, "cell", "white_cells"), **_matched(rows, "box", "white_cells_in_boxes"),
         **_matched(rows, "blast", "blast_detection"),
     }

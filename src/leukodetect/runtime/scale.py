@@ -37,7 +37,7 @@ FEW_RED_CELLS = 10
 FRAGMENT_RATIO = 2.2
 #: Cells covering more of a field than this are packed into clumps: their stain-free size is not a red cell's.
 PACKED_COVER = 0.7
-#: A photograph whose measured red-cell diameter is more than this share above or below its batch's median (x 1.25 or
+#: A photograph whose measured red-cell diameter is more than this factor above or below its batch's median (x 1.25 or
 #: / 1.25) disagrees with the batch (:func:`scale_agreement`).
 BATCH_SPREAD = 1.25
 #: Share of a batch's measured photographs that may disagree with its median before the readings are doubted. With the
@@ -290,16 +290,18 @@ def _packed_diameter(red: np.ndarray) -> float | None:
     return float(2 * r[np.searchsorted(area, area[-1] / 2)] + 1)
 
 
-def scale_agreement(diameters) -> dict | None:
+def scale_agreement(readings) -> dict | None:
     """How well one batch's measured red-cell diameters agree: their median, and how many lie more than
     :data:`BATCH_SPREAD` times above or below it.
 
-    Returns ``{"photographs", "median", "disagree", "share", "doubtful"}`` (``doubtful``: more than :data:`BATCH_DOUBT`
-    of them disagree), or None for fewer than :data:`MIN_BATCH` diameters (None entries, unmeasured photographs, are left
-    out). Photographs of one microscope and camera should agree; many that do not mean the readings, not the
-    magnification, vary, and the camera's pixel size should be declared.
+    ``readings`` are (diameter, source) pairs, a photograph's ``rbc_diameter`` and ``scale`` as ``analyze`` gives them;
+    only measured ones count (a declared diameter is the camera's, not a reading; an unknown one is none). Returns
+    ``{"photographs", "median", "disagree", "share", "doubtful"}`` (``doubtful``: more than :data:`BATCH_DOUBT` of them
+    disagree), or None for fewer than :data:`MIN_BATCH` measured diameters. Photographs of one microscope and camera
+    should agree; many that do not mean the readings, not the magnification, vary, and the camera's pixel size should be
+    declared.
     """
-    values = np.array([d for d in diameters if d], dtype=float)
+    values = np.array([d for d, source in readings if d and source not in (None, "declared", "unknown")], dtype=float)
     if len(values) < MIN_BATCH:
         return None
     median = float(np.median(values))
