@@ -248,6 +248,10 @@ LocatorOpt = typer.Option("learned", "--locator", help="How white cells are foun
 LocatorWeightsOpt = typer.Option(None, "--locator-weights", help="A locator from train-locator (default: the shipped one).")
 SmearPixelSizeOpt = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, if the "
                                  "laboratory knows its camera's (default: measured on each photograph's red cells; learned locator only).")
+ReviewLowOpt = typer.Option(None, "--review-low", help="P(blast) below this is normal (default 0.3 with the model's threshold at 0.5; a "
+                            "calibrated threshold moves it, as 'calibrate' chose).")
+ReviewHighOpt = typer.Option(None, "--review-high", help="P(blast) at or above this is a blast; in between, review (default 0.7 with the "
+                             "model's threshold at 0.5; a calibrated threshold moves it).")
 EdgeMarginOpt = typer.Option(0.5, "--edge-margin", min=0.0, help="A cell centred within this many red-cell diameters of the "
                              "photograph's frame is cut by it: a blast call on it becomes review (0: off).")
 BackendOpt = typer.Option("auto", "--backend", help="What runs the network: auto (ONNX Runtime on CPU, exported once per "
@@ -859,8 +863,8 @@ def detect(
                                               "with --locator: the five-laboratory model, or the ALL-IDB1 detector with colour)."),
     locate_only: bool = typer.Option(False, "--locate-only", help="Only locate the white cells; do not classify them."),
     out_dir: Path = typer.Option(Path("detections"), "--out", help="Folder for the overlay, gallery and JSON of each image (never overwritten)."),
-    review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
-    review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
+    review_low: Optional[float] = ReviewLowOpt,
+    review_high: Optional[float] = ReviewHighOpt,
     smudge_gate: bool = typer.Option(True, "--smudge-gate/--no-smudge-gate",
                                      help="Call smudge the located objects the detector's smudge gate rejects (when it has one)."),
     cell_scorer: bool = typer.Option(True, "--cell-scorer/--no-cell-scorer",
@@ -1036,8 +1040,8 @@ def smear_eval(
     unseen_from: Optional[Path] = typer.Option(None, "--unseen-from", help="The cell bank (cells.csv) the cell model was trained from: "
                                                "score only the smears none of whose cells (or near-duplicates') it trained on."),
     every: int = typer.Option(1, help="Score every n-th smear of each source."),
-    review_low: float = typer.Option(0.3, help="P(blast) below this is normal."),
-    review_high: float = typer.Option(0.7, help="P(blast) at or above this is a blast; in between, review."),
+    review_low: Optional[float] = ReviewLowOpt,
+    review_high: Optional[float] = ReviewHighOpt,
     backend: str = BackendOpt,
     pixel_size: Optional[list[str]] = typer.Option(None, "--pixel-size", metavar="LAB=UM", help="A laboratory's micrometres per "
                                                    "pixel, declared for all its smears instead of measured on each (learned "

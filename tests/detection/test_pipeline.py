@@ -9,7 +9,7 @@ from smear_images import synthetic_smear
 from typer.testing import CliRunner
 
 from leukodetect.cli import app
-from leukodetect.detection.pipeline import EDGE_MARGIN, VerdictRule, analyze, call_of, cut_by_frame, label_x
+from leukodetect.detection.pipeline import EDGE_MARGIN, REVIEW_BAND, VerdictRule, analyze, call_of, cut_by_frame, label_x, review_band_of
 from leukodetect.errors import LeukoError
 from leukodetect.runtime.classifier import Classifier
 
@@ -393,3 +393,25 @@ def test_the_stain_free_diameter_needs_cells_to_measure():
 
     assert stain_free_diameter(np.full((300, 300, 3), 240, np.uint8)) is None
     assert stain_free_diameter(np.zeros((10, 10, 3), np.uint8)) is None
+
+
+def test_the_review_band_moves_with_a_calibrated_threshold_as_wide_in_log_odds():
+    assert review_band_of(0.5) == REVIEW_BAND == (0.3, 0.7)
+    lo, hi = review_band_of(0.2)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert lo < 0.2 < hi < 0.7 and (logit(hi) - logit(0.2)) == pytest.approx(logit(0.2) - logit(lo), abs=1e-4)
+    assert (logit(hi) - logit(lo)) == pytest.approx(logit(0.7) - logit(0.3), abs=1e-4)
+    assert review_band_of(0.2, (None, 0.9)) == (lo, 0.9) and review_band_of(0.2, (0.3, 0.7)) == (0.3, 0.7)  # given sides stay
+
+
+def test_the_smear_pipeline_calls_blasts_at_the_checkpoints_calibrated_threshold(crop_checkpoint):
+    clf = Classifier.from_checkpoint(crop_checkpoint, device="cpu")
+    clf.image_outputs = lambda images, *, batch_size: (np.array([0.75] + [0.05] * (len(images) - 1)), None)
+    assert analyze(synthetic_smear(), clf)["verdict"] == "ALL"  # 0.75 >= 0.7 at the threshold 0.5
+    clf.threshold = 0.9  # as calibrate writes it for a laboratory whose cells score high
+    strict = analyze(synthetic_smear(), clf)
+    assert strict["review_band"] == list(review_band_of(0.9)) and strict["review_band"][0] > 0.75
+    assert strict["cells"][0]["call"] == "normal" and strict["verdict"] == "healthy"  # 0.75 lies below the moved band (0.79-0.95)
+    assert analyze(synthetic_smear(), clf, review_band=(0.3, 0.7))["verdict"] == "ALL"  # a band given is kept
+    with pytest.raises(LeukoError, match="Review band"):
+        analyze(synthetic_smear(), clf, review_band=(None, 0.5))  # 0.79 (derived) above 0.5 (given): upside down

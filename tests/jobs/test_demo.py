@@ -113,7 +113,8 @@ def test_the_demo_analyses_smears_with_the_settings_detect_uses_by_default():
 
     command = {name: p.default.default for name, p in inspect.signature(detect).parameters.items()}
     job = inspect.signature(analyze).parameters
-    assert job["review_band"].default == (command["review_low"], command["review_high"])
+    # neither sets a review band: both call around the model's threshold (review_band_of)
+    assert job["review_band"].default is None and (command["review_low"], command["review_high"]) == (None, None)
     assert (job["use_gate"].default, job["use_scorer"].default) == (command["smudge_gate"], command["cell_scorer"])
     assert inspect.signature(demo_job.run_detect).parameters["backend"].default == command["backend"]
 

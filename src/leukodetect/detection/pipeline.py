@@ -118,6 +118,33 @@ def cut_by_frame(x: float, y: float, width: int, height: int, diameter: float, m
     return bool(margin > 0 and min(x, y, width - 1 - x, height - 1 - y) < margin * diameter)
 
 
+#: The review band of a model whose threshold is 0.5: P(blast) below 0.3 is normal, at or above 0.7 a blast.
+REVIEW_BAND = (0.3, 0.7)
+
+
+def review_band_of(threshold: float, given: tuple[float | None, float | None] | None = None) -> tuple[float, float]:
+    """The review band around a model's blast threshold, with the sides ``given`` (None: derived) kept as they are.
+
+    At the threshold 0.5 it is :data:`REVIEW_BAND`. A threshold chosen by ``calibrate`` moves the band with it, as wide
+    in log-odds, so that the calibrated threshold is where the band's middle lies: with 0.2, P(blast) below about 0.1
+    is normal and at or above 0.37 a blast. Without this the smear pipeline ignored a calibrated threshold.
+    """
+    lo_given, hi_given = given if given is not None else (None, None)
+    t = float(np.clip(threshold, 1e-6, 1 - 1e-6))
+    shift = np.log(t / (1 - t))
+    lo, hi = (round(float(1 / (1 + np.exp(-(np.log(b / (1 - b)) + shift)))), 6) for b in REVIEW_BAND)
+    return (lo if lo_given is None else lo_given), (hi if hi_given is None else hi_given)
+
+
+def check_review_band(band: tuple[float | None, float | None] | None) -> None:
+    """Refuse a review band outside [0, 1] or upside down (a side left None is derived later, :func:`review_band_of`)."""
+    if band is None:
+        return
+    lo, hi = band
+    if any(v is not None and not 0 <= v <= 1 for v in band) or (lo is not None and hi is not None and lo > hi):
+        raise LeukoError(f"Review band {tuple(band)} must satisfy 0 <= lo <= hi <= 1.")
+
+
 def call_of(prob: float | None, band: tuple[float, float]) -> str:
     """blast (P >= hi), normal (P < lo), review in between; "cell" when unclassified."""
     if prob is None:
@@ -130,7 +157,7 @@ def analyze(
     image: Image.Image | np.ndarray,
     classifier=None,
     *,
-    review_band: tuple[float, float] = (0.3, 0.7),
+    review_band: tuple[float | None, float | None] | None = None,
     rule: VerdictRule = VerdictRule(),
     params: LocateParams | None = None,
     batch_size: int = 32,
@@ -146,7 +173,9 @@ def analyze(
         image: full-resolution RGB photograph.
         classifier: an :class:`~leukodetect.runtime.base.ImageClassifier` trained on cell crops
             (see :mod:`.crops`); None locates cells only (calls "cell", verdict "not classified").
-        review_band: (lo, hi): P(blast) >= hi is a blast, < lo normal, in between review.
+        review_band: (lo, hi): P(blast) >= hi is a blast, < lo normal, in between review. None, or a side None: around
+            the classifier's threshold (:func:`review_band_of`: 0.3 and 0.7 at 0.5; a cell scorer's probabilities
+            keep 0.3 and 0.7, since a threshold calibrated on the crop classifier is not theirs).
         rule: the photograph verdict rule.
         params: localisation settings; None: those stored with the classifier
             (:func:`locate_params_of`).
@@ -176,9 +205,7 @@ def analyze(
         or why it is "review" when some of its cells are unlike the model's training images or cut by the frame) and
         timing.
     """
-    lo, hi = review_band
-    if not 0 <= lo <= hi <= 1:
-        raise LeukoError(f"Review band {review_band} must satisfy 0 <= lo <= hi <= 1.")
+    check_review_band(review_band)
     if not edge_margin >= 0:
         raise LeukoError(f"Edge margin {edge_margin} must be 0 (off) or a positive number of red-cell diameters.")
     check_declared_scale(rbc_diameter, locator)
@@ -221,9 +248,11 @@ def analyze(
         probs = [float(p) for p in scorer.combine(crop_probs, loc.features, density)]
     t2 = time.perf_counter()
     smudge = [q is not None and q < gate.threshold for q in p_cell]
+    lo, hi = band = review_band_of(0.5 if classifier is None or scorer is not None else classifier.threshold, review_band)
+    check_review_band(band)
     # A cell beyond the cell model's guard, or a blast-like one cut by the frame, is "review" whatever its P(blast),
     # which stays beside it.
-    blast_like = [call_of(p, review_band) for p in probs]
+    blast_like = [call_of(p, band) for p in probs]
     calls = ["smudge" if s else "review" if odd or (k and b == "blast") else b for s, odd, k, b in zip(smudge, unlike, cut, blast_like)]
     cut_blasts = sum(k and b == "blast" and not odd and not s for k, b, odd, s in zip(cut, blast_like, unlike, smudge))
     cells = [
