@@ -1,12 +1,12 @@
 """A laboratory calibrates the shipped cell model on its own labelled smears: two halves by content group, each
 calibrated on the other's cells, with the product's commands.
 
-    python scripts/smear_calibration_probe.py OUT BANK/cells.csv aria=$D/ALL-Aria-subset@14.65 [--targets 0.99 0.9]
+    python scripts/smear_calibration_probe.py OUT BANK/cells.csv aria=$D/ALL-Aria-subset@14.65 [--targets 0.99 0.9] [--per smear]
 
 The smears the shipped cell model never trained on (the smear-eval ``--unseen-from`` rule, with BANK) are split into two
 halves by content group (near-duplicate fields stay together), laid out as symbolic links under ``OUT/halves``. For each
 half X: ``leukodetect cells`` cuts X's cells at the declared scale (each cell takes its smear's label),
-``leukodetect calibrate --target-sensitivity T`` fits a temperature and threshold on them, and ``leukodetect
+``leukodetect calibrate --target-sensitivity T --per cell|smear`` fits a temperature and threshold on them, and ``leukodetect
 smear-eval`` scores the other half's smears with that checkpoint, at the measured and at the declared scale, beside the
 shipped model. Prints right verdicts and verdict counts per model and scale over both halves; ``OUT/table.json``.
 Recorded in docs/detection.md ("A laboratory calibrates on its own smears").
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("bank", type=Path)
     ap.add_argument("source", help="LAB=PATH[:FORMAT]@PIXELS, the laboratory's declared red-cell diameter")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.99, 0.9])
+    ap.add_argument("--per", choices=("cell", "smear"), default="cell", help="calibrate's unit: blast cells or ALL smears")
     args = ap.parse_args()
     source = LabSource.parse(args.source)
     if not source.rbc_diameter:
@@ -56,10 +57,11 @@ def main() -> None:
             leukodetect("cells", "--data", f"{source.lab}={halves / tune}@{source.rbc_diameter}", "--out", str(bank), "--max-per-field", "3")
         models = {"shipped": None}
         for target in args.targets:
-            checkpoint = args.out / f"calibrated_{tune}_{target:g}.pt"
+            checkpoint = args.out / f"calibrated_{tune}_{args.per}_{target:g}.pt"
             if not checkpoint.exists():
-                leukodetect("calibrate", "--data", str(bank / "cells.csv"), "--out", str(checkpoint), "--target-sensitivity", f"{target:g}")
-            models[f"calibrated, target {target:g}"] = checkpoint
+                leukodetect("calibrate", "--data", str(bank / "cells.csv"), "--out", str(checkpoint), "--target-sensitivity", f"{target:g}",
+                            "--per", args.per)
+            models[f"calibrated per {args.per}, target {target:g}"] = checkpoint
         for name, checkpoint in models.items():
             for scale, suffix in (("measured", ""), ("declared", f"@{source.rbc_diameter}")):
                 run = args.out / f"eval_{test}_{name.replace(', ', '_').replace(' ', '')}_{scale}"

@@ -660,7 +660,11 @@ def calibrate(
     checkpoint: Optional[Path] = typer.Option(None, help="The checkpoint to calibrate, left unchanged (default: the shipped ResNet-50)."),
     data: Path = typer.Option(..., "--data", help="Labelled validation images (folder, CSV manifest or cell bank), not training images."),
     out_file: Path = typer.Option(..., "--out", help="The calibrated checkpoint to write (must not exist)."),
-    target_sensitivity: float = typer.Option(0.99, help="Fraction of validation blasts the threshold must find."),
+    target_sensitivity: float = typer.Option(0.99, help="Fraction of validation blasts (with --per smear: of ALL smears) the "
+                                             "threshold must find."),
+    per: str = typer.Option("cell", "--per", help="cell: the threshold finds that share of blast cells; smear: of ALL smears, each "
+                            "scored by its most blast-like cell, as detect calls a smear (a cell bank cut from your labelled smears "
+                            "with 'leukodetect cells', whose cells carry their smear's label)."),
     split_file: Optional[Path] = typer.Option(None, help="Use only the 'val' part of this run's split.json."),
     pixel_size: Optional[float] = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the images, for a "
                                                "model with a physical scale (default: measured on each image's red cells)."),
@@ -681,13 +685,14 @@ def calibrate(
         records = select_split(records, split_file, "val")
     rbc = diameter_from_pixel_size(pixel_size) if pixel_size else None
     result = calibrate_checkpoint(resolve_checkpoint(checkpoint), records, out_file, target_sensitivity=target_sensitivity,
-                                  rbc_diameter=rbc, bank=is_bank(data), log=_log)
+                                  rbc_diameter=rbc, bank=is_bank(data), per=per, log=_log)
     c = result["calibration"]
     if as_json:
         print(json.dumps(result, indent=2))
     else:
+        unit = f"per smear: {c['n_smears']} smears of {c['n_val']} cells" if c["per"] == "smear" else f"n={c['n_val']}"
         out.print(f"Wrote {result['out']}: temperature {result['temperature']:.3f}, threshold {result['threshold']:.4f} "
-                  f"(validation sensitivity {c['sensitivity']:.3f}, specificity {c['specificity']:.3f}, n={c['n_val']}); "
+                  f"(validation sensitivity {c['sensitivity']:.3f}, specificity {c['specificity']:.3f}, {unit}); "
                   f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}"
                   + (f"; {c['guard_flagged']} of them beyond the guard (review)." if c.get("guard_flagged") else "."),
                   highlight=False)

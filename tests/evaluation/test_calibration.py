@@ -18,6 +18,7 @@ from leukodetect.evaluation.calibration import (
     fit_temperature,
     margin_threshold,
     nll,
+    per_smear,
     reliability_curve,
     threshold_for_sensitivity,
 )
@@ -216,7 +217,8 @@ def test_calibration_shows_a_scaled_model_the_images_as_predict_does(scaled_chec
     val = _val(tiny_tree)
     clf = Classifier.from_checkpoint(scaled_checkpoint, backend="torch")
     diameter = 5.0  # declared: a 15-pixel window of each 24-pixel image, enlarged to 24
-    logits, labels, _ = validation_logits(clf, val, rbc_diameter=diameter, log=lambda m: None)
+    logits, labels, _, kept = validation_logits(clf, val, rbc_diameter=diameter, log=lambda m: None)
+    assert kept.tolist() == list(range(len(val)))  # every image readable
     windows = [clf.view(open_rgb(path), rbc_diameter=diameter)[0] for path, _ in val]
     np.testing.assert_allclose(logits, clf.image_logits(windows), atol=1e-6)
     assert not np.allclose(logits, clf.image_logits([open_rgb(path) for path, _ in val]), atol=1e-3)  # not the whole image
@@ -268,3 +270,36 @@ def test_calibrate_says_how_many_images_its_guard_will_still_send_to_review(tmp_
     assert all(flag for flag, n in zip(expected, noise) if n)
     assert result["calibration"]["guard_flagged"] == sum(expected) >= 2
     assert any(f"{sum(expected)} of 6 of these images are beyond the model's guard" in line and "--guard" in line for line in said)
+
+
+def test_per_smear_scores_each_smear_by_its_most_blast_like_cell():
+    labels, best = per_smear([1, 1, 0, 0, 1], [0.2, 0.9, 0.4, 0.1, 0.3], ["a", "a", "b", "b", "c"])
+    assert labels.tolist() == [1, 0, 1] and best.tolist() == [0.9, 0.4, 0.3]
+    # finding both ALL smears takes 0.3; finding all three cells labelled ALL would take 0.2 (smear a's normal-looking cell)
+    assert threshold_for_sensitivity(labels, best, 1.0)["threshold"] == 0.3
+    assert threshold_for_sensitivity([1, 1, 0, 0, 1], [0.2, 0.9, 0.4, 0.1, 0.3], 1.0)["threshold"] == 0.2
+    with pytest.raises(ValueError, match="both labels"):
+        per_smear([1, 0], [0.5, 0.5], ["a", "a"])
+    with pytest.raises(ValueError, match="a smear per cell"):
+        per_smear([1, 0], [0.5, 0.5], ["a"])
+
+
+def test_calibrating_per_smear_finds_the_share_of_all_smears_by_their_most_blast_like_cell(trained_checkpoint, tiny_tree, tmp_path):
+    from dataclasses import replace
+
+    by_name = {r.path.stem: r for r in index_dataset(tiny_tree)}
+    # Four smears of three cells, labelled as a cell bank cut from labelled smears labels them, by the smear: two ALL
+    # smears holding one blast and two normal cells each, two healthy smears.
+    layout = {"a": ["blast_04", "normal_04", "normal_05"], "b": ["blast_05", "normal_06", "normal_07"],
+              "c": ["normal_08", "normal_09", "normal_10"], "d": ["normal_11", "normal_12", "normal_13"]}
+    smears = [replace(by_name[name], parent=smear, label=int(smear in "ab")) for smear, names in layout.items() for name in names]
+    records = [by_name[name] for names in layout.values() for name in names]
+    result = calibrate_checkpoint(trained_checkpoint, smears, tmp_path / "smear.pt", target_sensitivity=1.0, per="smear", log=lambda m: None)
+    cal = result["calibration"]
+    assert cal["per"] == "smear" and cal["n_smears"] == 4 and cal["n_val"] == 12 and cal["sensitivity"] == 1.0
+    calibrated = Classifier.from_checkpoint(tmp_path / "smear.pt", backend="torch")
+    labels, best = per_smear([r.label for r in smears], calibrated.image_outputs([open_rgb(r.path) for r in smears])[0],
+                             [r.parent for r in smears])
+    assert (best[labels == 1] >= result["threshold"]).all()  # every ALL smear's most blast-like cell reaches it
+    with pytest.raises(LeukoError, match="cell bank cut from labelled smears"):
+        calibrate_checkpoint(trained_checkpoint, records, tmp_path / "x.pt", per="smear", log=lambda m: None)  # no smears named

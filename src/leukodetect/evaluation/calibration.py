@@ -8,7 +8,9 @@ The first part is pure functions of labels, probabilities and logits:
   labels (Guo et al., 2017); it never changes which class ranks higher, only how confident it is;
 - :func:`threshold_for_sensitivity` finds the highest threshold that still finds a target fraction
   of blasts, and says what specificity that costs; :func:`margin_threshold` moves it halfway to the
-  next lower score, which splits the scores the same way and leaves room for rounding.
+  next lower score, which splits the scores the same way and leaves room for rounding;
+- :func:`per_smear` turns cells labelled by their smear into smears, each scored by its most blast-like
+  cell, as the smear pipeline calls a smear, so that the threshold can be chosen on smears.
 
 :func:`calibrate_checkpoint` wires them up: validation logits from a checkpoint, a temperature, a
 threshold, written into a copy of the checkpoint that :class:`~leukodetect.runtime.classifier.Classifier`
@@ -127,3 +129,28 @@ def margin_threshold(prob, cut: float) -> float:
     prob = np.asarray(prob, dtype=float)
     below = prob[prob < cut]
     return float((cut + below.max()) / 2) if below.size else float(cut)
+
+
+def per_smear(y_true, prob, smears) -> tuple[np.ndarray, np.ndarray]:
+    """Each smear's label and its most blast-like cell's probability, smears in order of first appearance.
+
+    The cells of a smear field carry the field's label (a cell bank cut from labelled smears); a smear is ALL when
+    its most blast-like cell reaches the threshold, so a threshold chosen on these finds a share of ALL smears, not
+    of cells, and the normal cells of ALL smears do not pull it down.
+
+    Raises:
+        ValueError: the lengths differ, or one smear's cells carry two labels.
+    """
+    y, prob, smears = np.asarray(y_true).astype(int), np.asarray(prob, dtype=float), list(smears)
+    if not len(y) == len(prob) == len(smears):
+        raise ValueError(f"per_smear needs a label, a probability and a smear per cell, got {len(y)}, {len(prob)} and {len(smears)}.")
+    order = list(dict.fromkeys(smears))
+    index = {s: i for i, s in enumerate(order)}
+    best = np.full(len(order), -np.inf)
+    labels = np.full(len(order), -1)
+    for label, p, smear in zip(y, prob, smears):
+        i = index[smear]
+        if labels[i] not in (-1, label):
+            raise ValueError(f"Smear {smear} has cells of both labels: its cells must carry the smear's label.")
+        labels[i], best[i] = label, max(best[i], p)
+    return labels, best

@@ -17,6 +17,7 @@ from leukodetect.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
     margin_threshold,
+    per_smear,
     threshold_for_sensitivity,
 )
 from leukodetect.runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -37,8 +38,8 @@ def select_split(records, split_file: str | Path, part: str = "val") -> list:
 
 
 def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, batch_size: int = 16,
-                      rbc_diameter: float | None = None, log=print) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Float32 logits (N, C), labels (N,) and guard scores (N,) or None of the readable images.
+                      rbc_diameter: float | None = None, log=print) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """Float32 logits (N, C), labels (N,), guard scores (N,) or None, and the indices in ``pairs`` (N,) of the readable images.
 
     Unreadable images are logged and skipped.
 
@@ -47,13 +48,14 @@ def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, bat
     the image's red cells, so the threshold is chosen on the numbers the calls will use. Images whose scale
     cannot be known are used at their own size, as ``predict`` uses them, and counted in one line.
     """
-    images, labels, unknown = [], [], []
-    for path, label in pairs:
+    images, labels, unknown, kept = [], [], [], []
+    for i, (path, label) in enumerate(pairs):
         try:
             image = open_rgb(path)
         except BadImageError as exc:
             log(f"skipped: {exc}")
             continue
+        kept.append(i)
         shown, estimate = clf.view(image, rbc_diameter=rbc_diameter)
         if estimate is not None and estimate.diameter is None:
             unknown.append(Path(path).name)
@@ -63,7 +65,7 @@ def validation_logits(clf: Classifier, pairs: Sequence[tuple[Path, int]], *, bat
         log(f"{len(unknown)} of {len(images)} images ({unknown[0]}{', ...' if len(unknown) > 1 else ''}) have no measurable "
             "red cells: used at their own size, as predict uses them; pass --pixel-size if you know it.")
     logits, scores = clf.image_logits_and_scores(images, batch_size=batch_size)
-    return logits, np.array(labels, dtype=np.int64), scores
+    return logits, np.array(labels, dtype=np.int64), scores, np.array(kept, dtype=np.int64)
 
 
 def calibrate_checkpoint(
@@ -74,6 +76,7 @@ def calibrate_checkpoint(
     target_sensitivity: float = 0.99,
     rbc_diameter: float | None = None,
     bank: bool = False,
+    per: str = "cell",
     n_bins: int = 10,
     device: str = "auto",
     log=print,
@@ -94,24 +97,33 @@ def calibrate_checkpoint(
         rbc_diameter: the images' red-cell diameter in pixels, for a model with a physical scale (from
             ``--pixel-size``); None measures each image's red cells, as ``predict`` does.
         bank: the images are a cell bank's crops (``leukodetect cells``), cut at the model's own scale already.
+        per: ``"cell"``: the threshold finds ``target_sensitivity`` of the blast cells; ``"smear"``: of the ALL smears,
+            each scored by its most blast-like cell (:func:`~leukodetect.evaluation.calibration.per_smear`), for a
+            cell bank cut from labelled smears, whose cells carry their smear's label and name it (``parent``).
 
     Returns:
         {"out", "temperature", "threshold", "calibration": {ece_before, ece_after,
-        target_sensitivity, sensitivity, specificity, n_val, n_blast, temperature_at_bound,
-        calibrated_from}}.
+        target_sensitivity, per, sensitivity, specificity, n_val, n_blast, temperature_at_bound,
+        calibrated_from; with per "smear" also n_smears and n_all_smears}}.
     """
 
     if not 0.0 < target_sensitivity <= 1.0:
         raise LeukoError(f"Target sensitivity {target_sensitivity} is not a fraction: pass a value in (0, 1], e.g. 0.99.")
     checkpoint = Path(checkpoint)
     target = _output_path(checkpoint, out)
-    pairs = [(Path(r.path), r.label) if hasattr(r, "path") else (Path(r[0]), r[1]) for r in val]
-    pairs = [(p, int(label)) for p, label in pairs if label is not None]
+    if per not in ("cell", "smear"):
+        raise LeukoError(f"Unknown calibration unit '{per}': use --per cell or smear.")
+    labelled = [r for r in val if (r.label if hasattr(r, "path") else r[1]) is not None]
+    pairs = [(Path(r.path), int(r.label)) if hasattr(r, "path") else (Path(r[0]), int(r[1])) for r in labelled]
+    smears = [getattr(r, "parent", None) for r in labelled]
+    if per == "smear" and (not smears or any(not s for s in smears)):
+        raise LeukoError("Calibrating per smear needs a cell bank cut from labelled smears (leukodetect cells), whose cells name "
+                         "their smear: pass its cells.csv as --data, or calibrate per cell.")
     bundle = load_checkpoint(checkpoint)
     clf = Classifier(bundle, device=device, precision="fp32", source=str(checkpoint), backend="torch")  # reads logits
     if bank:
         rbc_diameter = clf.bank_diameter
-    logits, y, scores = validation_logits(clf, pairs, rbc_diameter=rbc_diameter, log=log)
+    logits, y, scores, kept = validation_logits(clf, pairs, rbc_diameter=rbc_diameter, log=log)
     if len(set(y.tolist())) < 2:
         raise LeukoError(
             f"Calibration needs readable validation images of both classes (got {len(y)} images, "
@@ -124,12 +136,17 @@ def calibrate_checkpoint(
             "validation images are separated perfectly or not at all; calibrate on more images.")
     before = _blast_prob(logits, float(bundle["temperature"]))
     after = _blast_prob(logits, temperature)
-    choice = threshold_for_sensitivity(y, after, target_sensitivity)
-    threshold = margin_threshold(after, choice["threshold"])
+    unit_y, unit_p = (y, after) if per == "cell" else per_smear(y, after, [smears[i] for i in kept])
+    if len(set(unit_y.tolist())) < 2:
+        raise LeukoError(f"Calibrating per smear needs smears of both labels, got {len(unit_y)} smears, {int(unit_y.sum())} ALL.")
+    choice = threshold_for_sensitivity(unit_y, unit_p, target_sensitivity)
+    threshold = margin_threshold(unit_p, choice["threshold"])
     calibration = {
         "ece_before": expected_calibration_error(y, before, n_bins),
         "ece_after": expected_calibration_error(y, after, n_bins),
         "target_sensitivity": float(target_sensitivity),
+        "per": per,
+        **({"n_smears": int(len(unit_y)), "n_all_smears": int(unit_y.sum())} if per == "smear" else {}),
         "sensitivity": choice["sensitivity"],
         "specificity": choice["specificity"],
         "n_val": int(len(y)),
