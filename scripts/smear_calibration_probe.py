@@ -1,7 +1,7 @@
 """A laboratory calibrates the shipped cell model on its own labelled smears: two halves by content group, each
 calibrated on the other's cells, with the product's commands.
 
-    python scripts/smear_calibration_probe.py OUT BANK/cells.csv aria=$D/ALL-Aria-subset@14.65 [--targets 0.99 0.9] [--per smear]
+    python scripts/smear_calibration_probe.py OUT BANK/cells.csv aria=$D/ALL-Aria-subset@14.65 [--targets 0.99 0.9] [--per smear] [--max-per-field 3]
 
 The smears the shipped cell model never trained on (the smear-eval ``--unseen-from`` rule, with BANK) are split into two
 halves by content group (near-duplicate fields stay together), laid out as symbolic links under ``OUT/halves``. For each
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("source", help="LAB=PATH[:FORMAT]@PIXELS, the laboratory's declared red-cell diameter")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.99, 0.9])
     ap.add_argument("--per", choices=("cell", "smear"), default="cell", help="calibrate's unit: blast cells or ALL smears")
+    ap.add_argument("--max-per-field", type=int, default=3, help="cells cut per field for calibrating (0: every located cell)")
     args = ap.parse_args()
     source = LabSource.parse(args.source)
     if not source.rbc_diameter:
@@ -54,7 +55,8 @@ def main() -> None:
     for test, tune in (("A", "B"), ("B", "A")):
         bank = args.out / f"bank{tune}"
         if not (bank / "cells.csv").exists():
-            leukodetect("cells", "--data", f"{source.lab}={halves / tune}@{source.rbc_diameter}", "--out", str(bank), "--max-per-field", "3")
+            leukodetect("cells", "--data", f"{source.lab}={halves / tune}@{source.rbc_diameter}", "--out", str(bank), "--max-per-field",
+                        str(args.max_per_field))
         models = {"shipped": None}
         for target in args.targets:
             checkpoint = args.out / f"calibrated_{tune}_{args.per}_{target:g}.pt"
