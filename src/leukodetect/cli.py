@@ -246,6 +246,9 @@ LocatorOpt = typer.Option("learned", "--locator", help="How white cells are foun
                           "(purple thresholds tuned on ALL-IDB1, with the ALL-IDB1 detector, its smudge gate and cell scorer: ALL-IDB1's own "
                           "pipeline, wrong on most other laboratories' smears; see docs/detection.md).")
 LocatorWeightsOpt = typer.Option(None, "--locator-weights", help="A locator from train-locator (default: the shipped one).")
+BatchScaleOpt = typer.Option(False, "--batch-scale", help="Measure every photograph's red cells first and analyse all at their "
+                             "median (isolated red cells' readings): for photographs of one microscope and camera whose pixel "
+                             "size is not known (per laboratory in smear-eval). Learned locator only.")
 SmearPixelSizeOpt = typer.Option(None, "--pixel-size", min=0.001, help="Micrometres per pixel of the smear photographs, if the "
                                  "laboratory knows its camera's (default: measured on each photograph's red cells; learned locator only).")
 ReviewLowOpt = typer.Option(None, "--review-low", help="P(blast) below this is normal (default 0.3 with the model's threshold at 0.5; a "
@@ -879,6 +882,7 @@ def detect(
     locator: str = LocatorOpt,
     locator_weights: Optional[Path] = LocatorWeightsOpt,
     pixel_size: Optional[float] = SmearPixelSizeOpt,
+    batch_scale: bool = BatchScaleOpt,
     edge_margin: float = EdgeMarginOpt,
 ):
     """Whole-smear detection: find white cells, classify each crop, count blasts, draw an overlay."""
@@ -895,7 +899,8 @@ def detect(
     declared = {"rbc_diameter": diameter_from_pixel_size(pixel_size)} if pixel_size else {}
     check_declared_scale(declared.get("rbc_diameter"), learned)
     rows = run_detect(images, checkpoint, out_dir, locator=learned, backend=backend, review_band=(review_low, review_high),
-                      use_gate=smudge_gate, use_scorer=cell_scorer, edge_margin=edge_margin, progress=_progress(), log=_log, **declared)
+                      use_gate=smudge_gate, use_scorer=cell_scorer, edge_margin=edge_margin, batch_scale=batch_scale, progress=_progress(),
+                      log=_log, **declared)
     _print_detections(rows, out_dir, as_json)
     if all("error" in r for r in rows):
         raise typer.Exit(1)
@@ -1052,6 +1057,7 @@ def smear_eval(
                                                    "pixel, declared for all its smears instead of measured on each (learned "
                                                    "locator only; the same as --data LAB=PATH@PIXELS with the red-cell "
                                                    "diameter in pixels); repeat for several."),
+    batch_scale: bool = BatchScaleOpt,
     edge_margin: float = EdgeMarginOpt,
 ):
     """Score the smear pipeline as it is (no training) on labelled smears: verdict accuracy per laboratory with 95% intervals."""
@@ -1069,7 +1075,8 @@ def smear_eval(
     clf = Classifier.from_checkpoint(path, backend=backend, log=_log)
     learned = WhiteCellLocator.load(resolve_locator(locator_weights)) if locator == "learned" else None
     run_smear_eval(sources, clf, out_dir, locator=learned, unseen_from=unseen_from, trained_on=clf.bundle.get("trained_on", ()),
-                   every=every, review_band=(review_low, review_high), edge_margin=edge_margin, progress=_progress(), log=_log)
+                   every=every, review_band=(review_low, review_high), edge_margin=edge_margin, batch_scale=batch_scale, progress=_progress(),
+                   log=_log)
     out.print((out_dir / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
 
 

@@ -66,3 +66,28 @@ def test_a_batch_whose_measured_scales_disagree_is_told_to_give_the_pixel_size(s
         assert notes == ["The red-cell diameters measured on 3 of these 12 photographs lie more than 1.25 times above or below their "
                          "median (15 px; the rbc_diameter column of summary.csv): if they come from one microscope and camera, those "
                          "readings are wrong and misplace every cell on them; give the camera's pixel size with --pixel-size."]
+
+
+def test_batch_scale_analyses_every_photograph_at_the_median_reading(smear_png, tmp_path, monkeypatch):
+    from leukodetect.runtime.locator import WhiteCellLocator
+    from leukodetect.runtime.scale import ScaleEstimate
+    from leukodetect.weights import resolve_locator
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(11):
+        (folder / f"f{i:02d}.png").write_bytes(smear_png.read_bytes())
+    isolated = [30, 31, 29, 30, 30, 32, 28, 30, 30, 31]
+    readings = iter([ScaleEstimate(float(d), "measured") for d in isolated] + [ScaleEstimate(90.0, "packed")])
+    monkeypatch.setattr(detect_job, "estimate_smear_diameter", lambda rgb: next(readings))  # the first pass's readings
+    locator = WhiteCellLocator.load(resolve_locator(None))
+    logged: list[str] = []
+    paths = sorted(folder.iterdir())
+    rows = detect_job.detect_paths(paths, None, tmp_path / "out", locator=locator, batch_scale=True, log=logged.append)
+    assert [(r["rbc_diameter"], r["scale"]) for r in rows] == [(30.0, "batch")] * 11  # the 90 px misreading moves nothing
+    assert logged[0] == ("--batch-scale: every photograph is analysed at a red-cell diameter of 30 px, the median of the 10 "
+                         "readings of isolated red cells among 11 photographs.")
+    with pytest.raises(LeukoError, match="give one of them"):
+        detect_job.detect_paths(paths, None, tmp_path / "o2", locator=locator, batch_scale=True, rbc_diameter=30.0)
+    with pytest.raises(LeukoError, match="learned locator"):
+        detect_job.detect_paths(paths, None, tmp_path / "o3", batch_scale=True)

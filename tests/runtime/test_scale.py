@@ -11,6 +11,7 @@ from leukodetect.runtime.scale import (
     canonical_crop,
     diameter_from_pixel_size,
     estimate_rbc_diameter,
+    batch_diameter,
     estimate_smear_diameter,
     scale_agreement,
 )
@@ -167,3 +168,11 @@ def test_a_batch_whose_red_cell_readings_disagree_is_doubted():
     one_off = scale_agreement(one_microscope + measured(40.0))  # 1 of 13 (7.7%): no more than a camera's odd photograph
     assert one_off["disagree"] == 1 and not one_off["doubtful"]
     assert scale_agreement(one_microscope[:9]) is None  # too few to judge
+
+
+def test_a_batchs_diameter_is_the_median_of_its_isolated_red_cells_where_enough_have_them():
+    isolated = [(15.0 + 0.1 * i, "measured") for i in range(10)]  # median 15.45
+    misread = [(30.0, "packed"), (35.0, "foreground"), (8.0, "packed")]
+    assert batch_diameter(isolated + misread) == 15.45  # the packed and stain-free readings do not move it
+    assert batch_diameter(isolated[:5] + misread * 2 + [(16.0, "packed")]) == 15.35  # too few isolated: the median of all 12
+    assert batch_diameter(isolated[:9] + [(14.65, "declared"), (15.0, "batch"), (None, "unknown")]) is None  # 9 readings

@@ -166,6 +166,7 @@ def analyze(
     locator: WhiteCellLocator | None = None,
     rbc_diameter: float | None = None,
     edge_margin: float = EDGE_MARGIN,
+    declared_as: str = "declared",
 ) -> dict:
     """Detect and classify the white cells of one smear photograph.
 
@@ -192,6 +193,8 @@ def analyze(
         rbc_diameter: the red-cell diameter in this photograph's pixels as the laboratory declares it (from its
             camera's pixel size, ``detect --pixel-size``), used instead of the one measured on each photograph;
             learned locator only. A photograph on which no red cell can be measured still cannot be assessed.
+        declared_as: the result's ``scale`` where ``rbc_diameter`` is given: ``"declared"`` (the camera's pixel size) or
+            ``"batch"`` (the median of a batch's readings, ``detect --batch-scale``).
         edge_margin: a cell centred within this many red-cell diameters of the frame is cut by it
             (:data:`EDGE_MARGIN`, :func:`cut_by_frame`): it is counted as a white cell, but a blast call on it
             becomes "review"; 0 switches this off.
@@ -218,7 +221,7 @@ def analyze(
     if small or grey:  # too small to be a smear, or no stain to threshold: any "cell" would be an artefact
         loc = nothing_located(params if params is not None else locate_params_of(settings))
     elif locator is not None:
-        loc, scale_source = locate_learned(rgb, locator, rbc_diameter)
+        loc, scale_source = locate_learned(rgb, locator, rbc_diameter, declared_as=declared_as)
         use_gate = use_scorer = False  # both were fitted on the colour locator's region measurements
     else:
         loc = locate_cells(rgb, params if params is not None else locate_params_of(settings))
@@ -265,7 +268,7 @@ def analyze(
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
     n_unlike = sum(c.get("unlike_training", False) and c["call"] != "smudge" for c in cells)
-    measured = loc.rbc_diameter if locator is not None and scale_source not in ("declared", "unknown") else None
+    measured = loc.rbc_diameter if locator is not None and scale_source not in ("declared", "batch", "unknown") else None
     reason = assessment(grey, loc.rbc_count, white, size=(width, height) if small else None, measured_diameter=measured)
     if reason is not None:
         verdict = CANNOT_ASSESS
@@ -312,9 +315,10 @@ def check_declared_scale(rbc_diameter: float | None, locator) -> None:
 SECOND_LOOK_RATIO = 1.5
 
 
-def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator, declared: float | None = None) -> tuple[Localisation, str]:
+def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator, declared: float | None = None, *,
+                   declared_as: str = "declared") -> tuple[Localisation, str]:
     """White cells found by the learned locator, at the red-cell diameter measured first (or ``declared``); and
-    where the diameter came from ("measured", "packed", "foreground" or "declared";
+    where the diameter came from ("measured", "packed", "foreground", or ``declared_as`` ("declared", "batch");
     :func:`~leukodetect.runtime.scale.estimate_smear_diameter`).
 
     An image whose cells cannot be measured, with the stain or without it, gets no cells and ``rbc_count`` 0: its
@@ -329,7 +333,7 @@ def locate_learned(rgb: np.ndarray, locator: WhiteCellLocator, declared: float |
     if scale.diameter is None:  # the placeholder diameter only sizes the (empty) drawings; "scale" says unknown
         return nothing_located(LocateParams()), "unknown"
     d = scale.diameter if declared is None else float(declared)
-    source = scale.source if declared is None else "declared"
+    source = scale.source if declared is None else declared_as
     found = locator.locate(rgb, d)
     if not found and declared is None:
         other = stain_free_diameter(rgb)

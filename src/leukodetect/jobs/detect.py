@@ -24,7 +24,7 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths_of, open_rgb
 from leukodetect.runtime.locator import WhiteCellLocator
-from leukodetect.runtime.scale import BATCH_SPREAD, scale_agreement
+from leukodetect.runtime.scale import BATCH_SPREAD, MIN_BATCH, batch_diameter, estimate_smear_diameter, scale_agreement
 from leukodetect.utils import atomic_write, atomic_write_text, write_csv
 
 
@@ -85,8 +85,12 @@ SUMMARY_COLUMNS = ("image", "verdict", "n_cells", "n_blast", "n_review", "n_smud
                    "total_s", "error", "reason")
 
 
-def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, log=print, **kwargs) -> list[dict]:
+def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: bool = False, batch_scale: bool = False, log=print,
+                 **kwargs) -> list[dict]:
     """Analyse many files; one that cannot be read or analysed is reported through ``log`` and skipped.
+
+    With ``batch_scale`` every photograph is first measured, and all are then analysed at one red-cell diameter, the
+    batch's (:func:`batch_scale_of`): for photographs of one microscope and camera whose pixel size is not known.
 
     Each failure is that file's error row, and the others go on. With more than one file a
     ``summary.csv`` (one row per file, errors included) is written too. Nothing is overwritten:
@@ -97,6 +101,8 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
     summary = out_dir / "summary.csv"
     check_distinct(paths, out_dir)
     check_free([summary] * (len(paths) > 1) + [p for path in paths for p in output_paths(path, out_dir).values()])
+    if batch_scale:
+        kwargs.update(batch_scale_of(paths, kwargs, progress=progress, log=log))
     rows: list[dict] = []
     for path in tqdm(paths, desc="detect", disable=not progress):
         try:
@@ -113,6 +119,38 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
         write_csv(summary, [{k: row.get("timing", {}).get(k) if k == "total_s" else row.get(k) for k in SUMMARY_COLUMNS}
                             for row in rows], SUMMARY_COLUMNS)
     return rows
+
+
+def batch_scale_of(paths: Sequence[Path], kwargs: dict, *, progress: bool = False, log=print) -> dict:
+    """The analysis settings that give every photograph of ``paths`` the batch's red-cell diameter
+    (:func:`~leukodetect.runtime.scale.batch_diameter` of each one's reading), or none (each photograph measured on its
+    own) where fewer than :data:`~leukodetect.runtime.scale.MIN_BATCH` could be measured; said through ``log``.
+
+    Raises:
+        LeukoError: a pixel size is declared too, or the colour locator is used (it measures each photograph itself).
+    """
+    if kwargs.get("rbc_diameter") is not None:
+        raise LeukoError("--batch-scale measures the batch's red-cell diameter and --pixel-size declares it: give one of them.")
+    if kwargs.get("locator") is None:
+        raise LeukoError("--batch-scale works with the learned locator (--locator learned, the default); the colour locator "
+                         "measures each photograph itself.")
+    readings = []
+    for path in tqdm(paths, desc="red cells", disable=not progress):
+        try:
+            estimate = estimate_smear_diameter(pixels_of(open_rgb(path)))
+        except BadImageError:  # reported when the photograph is analysed
+            continue
+        readings.append((estimate.diameter, estimate.source))
+    diameter = batch_diameter(readings)
+    if diameter is None:
+        log(f"--batch-scale: fewer than {MIN_BATCH} of these {len(paths)} photographs could be measured, so each is measured on "
+            "its own.")
+        return {}
+    isolated = sum(source == "measured" for d, source in readings if d)
+    log(f"--batch-scale: every photograph is analysed at a red-cell diameter of {diameter:g} px, the median of "
+        + (f"the {isolated} readings of isolated red cells" if isolated >= MIN_BATCH else f"{sum(1 for d, _ in readings if d)} readings")
+        + f" among {len(paths)} photographs.")
+    return {"rbc_diameter": diameter, "declared_as": "batch"}
 
 
 def scale_note(rows: Sequence[dict]) -> str | None:

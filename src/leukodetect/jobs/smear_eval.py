@@ -44,7 +44,7 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import proportion
 from leukodetect.evaluation.metrics import roc_auc
 from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
-from leukodetect.jobs.detect import analysis_failed
+from leukodetect.jobs.detect import analysis_failed, batch_scale_of
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.scale import BATCH_SPREAD, RBC_UM, scale_agreement
 from leukodetect.utils import atomic_write_text, write_csv, write_json
@@ -161,13 +161,15 @@ def banks_allidb1_photographs(bank_csv: Path) -> bool:
 
 
 def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, locator=None, unseen_from: Path | None = None,
-                   trained_on: Iterable[str] = (), every: int = 1, progress: bool = False, log=print, **analyze_kwargs) -> dict:
+                   trained_on: Iterable[str] = (), every: int = 1, batch_scale: bool = False, progress: bool = False, log=print,
+                   **analyze_kwargs) -> dict:
     """Analyse every labelled smear of ``sources`` with ``classifier`` and ``locator``; write rows, metrics and a report.
 
     Unreadable smears, and smears whose analysis fails, are reported and left out (counted as
     ``unreadable``); ``every`` keeps every n-th smear of each source. A source's declared red-cell diameter
     (``LAB=PATH[:FORMAT]@PIXELS``, :class:`~leukodetect.jobs.cells.LabSource`) scales all its smears instead of
-    each smear's measured one (learned locator only).
+    each smear's measured one (learned locator only). With ``batch_scale``, a source without one is analysed at its
+    smears' batch diameter (:func:`~leukodetect.jobs.detect.batch_scale_of`: a laboratory is one microscope and camera).
     """
     out_dir = Path(out_dir)
     if (out_dir / "metrics.json").exists():
@@ -189,6 +191,10 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
         scale = {"rbc_diameter": source.rbc_diameter} if source.rbc_diameter else {}
         if scale:
             facts[source.lab].update(declared_rbc_diameter_px=source.rbc_diameter, declared_pixel_size_um=RBC_UM / source.rbc_diameter)
+        elif batch_scale:
+            scale = batch_scale_of([r.path for r in kept], {"locator": locator}, progress=progress, log=lambda m, lab=source.lab: log(f"{lab}: {m}"))
+            if scale:
+                facts[source.lab]["batch_rbc_diameter_px"] = scale["rbc_diameter"]
         if unseen_from is not None and untellable:
             facts[source.lab]["unseen_check"] = "not possible: ALL-IDB2's cells are cut from these photographs by its authors"
             log(f"{source.lab}: ALL-IDB1's photographs cannot be told unseen from a cell bank: ALL-IDB2, whose cells banks hold, "
@@ -233,6 +239,10 @@ def report_markdown(metrics: dict) -> str:
     if declared:
         lines += ["Declared pixel sizes (one red-cell diameter for every smear of the laboratory): "
                   + ", ".join(f"{lab} {size:.4g} um/px" for lab, size in declared.items()) + ".", ""]
+    batch = {lab: m["batch_rbc_diameter_px"] for lab, m in metrics["labs"].items() if "batch_rbc_diameter_px" in m}
+    if batch:
+        lines += ["One red-cell diameter per laboratory, its smears' median reading (--batch-scale): "
+                  + ", ".join(f"{lab} {d:g} px" for lab, d in batch.items()) + ".", ""]
     if metrics["unseen_from"]:
         lines += [f"Only smears the cell model never trained on (bank: {metrics['unseen_from']})."]
         lines += [f"{lab}: {m['unseen_check']}; every smear is scored." for lab, m in metrics["labs"].items() if "unseen_check" in m]
