@@ -87,6 +87,10 @@ def test_batch_scale_analyses_every_photograph_at_the_median_reading(smear_png, 
     assert [(r["rbc_diameter"], r["scale"]) for r in rows] == [(30.0, "batch")] * 11  # the 90 px misreading moves nothing
     assert logged[0] == ("--batch-scale: every photograph is analysed at a red-cell diameter of 30 px, the median of the 10 "
                          "readings of isolated red cells among 11 photographs.")
+    (folder / "broken.png").write_bytes(b"not a png")  # a bad file: skipped by the first pass, its own error row after
+    readings = iter([ScaleEstimate(float(d), "measured") for d in isolated] + [ScaleEstimate(90.0, "packed")])
+    rows = detect_job.detect_paths(sorted(folder.iterdir()), None, tmp_path / "o1", locator=locator, batch_scale=True, log=logged.append)
+    assert [r.get("scale") for r in rows] == [None] + ["batch"] * 11 and "error" in rows[0]  # broken.png sorts first
     with pytest.raises(LeukoError, match="give one of them"):
         detect_job.detect_paths(paths, None, tmp_path / "o2", locator=locator, batch_scale=True, rbc_diameter=30.0)
     with pytest.raises(LeukoError, match="learned locator"):

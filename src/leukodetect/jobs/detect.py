@@ -138,7 +138,7 @@ def batch_scale_of(paths: Sequence[Path], kwargs: dict, *, progress: bool = Fals
     for path in tqdm(paths, desc="red cells", disable=not progress):
         try:
             estimate = estimate_smear_diameter(pixels_of(open_rgb(path)))
-        except BadImageError:  # reported when the photograph is analysed
+        except Exception:  # noqa: BLE001 - unreadable or odd: that photograph's error row comes from the analysis that follows
             continue
         readings.append((estimate.diameter, estimate.source))
     diameter = batch_diameter(readings)
