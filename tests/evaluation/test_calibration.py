@@ -303,3 +303,6 @@ def test_calibrating_per_smear_finds_the_share_of_all_smears_by_their_most_blast
     assert (best[labels == 1] >= result["threshold"]).all()  # every ALL smear's most blast-like cell reaches it
     with pytest.raises(LeukoError, match="cell bank cut from labelled smears"):
         calibrate_checkpoint(trained_checkpoint, records, tmp_path / "x.pt", per="smear", log=lambda m: None)  # no smears named
+    mixed = [replace(r, parent="one photograph") for r in records]  # cells labelled one by one, as ALL-IDB1's are
+    with pytest.raises(LeukoError, match="has cells of both labels.*calibrate these per cell"):
+        calibrate_checkpoint(trained_checkpoint, mixed, tmp_path / "y.pt", per="smear", log=lambda m: None)

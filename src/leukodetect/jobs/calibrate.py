@@ -136,7 +136,11 @@ def calibrate_checkpoint(
             "validation images are separated perfectly or not at all; calibrate on more images.")
     before = _blast_prob(logits, float(bundle["temperature"]))
     after = _blast_prob(logits, temperature)
-    unit_y, unit_p = (y, after) if per == "cell" else per_smear(y, after, [smears[i] for i in kept])
+    try:
+        unit_y, unit_p = (y, after) if per == "cell" else per_smear(y, after, [smears[i] for i in kept])
+    except ValueError as exc:  # cells labelled one by one (ALL-IDB1's blasts and normal cells of one photograph)
+        raise LeukoError(f"{exc} Calibrating per smear needs cells that carry their smear's label (a bank cut from smears "
+                         "labelled as a whole, as Aria's fields are): calibrate these per cell.") from exc
     if len(set(unit_y.tolist())) < 2:
         raise LeukoError(f"Calibrating per smear needs smears of both labels, got {len(unit_y)} smears, {int(unit_y.sum())} ALL.")
     choice = threshold_for_sensitivity(unit_y, unit_p, target_sensitivity)
