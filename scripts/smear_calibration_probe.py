@@ -61,7 +61,7 @@ def main() -> None:
     table = collections.defaultdict(lambda: {"right": 0, "smears": 0, "verdicts": collections.Counter()})
     for test, tune in (("A", "B"), ("B", "A")):
         bank = args.out / f"bank{tune}"
-        cut_at = source.rbc_diameter or batch_scale_of(sorted((halves / tune).rglob("*.*")), {"locator": locator}, log=print)["rbc_diameter"]
+        cut_at = source.rbc_diameter or batch_scale_of(sorted((halves / tune).rglob("*.*")), locator=locator, log=print)["rbc_diameter"]
         if not (bank / "cells.csv").exists():
             leukodetect("cells", "--data", f"{source.lab}={halves / tune}@{cut_at}", "--out", str(bank), "--max-per-field",
                         str(args.max_per_field))

@@ -34,7 +34,7 @@ from leukodetect.runtime.checkpoint import DetectorSettings
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.guard import UNLIKE_TRAINING
 from leukodetect.runtime.locator import WhiteCellLocator
-from leukodetect.runtime.scale import estimate_smear_diameter, stain_free_diameter
+from leukodetect.runtime.scale import MEASURED_SOURCES, estimate_smear_diameter, stain_free_diameter
 
 #: Smallest width or height analysed, pixels. Real smear photographs are hundreds to thousands of
 #: pixels a side (ALL-IDB: 2592x1944 and 1712x1368); below 32 px an image cannot hold a single red
@@ -268,7 +268,7 @@ def analyze(
     counts = {k: sum(c["call"] == k for c in cells) for k in ("blast", "review", "normal", "smudge")}
     white = len(cells) - counts["smudge"]
     n_unlike = sum(c.get("unlike_training", False) and c["call"] != "smudge" for c in cells)
-    measured = loc.rbc_diameter if locator is not None and scale_source not in ("declared", "batch", "unknown") else None
+    measured = loc.rbc_diameter if locator is not None and scale_source in MEASURED_SOURCES else None
     reason = assessment(grey, loc.rbc_count, white, size=(width, height) if small else None, measured_diameter=measured)
     if reason is not None:
         verdict = CANNOT_ASSESS

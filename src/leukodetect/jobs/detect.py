@@ -102,7 +102,7 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
     check_distinct(paths, out_dir)
     check_free([summary] * (len(paths) > 1) + [p for path in paths for p in output_paths(path, out_dir).values()])
     if batch_scale:
-        kwargs.update(batch_scale_of(paths, kwargs, progress=progress, log=log))
+        kwargs.update(batch_scale_of(paths, locator=kwargs.get("locator"), declared=kwargs.get("rbc_diameter"), progress=progress, log=log))
     rows: list[dict] = []
     for path in tqdm(paths, desc="detect", disable=not progress):
         try:
@@ -121,17 +121,18 @@ def detect_paths(paths: Sequence[Path], classifier, out_dir: Path, *, progress: 
     return rows
 
 
-def batch_scale_of(paths: Sequence[Path], kwargs: dict, *, progress: bool = False, log=print) -> dict:
-    """The analysis settings that give every photograph of ``paths`` the batch's red-cell diameter
+def batch_scale_of(paths: Sequence[Path], *, locator, declared: float | None = None, progress: bool = False, log=print) -> dict:
+    """The analysis settings (for ``analyze``) that give every photograph of ``paths`` the batch's red-cell diameter
     (:func:`~leukodetect.runtime.scale.batch_diameter` of each one's reading), or none (each photograph measured on its
     own) where fewer than :data:`~leukodetect.runtime.scale.MIN_BATCH` could be measured; said through ``log``.
 
     Raises:
-        LeukoError: a pixel size is declared too, or the colour locator is used (it measures each photograph itself).
+        LeukoError: a pixel size is ``declared`` too, or ``locator`` is None (the colour locator measures each photograph
+            itself).
     """
-    if kwargs.get("rbc_diameter") is not None:
+    if declared is not None:
         raise LeukoError("--batch-scale measures the batch's red-cell diameter and --pixel-size declares it: give one of them.")
-    if kwargs.get("locator") is None:
+    if locator is None:
         raise LeukoError("--batch-scale works with the learned locator (--locator learned, the default); the colour locator "
                          "measures each photograph itself.")
     readings = []

@@ -192,7 +192,7 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
         if scale:
             facts[source.lab].update(declared_rbc_diameter_px=source.rbc_diameter, declared_pixel_size_um=RBC_UM / source.rbc_diameter)
         elif batch_scale:
-            scale = batch_scale_of([r.path for r in kept], {"locator": locator}, progress=progress, log=lambda m, lab=source.lab: log(f"{lab}: {m}"))
+            scale = batch_scale_of([r.path for r in kept], locator=locator, progress=progress, log=lambda m, lab=source.lab: log(f"{lab}: {m}"))
             if scale:
                 facts[source.lab]["batch_rbc_diameter_px"] = scale["rbc_diameter"]
         if unseen_from is not None and untellable:

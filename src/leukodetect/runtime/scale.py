@@ -47,6 +47,9 @@ BATCH_SPREAD = 1.25
 BATCH_DOUBT = 0.10
 #: Fewest measured photographs a batch's agreement is judged on.
 MIN_BATCH = 10
+#: The scale sources that are a reading of the photograph's own red cells (:func:`estimate_smear_diameter`); "declared"
+#: (the camera's pixel size), "batch" (a batch's median) and "unknown" are not.
+MEASURED_SOURCES = ("measured", "packed", "foreground")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,6 +293,11 @@ def _packed_diameter(red: np.ndarray) -> float | None:
     return float(2 * r[np.searchsorted(area, area[-1] / 2)] + 1)
 
 
+def measured_readings(readings) -> list[tuple[float, str]]:
+    """The (diameter, source) readings that measured a photograph's own red cells (:data:`MEASURED_SOURCES`)."""
+    return [(float(d), source) for d, source in readings if d and source in MEASURED_SOURCES]
+
+
 def scale_agreement(readings) -> dict | None:
     """How well one batch's measured red-cell diameters agree: their median, and how many lie more than
     :data:`BATCH_SPREAD` times above or below it.
@@ -302,7 +310,7 @@ def scale_agreement(readings) -> dict | None:
     should agree; many that do not mean the readings, not the magnification, vary, and the camera's pixel size should be
     declared.
     """
-    values = np.array([d for d, source in readings if d and source not in (None, "declared", "batch", "unknown")], dtype=float)
+    values = np.array([d for d, _ in measured_readings(readings)], dtype=float)
     if len(values) < MIN_BATCH:
         return None
     median = float(np.median(values))
@@ -321,7 +329,7 @@ def batch_diameter(readings) -> float | None:
     isolated-cell readings lie within 1.25 times of the true diameter, against 134 of 250 packed and 59 of 162
     stain-free ones (docs/detection.md, "Where the guard's flags in smears come from").
     """
-    measured = [(float(d), source) for d, source in readings if d and source not in (None, "declared", "batch", "unknown")]
+    measured = measured_readings(readings)
     isolated = [d for d, source in measured if source == "measured"]
     for values in (isolated, [d for d, _ in measured]):
         if len(values) >= MIN_BATCH:
