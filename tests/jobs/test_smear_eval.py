@@ -100,8 +100,10 @@ def test_a_laboratory_whose_measured_scales_disagree_is_told_to_declare_its_pixe
     m = smear_metrics(misread + [row(None, "unknown"), row(14.65, "declared")])  # neither counts
     assert m["scale_agreement"] == {"photographs": 12, "median": 15.45, "disagree": 3, "share": 0.25, "doubtful": True}
     report = report_markdown({"labs": {"aria": m, "bccd": smear_metrics(steady)}, "locator": "learned", "unseen_from": None})
-    assert "aria: the red-cell diameter measured on 3 of 12 smears lies more than 1.25 times above or below their median (15.45 px)" in report
-    assert "bccd: the red-cell diameter" not in report
+    assert ("aria: The red-cell diameters measured on 3 of these 12 smears lie more than 1.25 times above or below their median "
+            "(15.45 px; the rbc_diameter column of smears.csv)") in report
+    assert "give the camera's pixel size with --pixel-size aria=UM." in report
+    assert "bccd: The red-cell diameters" not in report
 
 
 def test_every_smear_is_scored_once_and_trained_fields_and_their_near_duplicates_are_left_out(aria_tree, crop_checkpoint, tmp_path):

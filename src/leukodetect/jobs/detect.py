@@ -126,6 +126,9 @@ def batch_scale_of(paths: Sequence[Path], *, locator, declared: float | None = N
     (:func:`~leukodetect.runtime.scale.batch_diameter` of each one's reading), or none (each photograph measured on its
     own) where fewer than :data:`~leukodetect.runtime.scale.MIN_BATCH` could be measured; said through ``log``.
 
+    Each photograph is read here and again for its analysis: the batch's diameter is known only once all are measured,
+    and keeping their pixels until then would hold the whole batch in memory (15 MB a 2592x1944 photograph).
+
     Raises:
         LeukoError: a pixel size is ``declared`` too, or ``locator`` is None (the colour locator measures each photograph
             itself).
@@ -160,10 +163,18 @@ def scale_note(rows: Sequence[dict]) -> str | None:
     agreement = scale_agreement((row.get("rbc_diameter"), row.get("scale")) for row in rows)
     if agreement is None or not agreement["doubtful"]:
         return None
-    return (f"The red-cell diameters measured on {agreement['disagree']} of these {agreement['photographs']} photographs lie more than "
-            f"{BATCH_SPREAD:g} times above or below their median ({agreement['median']:g} px; the rbc_diameter column of summary.csv): "
+    return disagreement_sentence(agreement)
+
+
+def disagreement_sentence(agreement: dict, *, images: str = "photographs", table: str = "summary.csv",
+                          option: str = "--pixel-size") -> str:
+    """The sentence for a batch whose red-cell readings disagree (a :func:`scale_agreement` result), in ``detect``'s log
+    and ``smear-eval``'s report: how many of how many ``images``, their median, the ``table`` that lists each reading,
+    and the ``option`` that declares the camera's pixel size."""
+    return (f"The red-cell diameters measured on {agreement['disagree']} of these {agreement['photographs']} {images} lie more than "
+            f"{BATCH_SPREAD:g} times above or below their median ({agreement['median']:g} px; the rbc_diameter column of {table}): "
             "if they come from one microscope and camera, those readings are wrong and misplace every cell on them; give the "
-            "camera's pixel size with --pixel-size.")
+            f"camera's pixel size with {option}.")
 
 
 def analysis_failed(path: Path, exc: Exception) -> BadImageError:

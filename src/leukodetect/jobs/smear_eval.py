@@ -44,9 +44,9 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.evaluation.intervals import proportion
 from leukodetect.evaluation.metrics import roc_auc
 from leukodetect.jobs.cells import BANK_JPEG_QUALITIES, LabSource, bank_hashes, is_bank
-from leukodetect.jobs.detect import analysis_failed, batch_scale_of
+from leukodetect.jobs.detect import analysis_failed, batch_scale_of, disagreement_sentence
 from leukodetect.runtime.images import open_rgb
-from leukodetect.runtime.scale import BATCH_SPREAD, RBC_UM, scale_agreement
+from leukodetect.runtime.scale import RBC_UM, scale_agreement
 from leukodetect.utils import atomic_write_text, write_csv, write_json
 
 #: Layouts whose images are whole smears with a label per smear.
@@ -265,8 +265,7 @@ def report_markdown(metrics: dict) -> str:
                   f"{e['f1']:.3f} |" if e["f1"] is not None else f"| {lab} | {what[key]} | {e['smears']} | - | - | - |"
                   for lab, key, e in matched]
     doubted = [(lab, m["scale_agreement"]) for lab, m in metrics["labs"].items() if (m.get("scale_agreement") or {}).get("doubtful")]
-    lines += ["", *(f"{lab}: the red-cell diameter measured on {a['disagree']} of {a['photographs']} smears lies more than {BATCH_SPREAD:g} "
-                    f"times above or below their median ({a['median']:g} px); if they come from one microscope, declare the pixel size."
+    lines += ["", *(f"{lab}: " + disagreement_sentence(a, images="smears", table="smears.csv", option=f"--pixel-size {lab}=UM")
                     for lab, a in doubted)] if doubted else []
     lines += ["", "A verdict is right when it is ALL on an ALL smear or healthy on a healthy one (review and cannot_assess never are);",
               "sensitivity counts review as ALL; sensitivity and specificity leave cannot_assess smears out. 95% Wilson intervals.",
