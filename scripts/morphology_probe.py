@@ -158,6 +158,12 @@ def weights(labs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.array([1.0 / counts[k] for k in keys]) * len(keys) / len(counts)
 
 
+def fit(model, x: np.ndarray, labels: np.ndarray, labs: np.ndarray, train: np.ndarray):
+    """Fit ``model`` on the rows where ``train`` holds, each (laboratory, class) weighted alike (:func:`weights`)."""
+    key = f"{model.steps[-1][0]}__sample_weight" if hasattr(model, "steps") else "sample_weight"
+    return model.fit(x[train], labels[train], **{key: weights(labs[train], labels[train])})
+
+
 def standardise_per_lab(x: np.ndarray, labs: np.ndarray) -> np.ndarray:
     """Each laboratory's features centred on its median and scaled by its interquartile range (no labels used)."""
     out = np.empty_like(x)
@@ -194,7 +200,7 @@ def main() -> None:
             writer = csv.writer(f)
             writer.writerow(["path", *FEATURES])
             for t, row in zip(table, matrix, strict=True):
-                writer.writerow([t["path"], *(f"{v:.6g}" for v in row)])
+                writer.writerow([t["path"], *(repr(float(v)) for v in row)])
     if args.sheet:
         draw_sheet(args.out / "sheet.png", root, table, args.sheet)
     ok = ~np.isnan(matrix).any(axis=1)
@@ -216,12 +222,10 @@ def main() -> None:
                     f"{name[:10]}={v:.2f}" for name, v in zip(FEATURES, med, strict=True)))
     results = {}
     for held in sorted(set(labs)):
-        train = (labs != held) & ok
         test = labs == held
         results[held] = {}
         for name, model in classifiers().items():
-            fit_kw = {"logisticregression__sample_weight" if name == "logistic" else "sample_weight": weights(labs[train], labels[train])}
-            model.fit(x[train], labels[train], **fit_kw)
+            fit(model, x, labels, labs, (labs != held) & ok)
             probs = model.predict_proba(x[test])[:, 1]
             probs[~ok[test]] = 0.5
             figures = per_lab(rows_of([t for t, s in zip(table, test, strict=True) if s], probs))[held]
@@ -232,9 +236,7 @@ def main() -> None:
     for name, model in classifiers().items():
         probs = np.full(len(table), 0.5)
         for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=0).split(x, labels, groups):
-            train = train[ok[train]]
-            fit_kw = {"logisticregression__sample_weight" if name == "logistic" else "sample_weight": weights(labs[train], labels[train])}
-            model.fit(x[train], labels[train], **fit_kw)
+            fit(model, x, labels, labs, np.isin(np.arange(len(x)), train) & ok)
             probs[test] = model.predict_proba(x[test])[:, 1]
         probs[~ok] = 0.5
         incv[name] = per_lab(rows_of(table, probs))
