@@ -112,6 +112,7 @@ def config(args, bank: Path, lab: str, split_file: Path) -> RunConfig:
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = args.epochs, args.batch_size, args.lr
     cfg.train.checkpoint_every = args.epochs
     cfg.augment.rotation, cfg.augment.colour, cfg.augment.hed, cfg.augment.blur, cfg.augment.jpeg = 180.0, 0.2, 0.05, 0.3, 0.3
+    cfg.train.balance = args.balance
     cfg.validate()
     return cfg
 
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--balance", default="none", help="train's --balance: none, or labs (with one laboratory: both classes "
+                        "drawn alike, where a laboratory's photographs hold more blasts than normal cells)")
     args = parser.parse_args(argv)
 
     bank = args.bank.resolve()
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 tuned_prob = {str(Path(r["path"]).resolve()): float(r["prob_blast"]) for r in csv.DictReader(fh)}
             runs.append({"k": k, "seed": seed, "tuned_on": {"blast": sum(c["label"] for c in tune), "normal": sum(1 - c["label"] for c in tune)},
                          "base": figures(test, base_prob), "adabn": figures(test, adabn_prob), "adapted": figures(test, tuned_prob)})
-    result = {"lab": args.lab, "base": str(args.base), "grouping": grouping, "epochs": args.epochs, "lr": args.lr,
+    result = {"lab": args.lab, "base": str(args.base), "grouping": grouping, "epochs": args.epochs, "lr": args.lr, "balance": args.balance,
               "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(), "runs": runs,
               "versions": environment_facts()}
     write_json(args.out / "adaptation.json", result)
