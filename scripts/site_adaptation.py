@@ -86,6 +86,19 @@ def draw(cells: list[dict], k: int, seed: int) -> tuple[list[dict], list[dict]]:
     return tune, [c for c in cells if c["group"] not in chosen]
 
 
+def validation_part(tune: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Whole groups of the tuning cells, drawn at random until they hold ``share`` of them, set apart to choose the epoch and
+    set the guard's threshold (``train --val-fraction --guard``); (training part, validation part). At least one group
+    stays in each."""
+    groups = sorted({c["group"] for c in tune})
+    chosen: set[str] = set()
+    for g in np.random.default_rng(seed).permutation(groups)[: max(0, len(groups) - 1)]:
+        if sum(c["group"] in chosen for c in tune) >= share * len(tune):
+            break
+        chosen.add(str(g))
+    return [c for c in tune if c["group"] not in chosen], [c for c in tune if c["group"] in chosen]
+
+
 def adapt_batch_norm(clf: Classifier, paths: list[str], rbc_diameter: float, *, batch_size: int = 32) -> None:
     """Re-estimate every batch norm's running statistics on these images (their labels unused), in place."""
     import torch
@@ -113,6 +126,8 @@ def config(args, bank: Path, lab: str, split_file: Path) -> RunConfig:
     cfg.train.checkpoint_every = args.epochs
     cfg.augment.rotation, cfg.augment.colour, cfg.augment.hed, cfg.augment.blur, cfg.augment.jpeg = 180.0, 0.2, 0.05, 0.3, 0.3
     cfg.train.balance = args.balance
+    if args.guard:
+        cfg.data.val_fraction, cfg.train.guard = args.guard, True
     cfg.validate()
     return cfg
 
@@ -138,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--guard", type=float, default=0.0, metavar="SHARE",
+                        help="set this share of the tuning cells apart (whole groups) to choose the epoch and fit a guard")
     parser.add_argument("--balance", default="none", help="train's --balance: none, or labs (with one laboratory: both classes "
                         "drawn alike, where a laboratory's photographs hold more blasts than normal cells)")
     args = parser.parse_args(argv)
@@ -166,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             if not metrics_file.is_file():
                 run_dir.mkdir(parents=True, exist_ok=True)
                 split = run_dir.parent / f"k{k}_seed{seed}.split.json"
-                write_json(split, {"train": [c["path"] for c in tune], "val": [], "test": [c["path"] for c in test]})
+                fit, val = validation_part(tune, args.guard, seed) if args.guard else (tune, [])
+                write_json(split, {"train": [c["path"] for c in fit], "val": [c["path"] for c in val], "test": [c["path"] for c in test]})
                 t0 = time.perf_counter()
                 run_train(config(args, bank, args.lab, split), run_dir, progress=False, command=" ".join(sys.argv), log=print)
                 print(f"k={k} seed={seed}: fine-tuned in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 tuned_prob = {str(Path(r["path"]).resolve()): float(r["prob_blast"]) for r in csv.DictReader(fh)}
             runs.append({"k": k, "seed": seed, "tuned_on": {"blast": sum(c["label"] for c in tune), "normal": sum(1 - c["label"] for c in tune)},
                          "base": figures(test, base_prob), "adabn": figures(test, adabn_prob), "adapted": figures(test, tuned_prob)})
-    result = {"lab": args.lab, "base": str(args.base), "grouping": grouping, "epochs": args.epochs, "lr": args.lr, "balance": args.balance,
+    result = {"lab": args.lab, "base": str(args.base), "grouping": grouping, "epochs": args.epochs, "lr": args.lr, "balance": args.balance, "guard": args.guard,
               "command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(), "runs": runs,
               "versions": environment_facts()}
     write_json(args.out / "adaptation.json", result)

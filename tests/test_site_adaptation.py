@@ -46,3 +46,14 @@ def test_adabn_sets_the_first_batch_norm_to_the_statistics_of_the_new_images_and
     assert not clf.model.training
     assert all(torch.equal(v, clf.model.state_dict()[k]) for k, v in weights.items())  # learned weights untouched
     assert np.isfinite([p.prob_blast for p in clf.predict_paths(paths)]).all()
+
+
+def test_the_validation_part_is_whole_groups_of_the_tuning_cells_and_leaves_some_to_train():
+    tune = [{"path": f"{g}_{i}", "group": f"g{g}", "label": i % 2} for g in range(6) for i in range(g + 2)]
+    script = _script()
+    for seed in range(5):
+        fit, val = script.validation_part(tune, 0.2, seed)
+        assert {c["group"] for c in fit}.isdisjoint({c["group"] for c in val}) and fit and val
+        assert len(val) >= 0.2 * len(tune) and sorted(c["path"] for c in fit + val) == sorted(c["path"] for c in tune)
+    fit, val = script.validation_part([c for c in tune if c["group"] == "g0"], 0.5, 0)  # one group: it trains
+    assert val == [] and len(fit) == 2
