@@ -69,12 +69,13 @@ FEATURES = (
 
 
 def _nearest_component(mask: np.ndarray, centre: tuple[float, float], within: float) -> np.ndarray:
+    """The connected component of ``mask`` with a pixel nearest ``centre``, if nearer than ``within``; else an empty mask."""
     labels = measure.label(mask)
     best, best_d = None, within
     for region in measure.regionprops(labels):
         coords = region.coords
         d = float(np.min(np.hypot(coords[:, 0] - centre[0], coords[:, 1] - centre[1])))
-        if d < best_d or (d == best_d == 0 and best is not None and region.area > (labels == best).sum()):
+        if d < best_d:
             best, best_d = region.label, d
     return labels == best if best is not None else np.zeros_like(mask)
 
@@ -108,13 +109,14 @@ def segment(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         slide = np.percentile(grey, 95)
         bluish = ((b - r) > 0) & (grey < 0.92 * slide)
         cell = ndi.binary_fill_holes(ndi.binary_opening(bluish | nucleus, DISK2))
-        cell = _nearest_component(cell & ndi.binary_dilation(nucleus, iterations=int(0.5 * PX_PER_RBC)) | nucleus,
-                                  centre, 0.6 * PX_PER_RBC)
+        near_nucleus = ndi.binary_dilation(nucleus, iterations=int(0.5 * PX_PER_RBC))  # cytoplasm reaches half a red cell
+        cell = _nearest_component((cell & near_nucleus) | nucleus, centre, 0.6 * PX_PER_RBC)
         cell = ndi.binary_fill_holes(cell)
     return nucleus, cell, nuclear
 
 
 def features(rgb: np.ndarray) -> np.ndarray:
+    """The :data:`FEATURES` of a bank crop's central cell; NaN where no nucleus or cell of 20 pixels was found."""
     nucleus, cell, nuclear = segment(rgb)
     if nucleus.sum() < 20 or cell.sum() < 20:
         return np.full(len(FEATURES), np.nan)
