@@ -24,7 +24,14 @@ from leukodetect.errors import BadImageError, LeukoError
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import image_paths_of, open_rgb
 from leukodetect.runtime.locator import WhiteCellLocator
-from leukodetect.runtime.scale import BATCH_SPREAD, MIN_BATCH, batch_diameter, estimate_smear_diameter, scale_agreement
+from leukodetect.runtime.scale import (
+    BATCH_SPREAD,
+    MIN_BATCH,
+    batch_basis,
+    batch_diameter,
+    estimate_smear_diameter,
+    scale_agreement,
+)
 from leukodetect.utils import atomic_write, atomic_write_text, write_csv
 
 
@@ -145,14 +152,15 @@ def batch_scale_of(paths: Sequence[Path], *, locator, declared: float | None = N
         except Exception:  # noqa: BLE001 - unreadable or odd: that photograph's error row comes from the analysis that follows
             continue
         readings.append((estimate.diameter, estimate.source))
-    diameter = batch_diameter(readings)
-    if diameter is None:
+    basis = batch_basis(readings)
+    if basis is None:
         log(f"--batch-scale: fewer than {MIN_BATCH} of these {len(paths)} photographs could be measured, so each is measured on "
             "its own.")
         return {}
-    isolated = sum(source == "measured" for d, source in readings if d)
+    diameter = batch_diameter(readings)
+    kind, values = basis
     log(f"--batch-scale: every photograph is analysed at a red-cell diameter of {diameter:g} px, the median of "
-        + (f"the {isolated} readings of isolated red cells" if isolated >= MIN_BATCH else f"{sum(1 for d, _ in readings if d)} readings")
+        + (f"the {len(values)} readings of isolated red cells" if kind == "isolated" else f"{len(values)} readings")
         + f" among {len(paths)} photographs.")
     return {"rbc_diameter": diameter, "declared_as": "batch"}
 

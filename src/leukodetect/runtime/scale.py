@@ -319,22 +319,30 @@ def scale_agreement(readings) -> dict | None:
             "share": round(disagree / len(values), 4), "doubtful": disagree > BATCH_DOUBT * len(values)}
 
 
+def batch_basis(readings) -> tuple[str, list[float]] | None:
+    """The readings a batch's diameter is the median of (:func:`batch_diameter`), and what they are: ``("isolated",
+    values)``, the isolated red cells' readings (source ``"measured"``), where :data:`MIN_BATCH` photographs have them;
+    else ``("measured", values)``, every measured reading, where that many were measured; else None."""
+    measured = measured_readings(readings)
+    isolated = [d for d, source in measured if source == "measured"]
+    for kind, values in (("isolated", isolated), ("measured", [d for d, _ in measured])):
+        if len(values) >= MIN_BATCH:
+            return kind, values
+    return None
+
+
 def batch_diameter(readings) -> float | None:
     """One red-cell diameter for a batch of photographs from one microscope and camera, from their (diameter, source)
     readings: the median of the isolated red cells' readings (source ``"measured"``), or, where fewer than
     :data:`MIN_BATCH` photographs have isolated red cells, of every measured reading; None where fewer than
-    :data:`MIN_BATCH` were measured at all.
+    :data:`MIN_BATCH` were measured at all (:func:`batch_basis`).
 
     Isolated red cells are the dependable reading: on Aria's 804 fields, taken at one magnification, 363 of the 392
     isolated-cell readings lie within 1.25 times of the true diameter, against 134 of 250 packed and 59 of 162
     stain-free ones (docs/detection.md, "Where the guard's flags in smears come from").
     """
-    measured = measured_readings(readings)
-    isolated = [d for d, source in measured if source == "measured"]
-    for values in (isolated, [d for d, _ in measured]):
-        if len(values) >= MIN_BATCH:
-            return round(float(np.median(values)), 2)
-    return None
+    basis = batch_basis(readings)
+    return None if basis is None else round(float(np.median(basis[1])), 2)
 
 
 def canonical_crop(image: Image.Image | np.ndarray, scale: CanonicalScale, rbc_diameter: float | None,
