@@ -25,7 +25,7 @@ from pathlib import Path
 
 from leukodetect.jobs.cells import LabSource
 from leukodetect.jobs.detect import batch_scale_of
-from leukodetect.jobs.smear_eval import smear_records, trained_smears
+from leukodetect.jobs.smear_eval import smear_records, trained_on_smear, trained_smears
 from leukodetect.runtime.checkpoint import load_checkpoint
 from leukodetect.runtime.locator import WhiteCellLocator
 from leukodetect.weights import resolve_detector, resolve_locator
@@ -51,7 +51,7 @@ def main() -> None:
     locator = WhiteCellLocator.load(resolve_locator(None))
     parents, groups = trained_smears(args.bank, load_checkpoint(resolve_detector(None, "learned")).get("trained_on", ()))
     _, records = smear_records(source, grouped=True)
-    unseen = [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
+    unseen = [r for r in records if not trained_on_smear(source.lab, r, parents, groups)]
     halves = args.out / "halves"
     if not halves.exists():
         for r in unseen:

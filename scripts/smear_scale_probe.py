@@ -23,7 +23,7 @@ from scipy.spatial.distance import cdist
 
 from leukodetect.detection.pipeline import analyze
 from leukodetect.jobs.cells import LabSource
-from leukodetect.jobs.smear_eval import smear_records, trained_smears
+from leukodetect.jobs.smear_eval import smear_records, trained_on_smear, trained_smears
 from leukodetect.runtime.classifier import Classifier
 from leukodetect.runtime.images import open_rgb
 from leukodetect.runtime.locator import WhiteCellLocator
@@ -70,7 +70,7 @@ def main() -> None:
             _, records = smear_records(source, grouped=True)
             for record in records:
                 parent = f"{source.lab}:{record.path.stem}"
-                seen = parent in parents or record.group in groups
+                seen = trained_on_smear(source.lab, record, parents, groups)
                 if (seen and not args.all) or str(record.path) in done:
                     continue
                 rgb = np.asarray(open_rgb(record.path))

@@ -87,6 +87,12 @@ def trained_smears(bank_csv: Path, trained_on: Iterable[str], *, qualities: Sequ
     return {r.parent for r in seen}, {r.group for r in seen}
 
 
+def trained_on_smear(lab: str, record: Record, parents: set[str], groups: set[str]) -> bool:
+    """Whether the cell model trained on a cell of this smear, or of a near-duplicate of it (``parents`` and ``groups`` from
+    :func:`trained_smears`)."""
+    return f"{lab}:{record.path.stem}" in parents or record.group in groups
+
+
 def smear_row(lab: str, record: Record, result: dict, *, fmt: str = "", radius: float = 0.5) -> dict:
     """One smear's line: its label, verdict, whether it is right, and its most blast-like cell.
 
@@ -186,7 +192,7 @@ def run_smear_eval(sources: Sequence[LabSource], classifier, out_dir: Path, *, l
         fmt, records = smear_records(source, grouped=unseen_from is not None)
         records = records[::every]
         untellable = fmt == "allidb1" and not photographs_banked
-        kept = records if untellable else [r for r in records if f"{source.lab}:{r.path.stem}" not in parents and r.group not in groups]
+        kept = records if untellable else [r for r in records if not trained_on_smear(source.lab, r, parents, groups)]
         facts[source.lab] = {"format": fmt, "in_source": len(records), "left_out_as_trained": len(records) - len(kept)}
         scale = {"rbc_diameter": source.rbc_diameter} if source.rbc_diameter else {}
         if scale:
