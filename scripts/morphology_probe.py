@@ -45,6 +45,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.class_weight import compute_sample_weight
 
 from leukodetect.evaluation.labs import per_lab
 
@@ -155,9 +156,7 @@ def classifiers():
 
 def weights(labs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Each (laboratory, class) the same total weight, so no laboratory's look stands in for its class."""
-    keys = [f"{lab}:{y}" for lab, y in zip(labs, labels, strict=True)]
-    counts = {k: keys.count(k) for k in set(keys)}
-    return np.array([1.0 / counts[k] for k in keys]) * len(keys) / len(counts)
+    return compute_sample_weight("balanced", [f"{lab}:{y}" for lab, y in zip(labs, labels, strict=True)])
 
 
 def fit(model, x: np.ndarray, labels: np.ndarray, labs: np.ndarray, train: np.ndarray):
