@@ -200,6 +200,9 @@ EmaOpt = typer.Option(None, "--ema", help="Decay of an exponential moving averag
 MixupOpt = typer.Option(None, "--mixup", help="MixUp on each training batch with this Beta parameter (e.g. 0.2; default 0, off).")
 CutmixOpt = typer.Option(None, "--cutmix", help="CutMix on each training batch with this Beta parameter (e.g. 1.0; default 0, off); "
                          "with --mixup too, each batch gets one of the two.")
+MixstyleOpt = typer.Option(None, "--mixstyle", help="MixStyle: the probability (e.g. 0.5; default 0, off), per batch and per stage, "
+                           "of mixing the channel statistics of the first three ResNet stages between the batch's images "
+                           "(style from other laboratories). Training only; the saved network is the usual one.")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of the training images held out to choose the epoch by "
                               "validation loss (default 0.15); 0: none, every training image trains and the last epoch is kept.")
 SelectOpt = typer.Option(None, "--select", help="Which epoch is kept: best (lowest validation loss, the default) or last "
@@ -269,7 +272,7 @@ _RUN_CONFIG_FIELDS = {
     "augment": ("rotation", "colour", "hed", "blur", "jpeg", "lowres"),
     "model": ("arch", "weights"),
     "train": ("epochs", "batch_size", "lr", "optimizer", "seed", "device", "precision", "label_smoothing", "ema", "mixup",
-              "cutmix", "checkpoint_every", "balance", "guard", "select"),
+              "cutmix", "mixstyle", "checkpoint_every", "balance", "guard", "select"),
 }
 #: Command parameters named otherwise than the RunConfig field they set.
 _RUN_CONFIG_NAMES = {"fmt": "format", "workers": "num_workers", "field": "field_diameters"}
@@ -326,6 +329,7 @@ def train(
     ema: Optional[float] = EmaOpt,
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
+    mixstyle: Optional[float] = MixstyleOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     select: Optional[str] = SelectOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
@@ -378,6 +382,7 @@ def cv(
     ema: Optional[float] = EmaOpt,
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
+    mixstyle: Optional[float] = MixstyleOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     select: Optional[str] = SelectOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
@@ -465,6 +470,7 @@ def cross_lab(
     jpeg: Optional[float] = JpegOpt,
     lowres: Optional[float] = LowresOpt,
     balance: Optional[str] = BalanceOpt,
+    mixstyle: Optional[float] = MixstyleOpt,
     devices: str = DevicesOpt,
     config: Optional[Path] = ConfigOpt,
     resume: bool = typer.Option(False, help="Keep finished runs and continue."),
@@ -768,6 +774,7 @@ def compare(
     ema: Optional[float] = EmaOpt,
     mixup: Optional[float] = MixupOpt,
     cutmix: Optional[float] = CutmixOpt,
+    mixstyle: Optional[float] = MixstyleOpt,
     val_fraction: Optional[float] = ValFractionOpt,
     select: Optional[str] = SelectOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,

@@ -100,6 +100,9 @@ class TrainConfig:
     # accuracy is measured against the larger share of each mixed image.
     mixup: float = 0.0
     cutmix: float = 0.0
+    # MixStyle (training.mixstyle): the probability, per batch and per ResNet stage, of mixing the images' channel
+    # statistics of the first three stages between images of the batch; 0 off. Training only: the saved network is the usual one.
+    mixstyle: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16

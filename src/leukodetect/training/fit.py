@@ -53,6 +53,7 @@ from leukodetect.training.engine import (
     predict_logits,
     train_one_epoch,
 )
+from leukodetect.training.mixstyle import MixStyle
 from leukodetect.utils import write_json
 
 OPTIMIZERS = {
@@ -269,6 +270,7 @@ class _TrainingState:
     ema: AveragedModel | None  # with --ema the running average (batch-norm statistics included) is validated and saved
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    style: MixStyle | None = None  # with --mixstyle, the hooks on ``model``'s stages (training mode only)
     history: list[dict] = field(default_factory=list)
     best_loss: float = float("inf")  # the selection score of best_epoch (see ``record``)
     best_epoch: int = 0
@@ -392,9 +394,10 @@ def _new_state(run: _Run) -> _TrainingState:
     if run.ctx.distributed:
         model = sync_batch_norm(model, run.device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True) if cfg.train.ema else None
+    style = MixStyle(model, cfg.train.mixstyle) if cfg.train.mixstyle else None  # after the EMA copy, which never trains
     optimizer = _make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
-    return _TrainingState(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler)
+    return _TrainingState(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, style=style)
 
 
 # ---- resume points: what last.pt holds beyond the checkpoint, written and read in one place ----
@@ -440,6 +443,8 @@ def _epoch(run: _Run, state: _TrainingState, stepped: nn.Module, epoch: int, *, 
     cfg, ctx = run.cfg, run.ctx
     t0 = time.perf_counter()
     run.train_ds.set_epoch(epoch)
+    if state.style is not None:
+        state.style.set_epoch(cfg.train.seed, epoch)
     train_loss, train_acc = train_one_epoch(
         stepped, _train_loader(run.train_ds, cfg, ctx, epoch), state.optimizer, run.loss_fn,
         device=run.device, amp_dtype=run.amp_dtype, scaler=run.scaler, channels_last=run.channels_last,
