@@ -85,3 +85,29 @@ def test_train_with_mixstyle_mixes_records_it_and_saves_a_plain_resnet(tiny_tree
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["config"]["train"]["mixstyle"] == 1.0
     create_model("resnet50", num_classes=2).load_state_dict(ckpt["state_dict"])  # no extra modules or keys
+
+
+def test_a_resumed_run_with_mixstyle_continues_as_the_uninterrupted_one(tiny_tree, tmp_path, monkeypatch):
+    from leukodetect.training import engine
+
+    args = ["train", "--data", str(tiny_tree), "--arch", "resnet50", "--image-size", "32", "--batch-size", "8", "--epochs", "2",
+            "--mixstyle", "1.0"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "straight")], catch_exceptions=False).exit_code == 0
+    real, calls = engine.train_one_epoch, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr("leukodetect.training.fit.train_one_epoch", interrupted)
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "cut")], catch_exceptions=False).exit_code == 130
+    monkeypatch.setattr("leukodetect.training.fit.train_one_epoch", real)
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "cut"), "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0 and "Resuming" in result.output
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
