@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from leukodetect.cli import app
 from leukodetect.errors import LeukoError
-from leukodetect.models import create_model
+from leukodetect.config import RunConfig
+from leukodetect.models import create_model, get_spec
 from leukodetect.training import mixstyle
 from leukodetect.training.mixstyle import MixStyle, mix_statistics
 
@@ -37,7 +38,7 @@ def test_lambda_one_leaves_each_image_and_lambda_zero_gives_it_its_partners_stat
 def test_it_acts_in_training_mode_only_reproducibly_and_saves_the_usual_weights():
     model = create_model("resnet50", num_classes=2)
     keys = list(model.state_dict())
-    style = MixStyle(model, 1.0)
+    style = MixStyle(model, 1.0, get_spec("resnet50").style_stages)
     x = torch.rand(4, 3, 32, 32)
     model.train()
     style.set_epoch(3, 2)
@@ -52,7 +53,7 @@ def test_it_acts_in_training_mode_only_reproducibly_and_saves_the_usual_weights(
     plain = model(x)
     assert not torch.allclose(a, plain)  # the hooks did act
     model.eval()
-    style = MixStyle(model, 1.0)
+    style = MixStyle(model, 1.0, get_spec("resnet50").style_stages)
     with torch.no_grad():
         hooked = model(x)
     style.remove()
@@ -61,11 +62,18 @@ def test_it_acts_in_training_mode_only_reproducibly_and_saves_the_usual_weights(
     assert list(model.state_dict()) == keys
 
 
-def test_a_network_without_resnet_stages_or_a_bad_probability_is_refused_in_a_sentence():
-    with pytest.raises(LeukoError, match="ResNet stages.*--arch resnet50"):
-        MixStyle(create_model("tiny", num_classes=2), 0.5)
-    with pytest.raises(LeukoError, match="probability"):
-        MixStyle(create_model("resnet50", num_classes=2), 1.5)
+def test_a_network_without_stages_to_mix_or_a_bad_probability_is_refused_before_training_in_a_sentence():
+    cfg = RunConfig()
+    cfg.model.arch, cfg.train.mixstyle = "tiny", 0.5
+    with pytest.raises(LeukoError, match="tiny has none: use resnet101, resnet152, resnet50"):
+        cfg.validate()
+    cfg.model.arch, cfg.train.mixstyle = "resnet50", 1.5
+    with pytest.raises(LeukoError, match="not a probability"):
+        cfg.validate()
+    cfg.train.mixstyle = 0.5
+    cfg.validate()
+    with pytest.raises(LeukoError, match="cannot mix this network's stages"):
+        MixStyle(create_model("tiny", num_classes=2), 0.5, ("layer1",))
 
 
 def test_train_with_mixstyle_mixes_records_it_and_saves_a_plain_resnet(tiny_tree, tmp_path, monkeypatch):

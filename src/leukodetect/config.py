@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import yaml
 
 from leukodetect.errors import LeukoError
-from leukodetect.models.registry import get_spec
+from leukodetect.models.registry import get_spec, list_models
 from leukodetect.utils import atomic_write_text
 
 PROTOCOLS = ("clean", "paper")
@@ -190,6 +190,11 @@ class RunConfig:
                 or max(self.augment.blur, self.augment.jpeg, self.augment.lowres) > 1):
             raise LeukoError("Colour, HED, blur, JPEG and low-resolution augmentation must be 0 (off) or positive; blur, JPEG and "
                              "low resolution are probabilities (at most 1).")
+        if not 0 <= self.train.mixstyle <= 1:
+            raise LeukoError(f"--mixstyle {self.train.mixstyle} is not a probability: use 0 (off) or a value up to 1 such as 0.5.")
+        if self.train.mixstyle and not get_spec(self.model.arch).style_stages:
+            raise LeukoError(f"--mixstyle needs a network whose stages it can mix; {self.model.arch} has none: use "
+                             f"{', '.join(name for name in list_models() if get_spec(name).style_stages)}, or leave --mixstyle out.")
         if not 0 <= self.train.ema < 1:
             raise LeukoError(f"--ema {self.train.ema} is not a decay: use 0 (off) or a value below 1 such as 0.98.")
 

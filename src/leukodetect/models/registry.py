@@ -31,6 +31,8 @@ class ModelSpec:
         scratch_lr: the peak AdamW learning rate used when training from scratch and no ``--lr`` is
             given. 1e-3 suits the batch-normalised networks; the VGGs have no batch norm and
             diverge at 1e-3 from scratch, so theirs is 1e-4.
+        style_stages: the child modules whose outputs ``--mixstyle`` mixes (early stages, where style is);
+            empty where the option is not offered.
     """
 
     name: str
@@ -39,6 +41,7 @@ class ModelSpec:
     cam_layer: str
     description: str
     scratch_lr: float = 1e-3
+    style_stages: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -22,7 +22,9 @@ for _name, _head, _cam in [
     ("resnet101", "fc", "layer4"),
     ("resnet152", "fc", "layer4"),
 ]:
-    register_model(ModelSpec(_name, _torchvision(_name), _head, _cam, f"torchvision {_name}, bottleneck residual blocks"))
+    # MixStyle after the first three residual stages (Zhou et al. 2021 mix after the first two or three).
+    register_model(ModelSpec(_name, _torchvision(_name), _head, _cam, f"torchvision {_name}, bottleneck residual blocks",
+                             style_stages=("layer1", "layer2", "layer3")))
 
 register_model(
     ModelSpec(

@@ -42,7 +42,7 @@ from leukodetect.data.records import Record
 from leukodetect.data.sampling import WeightedEpochSampler, lab_balanced_weights
 from leukodetect.data.transforms import TrainPreset, channel_stats
 from leukodetect.errors import LeukoError
-from leukodetect.models import create_model
+from leukodetect.models import create_model, get_spec
 from leukodetect.runtime.checkpoint import load_checkpoint, make_bundle, save_checkpoint
 from leukodetect.runtime.device import autocast_dtype, channels_last, resolve_device
 from leukodetect.runtime.preprocess import EvalPreset
@@ -394,7 +394,8 @@ def _new_state(run: _Run) -> _TrainingState:
     if run.ctx.distributed:
         model = sync_batch_norm(model, run.device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True) if cfg.train.ema else None
-    style = MixStyle(model, cfg.train.mixstyle) if cfg.train.mixstyle else None  # after the EMA copy, which never trains
+    # After the EMA copy, which never trains.
+    style = MixStyle(model, cfg.train.mixstyle, get_spec(cfg.model.arch).style_stages) if cfg.train.mixstyle else None
     optimizer = _make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
     return _TrainingState(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, style=style)

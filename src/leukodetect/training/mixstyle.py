@@ -23,23 +23,21 @@ from leukodetect.errors import LeukoError
 
 #: Beta parameter of the mixing weight (the paper's choice).
 ALPHA = 0.1
-#: The stages whose outputs are mixed: the first three residual stages of a torchvision ResNet (the paper mixes
-#: after the first two or three; style is in the early layers, the class in the late ones).
-STAGES = ("layer1", "layer2", "layer3")
 EPS = 1e-6
 
 
 class MixStyle:
-    """Forward hooks on ``model``'s :data:`STAGES` that mix instance statistics in training mode."""
+    """Forward hooks on ``model``'s ``stages`` (its registry entry's ``style_stages``) that mix instance statistics
+    in training mode."""
 
-    def __init__(self, model: nn.Module, p: float, *, alpha: float = ALPHA, stages: tuple[str, ...] = STAGES) -> None:
+    def __init__(self, model: nn.Module, p: float, stages: tuple[str, ...], *, alpha: float = ALPHA) -> None:
         if not 0 < p <= 1:
             raise LeukoError(f"--mixstyle takes a probability in (0, 1], got {p}.")
         children = dict(model.named_children())
         missing = [name for name in stages if name not in children]
-        if missing:
-            raise LeukoError(f"--mixstyle needs a network with ResNet stages ({', '.join(stages)}); this one has no "
-                             f"{', '.join(missing)}: use --arch resnet50, resnet101 or resnet152, or leave --mixstyle out.")
+        if not stages or missing:
+            raise LeukoError(f"--mixstyle cannot mix this network's stages ({', '.join(missing) or 'none named'} not found): "
+                             "use --arch resnet50, resnet101 or resnet152, or leave --mixstyle out.")
         self.p, self.alpha = p, alpha
         self.rng = np.random.default_rng(0)
         self.handles = [children[name].register_forward_hook(self._hook) for name in stages]
