@@ -32,6 +32,7 @@ import argparse
 import csv
 import importlib.util
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -95,22 +96,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.score is not None:
         if not args.lab:
-            raise SystemExit("--score needs --lab LAB: the laboratory whose crops to score.")
+            parser.error("--score needs --lab LAB: the laboratory whose crops to score.")
         score(args.bank, args.score, args.lab)
         return
     if args.out is None:
-        raise SystemExit("Give OUT, a new folder for the painted bank, or --score CHECKPOINT --lab LAB.")
+        parser.error("give OUT, a new folder for the painted bank, or --score CHECKPOINT --lab LAB.")
     if (args.out / "cells.csv").exists():
         raise SystemExit(f"{args.out / 'cells.csv'} exists: choose a new folder, or remove it to paint the bank again.")
     root = args.bank.parent
     table = list(csv.DictReader(args.bank.open()))
-    missed: dict[str, int] = {}
+    missed: Counter[str] = Counter()
     sheet: dict[tuple[str, str], list[np.ndarray]] = {}
     for row in table:
         rgb = np.asarray(Image.open(root / row["path"]).convert("RGB"))
         cell, found = painted(rgb)
-        if not found:
-            missed[row["lab"]] = missed.get(row["lab"], 0) + 1
+        missed[row["lab"]] += not found
         target = args.out / row["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(cell).save(target.with_suffix(".png"))
@@ -122,9 +122,9 @@ def main() -> None:
         writer.writeheader()
         for row in table:
             writer.writerow({**row, "path": str(Path(row["path"]).with_suffix(".png"))})
-    for extra in ("cells.json",):
-        if (root / extra).exists():
-            shutil.copy(root / extra, args.out / extra)
+    if (root / "cells.json").exists():  # the bank's scale and sources, as the original says them
+        shutil.copy(root / "cells.json", args.out / "cells.json")
+    missed = {lab: n for lab, n in missed.items() if n}
     print(f"{len(table)} crops painted; no cell of {MIN_CELL} px found (central disc kept) by laboratory: {missed or 'none'}")
     if args.sheet:
         rows = []
